@@ -1,0 +1,58 @@
+"""What every CLI command needs: settings, the store, the workspace and the local operator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+
+from bastion.cli.output import fail
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.errors import BastionError
+from bastion.services import workspace
+from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings, check_secrets, load_settings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class CliContext:
+    settings: Settings
+    store: Store
+    actor: Actor
+    hasher: KeyHasher
+
+
+@asynccontextmanager
+async def cli_context() -> AsyncIterator[CliContext]:
+    settings = load_settings()
+    check_secrets(settings)
+    store = Store.from_url(settings.resolved_database_url)
+    try:
+        ws = await workspace.default_workspace(store)
+        assert settings.token_pepper is not None
+        hasher = KeyHasher(settings.token_pepper.get_secret_value().encode("utf-8"))
+        yield CliContext(settings, store, Actor.local_operator(ws.id), hasher)
+    finally:
+        await store.close()
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async command body; Bastion errors become a readable message and a meaningful exit code."""
+    try:
+        return anyio.run(fn)
+    except BastionError as error:
+        fail(error)
+
+
+def run_with(fn: Callable[[CliContext], Awaitable[T]]) -> T:
+    async def body() -> T:
+        async with cli_context() as ctx:
+            return await fn(ctx)
+
+    return run(body)

@@ -1,0 +1,96 @@
+"""The CLI's only output layer: readable rich tables by default, one JSON document with --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bastion.errors import BastionError
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Exit codes people and scripts can branch on.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_FORBIDDEN = 5
+EXIT_CONFIG = 6
+EXIT_UNAVAILABLE = 7
+
+_EXIT_BY_STATUS = {404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT, 412: EXIT_CONFLICT, 401: EXIT_FORBIDDEN,
+                   403: EXIT_FORBIDDEN, 422: EXIT_USAGE, 503: EXIT_UNAVAILABLE}
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses, enums, datetimes, sets and tuples as JSON-ready values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}  # type: ignore[misc]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [plain(v) for v in value]  # type: ignore[misc]
+        return sorted(items) if isinstance(value, (set, frozenset)) else items
+    return value
+
+
+def emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(plain(document), indent=2, ensure_ascii=False) + "\n")
+
+
+def cell(value: Any) -> str:
+    value = plain(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"  # type: ignore[misc]
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"  # type: ignore[misc]
+    return str(value)
+
+
+def emit_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, title: str | None = None) -> None:
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for column in columns:
+        table.add_column(column.replace("_", " "))
+    for row in rows:
+        table.add_row(*(cell(row.get(c)) for c in columns))
+    console.print(table)
+    if not rows:
+        console.print("[dim](none)[/dim]")
+
+
+def emit_record(record: Mapping[str, Any], *, title: str | None = None) -> None:
+    table = Table(title=title, show_header=False, box=None)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in record.items():
+        table.add_row(key.replace("_", " "), cell(value))
+    console.print(table)
+
+
+def success(message: str) -> None:
+    err_console.print(f"[green]✓[/green] {message}")
+
+
+def fail(error: BastionError) -> NoReturn:
+    where = f" (field: {error.field})" if error.field else ""
+    err_console.print(f"[red]error[/red] [{error.code}] {error.detail}{where}")
+    raise typer.Exit(_EXIT_BY_STATUS.get(error.status, EXIT_CONFIG if error.code == "config_invalid" else EXIT_ERROR))

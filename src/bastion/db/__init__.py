@@ -1,0 +1,1 @@
+"""Storage adapter: SQLAlchemy 2 (async) on SQLite or PostgreSQL, migrated by Alembic."""

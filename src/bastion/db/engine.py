@@ -1,0 +1,57 @@
+"""Async engines for SQLite (WAL, busy timeout, foreign keys) and PostgreSQL (psycopg 3)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from bastion.errors import ConfigError
+
+SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
+SUPPORTED_DRIVERS: Final = ("sqlite+aiosqlite", "postgresql+psycopg")
+
+
+def normalise_url(url: str) -> str:
+    """Accept the plain forms people type (`sqlite:///x`, `postgresql://…`) and pick our async drivers."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    else:
+        raise ConfigError(f"BASTION_DATABASE_URL must be SQLite or PostgreSQL, not {backend!r}")
+    return parsed.render_as_string(hide_password=False)
+
+
+def sync_url(url: str) -> str:
+    """The same database through a synchronous driver, for Alembic."""
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() == "sqlite":
+        parsed = parsed.set(drivername="sqlite")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def install_sqlite_pragmas(engine: sa.Engine) -> None:
+    sa.event.listen(engine, "connect", _sqlite_pragmas)
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url)
+        install_sqlite_pragmas(engine.sync_engine)
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

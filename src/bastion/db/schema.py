@@ -1,0 +1,174 @@
+"""Table definitions. The Alembic history must produce exactly this (a test compares them)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+ID: Final = 36
+metadata: Final = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on engines that keep time zones (PostgreSQL) and those that do not (SQLite)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _id() -> sa.Column[Any]:
+    return sa.Column("id", sa.String(ID), primary_key=True)
+
+
+def _workspace() -> sa.Column[Any]:
+    return sa.Column("workspace_id", sa.String(ID), sa.ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False)
+
+
+def _stamps() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
+    ]
+
+
+workspaces: Final = sa.Table(
+    "workspaces",
+    metadata,
+    _id(),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+roles: Final = sa.Table(
+    "roles",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("description", sa.String(1000), nullable=False),
+    sa.Column("capabilities", sa.JSON, nullable=False),
+    sa.Column("builtin", sa.Boolean, nullable=False),
+    *_stamps(),
+    sa.UniqueConstraint("workspace_id", "name"),
+)
+
+members: Final = sa.Table(
+    "members",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("email", sa.String(254), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("role_id", sa.String(ID), sa.ForeignKey("roles.id", ondelete="RESTRICT"), nullable=False),
+    *_stamps(),
+    sa.UniqueConstraint("workspace_id", "email"),
+    sa.Index("ix_members_role_id", "role_id"),
+)
+
+api_keys: Final = sa.Table(
+    "api_keys",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("last4", sa.String(4), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+    sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    sa.Column("last_used_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_api_keys_member_id", "member_id"),
+)
+
+servers: Final = sa.Table(
+    "servers",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("description", sa.String(1000), nullable=False),
+    sa.Column("transport", sa.String(32), nullable=False),
+    sa.Column("url", sa.String(2048), nullable=True),
+    sa.Column("command", sa.String(1024), nullable=True),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("env", sa.JSON, nullable=False),
+    sa.Column("auth_kind", sa.String(16), nullable=False),
+    sa.Column("oauth", sa.JSON, nullable=True),
+    sa.Column("era", sa.String(16), nullable=False),
+    sa.Column("connect_timeout_s", sa.Float, nullable=False),
+    sa.Column("call_timeout_s", sa.Float, nullable=False),
+    *_stamps(),
+    sa.UniqueConstraint("workspace_id", "name"),
+)
+
+gateways: Final = sa.Table(
+    "gateways",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("slug", sa.String(63), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("description", sa.String(1000), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    *_stamps(),
+    sa.UniqueConstraint("workspace_id", "slug"),
+)
+
+gateway_servers: Final = sa.Table(
+    "gateway_servers",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("gateway_id", sa.String(ID), sa.ForeignKey("gateways.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("server_id", sa.String(ID), sa.ForeignKey("servers.id", ondelete="RESTRICT"), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("alias", sa.String(63), nullable=False),
+    sa.Column("identity_scheme", sa.String(16), nullable=False),
+    sa.Column("shared_identity_id", sa.String(ID), nullable=True),
+    sa.Column("provisioning", sa.JSON, nullable=False),
+    sa.UniqueConstraint("gateway_id", "alias"),
+    sa.Index("ix_gateway_servers_server_id", "server_id"),
+)
+
+hosts: Final = sa.Table(
+    "hosts",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("description", sa.String(1000), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("webhook_url", sa.String(2048), nullable=True),
+    sa.Column("disabled_at", UTCDateTime(), nullable=True),
+    sa.Column("disabled_by", sa.String(ID), nullable=True),
+    *_stamps(),
+    sa.UniqueConstraint("workspace_id", "name"),
+)

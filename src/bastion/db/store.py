@@ -1,0 +1,56 @@
+"""The database handle services use: one transaction per use case."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bastion.db import migrate
+from bastion.db.engine import create_engine
+from bastion.errors import Unavailable
+
+
+class Store:
+    """Owns the engine. ``transaction()`` commits on success and rolls back on any error."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        return cls(create_engine(url))
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise Unavailable("the database is unreachable; try again shortly") from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except (OperationalError, OSError):
+            return False
+        return True
+
+    async def migrations_current(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                revision = await conn.run_sync(migrate.current_on)
+        except (OperationalError, OSError):
+            return False
+        return revision == migrate.head()
+
+    async def close(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,1 @@
+"""Pure rules and dataclasses. Imports no web framework, HTTP client or database library."""

@@ -1,0 +1,68 @@
+"""The one error root. Each subclass has a stable ``code``; edges map them to HTTP, JSON-RPC and HTML."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Final
+
+
+class BastionError(Exception):
+    """Root of every error Bastion raises on purpose."""
+
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, *, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail: Final = detail
+        self.field: Final = field
+
+
+class ValidationFailed(BastionError):
+    code = "validation_failed"
+    status = 422
+    title = "Invalid input"
+
+
+class NotFound(BastionError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class Conflict(BastionError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class VersionMismatch(BastionError):
+    code = "version_mismatch"
+    status = 412
+    title = "Precondition failed"
+
+
+class Unauthenticated(BastionError):
+    code = "unauthenticated"
+    status = 401
+    title = "Authentication required"
+
+
+class Forbidden(BastionError):
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+
+class ConfigError(BastionError):
+    """Settings that must not be used to start the service."""
+
+    code = "config_invalid"
+    status = 500
+    title = "Configuration error"
+
+
+class Unavailable(BastionError):
+    code = "unavailable"
+    status = 503
+    title = "Service unavailable"

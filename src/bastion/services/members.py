@@ -1,0 +1,166 @@
+"""Members: people in the workspace, each holding one role."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bastion.db import crud, rows, schema
+from bastion.db.crud import Page
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.capabilities import OWNER_ROLE, Capability
+from bastion.domain.ids import new_id
+from bastion.domain.models import Member, MemberStatus, Role
+from bastion.domain.specs import MemberSpec, apply_changes
+from bastion.errors import Conflict, Forbidden
+from bastion.services import roles
+
+T = schema.members
+
+
+async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Member:
+    """A member by id or email."""
+    row = await crud.fetch_one(
+        conn,
+        T,
+        T.c.workspace_id == workspace_id,
+        sa.or_(T.c.id == ref, T.c.email == ref.strip().lower()),
+        what="member",
+    )
+    return rows.member(row)
+
+
+def _check_can_manage(actor: Actor, role: Role) -> None:
+    """Nobody edits, or hands out, a role more powerful than their own."""
+    missing = role.capabilities - actor.capabilities
+    if missing:
+        raise Forbidden(
+            f"you cannot manage members holding, or give out, the role {role.name!r}: "
+            "it has capabilities you do not hold"
+        )
+
+
+async def _active_owners(conn: AsyncConnection, workspace_id: str) -> int:
+    owner = await roles.find(conn, workspace_id, OWNER_ROLE)
+    query = (
+        sa.select(sa.func.count())
+        .select_from(T)
+        .where(T.c.workspace_id == workspace_id, T.c.role_id == owner.id, T.c.status == MemberStatus.ACTIVE.value)
+    )
+    return int((await conn.execute(query)).scalar_one())
+
+
+async def create(store: Store, actor: Actor, spec: MemberSpec) -> Member:
+    actor.require(Capability.MEMBERS_MANAGE)
+    spec = spec.validated()
+    now = datetime.now(UTC)
+    member_id = new_id()
+    async with store.transaction() as conn:
+        role = await roles.find(conn, actor.workspace_id, spec.role)
+        _check_can_manage(actor, role)
+        await crud.insert(
+            conn,
+            T,
+            {
+                "id": member_id,
+                "workspace_id": actor.workspace_id,
+                "email": spec.email,
+                "name": spec.name,
+                "status": spec.status.value,
+                "role_id": role.id,
+                "version": 1,
+                "created_at": now,
+                "updated_at": now,
+            },
+            what="member",
+            unique_field="email",
+        )
+        return await find(conn, actor.workspace_id, member_id)
+
+
+async def get(store: Store, actor: Actor, ref: str) -> Member:
+    actor.require_any(Capability.MEMBERS_MANAGE, Capability.ADMIN_VIEW)
+    async with store.transaction() as conn:
+        return await find(conn, actor.workspace_id, ref)
+
+
+async def get_self(store: Store, actor: Actor) -> tuple[Member, Role]:
+    if actor.member_id is None:
+        raise Forbidden("the local operator is not a member")
+    async with store.transaction() as conn:
+        member = await find(conn, actor.workspace_id, actor.member_id)
+        return member, await roles.find(conn, actor.workspace_id, member.role_id)
+
+
+async def list_page(
+    store: Store,
+    actor: Actor,
+    *,
+    cursor: str | None = None,
+    limit: int | None = None,
+    status: MemberStatus | None = None,
+) -> Page[Member]:
+    actor.require_any(Capability.MEMBERS_MANAGE, Capability.ADMIN_VIEW)
+    where = [T.c.workspace_id == actor.workspace_id]
+    if status is not None:
+        where.append(T.c.status == status.value)
+    async with store.transaction() as conn:
+        found, next_cursor = await crud.page(conn, T, where, cursor=cursor, limit=limit)
+    return Page([rows.member(r) for r in found], next_cursor)
+
+
+async def update(
+    store: Store, actor: Actor, ref: str, changes: Mapping[str, Any], expected_version: int | None = None
+) -> Member:
+    actor.require(Capability.MEMBERS_MANAGE)
+    async with store.transaction() as conn:
+        current = await find(conn, actor.workspace_id, ref)
+        current_role = await roles.find(conn, actor.workspace_id, current.role_id)
+        _check_can_manage(actor, current_role)
+        spec = apply_changes(MemberSpec(current.email, current.name, current_role.name, current.status), changes)
+        spec = spec.validated()
+        new_role = await roles.find(conn, actor.workspace_id, spec.role)
+        _check_can_manage(actor, new_role)
+        leaves_owners = (
+            current_role.name == OWNER_ROLE
+            and current.status is MemberStatus.ACTIVE
+            and (new_role.name != OWNER_ROLE or spec.status is not MemberStatus.ACTIVE)
+        )
+        if leaves_owners and await _active_owners(conn, actor.workspace_id) <= 1:
+            raise Conflict("this is the last active owner; make someone else owner first", field="role")
+        await crud.update_versioned(
+            conn,
+            T,
+            current.id,
+            expected_version,
+            {
+                "email": spec.email,
+                "name": spec.name,
+                "status": spec.status.value,
+                "role_id": new_role.id,
+                "updated_at": datetime.now(UTC),
+            },
+            what="member",
+            unique_field="email",
+        )
+        return await find(conn, actor.workspace_id, current.id)
+
+
+async def delete(store: Store, actor: Actor, ref: str) -> None:
+    actor.require(Capability.MEMBERS_MANAGE)
+    async with store.transaction() as conn:
+        current = await find(conn, actor.workspace_id, ref)
+        role = await roles.find(conn, actor.workspace_id, current.role_id)
+        _check_can_manage(actor, role)
+        if (
+            role.name == OWNER_ROLE
+            and current.status is MemberStatus.ACTIVE
+            and await _active_owners(conn, actor.workspace_id) <= 1
+        ):
+            raise Conflict("this is the last active owner; make someone else owner first")
+        await crud.delete(conn, T, current.id, what="member")

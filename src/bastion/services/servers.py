@@ -1,0 +1,124 @@
+"""Upstream MCP servers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bastion.db import crud, rows, schema
+from bastion.db.crud import Page
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.capabilities import Capability
+from bastion.domain.ids import new_id
+from bastion.domain.models import Server, Transport
+from bastion.domain.specs import ServerSpec, apply_changes
+
+T = schema.servers
+
+
+async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Server:
+    """A server by id or name."""
+    row = await crud.fetch_one(
+        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.name == ref), what="server"
+    )
+    return rows.server(row)
+
+
+def spec_of(server: Server) -> ServerSpec:
+    return ServerSpec(
+        name=server.name,
+        transport=server.transport,
+        url=server.url,
+        command=server.command,
+        args=server.args,
+        env=server.env,
+        description=server.description,
+        auth_kind=server.auth_kind,
+        oauth=server.oauth,
+        era=server.era,
+        connect_timeout_s=server.connect_timeout_s,
+        call_timeout_s=server.call_timeout_s,
+    )
+
+
+def _columns(spec: ServerSpec) -> dict[str, Any]:
+    values = asdict(spec)
+    values["transport"] = spec.transport.value
+    values["auth_kind"] = spec.auth_kind.value
+    values["era"] = spec.era.value
+    values["args"] = list(spec.args)
+    values["env"] = dict(spec.env)
+    values["oauth"] = rows.oauth_to_json(spec.oauth)
+    return values
+
+
+async def create(store: Store, actor: Actor, spec: ServerSpec) -> Server:
+    actor.require(Capability.SERVERS_MANAGE)
+    spec = spec.validated()
+    now = datetime.now(UTC)
+    server_id = new_id()
+    async with store.transaction() as conn:
+        await crud.insert(
+            conn,
+            T,
+            {
+                "id": server_id,
+                "workspace_id": actor.workspace_id,
+                **_columns(spec),
+                "version": 1,
+                "created_at": now,
+                "updated_at": now,
+            },
+            what="server",
+            unique_field="name",
+        )
+        return await find(conn, actor.workspace_id, server_id)
+
+
+async def get(store: Store, actor: Actor, ref: str) -> Server:
+    actor.require_any(Capability.SERVERS_MANAGE, Capability.GATEWAYS_MANAGE, Capability.ADMIN_VIEW)
+    async with store.transaction() as conn:
+        return await find(conn, actor.workspace_id, ref)
+
+
+async def list_page(
+    store: Store,
+    actor: Actor,
+    *,
+    cursor: str | None = None,
+    limit: int | None = None,
+    transport: Transport | None = None,
+) -> Page[Server]:
+    actor.require_any(Capability.SERVERS_MANAGE, Capability.GATEWAYS_MANAGE, Capability.ADMIN_VIEW)
+    where = [T.c.workspace_id == actor.workspace_id]
+    if transport is not None:
+        where.append(T.c.transport == transport.value)
+    async with store.transaction() as conn:
+        found, next_cursor = await crud.page(conn, T, where, cursor=cursor, limit=limit)
+    return Page([rows.server(r) for r in found], next_cursor)
+
+
+async def update(
+    store: Store, actor: Actor, ref: str, changes: Mapping[str, Any], expected_version: int | None = None
+) -> Server:
+    actor.require(Capability.SERVERS_MANAGE)
+    async with store.transaction() as conn:
+        current = await find(conn, actor.workspace_id, ref)
+        spec = apply_changes(spec_of(current), changes).validated()
+        await crud.update_versioned(
+            conn, T, current.id, expected_version, {**_columns(spec), "updated_at": datetime.now(UTC)}, what="server"
+        )
+        return await find(conn, actor.workspace_id, current.id)
+
+
+async def delete(store: Store, actor: Actor, ref: str) -> None:
+    actor.require(Capability.SERVERS_MANAGE)
+    async with store.transaction() as conn:
+        current = await find(conn, actor.workspace_id, ref)
+        await crud.delete(conn, T, current.id, what="server", in_use="a gateway still uses it; remove it there first")

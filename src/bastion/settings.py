@@ -1,0 +1,231 @@
+"""Settings from the environment (`BASTION_` prefix) and a TOML file, with secrets checked before start."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bastion.errors import ConfigError
+
+CONFIG_FILE_NAME: Final = "bastion.toml"
+SQLITE_FILE_NAME: Final = "bastion.db"
+MIN_SECRET_CHARS: Final = 32
+MIN_SECRET_DISTINCT_CHARS: Final = 10
+VAULT_KEY_BYTES: Final = 32
+DEFAULT_MAX_REQUEST_BODY_BYTES: Final = 4 * 1024 * 1024
+
+# Values people paste from examples; any secret that contains one of these (case-folded) is refused.
+_PLACEHOLDERS: Final = (
+    "changeme",
+    "change-me",
+    "change_me",
+    "replaceme",
+    "placeholder",
+    "example",
+    "secret",
+    "password",
+    "default",
+    "xxxxxxxx",
+    "00000000",
+    "12345678",
+    "todo",
+    "insecure",
+)
+
+SECRET_SETTINGS: Final = ("secret_key", "token_pepper", "audit_key")
+
+
+def _env_name(field_name: str) -> str:
+    return "BASTION_" + field_name.upper()
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads ``BASTION_CONFIG_FILE`` or ``{data_dir}/bastion.toml`` when it exists."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None and path.is_file():
+            try:
+                self._data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """Every knob Bastion reads. Secrets are ``SecretStr`` so they never print."""
+
+    model_config = SettingsConfigDict(env_prefix="BASTION_", extra="ignore", frozen=True)
+
+    data_dir: Path = Path(".bastion")
+    config_file: Path | None = None
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    graceful_shutdown_s: float = Field(default=30.0, gt=0)
+    max_request_body_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BODY_BYTES, gt=0)
+
+    secret_key: SecretStr | None = None
+    token_pepper: SecretStr | None = None
+    audit_key: SecretStr | None = None
+    vault_keys: SecretStr | None = Field(default=None, description="key_id=base64(32 bytes), comma separated")
+    vault_primary_key_id: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlFileSource(settings_cls, config_path_from_env()))
+
+    @property
+    def resolved_config_file(self) -> Path:
+        return self.config_file or self.data_dir / CONFIG_FILE_NAME
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / SQLITE_FILE_NAME).resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        """True when the database is SQLite: one process, secrets may be generated on first start."""
+        return self.resolved_database_url.startswith("sqlite")
+
+    def vault_keyring(self) -> dict[str, bytes]:
+        """Parsed keyring; call ``check_secrets`` first for friendly errors."""
+        return _parse_keyring(self.vault_keys.get_secret_value() if self.vault_keys else "")
+
+
+def config_path_from_env() -> Path | None:
+    explicit = os.environ.get("BASTION_CONFIG_FILE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("BASTION_DATA_DIR", ".bastion")) / CONFIG_FILE_NAME
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings; a malformed value becomes a ConfigError that names the variable."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_env_name(str(err['loc'][0]))}: {err['msg']}" if err["loc"] else err["msg"] for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def _parse_keyring(raw: str) -> dict[str, bytes]:
+    keyring: dict[str, bytes] = {}
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        key_id, sep, encoded = entry.partition("=")
+        key_id = key_id.strip()
+        if not sep or not key_id:
+            raise ConfigError("BASTION_VAULT_KEYS entries must look like key_id=base64key")
+        if key_id in keyring:
+            raise ConfigError(f"BASTION_VAULT_KEYS names key {key_id!r} twice")
+        try:
+            key = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"BASTION_VAULT_KEYS key {key_id!r} is not valid base64") from None
+        if len(key) != VAULT_KEY_BYTES:
+            raise ConfigError(f"BASTION_VAULT_KEYS key {key_id!r} must be {VAULT_KEY_BYTES} bytes, got {len(key)}")
+        if len(set(key)) < VAULT_KEY_BYTES // 4:
+            raise ConfigError(f"BASTION_VAULT_KEYS key {key_id!r} is not random (too few distinct bytes)")
+        if key in keyring.values():
+            raise ConfigError(f"BASTION_VAULT_KEYS key {key_id!r} reuses the bytes of another key")
+        keyring[key_id] = key
+    return keyring
+
+
+def _secret_problem(name: str, value: SecretStr | None) -> str | None:
+    env = _env_name(name)
+    if value is None or not value.get_secret_value().strip():
+        return f"{env} is missing"
+    raw = value.get_secret_value()
+    folded = raw.lower()
+    if any(p in folded for p in _PLACEHOLDERS):
+        return f"{env} looks like a placeholder; use a random value"
+    if len(raw) < MIN_SECRET_CHARS:
+        return f"{env} is too short ({len(raw)} characters; at least {MIN_SECRET_CHARS})"
+    if len(set(raw)) < MIN_SECRET_DISTINCT_CHARS:
+        return f"{env} is not random enough (too few distinct characters)"
+    return None
+
+
+def check_secrets(settings: Settings) -> None:
+    """Refuse missing, placeholder, short or reused secrets, naming each setting at fault.
+
+    Raises:
+        ConfigError: with one line per problem and how to fix it.
+    """
+    problems: list[str] = []
+    for name in SECRET_SETTINGS:
+        problem = _secret_problem(name, getattr(settings, name))
+        if problem:
+            problems.append(problem)
+    keyring: dict[str, bytes] = {}
+    if settings.vault_keys is None or not settings.vault_keys.get_secret_value().strip():
+        problems.append("BASTION_VAULT_KEYS is missing")
+    else:
+        try:
+            keyring = settings.vault_keyring()
+        except ConfigError as exc:
+            problems.append(exc.detail)
+    if keyring:
+        if not settings.vault_primary_key_id:
+            problems.append("BASTION_VAULT_PRIMARY_KEY_ID is missing")
+        elif settings.vault_primary_key_id not in keyring:
+            problems.append(
+                f"BASTION_VAULT_PRIMARY_KEY_ID names key {settings.vault_primary_key_id!r}, "
+                "which is not in BASTION_VAULT_KEYS"
+            )
+    # One leaked value must not unlock two purposes.
+    seen: dict[bytes, str] = {}
+    for name in SECRET_SETTINGS:
+        value: SecretStr | None = getattr(settings, name)
+        if value is None:
+            continue
+        raw = value.get_secret_value().encode("utf-8")
+        if raw in seen:
+            problems.append(f"{_env_name(name)} reuses the value of {_env_name(seen[raw])}; each secret must differ")
+        seen[raw] = name
+    if problems:
+        hint = "run `bastion init` to generate them into the data directory, or set them in the environment"
+        raise ConfigError("refusing to start: " + "; ".join(problems) + f" ({hint})")
+
+
+def generate_secrets() -> dict[str, str]:
+    """Fresh values for every secret setting, as they are written to bastion.toml."""
+    key_id = "k" + secrets.token_hex(4)
+    return {
+        "secret_key": secrets.token_urlsafe(48),
+        "token_pepper": secrets.token_urlsafe(48),
+        "audit_key": secrets.token_urlsafe(48),
+        "vault_keys": f"{key_id}={base64.b64encode(secrets.token_bytes(VAULT_KEY_BYTES)).decode('ascii')}",
+        "vault_primary_key_id": key_id,
+    }

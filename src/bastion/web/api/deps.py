@@ -1,0 +1,72 @@
+"""Shared route plumbing: the app context, authentication, access declarations, ETags."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+from fastapi import Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.capabilities import Capability
+from bastion.errors import Unauthenticated, ValidationFailed
+from bastion.services import apikeys
+from bastion.services.apikeys import KeyHasher
+
+ACCESS_KEY: Final = "x-bastion-access"
+SELF: Final = "self"
+_IF_MATCH: Final = re.compile(r'^(?:W/)?"(\d{1,9})"$')
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    store: Store
+    hasher: KeyHasher
+
+
+def context(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+_bearer = HTTPBearer(auto_error=False, description="A member API key (`bsk_…`)")
+
+
+async def authenticated(
+    ctx: Annotated[ApiContext, Depends(context)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Actor:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthenticated("send a member API key as `Authorization: Bearer bsk_…`")
+    return await apikeys.authenticate(ctx.store, ctx.hasher, credentials.credentials)
+
+
+Ctx = Annotated[ApiContext, Depends(context)]
+CurrentActor = Annotated[Actor, Depends(authenticated)]
+
+
+def needs(*capabilities: Capability) -> dict[str, Any]:
+    """OpenAPI extension naming the capabilities that admit a caller (any of them); the matrix test reads it."""
+    return {ACCESS_KEY: sorted(c.value for c in capabilities)}
+
+
+def self_service() -> dict[str, Any]:
+    """A route any signed-in member may call, acting on their own things."""
+    return {ACCESS_KEY: SELF}
+
+
+def if_match(request: Request) -> int | None:
+    raw = request.headers.get("if-match")
+    if raw is None or raw.strip() == "*":
+        return None
+    found = _IF_MATCH.fullmatch(raw.strip())
+    if not found:
+        raise ValidationFailed('If-Match must be an ETag this API returned, like "3"', field="If-Match")
+    return int(found.group(1))
+
+
+def set_etag(response: Response, version: int) -> None:
+    response.headers["ETag"] = f'"{version}"'

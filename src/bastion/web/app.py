@@ -1,0 +1,88 @@
+"""The ASGI application: health endpoints, the admin API, and the seam for gateways at /g/{gateway}/mcp."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
+
+from bastion import __version__
+from bastion.db.store import Store
+from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings
+from bastion.web import problems
+from bastion.web.api.deps import ApiContext
+from bastion.web.api.routes import router
+from bastion.web.middleware import BodyLimit, RequestContext
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Readiness as the load balancer should see it: false while starting and while draining."""
+
+    started: bool = False
+    draining: bool = False
+    store: Store | None = field(default=None)
+
+
+def build_api() -> FastAPI:
+    api = FastAPI(
+        title="Bastion admin API",
+        version=__version__,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        description="Manage the workspace behind a Bastion MCP gateway. Authenticate with a member API key "
+        "(`Authorization: Bearer bsk_…`). Errors are application/problem+json with a stable `code`.",
+    )
+    problems.install(api)
+    api.include_router(router)
+    return api
+
+
+def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
+    """The whole service. ``store`` may be given by tests; otherwise it is opened from settings."""
+    lifecycle = Lifecycle()
+    api = build_api()
+    if settings.token_pepper is None:
+        raise ValueError("settings were not checked: token_pepper is missing")
+    hasher = KeyHasher(settings.token_pepper.get_secret_value().encode("utf-8"))
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        own_store = store is None
+        lifecycle.store = store or Store.from_url(settings.resolved_database_url)
+        api.state.ctx = ApiContext(store=lifecycle.store, hasher=hasher)
+        lifecycle.started = True
+        try:
+            yield
+        finally:
+            lifecycle.draining = True
+            if own_store:
+                await lifecycle.store.close()
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "alive", "version": __version__})
+
+    async def readyz(_request: Request) -> Response:
+        checks = {"started": lifecycle.started, "draining": lifecycle.draining, "database": False, "migrations": False}
+        if lifecycle.store is not None and lifecycle.started and not lifecycle.draining:
+            checks["database"] = await lifecycle.store.ping()
+            checks["migrations"] = checks["database"] and await lifecycle.store.migrations_current()
+        ready = bool(checks["started"] and not checks["draining"] and checks["database"] and checks["migrations"])
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    app = Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz), Mount("/api/v1", app=api)],
+        lifespan=lifespan,
+    )
+    app.state.lifecycle = lifecycle
+    return RequestContext(BodyLimit(app, settings.max_request_body_bytes))

@@ -1,0 +1,103 @@
+"""Pure ASGI middleware: request ids, one access log line per request, and a body-size cap."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from typing import Final
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bastion.web.logs import request_id_var
+
+logger = logging.getLogger("bastion.http")
+REQUEST_ID_HEADER: Final = b"x-request-id"
+_CLIENT_REQUEST_ID: Final = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestContext:
+    """Gives every request an id (the caller's if well formed), echoes it, and logs the outcome."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = dict(scope["headers"]).get(REQUEST_ID_HEADER)
+        request_id = supplied.decode("ascii") if supplied and _CLIENT_REQUEST_ID.fullmatch(supplied) \
+            else secrets.token_hex(8)
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode("ascii"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logger.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+            request_id_var.reset(token)
+
+
+class BodyLimit:
+    """Refuses bodies over the limit before reading them (Content-Length) or while streaming them in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await _too_large(send, self.max_bytes)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.max_bytes)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, max_bytes: int) -> None:
+    from bastion.web.problems import problem_bytes
+
+    body = problem_bytes(413, "payload_too_large", "Payload too large", f"the body exceeds {max_bytes} bytes")
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/problem+json"),
+                            (b"content-length", str(len(body)).encode("ascii"))]})
+    await send({"type": "http.response.body", "body": body})
