@@ -54,6 +54,11 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
     if settings.token_pepper is None:
         raise ValueError("settings were not checked: token_pepper is missing")
     hasher = KeyHasher(settings.token_pepper.get_secret_value().encode("utf-8"))
+    if store is not None:
+        # A store handed in is already open: serve at once, even where no lifespan runs (in-process tests).
+        lifecycle.store = store
+        api.state.ctx = ApiContext(store=store, hasher=hasher)
+        lifecycle.started = True
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -1,0 +1,143 @@
+"""Fixtures shared by every test: both database engines, a store, settings, an API client and keys.
+
+Every storage-touching test runs twice, on SQLite and on a real PostgreSQL. The PostgreSQL database
+is created fresh for the run and dropped at the end; it is never skipped (CI has PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import sqlalchemy as sa
+
+from bastion.db import migrate
+from bastion.db.schema import metadata
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.capabilities import OWNER_ROLE
+from bastion.domain.specs import MemberSpec
+from bastion.services import apikeys, members, workspace
+from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings, generate_secrets
+from bastion.web.app import create_app
+
+PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+ENGINES = ("sqlite", "postgresql")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _pg_url(database: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run, dropped afterwards."""
+    name = f"bastion_test_{secrets.token_hex(4)}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _pg_url(name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_migrated_url(pg_server_url: str) -> str:
+    migrate.upgrade(pg_server_url)
+    return pg_server_url
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "bastion.db"
+    migrate.upgrade(f"sqlite:///{path}")
+    return path
+
+
+def _truncate_all(url: str) -> None:
+    engine = sa.create_engine(url)
+    names = ", ".join(f'"{t.name}"' for t in reversed(metadata.sorted_tables))
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {names} CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=ENGINES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database on each engine in turn."""
+    if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "bastion.db"
+        shutil.copy(template, path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    url: str = request.getfixturevalue("pg_migrated_url")
+    _truncate_all(url)
+    yield url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = Store.from_url(db_url)
+    await workspace.ensure_workspace(s)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def operator(store: Store) -> Actor:
+    return Actor.local_operator((await workspace.default_workspace(store)).id)
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=db_url, **generate_secrets())  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def hasher(settings: Settings) -> KeyHasher:
+    assert settings.token_pepper is not None
+    return KeyHasher(settings.token_pepper.get_secret_value().encode("utf-8"))
+
+
+@pytest.fixture
+async def client(settings: Settings, store: Store) -> AsyncIterator[httpx2.AsyncClient]:
+    app = create_app(settings, store)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://bastion.test") as c:
+        yield c
+
+
+async def member_with_key(store: Store, hasher: KeyHasher, operator: Actor, email: str,
+                          role: str) -> dict[str, str]:
+    """A member holding ``role`` and the Authorization header for a fresh API key of theirs."""
+    member = await members.create(store, operator, MemberSpec(email, email.split("@")[0], role))
+    _key, secret = await apikeys.create(store, hasher, operator, name="test", member=member.id)
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+async def owner_headers(store: Store, hasher: KeyHasher, operator: Actor) -> dict[str, str]:
+    return await member_with_key(store, hasher, operator, "owner@example.com", OWNER_ROLE)
+
+
+def problem_of(response: Any) -> dict[str, Any]:
+    assert response.headers["content-type"].startswith("application/problem+json"), response.text
+    body: dict[str, Any] = response.json()
+    return body
