@@ -141,3 +141,33 @@ def problem_of(response: Any) -> dict[str, Any]:
     assert response.headers["content-type"].startswith("application/problem+json"), response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """An empty PostgreSQL database of this test's own (no migrations), dropped afterwards."""
+    name = f"bastion_fresh_{secrets.token_hex(4)}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _pg_url(name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def keyring(settings: Settings) -> Any:
+    from bastion.vault.crypto import Keyring
+
+    assert settings.vault_primary_key_id is not None
+    return Keyring(settings.vault_keyring(), settings.vault_primary_key_id)
+
+
+@pytest.fixture
+def vault(keyring: Any) -> Any:
+    from bastion.vault.sealer import Vault
+
+    return Vault(keyring)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import secrets
 import tomllib
 from pathlib import Path
@@ -20,13 +21,14 @@ SQLITE_FILE_NAME: Final = "bastion.db"
 MIN_SECRET_CHARS: Final = 32
 MIN_SECRET_DISTINCT_CHARS: Final = 10
 VAULT_KEY_BYTES: Final = 32
+# Key ids are written into every ciphertext header, so they stay short and printable.
+_VAULT_KEY_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 DEFAULT_MAX_REQUEST_BODY_BYTES: Final = 4 * 1024 * 1024
 
-# Values people paste from examples; any secret that contains one of these (case-folded) is refused.
+# Values people paste from examples; any secret that contains one of these (case-folded, punctuation
+# dropped) is refused.
 _PLACEHOLDERS: Final = (
     "changeme",
-    "change-me",
-    "change_me",
     "replaceme",
     "placeholder",
     "example",
@@ -73,7 +75,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".bastion")
     config_file: Path | None = None
-    database_url: str | None = None
+    # A URL may carry the database password, so it stays out of repr() like the secrets.
+    database_url: str | None = Field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     public_url: str | None = None
@@ -146,6 +149,10 @@ def _parse_keyring(raw: str) -> dict[str, bytes]:
         key_id = key_id.strip()
         if not sep or not key_id:
             raise ConfigError("BASTION_VAULT_KEYS entries must look like key_id=base64key")
+        if not _VAULT_KEY_ID.fullmatch(key_id):
+            raise ConfigError(
+                f"BASTION_VAULT_KEYS key id {key_id!r} must be 1-32 letters, digits, '-' or '_'"
+            )
         if key_id in keyring:
             raise ConfigError(f"BASTION_VAULT_KEYS names key {key_id!r} twice")
         try:
@@ -167,11 +174,12 @@ def _secret_problem(name: str, value: SecretStr | None) -> str | None:
     if value is None or not value.get_secret_value().strip():
         return f"{env} is missing"
     raw = value.get_secret_value()
-    folded = raw.lower()
+    # "Change_Me", "replace-me" and "changeme" are the same placeholder.
+    folded = re.sub(r"[^a-z0-9]", "", raw.lower())
     if any(p in folded for p in _PLACEHOLDERS):
-        return f"{env} looks like a placeholder; use a random value"
+        return f"{env} looks like a placeholder (use a random value)"
     if len(raw) < MIN_SECRET_CHARS:
-        return f"{env} is too short ({len(raw)} characters; at least {MIN_SECRET_CHARS})"
+        return f"{env} is too short ({len(raw)} characters, at least {MIN_SECRET_CHARS})"
     if len(set(raw)) < MIN_SECRET_DISTINCT_CHARS:
         return f"{env} is not random enough (too few distinct characters)"
     return None
@@ -183,7 +191,7 @@ def check_secrets(settings: Settings) -> None:
     Raises:
         ConfigError: with one line per problem and how to fix it.
     """
-    problems: list[str] = []
+    problems: list[str] = []  # joined with "; ", so none may contain one
     for name in SECRET_SETTINGS:
         problem = _secret_problem(name, getattr(settings, name))
         if problem:
@@ -208,24 +216,33 @@ def check_secrets(settings: Settings) -> None:
     seen: dict[bytes, str] = {}
     for name in SECRET_SETTINGS:
         value: SecretStr | None = getattr(settings, name)
-        if value is None:
-            continue
+        if value is None or not value.get_secret_value().strip():
+            continue  # already reported as missing
         raw = value.get_secret_value().encode("utf-8")
         if raw in seen:
-            problems.append(f"{_env_name(name)} reuses the value of {_env_name(seen[raw])}; each secret must differ")
-        seen[raw] = name
+            problems.append(f"{_env_name(name)} reuses the value of {_env_name(seen[raw])} (each secret must differ)")
+        seen.setdefault(raw, name)
     if problems:
         hint = "run `bastion init` to generate them into the data directory, or set them in the environment"
         raise ConfigError("refusing to start: " + "; ".join(problems) + f" ({hint})")
+
+
+def _random_secret() -> str:
+    # A random value can spell a placeholder word ("todo", "secret") by chance; draw again rather than
+    # write a file the next start refuses.
+    while True:
+        value = secrets.token_urlsafe(48)
+        if _secret_problem("secret_key", SecretStr(value)) is None:
+            return value
 
 
 def generate_secrets() -> dict[str, str]:
     """Fresh values for every secret setting, as they are written to bastion.toml."""
     key_id = "k" + secrets.token_hex(4)
     return {
-        "secret_key": secrets.token_urlsafe(48),
-        "token_pepper": secrets.token_urlsafe(48),
-        "audit_key": secrets.token_urlsafe(48),
+        "secret_key": _random_secret(),
+        "token_pepper": _random_secret(),
+        "audit_key": _random_secret(),
         "vault_keys": f"{key_id}={base64.b64encode(secrets.token_bytes(VAULT_KEY_BYTES)).decode('ascii')}",
         "vault_primary_key_id": key_id,
     }

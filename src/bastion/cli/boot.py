@@ -11,10 +11,7 @@ from bastion.db import migrate
 from bastion.db.store import Store
 from bastion.domain.models import Workspace
 from bastion.services import workspace
-from bastion.settings import SECRET_SETTINGS, Settings, check_secrets, generate_secrets, load_settings
-
-_GENERATED: Final = (*SECRET_SETTINGS, "vault_keys", "vault_primary_key_id")
-
+from bastion.settings import Settings, check_secrets, generate_secrets, load_settings
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
@@ -49,8 +46,9 @@ def prepare_files(settings: Settings, *, generate: bool) -> tuple[Settings, Path
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     wrote = write_generated_secrets(settings) if generate else None
     if wrote is not None:
-        settings = load_settings(**{k: v for k, v in settings.model_dump().items() if k not in _GENERATED
-                                    and k in settings.model_fields_set})
+        # Keep what was given (environment or arguments); what was missing now comes from the new file.
+        given = {k: v for k, v in settings.model_dump().items() if k in settings.model_fields_set and v is not None}
+        settings = load_settings(**given)
     check_secrets(settings)
     return settings, wrote
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -10,6 +10,7 @@ from typing import TypeVar
 import anyio
 
 from bastion.cli.output import fail
+from bastion.db.crud import MAX_PAGE_SIZE, Page
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.errors import BastionError
@@ -29,7 +30,7 @@ class CliContext:
 
 
 @asynccontextmanager
-async def cli_context() -> AsyncIterator[CliContext]:
+async def cli_context() -> AsyncGenerator[CliContext, None]:
     settings = load_settings()
     check_secrets(settings)
     store = Store.from_url(settings.resolved_database_url)
@@ -40,6 +41,26 @@ async def cli_context() -> AsyncIterator[CliContext]:
         yield CliContext(settings, store, Actor.local_operator(ws.id), hasher)
     finally:
         await store.close()
+
+
+async def all_pages(fetch: Callable[[str | None, int], Awaitable[Page[T]]]) -> list[T]:
+    """Every item of a cursor-paged listing: ``fetch(cursor, limit)`` is called until the last page."""
+    out: list[T] = []
+    cursor: str | None = None
+    while True:
+        page = await fetch(cursor, MAX_PAGE_SIZE)
+        out += page.items
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run a synchronous command body; Bastion errors become a readable message and a meaningful exit code."""
+    try:
+        return fn()
+    except BastionError as error:
+        fail(error)
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:

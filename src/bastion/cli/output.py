@@ -86,6 +86,24 @@ def emit_record(record: Mapping[str, Any], *, title: str | None = None) -> None:
     console.print(table)
 
 
+def emit_one(record: Mapping[str, Any], json_out: bool, *, message: str | None = None) -> None:
+    """One object: the JSON document, or a confirmation line (stderr) and a field table."""
+    if json_out:
+        emit_json(record)
+        return
+    if message:
+        success(message)
+    emit_record(record)
+
+
+def emit_many(records: Sequence[Mapping[str, Any]], json_out: bool, columns: Sequence[str], *, title: str) -> None:
+    """A listing: a JSON array of every item, or a table of the chosen columns."""
+    if json_out:
+        emit_json(list(records))
+    else:
+        emit_table(records, columns, title=title)
+
+
 def success(message: str) -> None:
     err_console.print(f"[green]✓[/green] {message}")
 

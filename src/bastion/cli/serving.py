@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from typing import Any
 
 import anyio
@@ -39,6 +40,8 @@ def _prepare(host: str | None, port: int | None) -> Settings:
     if port is not None:
         overrides["port"] = port
     settings = load_settings(**overrides)
+    # Before migrating, so what the first start does is logged in the format operators asked for.
+    configure_logging(settings.log_level, settings.log_format)
     # Only the embedded database may invent its own secrets: replicas on PostgreSQL must share theirs.
     prepared = anyio.run(lambda: boot.prepare(settings, generate=settings.embedded))
     return prepared.settings
@@ -49,7 +52,6 @@ def serve(*, host: str | None, port: int | None) -> None:
         settings = _prepare(host, port)
     except BastionError as error:
         fail(error)
-    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     lifecycle: Lifecycle = app.app.app.state.lifecycle  # type: ignore[attr-defined]
     config = uvicorn.Config(
@@ -61,7 +63,8 @@ def serve(*, host: str | None, port: int | None) -> None:
         lifespan="on",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        # uvicorn takes whole seconds; rounding 0.5 s down to 0 would cancel requests instead of draining them.
+        timeout_graceful_shutdown=max(1, math.ceil(settings.graceful_shutdown_s)),
         proxy_headers=False,
         server_header=False,
     )

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any, Final
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bastion.errors import ConfigError
 
 SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
+# Without it a silent (firewalled) PostgreSQL host stalls /readyz and startup for the kernel's TCP timeout.
+PG_CONNECT_TIMEOUT_S: Final = 5
 SUPPORTED_DRIVERS: Final = ("sqlite+aiosqlite", "postgresql+psycopg")
 
 
@@ -45,7 +48,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def install_sqlite_pragmas(engine: sa.Engine) -> None:
-    sa.event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "connect", _sqlite_pragmas)
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -54,4 +57,5 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         engine = create_async_engine(url)
         install_sqlite_pragmas(engine.sync_engine)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                               connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -10,8 +12,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from bastion.db.engine import install_sqlite_pragmas, sync_url
+from bastion.errors import Unavailable
 
 MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
 
@@ -30,12 +34,24 @@ def _sync_engine(url: str) -> sa.Engine:
     return engine
 
 
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """A database that cannot be reached (or refuses the work) is a clear error, not a driver traceback."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        raise Unavailable(f"cannot use the database: {str(exc.orig or exc).strip()}") from exc
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    """Migrate up to ``revision``. On PostgreSQL concurrent callers serialise on an advisory lock (see env.py)."""
+    with _reachable():
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str) -> None:
-    command.downgrade(alembic_config(url), revision)
+    with _reachable():
+        command.downgrade(alembic_config(url), revision)
 
 
 def head() -> str:
@@ -46,11 +62,14 @@ def head() -> str:
 def current(url: str) -> str | None:
     engine = _sync_engine(url)
     try:
-        with engine.connect() as conn:
+        with _reachable(), engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
 
 
 def current_on(conn: sa.Connection) -> str | None:
-    return MigrationContext.configure(conn).get_current_revision()
+    """The revision a connection's database is at; cheap and silent enough for every /readyz."""
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()

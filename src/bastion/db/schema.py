@@ -172,3 +172,97 @@ hosts: Final = sa.Table(
     *_stamps(),
     sa.UniqueConstraint("workspace_id", "name"),
 )
+
+# --- the vault, identities, links, connections and access tokens (Map 2) --------------------------------------------
+
+vault_keys: Final = sa.Table(
+    "vault_keys",
+    metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("seals", sa.BigInteger, nullable=False),
+    sa.Column("first_used_at", UTCDateTime(), nullable=False),
+    sa.Column("retired_at", UTCDateTime(), nullable=True),
+)
+
+identities: Final = sa.Table(
+    "identities",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("server_id", sa.String(ID), sa.ForeignKey("servers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("owner_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("label", sa.String(200), nullable=False),
+    sa.Column("fingerprint", sa.String(16), nullable=False),
+    sa.Column("last4", sa.String(4), nullable=False),
+    sa.Column("details", sa.JSON, nullable=False),
+    sa.Column("kek_id", sa.String(64), nullable=False),
+    sa.Column("dek_wrapped", sa.LargeBinary, nullable=False),
+    sa.Column("secret_sealed", sa.LargeBinary, nullable=False),
+    *_stamps(),
+    sa.Index("ix_identities_owner_server", "owner_id", "server_id"),
+    sa.Index("ix_identities_kek_id", "kek_id"),
+)
+
+connection_links: Final = sa.Table(
+    "connection_links",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("host_id", sa.String(ID), sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("gateway_id", sa.String(ID), sa.ForeignKey("gateways.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("note", sa.String(200), nullable=False),
+    sa.Column("allowed_emails", sa.JSON, nullable=False),
+    sa.Column("max_uses", sa.Integer, nullable=True),
+    sa.Column("uses", sa.Integer, nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    sa.Column("created_by", sa.String(ID), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+connections: Final = sa.Table(
+    "connections",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("host_id", sa.String(ID), sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("gateway_id", sa.String(ID), sa.ForeignKey("gateways.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("link_id", sa.String(ID), sa.ForeignKey("connection_links.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("disabled_at", UTCDateTime(), nullable=True),
+    sa.Column("disabled_by", sa.String(ID), nullable=True),
+    *_stamps(),
+    sa.Index("ix_connections_member_id", "member_id"),
+    sa.Index("ix_connections_host_id", "host_id"),
+)
+
+connection_identities: Final = sa.Table(
+    "connection_identities",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("connection_id", sa.String(ID), sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("alias", sa.String(63), nullable=False),
+    sa.Column("identity_id", sa.String(ID), sa.ForeignKey("identities.id", ondelete="CASCADE"), nullable=False),
+    sa.UniqueConstraint("connection_id", "alias"),
+    sa.Index("ix_connection_identities_identity_id", "identity_id"),
+)
+
+access_tokens: Final = sa.Table(
+    "access_tokens",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("connection_id", sa.String(ID), sa.ForeignKey("connections.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("last4", sa.String(4), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+    sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    sa.Column("last_used_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_access_tokens_connection_id", "connection_id"),
+)

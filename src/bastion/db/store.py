@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 
 import sqlalchemy as sa
@@ -12,13 +12,23 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from bastion.db import migrate
 from bastion.db.engine import create_engine
 from bastion.errors import Unavailable
+from bastion.events.bus import Changed, EventBus
+
+_PENDING_EVENTS = "bastion_pending_events"
+
+
+def emit(conn: AsyncConnection, event: Changed) -> None:
+    """Queue a change event on this transaction; it is published only if the transaction commits."""
+    pending: list[Changed] = conn.info.setdefault(_PENDING_EVENTS, [])
+    pending.append(event)
 
 
 class Store:
     """Owns the engine. ``transaction()`` commits on success and rolls back on any error."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, bus: EventBus | None = None) -> None:
         self.engine = engine
+        self.bus = bus or EventBus()
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -29,12 +39,19 @@ class Store:
         return self.engine.dialect.name
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+    async def transaction(self) -> AsyncGenerator[AsyncConnection, None]:
+        pending: list[Changed] = []
         try:
             async with self.engine.begin() as conn:
-                yield conn
+                conn.info[_PENDING_EVENTS] = pending
+                try:
+                    yield conn
+                finally:
+                    conn.info.pop(_PENDING_EVENTS, None)
         except OperationalError as exc:
             raise Unavailable("the database is unreachable; try again shortly") from exc
+        for event in pending:
+            self.bus.publish(event)
 
     async def ping(self) -> bool:
         try:

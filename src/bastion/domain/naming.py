@@ -36,7 +36,8 @@ def server_name(value: str, *, field: str = "name") -> str:
     """A server name usable as a tool namespace: no double underscore, which separates namespace and tool."""
     if not _SERVER_NAME_RE.fullmatch(value) or "__" in value:
         raise ValidationFailed(
-            f"{field} must be 1-63 letters, digits, '.', '-' or '_' (no '__'), starting and ending with a letter or digit",
+            f"{field} must be 1-63 letters, digits, '.', '-' or '_' (no '__'), "
+            "starting and ending with a letter or digit",
             field=field,
         )
     return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
 from typing import Any, Final, TypeVar
 
 from bastion.domain import naming
@@ -35,6 +36,16 @@ MAX_GATEWAY_SERVERS: Final = 50
 MAX_SCOPES: Final = 50
 
 Spec = TypeVar("Spec")
+E = TypeVar("E", bound=StrEnum)
+
+
+def choice(enum: type[E], value: object, *, field: str) -> E:
+    """``value`` as a member of ``enum``; anything else is a clear validation error listing the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        options = ", ".join(m.value for m in enum)
+        raise ValidationFailed(f"{field} must be one of: {options}", field=field) from None
 
 
 def apply_changes(spec: Spec, changes: Mapping[str, Any]) -> Spec:
@@ -71,7 +82,8 @@ class MemberSpec:
     status: MemberStatus = MemberStatus.ACTIVE
 
     def validated(self) -> MemberSpec:
-        return MemberSpec(naming.email(self.email), naming.display_name(self.name), self.role, self.status)
+        status = choice(MemberStatus, self.status, field="status")
+        return MemberSpec(naming.email(self.email), naming.display_name(self.name), self.role, status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +103,12 @@ class ServerSpec:
 
     def validated(self) -> ServerSpec:
         name = naming.server_name(self.name)
+        self = replace(
+            self,
+            transport=choice(Transport, self.transport, field="transport"),
+            auth_kind=choice(AuthKind, self.auth_kind, field="auth_kind"),
+            era=choice(ProtocolEra, self.era, field="era"),
+        )
         if self.transport is Transport.STDIO:
             if not self.command or not self.command.strip():
                 raise ValidationFailed("a stdio server needs a command", field="command")

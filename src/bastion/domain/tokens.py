@@ -15,7 +15,8 @@ BASE62_ALPHABET: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 BODY_CHARS: Final = 32
 CHECKSUM_CHARS: Final = 6
 API_KEY_PREFIX: Final = "bsk_"
-ACCESS_TOKEN_PREFIX: Final = "bst_"
+ACCESS_TOKEN_PREFIX: Final = "bst_"  # noqa: S105  a prefix, not a secret
+LINK_PREFIX: Final = "bsl_"
 _ALPHABET_SET: Final = frozenset(BASE62_ALPHABET)
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, rows, schema
 from bastion.db.crud import Page
@@ -38,16 +39,23 @@ class KeyHasher:
         return "KeyHasher(<pepper hidden>)"
 
     def digest(self, token: str) -> bytes:
-        return hmac.new(self._pepper, token.encode("ascii"), hashlib.sha256).digest()
+        return hmac.new(self._pepper, token.encode("utf-8"), hashlib.sha256).digest()
 
 
-def _owner_for(actor: Actor, member_id: str | None) -> str:
-    if member_id is None or member_id == actor.member_id:
+async def _owner_for(conn: AsyncConnection, actor: Actor, member: str | None) -> str:
+    """Whose keys: the actor's own, or another member's with ``members.manage`` over a role no stronger than theirs.
+
+    A key acts as its member, so reaching another member's keys is held to the same rule as managing them.
+    """
+    if member is None:
         if actor.member_id is None:
             raise ValidationFailed("name the member the key is for", field="member")
         return actor.member_id
-    actor.require(Capability.MEMBERS_MANAGE)
-    return member_id
+    target = await members.find(conn, actor.workspace_id, member)
+    if target.id != actor.member_id:
+        actor.require(Capability.MEMBERS_MANAGE)
+        members.check_can_manage(actor, await roles.find(conn, actor.workspace_id, target.role_id))
+    return target.id
 
 
 async def create(
@@ -67,8 +75,7 @@ async def create(
     secret = tokens.mint(tokens.API_KEY_PREFIX)
     key_id = new_id()
     async with store.transaction() as conn:
-        target = await members.find(conn, actor.workspace_id, member) if member else None
-        owner = _owner_for(actor, target.id if target else None)
+        owner = await _owner_for(conn, actor, member)
         await crud.insert(
             conn,
             T,
@@ -95,21 +102,27 @@ async def list_page(
     store: Store, actor: Actor, *, member: str | None = None, cursor: str | None = None, limit: int | None = None
 ) -> Page[ApiKey]:
     async with store.transaction() as conn:
-        target = (await members.find(conn, actor.workspace_id, member)).id if member else None
-        owner = _owner_for(actor, target)
+        owner = await _owner_for(conn, actor, member)
         found, next_cursor = await crud.page(
             conn, T, [T.c.workspace_id == actor.workspace_id, T.c.member_id == owner], cursor=cursor, limit=limit
         )
     return Page([rows.api_key(r) for r in found], next_cursor)
 
 
-async def revoke(store: Store, actor: Actor, key_id: str) -> ApiKey:
+async def revoke(store: Store, actor: Actor, key_id: str, *, member: str | None = None) -> ApiKey:
+    """Revoke one of the actor's own keys, or one of ``member``'s; a key of anyone else is not found."""
     async with store.transaction() as conn:
+        owner = await _owner_for(conn, actor, member)
         key = rows.api_key(
-            await crud.fetch_one(conn, T, T.c.workspace_id == actor.workspace_id, T.c.id == key_id, what="API key")
+            await crud.fetch_one(
+                conn,
+                T,
+                T.c.workspace_id == actor.workspace_id,
+                T.c.member_id == owner,
+                T.c.id == key_id,
+                what="API key",
+            )
         )
-        if key.member_id != actor.member_id:
-            actor.require(Capability.MEMBERS_MANAGE)
         if key.revoked_at is None:
             await conn.execute(T.update().where(T.c.id == key.id).values(revoked_at=datetime.now(UTC)))
         return rows.api_key(await crud.fetch_one(conn, T, T.c.id == key.id, what="API key"))

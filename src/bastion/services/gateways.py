@@ -11,13 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, rows, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store
+from bastion.db.store import Store, emit
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Gateway
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, apply_changes
 from bastion.errors import NotFound, ValidationFailed
+from bastion.events.bus import Changed, Subject
 from bastion.services import servers as servers_service
 
 T = schema.gateways
@@ -39,17 +40,10 @@ async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Gateway:
 
 
 async def spec_of(conn: AsyncConnection, gateway: Gateway) -> GatewaySpec:
-    names = dict(
-        (
-            await conn.execute(
-                sa.select(schema.servers.c.id, schema.servers.c.name).where(
-                    schema.servers.c.id.in_([s.server_id for s in gateway.servers])
-                )
-            )
-        )
-        .tuples()
-        .all()
+    query = sa.select(schema.servers.c.id, schema.servers.c.name).where(
+        schema.servers.c.id.in_([s.server_id for s in gateway.servers])
     )
+    names: dict[str, str] = {row.id: row.name for row in await conn.execute(query)}
     entries = tuple(
         GatewayServerSpec(
             names[s.server_id], s.alias, s.identity_scheme, s.shared_identity_id, s.tools, s.prompts, s.resources
@@ -139,6 +133,7 @@ async def update(
     actor.require(Capability.GATEWAYS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        emit(conn, Changed(Subject.GATEWAY, current.id))
         spec = apply_changes(await spec_of(conn, current), changes).validated()
         await crud.update_versioned(
             conn,
@@ -165,4 +160,5 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
     actor.require(Capability.GATEWAYS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        emit(conn, Changed(Subject.GATEWAY, current.id))
         await crud.delete(conn, T, current.id, what="gateway")

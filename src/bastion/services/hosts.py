@@ -11,12 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, rows, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store
+from bastion.db.store import Store, emit
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Host, HostKind
 from bastion.domain.specs import HostSpec, apply_changes
+from bastion.errors import VersionMismatch
+from bastion.events.bus import Changed, Subject
 
 T = schema.hosts
 _READ = (Capability.HOSTS_MANAGE, Capability.HOSTS_DISABLE_ENABLE, Capability.TOKENS_MANAGE, Capability.ADMIN_VIEW)
@@ -83,6 +85,7 @@ async def update(
     actor.require(Capability.HOSTS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        emit(conn, Changed(Subject.HOST, current.id))
         spec = apply_changes(HostSpec(current.name, current.description, current.webhook_url), changes).validated()
         await crud.update_versioned(
             conn,
@@ -106,6 +109,12 @@ async def set_enabled(store: Store, actor: Actor, ref: str, enabled: bool, expec
     now = datetime.now(UTC)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        # A no-op still honours If-Match: the caller decided on a version that is no longer current.
+        if expected_version is not None and expected_version != current.version:
+            raise VersionMismatch(
+                f"the host changed since you read it (version {current.version}, you sent {expected_version})"
+            )
+        emit(conn, Changed(Subject.HOST, current.id))
         if current.enabled != enabled:
             await crud.update_versioned(
                 conn,
@@ -127,4 +136,5 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
     actor.require(Capability.HOSTS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        emit(conn, Changed(Subject.HOST, current.id))
         await crud.delete(conn, T, current.id, what="host")

@@ -11,13 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, rows, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store
+from bastion.db.store import Store, emit
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import OWNER_ROLE, Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Member, MemberStatus, Role
 from bastion.domain.specs import MemberSpec, apply_changes
 from bastion.errors import Conflict, Forbidden
+from bastion.events.bus import Changed, Subject
 from bastion.services import roles
 
 T = schema.members
@@ -35,7 +36,7 @@ async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Member:
     return rows.member(row)
 
 
-def _check_can_manage(actor: Actor, role: Role) -> None:
+def check_can_manage(actor: Actor, role: Role) -> None:
     """Nobody edits, or hands out, a role more powerful than their own."""
     missing = role.capabilities - actor.capabilities
     if missing:
@@ -62,7 +63,7 @@ async def create(store: Store, actor: Actor, spec: MemberSpec) -> Member:
     member_id = new_id()
     async with store.transaction() as conn:
         role = await roles.find(conn, actor.workspace_id, spec.role)
-        _check_can_manage(actor, role)
+        check_can_manage(actor, role)
         await crud.insert(
             conn,
             T,
@@ -120,12 +121,13 @@ async def update(
     actor.require(Capability.MEMBERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        emit(conn, Changed(Subject.MEMBER, current.id))
         current_role = await roles.find(conn, actor.workspace_id, current.role_id)
-        _check_can_manage(actor, current_role)
+        check_can_manage(actor, current_role)
         spec = apply_changes(MemberSpec(current.email, current.name, current_role.name, current.status), changes)
         spec = spec.validated()
         new_role = await roles.find(conn, actor.workspace_id, spec.role)
-        _check_can_manage(actor, new_role)
+        check_can_manage(actor, new_role)
         leaves_owners = (
             current_role.name == OWNER_ROLE
             and current.status is MemberStatus.ACTIVE
@@ -155,8 +157,9 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
     actor.require(Capability.MEMBERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        emit(conn, Changed(Subject.MEMBER, current.id))
         role = await roles.find(conn, actor.workspace_id, current.role_id)
-        _check_can_manage(actor, role)
+        check_can_manage(actor, role)
         if (
             role.name == OWNER_ROLE
             and current.status is MemberStatus.ACTIVE

@@ -12,12 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, rows, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store
+from bastion.db.store import Store, emit
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Server, Transport
 from bastion.domain.specs import ServerSpec, apply_changes
+from bastion.events.bus import Changed, Subject
 
 T = schema.servers
 
@@ -110,6 +111,7 @@ async def update(
     actor.require(Capability.SERVERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        emit(conn, Changed(Subject.SERVER, current.id))
         spec = apply_changes(spec_of(current), changes).validated()
         await crud.update_versioned(
             conn, T, current.id, expected_version, {**_columns(spec), "updated_at": datetime.now(UTC)}, what="server"
@@ -121,4 +123,5 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
     actor.require(Capability.SERVERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        emit(conn, Changed(Subject.SERVER, current.id))
         await crud.delete(conn, T, current.id, what="server", in_use="a gateway still uses it; remove it there first")

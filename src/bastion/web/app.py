@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,8 +33,14 @@ class Lifecycle:
     store: Store | None = field(default=None)
 
 
+def _operation_id(route: APIRoute) -> str:
+    """The handler's name: stable, readable operationIds (``create_host``) that clients and tests key on."""
+    return route.name
+
+
 def build_api() -> FastAPI:
     api = FastAPI(
+        generate_unique_id_function=_operation_id,
         title="Bastion admin API",
         version=__version__,
         openapi_url="/openapi.json",
@@ -61,7 +68,7 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
         lifecycle.started = True
 
     @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
         own_store = store is None
         lifecycle.store = store or Store.from_url(settings.resolved_database_url)
         api.state.ctx = ApiContext(store=lifecycle.store, hasher=hasher)
@@ -82,8 +89,9 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
             checks["database"] = await lifecycle.store.ping()
             checks["migrations"] = checks["database"] and await lifecycle.store.migrations_current()
         ready = bool(checks["started"] and not checks["draining"] and checks["database"] and checks["migrations"])
-        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                            status_code=200 if ready else 503)
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+        )
 
     app = Starlette(
         routes=[Route("/healthz", healthz), Route("/readyz", readyz), Mount("/api/v1", app=api)],

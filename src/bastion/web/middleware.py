@@ -28,8 +28,9 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         supplied = dict(scope["headers"]).get(REQUEST_ID_HEADER)
-        request_id = supplied.decode("ascii") if supplied and _CLIENT_REQUEST_ID.fullmatch(supplied) \
-            else secrets.token_hex(8)
+        request_id = (
+            supplied.decode("ascii") if supplied and _CLIENT_REQUEST_ID.fullmatch(supplied) else secrets.token_hex(8)
+        )
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
@@ -73,31 +74,47 @@ class BodyLimit:
             await _too_large(send, self.max_bytes)
             return
         received = 0
+        refused = False
+        started = False
 
         async def limited() -> Message:
-            nonlocal received
+            # The app wraps errors raised while it reads the body (FastAPI turns them into 400), so the
+            # refusal is sent from here and the app is told the client left; whatever it sends after is dropped.
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    refused = True
+                    if not started:
+                        await _too_large(send, self.max_bytes)
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await _too_large(send, self.max_bytes)
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited, guarded_send)
 
 
 async def _too_large(send: Send, max_bytes: int) -> None:
     from bastion.web.problems import problem_bytes
 
     body = problem_bytes(413, "payload_too_large", "Payload too large", f"the body exceeds {max_bytes} bytes")
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/problem+json"),
-                            (b"content-length", str(len(body)).encode("ascii"))]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

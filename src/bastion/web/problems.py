@@ -19,8 +19,13 @@ PROBLEM_TYPE_BASE = "urn:bastion:problem:"
 
 
 def problem_bytes(status: int, code: str, title: str, detail: str, **extra: Any) -> bytes:
-    body: dict[str, Any] = {"type": PROBLEM_TYPE_BASE + code, "title": title, "status": status, "detail": detail,
-                            "code": code}
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
     request_id = request_id_var.get()
     if request_id:
         body["request_id"] = request_id
@@ -28,10 +33,15 @@ def problem_bytes(status: int, code: str, title: str, detail: str, **extra: Any)
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
-def problem(status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None,
-            **extra: Any) -> Response:
-    return Response(problem_bytes(status, code, title, detail, **extra), status_code=status,
-                    media_type="application/problem+json", headers=headers)
+def problem(
+    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
+    return Response(
+        problem_bytes(status, code, title, detail, **extra),
+        status_code=status,
+        media_type="application/problem+json",
+        headers=headers,
+    )
 
 
 def _field_of(loc: tuple[Any, ...]) -> str:
@@ -40,7 +50,8 @@ def _field_of(loc: tuple[Any, ...]) -> str:
 
 
 async def _bastion_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, BastionError)
+    if not isinstance(exc, BastionError):  # pragma: no cover - registered for BastionError only
+        raise exc
     headers = {"WWW-Authenticate": 'Bearer realm="bastion"'} if exc.status == 401 else None
     if exc.status >= 500:
         logger.error("request failed: %s", exc.code, extra={"code": exc.code})
@@ -50,17 +61,22 @@ async def _bastion_error(_request: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    errors = [{"field": _field_of(tuple(e.get("loc", ()))), "message": str(e.get("msg", "invalid"))}
-              for e in exc.errors()]
+    if not isinstance(exc, RequestValidationError):  # pragma: no cover - registered for this type only
+        raise exc
+    errors = [
+        {"field": _field_of(tuple(e.get("loc", ()))), "message": str(e.get("msg", "invalid"))} for e in exc.errors()
+    ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return problem(422, "validation_failed", "Invalid input", detail, errors=errors)
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
+    if not isinstance(exc, StarletteHTTPException):  # pragma: no cover - registered for this type only
+        raise exc
     code = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}.get(exc.status_code, "http_error")
-    return problem(exc.status_code, code, str(exc.detail), str(exc.detail), headers=exc.headers)
+    return problem(
+        exc.status_code, code, str(exc.detail), str(exc.detail), headers=dict(exc.headers) if exc.headers else None
+    )
 
 
 async def _unexpected(_request: Request, exc: Exception) -> Response:

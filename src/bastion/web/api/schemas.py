@@ -83,9 +83,16 @@ class RoleOut(Out):
 
     @classmethod
     def of(cls, role: Role) -> RoleOut:
-        return cls(id=role.id, name=role.name, description=role.description,
-                   capabilities=sorted(role.capabilities), builtin=role.builtin, version=role.version,
-                   created_at=role.created_at, updated_at=role.updated_at)
+        return cls(
+            id=role.id,
+            name=role.name,
+            description=role.description,
+            capabilities=sorted(role.capabilities),
+            builtin=role.builtin,
+            version=role.version,
+            created_at=role.created_at,
+            updated_at=role.updated_at,
+        )
 
 
 # --- members --------------------------------------------------------------------------------------------------------
@@ -116,8 +123,16 @@ class MemberOut(Out):
 
     @classmethod
     def of(cls, member: Member) -> MemberOut:
-        return cls(id=member.id, email=member.email, name=member.name, status=member.status, role_id=member.role_id,
-                   version=member.version, created_at=member.created_at, updated_at=member.updated_at)
+        return cls(
+            id=member.id,
+            email=member.email,
+            name=member.name,
+            status=member.status,
+            role_id=member.role_id,
+            version=member.version,
+            created_at=member.created_at,
+            updated_at=member.updated_at,
+        )
 
 
 class MeOut(Out):
@@ -218,12 +233,30 @@ class ServerOut(Out):
     def of(cls, s: Server) -> ServerOut:
         oauth = None
         if s.oauth is not None:
-            oauth = OAuthSettingsOut(registration=s.oauth.registration, client_id=s.oauth.client_id,
-                                     scopes=list(s.oauth.scopes), authorization_server=s.oauth.authorization_server)
-        return cls(id=s.id, name=s.name, description=s.description, transport=s.transport, url=s.url,
-                   command=s.command, args=list(s.args), env=dict(s.env), auth_kind=s.auth_kind, oauth=oauth,
-                   era=s.era, connect_timeout_s=s.connect_timeout_s, call_timeout_s=s.call_timeout_s,
-                   version=s.version, created_at=s.created_at, updated_at=s.updated_at)
+            oauth = OAuthSettingsOut(
+                registration=s.oauth.registration,
+                client_id=s.oauth.client_id,
+                scopes=list(s.oauth.scopes),
+                authorization_server=s.oauth.authorization_server,
+            )
+        return cls(
+            id=s.id,
+            name=s.name,
+            description=s.description,
+            transport=s.transport,
+            url=s.url,
+            command=s.command,
+            args=list(s.args),
+            env=dict(s.env),
+            auth_kind=s.auth_kind,
+            oauth=oauth,
+            era=s.era,
+            connect_timeout_s=s.connect_timeout_s,
+            call_timeout_s=s.call_timeout_s,
+            version=s.version,
+            created_at=s.created_at,
+            updated_at=s.updated_at,
+        )
 
 
 # --- gateways -------------------------------------------------------------------------------------------------------
@@ -251,14 +284,27 @@ class GatewayServerIO(Body):
     resources: ProvisioningIO = ProvisioningIO()
 
     def to_domain(self) -> GatewayServerSpec:
-        return GatewayServerSpec(self.server, self.alias, self.identity_scheme, self.shared_identity_id,
-                                 self.tools.to_domain(), self.prompts.to_domain(), self.resources.to_domain())
+        return GatewayServerSpec(
+            self.server,
+            self.alias,
+            self.identity_scheme,
+            self.shared_identity_id,
+            self.tools.to_domain(),
+            self.prompts.to_domain(),
+            self.resources.to_domain(),
+        )
 
     @classmethod
     def of(cls, s: GatewayServerSpec) -> GatewayServerIO:
-        return cls(server=s.server, alias=s.alias, identity_scheme=s.identity_scheme,
-                   shared_identity_id=s.shared_identity_id, tools=ProvisioningIO.of(s.tools),
-                   prompts=ProvisioningIO.of(s.prompts), resources=ProvisioningIO.of(s.resources))
+        return cls(
+            server=s.server,
+            alias=s.alias,
+            identity_scheme=s.identity_scheme,
+            shared_identity_id=s.shared_identity_id,
+            tools=ProvisioningIO.of(s.tools),
+            prompts=ProvisioningIO.of(s.prompts),
+            resources=ProvisioningIO.of(s.resources),
+        )
 
 
 class GatewayCreate(Body):
@@ -269,8 +315,9 @@ class GatewayCreate(Body):
     servers: Annotated[list[GatewayServerIO], Field(max_length=50)] = []
 
     def to_domain(self) -> GatewaySpec:
-        return GatewaySpec(self.slug, self.name, self.description, self.enabled,
-                           tuple(s.to_domain() for s in self.servers))
+        return GatewaySpec(
+            self.slug, self.name, self.description, self.enabled, tuple(s.to_domain() for s in self.servers)
+        )
 
 
 class GatewayUpdate(Body):
@@ -304,9 +351,18 @@ class GatewayOut(Out):
 
     @classmethod
     def of(cls, g: Gateway, spec: GatewaySpec) -> GatewayOut:
-        return cls(id=g.id, slug=g.slug, name=g.name, description=g.description, enabled=g.enabled,
-                   url_path=f"/g/{g.slug}/mcp", servers=[GatewayServerIO.of(s) for s in spec.servers],
-                   version=g.version, created_at=g.created_at, updated_at=g.updated_at)
+        return cls(
+            id=g.id,
+            slug=g.slug,
+            name=g.name,
+            description=g.description,
+            enabled=g.enabled,
+            url_path=f"/g/{g.slug}/mcp",
+            servers=[GatewayServerIO.of(s) for s in spec.servers],
+            version=g.version,
+            created_at=g.created_at,
+            updated_at=g.updated_at,
+        )
 
 
 # --- hosts ----------------------------------------------------------------------------------------------------------
@@ -339,9 +395,19 @@ class HostOut(Out):
 
     @classmethod
     def of(cls, h: Host) -> HostOut:
-        return cls(id=h.id, name=h.name, description=h.description, kind=h.kind.value, enabled=h.enabled,
-                   webhook_url=h.webhook_url, disabled_at=h.disabled_at, disabled_by=h.disabled_by,
-                   version=h.version, created_at=h.created_at, updated_at=h.updated_at)
+        return cls(
+            id=h.id,
+            name=h.name,
+            description=h.description,
+            kind=h.kind.value,
+            enabled=h.enabled,
+            webhook_url=h.webhook_url,
+            disabled_at=h.disabled_at,
+            disabled_by=h.disabled_by,
+            version=h.version,
+            created_at=h.created_at,
+            updated_at=h.updated_at,
+        )
 
 
 # --- API keys -------------------------------------------------------------------------------------------------------
@@ -364,8 +430,16 @@ class ApiKeyOut(Out):
 
     @classmethod
     def of(cls, k: ApiKey) -> ApiKeyOut:
-        return cls(id=k.id, member_id=k.member_id, name=k.name, last4=k.last4, created_at=k.created_at,
-                   expires_at=k.expires_at, revoked_at=k.revoked_at, last_used_at=k.last_used_at)
+        return cls(
+            id=k.id,
+            member_id=k.member_id,
+            name=k.name,
+            last4=k.last4,
+            created_at=k.created_at,
+            expires_at=k.expires_at,
+            revoked_at=k.revoked_at,
+            last_used_at=k.last_used_at,
+        )
 
 
 class ApiKeyCreated(Out):

@@ -1,0 +1,1 @@
+"""Change events: what caches must forget. In-process now; carried across replicas by PostgreSQL later."""

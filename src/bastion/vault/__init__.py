@@ -1,0 +1,1 @@
+"""The vault: AES-256-GCM envelope encryption of every stored credential."""

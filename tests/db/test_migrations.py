@@ -1,0 +1,134 @@
+"""The Alembic history on both engines: reversible, identical to schema.py, workspace-scoped, replica-safe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from bastion.db import migrate
+from bastion.db.engine import sync_url
+from bastion.db.schema import metadata
+from tests.processes import BASTION, clean_env, run_bastion
+
+# Install-wide tables that belong to no single workspace. The keyring comes from the environment and
+# serves every workspace of the install, so its usage counters do too.
+INSTALL_WIDE = frozenset({"workspaces", "vault_keys"})
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with nothing in it, not even Alembic's table."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'bastion.db'}"
+    else:
+        yield request.getfixturevalue("fresh_pg_url")
+
+
+def _tables(url: str) -> set[str]:
+    engine = sa.create_engine(sync_url(url))
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_downgrade_upgrade_round_trips_and_base_leaves_no_tables(empty_url: str) -> None:
+    migrate.upgrade(empty_url)
+    assert _tables(empty_url) == {t.name for t in metadata.sorted_tables} | {"alembic_version"}
+    assert migrate.current(empty_url) == migrate.head()
+
+    migrate.downgrade(empty_url, "base")
+    assert _tables(empty_url) <= {"alembic_version"}
+    assert migrate.current(empty_url) is None
+
+    migrate.upgrade(empty_url)
+    assert migrate.current(empty_url) == migrate.head()
+
+
+def test_the_migrated_schema_matches_schema_py_exactly(empty_url: str) -> None:
+    migrate.upgrade(empty_url)
+    engine = sa.create_engine(sync_url(empty_url))
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            differences = compare_metadata(context, metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
+
+
+def test_every_table_but_the_install_wide_ones_carries_a_workspace_id(empty_url: str) -> None:
+    migrate.upgrade(empty_url)
+    engine = sa.create_engine(sync_url(empty_url))
+    try:
+        inspector = sa.inspect(engine)
+        unscoped = {
+            name
+            for name in inspector.get_table_names()
+            if name != "alembic_version" and "workspace_id" not in {c["name"] for c in inspector.get_columns(name)}
+        }
+    finally:
+        engine.dispose()
+    assert unscoped == INSTALL_WIDE & {t.name for t in metadata.sorted_tables}
+
+
+def test_every_workspace_id_column_in_schema_py_is_required_and_points_at_workspaces() -> None:
+    for table in metadata.sorted_tables:
+        if table.name in INSTALL_WIDE:
+            continue
+        column = table.c.workspace_id
+        assert not column.nullable, table.name
+        assert {fk.column.table.name for fk in column.foreign_keys} == {"workspaces"}, table.name
+
+
+@pytest.mark.e2e
+def test_db_current_reports_whether_the_database_is_up_to_date(empty_url: str, tmp_path: Path) -> None:
+    env = clean_env(BASTION_DATA_DIR=str(tmp_path / "data"), BASTION_DATABASE_URL=empty_url)
+
+    before = run_bastion("db", "current", "--json", env=env, cwd=tmp_path)
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout) == {"current": None, "head": migrate.head(), "up_to_date": False}
+
+    upgraded = run_bastion("db", "upgrade", env=env, cwd=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+
+    after = run_bastion("db", "current", "--json", env=env, cwd=tmp_path)
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout) == {"current": migrate.head(), "head": migrate.head(), "up_to_date": True}
+
+
+@pytest.mark.e2e
+def test_db_commands_on_an_unreachable_database_fail_cleanly(tmp_path: Path) -> None:
+    env = clean_env(BASTION_DATA_DIR=str(tmp_path / "data"),
+                    BASTION_DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere")
+    for args in (("db", "current", "--json"), ("db", "upgrade")):
+        result = run_bastion(*args, env=env, cwd=tmp_path)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert "cannot use the database" in " ".join(result.stderr.split())
+
+
+@pytest.mark.e2e
+def test_replicas_upgrading_a_fresh_postgres_at_once_both_succeed(fresh_pg_url: str, tmp_path: Path) -> None:
+    env = clean_env(BASTION_DATA_DIR=str(tmp_path / "data"), BASTION_DATABASE_URL=fresh_pg_url)
+    replicas = [
+        subprocess.Popen([str(BASTION), "db", "upgrade"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    try:
+        outcomes = [(p.wait(timeout=60), p.communicate()[1]) for p in replicas]
+    finally:
+        for p in replicas:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [code for code, _ in outcomes] == [0] * len(replicas), [err for _, err in outcomes]
+    assert migrate.current(fresh_pg_url) == migrate.head()

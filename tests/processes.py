@@ -1,0 +1,101 @@
+"""Running the real `bastion` executable in tests: a clean environment, a free port, a server that is always killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx2
+
+BASTION: Path = Path(sys.executable).with_name("bastion")
+START_TIMEOUT_S = 30.0
+POLL_S = 0.05
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any BASTION_ variable, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env.update(settings)
+    return env
+
+
+def run_bastion(*args: str, env: Mapping[str, str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BASTION), *args], env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    stderr_path: Path
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def terminate(self, timeout: float) -> int:
+        """SIGTERM, then the exit code once the process has drained (raises if it outlives ``timeout``)."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def wait_until_healthy(process: subprocess.Popen[bytes], base_url: str, *, timeout: float = START_TIMEOUT_S) -> None:
+    """Poll /healthz until it answers 200; fail at once if the process dies first."""
+    deadline = time.monotonic() + timeout
+    with httpx2.Client(base_url=base_url, timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    return
+            except httpx2.TransportError:
+                pass
+            # Waiting on the process paces the loop and notices a crash straight away.
+            try:
+                code = process.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                continue
+            raise AssertionError(f"bastion serve exited with {code} before it was healthy")
+    raise AssertionError(f"bastion serve was not healthy within {timeout} s")
+
+
+@contextmanager
+def serving(env: Mapping[str, str], cwd: Path) -> Iterator[Server]:
+    """`bastion serve` on a free 127.0.0.1 port, healthy on entry, killed on exit whatever happened."""
+    port = free_port()
+    stderr_path = cwd / f"serve-{port}.stderr"
+    with stderr_path.open("wb") as stderr:
+        process = _spawn(["serve", "--host", "127.0.0.1", "--port", str(port)], env, cwd, stderr)
+        try:
+            server = Server(process, f"http://127.0.0.1:{port}", stderr_path)
+            try:
+                wait_until_healthy(process, server.base_url)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n--- stderr ---\n{server.stderr()}") from None
+            yield server
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+
+
+def _spawn(args: list[str], env: Mapping[str, str], cwd: Path, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(BASTION), *args], env=dict(env), cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr
+    )
