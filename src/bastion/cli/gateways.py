@@ -35,9 +35,7 @@ Shared = Annotated[
     list[str] | None,
     typer.Option("--shared", help="ALIAS=IDENTITY_ID: serve ALIAS with one global identity for everyone (repeat)."),
 ]
-Tools = Annotated[
-    list[str] | None, typer.Option("--tools", help="ALIAS=allow_all|block_all|name,name… (repeat).")
-]
+Tools = Annotated[list[str] | None, typer.Option("--tools", help="ALIAS=allow_all|block_all|name,name… (repeat).")]
 Prompts = Annotated[list[str] | None, typer.Option("--prompts", help="ALIAS=allow_all|block_all|name,name…")]
 Resources = Annotated[list[str] | None, typer.Option("--resources", help="ALIAS=allow_all|block_all|uri,uri…")]
 

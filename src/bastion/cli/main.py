@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import importlib
+from collections.abc import Generator
+from contextlib import contextmanager
+from typing import Annotated, cast
 
 import typer
 
 from bastion import __version__
 from bastion.cli import boot
 from bastion.cli.context import run
-from bastion.cli.output import console, emit_json, emit_record, success
+from bastion.cli.options import JsonFlag
+from bastion.cli.output import console, emit_json, emit_record, fail, success
 from bastion.db import migrate
+from bastion.errors import BastionError
 from bastion.settings import load_settings
 
-app = typer.Typer(name="bastion", help="Bastion: a self-hostable MCP gateway that calls upstreams as each person.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="bastion",
+    help="Bastion: a self-hostable MCP gateway that calls upstreams as each person.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
 
 
 @app.command()
@@ -60,8 +68,10 @@ def init(
     success(f"database at revision {result['database']}")
     emit_record({k: v for k, v in result.items() if k != "owner"}, title="Bastion is ready")
     owner = result.get("owner")
-    if isinstance(owner, dict) and owner.get("api_key"):
-        console.print(f"\nAPI key for {owner['email']} (shown once): [bold]{owner['api_key']}[/bold]")
+    if isinstance(owner, dict):
+        shown = cast(dict[str, object], owner)
+        if shown.get("api_key"):
+            console.print(f"\nAPI key for {shown['email']} (shown once): [bold]{shown['api_key']}[/bold]")
 
 
 @app.command()
@@ -75,27 +85,39 @@ def serve(
     run_server(host=host, port=port)
 
 
+@contextmanager
+def _clean_errors() -> Generator[None, None, None]:
+    """Bad settings or an unreachable database: a one-line message and an exit code, not a traceback."""
+    try:
+        yield
+    except BastionError as error:
+        fail(error)
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply migrations up to REVISION (default: the newest)."""
-    settings = load_settings()
-    migrate.upgrade(settings.resolved_database_url, revision)
-    success(f"database at revision {migrate.current(settings.resolved_database_url)}")
+    with _clean_errors():
+        settings = load_settings()
+        migrate.upgrade(settings.resolved_database_url, revision)
+        success(f"database at revision {migrate.current(settings.resolved_database_url)}")
 
 
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
     """Undo migrations down to REVISION."""
-    settings = load_settings()
-    migrate.downgrade(settings.resolved_database_url, revision)
-    success(f"database at revision {migrate.current(settings.resolved_database_url) or 'base'}")
+    with _clean_errors():
+        settings = load_settings()
+        migrate.downgrade(settings.resolved_database_url, revision)
+        success(f"database at revision {migrate.current(settings.resolved_database_url) or 'base'}")
 
 
 @db_app.command("current")
 def db_current(json_out: JsonFlag = False) -> None:
     """Show the database's revision and the newest one this version knows."""
-    settings = load_settings()
-    current = migrate.current(settings.resolved_database_url)
+    with _clean_errors():
+        settings = load_settings()
+        current = migrate.current(settings.resolved_database_url)
     doc = {"current": current, "head": migrate.head(), "up_to_date": current == migrate.head()}
     if json_out:
         emit_json(doc)
@@ -104,6 +126,10 @@ def db_current(json_out: JsonFlag = False) -> None:
 
 
 def main() -> None:
-    from bastion.cli import admin  # noqa: F401  registers the admin command groups
-
+    register_admin_commands()
     app()
+
+
+def register_admin_commands() -> None:
+    """Attach the admin command groups (they import this module, so they cannot be imported at its top)."""
+    importlib.import_module("bastion.cli.admin")

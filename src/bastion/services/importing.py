@@ -68,6 +68,6 @@ async def apply(store: Store, actor: Actor, plan: ImportPlan, *, dry_run: bool =
         skipped=tuple(skipped),
         # Only what concerns a server that exists (or would) is worth acting on.
         secrets_left_out=tuple(s for s in plan.secrets_left_out if s.server in kept),
-        renamed=tuple(r for r in plan.renamed if r.name in kept),
+        renamed=plan.renamed,
         notes=tuple(n for n in plan.notes if n.server in kept),
     )

@@ -17,7 +17,7 @@ from bastion.domain.capabilities import OWNER_ROLE, Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Member, MemberStatus, Role
 from bastion.domain.specs import MemberSpec, apply_changes
-from bastion.errors import Conflict, Forbidden
+from bastion.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import roles
 
@@ -46,6 +46,14 @@ def check_can_manage(actor: Actor, role: Role) -> None:
         )
 
 
+async def _role_named(conn: AsyncConnection, workspace_id: str, ref: str) -> Role:
+    """The role a request body names; one that does not exist is an invalid value, not a missing resource."""
+    try:
+        return await roles.find(conn, workspace_id, ref)
+    except NotFound:
+        raise ValidationFailed(f"no role named {ref!r}", field="role") from None
+
+
 async def _active_owners(conn: AsyncConnection, workspace_id: str) -> int:
     owner = await roles.find(conn, workspace_id, OWNER_ROLE)
     query = (
@@ -62,7 +70,7 @@ async def create(store: Store, actor: Actor, spec: MemberSpec) -> Member:
     now = datetime.now(UTC)
     member_id = new_id()
     async with store.transaction() as conn:
-        role = await roles.find(conn, actor.workspace_id, spec.role)
+        role = await _role_named(conn, actor.workspace_id, spec.role)
         check_can_manage(actor, role)
         await crud.insert(
             conn,
@@ -126,7 +134,7 @@ async def update(
         check_can_manage(actor, current_role)
         spec = apply_changes(MemberSpec(current.email, current.name, current_role.name, current.status), changes)
         spec = spec.validated()
-        new_role = await roles.find(conn, actor.workspace_id, spec.role)
+        new_role = await _role_named(conn, actor.workspace_id, spec.role)
         check_can_manage(actor, new_role)
         leaves_owners = (
             current_role.name == OWNER_ROLE

@@ -14,13 +14,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
-from bastion import __version__
+from bastion import __version__, wiring
 from bastion.db.store import Store
-from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web import problems
 from bastion.web.api.deps import ApiContext
 from bastion.web.api.routes import router
+from bastion.web.api.routes_identity import router as identity_router
 from bastion.web.middleware import BodyLimit, RequestContext
 
 
@@ -51,34 +51,29 @@ def build_api() -> FastAPI:
     )
     problems.install(api)
     api.include_router(router)
+    api.include_router(identity_router)
     return api
 
 
 def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
-    """The whole service. ``store`` may be given by tests; otherwise it is opened from settings."""
+    """The whole service. ``store`` may be given by tests (it is then left open); otherwise it comes from settings."""
     lifecycle = Lifecycle()
     api = build_api()
-    if settings.token_pepper is None:
-        raise ValueError("settings were not checked: token_pepper is missing")
-    hasher = KeyHasher(settings.token_pepper.get_secret_value().encode("utf-8"))
-    if store is not None:
-        # A store handed in is already open: serve at once, even where no lifespan runs (in-process tests).
-        lifecycle.store = store
-        api.state.ctx = ApiContext(store=store, hasher=hasher)
-        lifecycle.started = True
+    parts = wiring.build(settings, store)
+    lifecycle.store = parts.store
+    api.state.ctx = ApiContext(store=parts.store, hasher=parts.hasher, vault=parts.vault)
+    api.state.public_url = settings.public_url
+    # Engines connect lazily, so the app can serve at once, even where no lifespan runs (in-process tests).
+    lifecycle.started = True
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
-        own_store = store is None
-        lifecycle.store = store or Store.from_url(settings.resolved_database_url)
-        api.state.ctx = ApiContext(store=lifecycle.store, hasher=hasher)
-        lifecycle.started = True
         try:
             yield
         finally:
             lifecycle.draining = True
-            if own_store:
-                await lifecycle.store.close()
+            if store is None:
+                await parts.close()
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "alive", "version": __version__})

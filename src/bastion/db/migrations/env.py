@@ -19,7 +19,7 @@ if engine.dialect.name == "sqlite":
     install_sqlite_pragmas(engine)
 
 with engine.connect() as connection:
-    if False:
+    if postgres:
         # A session lock, committed at once, so Alembic still sees (and manages) a fresh transaction.
         connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         connection.commit()

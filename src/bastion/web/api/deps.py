@@ -15,6 +15,7 @@ from bastion.domain.capabilities import Capability
 from bastion.errors import Unauthenticated, ValidationFailed
 from bastion.services import apikeys
 from bastion.services.apikeys import KeyHasher
+from bastion.vault.sealer import Vault
 
 ACCESS_KEY: Final = "x-bastion-access"
 SELF: Final = "self"
@@ -25,6 +26,7 @@ _IF_MATCH: Final = re.compile(r'^(?:W/)?"(\d{1,9})"$')
 class ApiContext:
     store: Store
     hasher: KeyHasher
+    vault: Vault
 
 
 def context(request: Request) -> ApiContext:

@@ -1,0 +1,213 @@
+"""REST bodies and responses for identities, connections, tokens, links and the vault. Secrets are SecretStr."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr
+
+from bastion.domain.connections import AccessToken, Connection, ConnectionLink
+from bastion.domain.identities import Identity, IdentityKind, IdentityStatus
+from bastion.services.rotation import KeyUsage
+from bastion.web.api.schemas import Body, Out
+
+Ref = Annotated[str, Field(min_length=1, max_length=254)]
+SecretValue = Annotated[SecretStr, Field(min_length=1, max_length=16384)]
+
+
+class IdentityCreate(Body):
+    server: Ref = Field(description="Server name or id")
+    token: SecretValue | None = Field(default=None, description="A bearer token (sent as Authorization: Bearer)")
+    headers: Annotated[dict[Annotated[str, Field(max_length=128)], SecretValue], Field(max_length=16)] | None = None
+    member: Ref | None = Field(default=None, description="Owner (id or email); default yourself")
+    shared: bool = Field(default=False, description="A global identity for shared schemes")
+    label: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+
+
+class IdentityUpdate(Body):
+    label: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    status: IdentityStatus | None = None
+    token: SecretValue | None = None
+    headers: Annotated[dict[Annotated[str, Field(max_length=128)], SecretValue], Field(max_length=16)] | None = None
+
+
+class IdentityOut(Out):
+    id: str
+    server_id: str
+    owner_id: str | None
+    scope: str = Field(description="private (one member) or global")
+    kind: IdentityKind
+    status: IdentityStatus
+    label: str
+    fingerprint: str
+    last4: str
+    details: dict[str, Any]
+    key_id: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, i: Identity) -> IdentityOut:
+        return cls(
+            id=i.id,
+            server_id=i.server_id,
+            owner_id=i.owner_id,
+            scope="global" if i.is_global else "private",
+            kind=i.kind,
+            status=i.status,
+            label=i.label,
+            fingerprint=i.fingerprint,
+            last4=i.last4,
+            details=dict(i.details),
+            key_id=i.kek_id,
+            version=i.version,
+            created_at=i.created_at,
+            updated_at=i.updated_at,
+        )
+
+
+class AccessTokenOut(Out):
+    id: str
+    connection_id: str
+    last4: str
+    state: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @classmethod
+    def of(cls, t: AccessToken) -> AccessTokenOut:
+        return cls(
+            id=t.id,
+            connection_id=t.connection_id,
+            last4=t.last4,
+            state=t.state_at(datetime.now(UTC)),
+            created_at=t.created_at,
+            expires_at=t.expires_at,
+            revoked_at=t.revoked_at,
+            last_used_at=t.last_used_at,
+        )
+
+
+class ConnectionCreate(Body):
+    host: Ref
+    gateway: Ref
+    member: Ref | None = Field(default=None, description="For whom (id or email); default yourself")
+    identities: Annotated[
+        dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=64)]], Field(max_length=50)
+    ] = Field(default_factory=dict, description="Per-user server alias → identity id")
+    token_expires_at: datetime | None = None
+
+
+class ConnectionIdentityUpdate(Body):
+    identity_id: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class ConnectionOut(Out):
+    id: str
+    member_id: str
+    host_id: str
+    gateway_id: str
+    link_id: str | None
+    enabled: bool
+    identities: dict[str, str]
+    disabled_at: datetime | None
+    disabled_by: str | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, c: Connection) -> ConnectionOut:
+        return cls(
+            id=c.id,
+            member_id=c.member_id,
+            host_id=c.host_id,
+            gateway_id=c.gateway_id,
+            link_id=c.link_id,
+            enabled=c.enabled,
+            identities=dict(c.identities),
+            disabled_at=c.disabled_at,
+            disabled_by=c.disabled_by,
+            version=c.version,
+            created_at=c.created_at,
+            updated_at=c.updated_at,
+        )
+
+
+class ConnectionCreated(Out):
+    connection: ConnectionOut
+    token: AccessTokenOut
+    secret: str = Field(description="The access token (bst_…). Shown once; hand it to the agent now.")
+
+
+class TokenCreate(Body):
+    expires_at: datetime | None = None
+
+
+class TokenCreated(Out):
+    token: AccessTokenOut
+    secret: str = Field(description="The access token (bst_…). Shown once.")
+
+
+class LinkCreate(Body):
+    host: Ref
+    gateway: Ref
+    expires_in_hours: Annotated[float, Field(gt=0, le=90 * 24)] = 168.0
+    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    allowed_emails: Annotated[list[Annotated[str, Field(max_length=254)]], Field(max_length=1000)] = Field(
+        default_factory=list
+    )
+    note: Annotated[str, Field(max_length=200)] = ""
+
+
+class LinkOut(Out):
+    id: str
+    host_id: str
+    gateway_id: str
+    note: str
+    allowed_emails: list[str]
+    max_uses: int | None
+    uses: int
+    state: str
+    expires_at: datetime
+    revoked_at: datetime | None
+    created_by: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, link: ConnectionLink, now: datetime) -> LinkOut:
+        return cls(
+            id=link.id,
+            host_id=link.host_id,
+            gateway_id=link.gateway_id,
+            note=link.note,
+            allowed_emails=sorted(link.allowed_emails),
+            max_uses=link.max_uses,
+            uses=link.uses,
+            state=link.state_at(now),
+            expires_at=link.expires_at,
+            revoked_at=link.revoked_at,
+            created_by=link.created_by,
+            created_at=link.created_at,
+        )
+
+
+class LinkCreated(Out):
+    link: LinkOut
+    url: str = Field(description="The enrollment URL to share. Shown once.")
+
+
+class KeyUsageOut(Out):
+    key_id: str
+    rows: int
+    seals: int
+    primary: bool
+    in_keyring: bool
+
+    @classmethod
+    def of(cls, u: KeyUsage) -> KeyUsageOut:
+        return cls(key_id=u.key_id, rows=u.rows, seals=u.seals, primary=u.primary, in_keyring=u.in_keyring)

@@ -1,0 +1,50 @@
+"""Builds the long-lived parts from settings: the store, the key hasher, the vault and the token resolver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bastion.db.store import Store
+from bastion.services.apikeys import KeyHasher
+from bastion.services.principals import Resolver
+from bastion.settings import Settings, load_settings
+from bastion.vault.crypto import Keyring
+from bastion.vault.sealer import Vault
+
+
+def keyring_from(settings: Settings) -> Keyring:
+    if settings.vault_primary_key_id is None:
+        raise ValueError("settings were not checked: vault_primary_key_id is missing")
+    return Keyring(settings.vault_keyring(), settings.vault_primary_key_id)
+
+
+def hasher_from(settings: Settings) -> KeyHasher:
+    if settings.token_pepper is None:
+        raise ValueError("settings were not checked: token_pepper is missing")
+    return KeyHasher(settings.token_pepper.get_secret_value().encode("utf-8"))
+
+
+def vault_from(settings: Settings) -> Vault:
+    """A vault whose keyring is re-read from the environment and config file when a new key id shows up."""
+    overrides = {
+        k: getattr(settings, k) for k in settings.model_fields_set if k not in ("vault_keys", "vault_primary_key_id")
+    }
+    return Vault(keyring_from(settings), reload=lambda: keyring_from(load_settings(**overrides)))
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    store: Store
+    hasher: KeyHasher
+    vault: Vault
+    resolver: Resolver
+
+    async def close(self) -> None:
+        self.resolver.close()
+        await self.store.close()
+
+
+def build(settings: Settings, store: Store | None = None) -> Parts:
+    store = store or Store.from_url(settings.resolved_database_url)
+    hasher = hasher_from(settings)
+    return Parts(store, hasher, vault_from(settings), Resolver(store, hasher))

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.web.support import API, assert_invalid, assert_pages_cover, assert_problem
+
+pytestmark = pytest.mark.anyio
+SERVERS = f"{API}/servers"
+HTTP_SERVER: dict[str, Any] = {"name": "github", "transport": "streamable_http", "url": "https://mcp.github.example/"}
+
+
+async def test_a_server_can_be_created_listed_read_edited_and_deleted(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    created = await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
+    assert created.status_code == 201, created.text
+    server = created.json()
+    assert server["auth_kind"] == "none" and server["era"] == "auto" and server["connect_timeout_s"] == 5.0
+    stdio = await client.post(
+        SERVERS,
+        json={"name": "files", "transport": "stdio", "command": "mcp-files", "args": ["--root", "/srv"],
+              "env": {"LOG_LEVEL": "info"}},
+        headers=owner_headers,
+    )
+    assert stdio.status_code == 201, stdio.text
+    assert stdio.json()["args"] == ["--root", "/srv"] and stdio.json()["url"] is None
+
+    only_stdio = await client.get(SERVERS, params={"transport": "stdio"}, headers=owner_headers)
+    assert [s["name"] for s in only_stdio.json()["items"]] == ["files"]
+    assert (await client.get(f"{SERVERS}/github", headers=owner_headers)).json()["id"] == server["id"]
+
+    edited = await client.patch(
+        f"{SERVERS}/github",
+        json={"auth_kind": "oauth", "oauth": {"registration": "pre_registered", "client_id": "bastion",
+                                              "scopes": ["repo"]}},
+        headers=owner_headers,
+    )
+    assert edited.status_code == 200, edited.text
+    assert edited.json()["oauth"]["client_id"] == "bastion" and edited.json()["version"] == 2
+
+    assert (await client.delete(f"{SERVERS}/github", headers=owner_headers)).status_code == 204
+    assert_problem(await client.get(f"{SERVERS}/github", headers=owner_headers), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"colour": "red"}, "colour"),
+        ({"name": "has space"}, "name"),
+        ({"name": "a__b"}, "name"),
+        ({"name": "x" * 64}, "name"),
+        ({"url": "ftp://mcp.example.com/"}, "url"),
+        ({"url": "javascript:alert(1)"}, "url"),
+        ({"url": "file:///etc/passwd"}, "url"),
+        ({"url": "https://user:pw@mcp.example.com/"}, "url"),
+        ({"url": "https://example.com/" + "a" * 2048}, "url"),
+        ({"url": None}, "url"),
+        ({"connect_timeout_s": 0}, "connect_timeout_s"),
+        ({"transport": "carrier-pigeon"}, "transport"),
+        ({"oauth": {"registration": "dynamic"}}, "oauth"),
+        ({"auth_kind": "oauth", "oauth": {"registration": "pre_registered"}}, "oauth.client_id"),
+        ({"auth_kind": "oauth", "oauth": {"authorization_server": "javascript:x"}}, "oauth.authorization_server"),
+    ],
+)
+async def test_an_invalid_server_is_refused_naming_the_field(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str], changes: dict[str, Any], field: str
+) -> None:
+    assert_invalid(await client.post(SERVERS, json={**HTTP_SERVER, **changes}, headers=owner_headers), field)
+    assert (await client.get(SERVERS, headers=owner_headers)).json()["items"] == []
+
+
+async def test_an_edit_that_breaks_a_server_is_refused_and_leaves_it_as_it_was(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
+    assert_invalid(await client.patch(f"{SERVERS}/github", json={"url": "ftp://x/"}, headers=owner_headers), "url")
+    assert_invalid(await client.patch(f"{SERVERS}/github", json={"transport": "stdio"}, headers=owner_headers),
+                   "command")
+    after = (await client.get(f"{SERVERS}/github", headers=owner_headers)).json()
+    assert after["url"] == HTTP_SERVER["url"] and after["version"] == 1
+
+
+async def test_a_duplicate_server_name_is_a_conflict(client: httpx2.AsyncClient, owner_headers: dict[str, str]) -> None:
+    await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
+    assert_problem(await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers), 409, "conflict")
+    await client.post(SERVERS, json={**HTTP_SERVER, "name": "gitlab"}, headers=owner_headers)
+    assert_problem(await client.patch(f"{SERVERS}/gitlab", json={"name": "github"}, headers=owner_headers), 409,
+                   "conflict")
+
+
+async def test_a_missing_server_is_not_found(client: httpx2.AsyncClient, owner_headers: dict[str, str]) -> None:
+    for response in (
+        await client.get(f"{SERVERS}/ghost", headers=owner_headers),
+        await client.patch(f"{SERVERS}/ghost", json={"description": "x"}, headers=owner_headers),
+        await client.delete(f"{SERVERS}/ghost", headers=owner_headers),
+    ):
+        assert_problem(response, 404, "not_found")
+
+
+async def test_an_edit_with_a_stale_etag_is_refused_and_the_current_one_passes(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    created = await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
+    await client.patch(f"{SERVERS}/github", json={"description": "one"}, headers=owner_headers)
+    stale = await client.patch(
+        f"{SERVERS}/github", json={"description": "two"}, headers={**owner_headers, "If-Match": created.headers["etag"]}
+    )
+    assert_problem(stale, 412, "version_mismatch")
+    ok = await client.patch(f"{SERVERS}/github", json={"description": "two"}, headers={**owner_headers,
+                                                                                         "If-Match": 'W/"2"'})
+    assert ok.status_code == 200 and ok.headers["etag"] == '"3"'
+
+
+async def test_servers_page_through_a_cursor_each_seen_once(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    created = [
+        (await client.post(SERVERS, json={**HTTP_SERVER, "name": f"s{i}"}, headers=owner_headers)).json()["id"]
+        for i in range(7)
+    ]
+    await assert_pages_cover(client, owner_headers, SERVERS, created)
+    assert_invalid(await client.get(SERVERS, params={"limit": 0}, headers=owner_headers), "limit")
+    assert_invalid(await client.get(SERVERS, params={"limit": 201}, headers=owner_headers), "limit")
+
+
+async def test_a_server_a_gateway_uses_cannot_be_deleted(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
+    gateway = await client.post(f"{API}/gateways", json={"slug": "dev", "servers": [{"server": "github"}]},
+                                headers=owner_headers)
+    assert gateway.status_code == 201, gateway.text
+    assert_problem(await client.delete(f"{SERVERS}/github", headers=owner_headers), 409, "conflict")
+    assert (await client.get(f"{SERVERS}/github", headers=owner_headers)).status_code == 200
+    assert (await client.get(f"{API}/gateways/dev", headers=owner_headers)).json()["servers"][0]["server"] == "github"
+    await client.delete(f"{API}/gateways/dev", headers=owner_headers)
+    assert (await client.delete(f"{SERVERS}/github", headers=owner_headers)).status_code == 204
