@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from bastion.cli.context import CliContext, all_pages, run_with
 from bastion.cli.options import JsonFlag, key_values
-from bastion.cli.output import cell, emit_json, emit_record, emit_table, success
+from bastion.cli.output import emit_json, emit_record, emit_table, success
 from bastion.domain.models import Gateway, IdentityScheme, Provisioning, ProvisionMode
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec
 from bastion.errors import ValidationFailed
@@ -179,7 +179,7 @@ def list_(json_out: JsonFlag = False) -> None:
     if json_out:
         emit_json(docs)
     else:
-        rows = [{**d, "servers": cell([s["alias"] for s in d["servers"]])} for d in docs]
+        rows = [{**d, "servers": [s["alias"] for s in d["servers"]]} for d in docs]
         emit_table(rows, COLUMNS, title="Gateways")
 
 

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bastion.errors import BastionError
@@ -61,6 +62,11 @@ def emit_json(document: Any) -> None:
 
 
 def cell(value: Any) -> str:
+    """A value as table text; brackets in data are shown as typed, never read as rich markup."""
+    return escape(_text(value))
+
+
+def _text(value: Any) -> str:
     value = plain(value)
     if value is None:
         return "-"
@@ -112,10 +118,10 @@ def emit_many(records: Sequence[Mapping[str, Any]], json_out: bool, columns: Seq
 
 
 def success(message: str) -> None:
-    err_console.print(f"[green]✓[/green] {message}")
+    err_console.print(f"[green]✓[/green] {escape(message)}")
 
 
 def fail(error: BastionError) -> NoReturn:
     where = f" (field: {error.field})" if error.field else ""
-    err_console.print(f"[red]error[/red] [{error.code}] {error.detail}{where}")
+    err_console.print(f"[red]error[/red] {escape(f'[{error.code}] {error.detail}{where}')}")
     raise typer.Exit(_EXIT_BY_STATUS.get(error.status, EXIT_CONFIG if error.code == "config_invalid" else EXIT_ERROR))

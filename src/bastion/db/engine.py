@@ -51,11 +51,31 @@ def install_sqlite_pragmas(engine: sa.Engine) -> None:
     event.listen(engine, "connect", _sqlite_pragmas)
 
 
+def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+
+
+def _begin(conn: sa.Connection) -> None:
+    conn.exec_driver_sql("BEGIN")
+
+
+def install_sqlite_transactions(engine: sa.Engine) -> None:
+    """Let SQLAlchemy, not the sqlite3 module, open transactions.
+
+    The sqlite3 module defers BEGIN until the first INSERT/UPDATE/DELETE, so a transaction whose first
+    statement is a SAVEPOINT is opened by the savepoint itself and committed by its RELEASE: a later
+    error could then no longer roll the earlier writes back. (The SQLAlchemy pysqlite documentation recipe.)
+    """
+    event.listen(engine, "connect", _autocommit_driver)
+    event.listen(engine, "begin", _begin)
+
+
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_async_engine(url)
         install_sqlite_pragmas(engine.sync_engine)
+        install_sqlite_transactions(engine.sync_engine)
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
                                connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
