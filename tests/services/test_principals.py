@@ -93,3 +93,40 @@ async def test_revoked_token_fails_on_the_next_request(store: Store, vault: Any,
     await tokens.revoke(store, operator, world["token"].id)
     with pytest.raises(Unauthenticated, match="revoked"):
         await resolver.resolve(world["secret"])
+
+
+def _mutations(token: str) -> list[str]:
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_"
+    out: set[str] = set()
+    for i in range(len(token)):
+        out.add(token[:i] + token[i + 1 :])
+        for ch in alphabet[:: 7]:
+            if ch != token[i]:
+                out.add(token[:i] + ch + token[i + 1 :])
+                out.add(token[:i] + ch + token[i:])
+    out.discard(token)
+    return sorted(out)
+
+
+async def test_every_single_character_mutation_is_refused_without_a_database_query(
+    store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    from sqlalchemy import event
+
+    world = await _world(store, vault, hasher, operator)
+    resolver = Resolver(store, hasher)
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        mutations = _mutations(world["secret"])
+        assert len(mutations) > 500
+        for mutated in mutations:
+            with pytest.raises(Unauthenticated, match="malformed"):
+                await resolver.resolve(mutated)
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", count)
+    assert statements == []
