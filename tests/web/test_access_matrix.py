@@ -1,4 +1,4 @@
-"""The role × route matrix (SECURITY-CHECKLIST item 6), generated from the OpenAPI document.
+"""The role-by-route matrix (SECURITY-CHECKLIST item 6), generated from the OpenAPI document.
 
 Every operation declares who may call it in ``x-bastion-access``: capability names (any one admits) or
 "self" (every signed-in member). For each operation and each capability, a member whose custom role holds
@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx2
 import pytest
-import sqlalchemy as sa
 from fastapi.routing import APIRoute
 from starlette.routing import Route
 
@@ -40,26 +39,41 @@ pytestmark = pytest.mark.anyio
 API = "/api/v1"
 METHODS = ("get", "post", "put", "patch", "delete")
 BASE_SERVER = "base-server"
+BASE_HOST = "base-host"
+EMPTY_GATEWAY = "empty-gateway"
+SERVER_GATEWAY = "server-gateway"
 # Documentation routes are public on purpose; every other route must be in the schema and so in the matrix.
 PUBLIC_ROUTES = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})
 
-Body = Callable[[int], dict[str, Any]]
-# A valid body for every POST/PATCH operation, keyed by operationId; ``None`` for a POST that takes none.
-# A new write route without an entry here fails the matrix, so it cannot slip in unchecked.
+Refs = dict[str, str]
+Body = Callable[[int, Refs], dict[str, Any]]
+# A valid body for every POST/PUT/PATCH operation, keyed by operationId; ``None`` for one that takes none. The
+# body gets a fresh number and the ids ``World.path_for`` made. A new write route without an entry here fails
+# the matrix, so it cannot slip in unchecked.
 EXAMPLE_BODIES: dict[str, Body | None] = {
-    "create_my_api_key": lambda n: {"name": f"key {n}"},
-    "create_role": lambda n: {"name": f"role-{n}", "description": "made by the matrix", "capabilities": []},
-    "update_role": lambda n: {"description": f"edited {n}"},
-    "create_member": lambda n: {"email": f"new{n}@example.com", "name": f"New {n}", "role": "member"},
-    "update_member": lambda n: {"name": f"Renamed {n}"},
-    "create_server": lambda n: {"name": f"server-{n}", "transport": "streamable_http", "url": "https://mcp.example.com/"},
-    "update_server": lambda n: {"description": f"edited {n}"},
-    "create_gateway": lambda n: {"slug": f"gateway-{n}", "servers": [{"server": BASE_SERVER}]},
-    "update_gateway": lambda n: {"description": f"edited {n}"},
-    "create_host": lambda n: {"name": f"host-{n}", "webhook_url": "https://agent.example.com/hook"},
-    "update_host": lambda n: {"description": f"edited {n}"},
+    "create_my_api_key": lambda n, _: {"name": f"key {n}"},
+    "create_role": lambda n, _: {"name": f"role-{n}", "description": "made by the matrix", "capabilities": []},
+    "update_role": lambda n, _: {"description": f"edited {n}"},
+    "create_member": lambda n, _: {"email": f"new{n}@example.com", "name": f"New {n}", "role": "member"},
+    "update_member": lambda n, _: {"name": f"Renamed {n}"},
+    "create_server": lambda n, _: {"name": f"server-{n}", "transport": "streamable_http", "url": "https://m.example/"},
+    "update_server": lambda n, _: {"description": f"edited {n}"},
+    "create_gateway": lambda n, _: {"slug": f"gateway-{n}", "servers": [{"server": BASE_SERVER}]},
+    "update_gateway": lambda n, _: {"description": f"edited {n}"},
+    "create_host": lambda n, _: {"name": f"host-{n}", "webhook_url": "https://agent.example.com/hook"},
+    "update_host": lambda n, _: {"description": f"edited {n}"},
     "disable_host": None,
     "enable_host": None,
+    "create_identity": lambda n, _: {"server": BASE_SERVER, "token": f"upstream-secret-{n}", "label": f"id {n}"},
+    "update_identity": lambda n, _: {"label": f"relabelled {n}"},
+    "create_connection": lambda _n, _: {"host": BASE_HOST, "gateway": EMPTY_GATEWAY},
+    "set_connection_identity": lambda _n, refs: {"identity_id": refs["identity_id"]},
+    "disable_connection": None,
+    "enable_connection": None,
+    "mint_connection_token": lambda _n, _: {},
+    "revoke_token": None,
+    "create_link": lambda n, _: {"host": BASE_HOST, "gateway": EMPTY_GATEWAY, "note": f"link {n}"},
+    "revoke_link": None,
 }
 
 
@@ -96,6 +110,8 @@ class World:
     store: Store
     hasher: KeyHasher
     operator: Actor
+    client: httpx2.AsyncClient
+    owner: dict[str, str] = field(default_factory=dict[str, str])
     counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def n(self) -> int:
@@ -111,11 +127,43 @@ class World:
         key, _secret = await apikeys.create(self.store, self.hasher, self.operator, name="target", member=member_id)
         return key.id
 
-    async def path_for(self, op: Operation, caller_id: str) -> str:
+    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+        response = await self.client.post(API + path, json=body, headers=headers)
+        assert response.is_success, f"setting up {path}: {response.status_code} {response.text}"
+        out: dict[str, Any] = response.json()
+        return out
+
+    async def identity_of(self, headers: dict[str, str]) -> str:
+        body = {"server": BASE_SERVER, "token": f"upstream-{self.n()}"}
+        identity_id: str = (await self.post("/identities", body, headers))["id"]
+        return identity_id
+
+    async def connection_of(self, headers: dict[str, str]) -> dict[str, Any]:
+        body = {
+            "host": BASE_HOST,
+            "gateway": SERVER_GATEWAY,
+            "identities": {BASE_SERVER: await self.identity_of(headers)},
+        }
+        return await self.post("/connections", body, headers)
+
+    async def path_for(self, op: Operation, caller_id: str, headers: dict[str, str], refs: Refs) -> str:
         """The operation's path with fresh objects behind each parameter, so destructive calls can repeat."""
         n = self.n()
         path = op.path
-        if path.startswith("/me/api-keys/"):
+        if path.startswith("/identities/"):
+            path = path.replace("{identity_id}", await self.identity_of(headers))
+        elif path.startswith("/connections/"):
+            connection = (await self.connection_of(headers))["connection"]
+            path = path.replace("{connection_id}", connection["id"]).replace("{alias}", BASE_SERVER)
+            refs["identity_id"] = await self.identity_of(headers)
+            if path.endswith("/enable"):
+                await self.post(f"/connections/{connection['id']}/disable", {}, self.owner)
+        elif path.startswith("/tokens/"):
+            path = path.replace("{token_id}", (await self.connection_of(headers))["token"]["id"])
+        elif path.startswith("/links/"):
+            link = await self.post("/links", {"host": BASE_HOST, "gateway": EMPTY_GATEWAY}, self.owner)
+            path = path.replace("{link_id}", link["link"]["id"])
+        elif path.startswith("/me/api-keys/"):
             path = path.replace("{key_id}", await self.key_of(caller_id))
         elif path.startswith("/members/"):
             target = await members.create(self.store, self.operator, MemberSpec(f"t{n}@example.com", f"Target {n}"))
@@ -127,7 +175,9 @@ class World:
             path = path.replace("{ref}", role.id)
         elif path.startswith("/servers/"):
             server = await servers.create(
-                self.store, self.operator, ServerSpec(f"target-{n}", Transport.STREAMABLE_HTTP, "https://t.example.com/")
+                self.store,
+                self.operator,
+                ServerSpec(f"target-{n}", Transport.STREAMABLE_HTTP, "https://t.example.com/"),
             )
             path = path.replace("{ref}", server.id)
         elif path.startswith("/gateways/"):
@@ -146,9 +196,10 @@ class World:
     async def call(
         self, client: httpx2.AsyncClient, op: Operation, caller_id: str, headers: dict[str, str]
     ) -> httpx2.Response:
+        refs: Refs = {}
+        path = await self.path_for(op, caller_id, headers, refs)
         example = EXAMPLE_BODIES.get(op.operation_id)
-        body = example(self.n()) if example is not None else None
-        path = await self.path_for(op, caller_id)
+        body = example(self.n(), refs) if example is not None else None
         return await client.request(op.method.upper(), path, json=body, headers=headers)
 
 
@@ -158,9 +209,15 @@ async def openapi_operations(client: httpx2.AsyncClient) -> list[Operation]:
     return operations_of(response.json())
 
 
-async def make_world(store: Store, hasher: KeyHasher, operator: Actor) -> World:
-    world = World(store, hasher, operator)
-    await servers.create(store, operator, ServerSpec(BASE_SERVER, Transport.STREAMABLE_HTTP, "https://base.example.com"))
+async def make_world(client: httpx2.AsyncClient, store: Store, hasher: KeyHasher, operator: Actor) -> World:
+    world = World(store, hasher, operator, client)
+    await servers.create(
+        store, operator, ServerSpec(BASE_SERVER, Transport.STREAMABLE_HTTP, "https://base.example.com")
+    )
+    await hosts.create(store, operator, HostSpec(BASE_HOST))
+    await gateways.create(store, operator, GatewaySpec(EMPTY_GATEWAY))
+    await gateways.create(store, operator, GatewaySpec(SERVER_GATEWAY, servers=(GatewayServerSpec(BASE_SERVER),)))
+    _owner_id, world.owner = await world.member(OWNER_ROLE)
     return world
 
 
@@ -200,7 +257,7 @@ async def test_each_capability_opens_exactly_the_routes_that_declare_it(
     client: httpx2.AsyncClient, store: Store, hasher: KeyHasher, operator: Actor
 ) -> None:
     ops = await openapi_operations(client)
-    world = await make_world(store, hasher, operator)
+    world = await make_world(client, store, hasher, operator)
     callers: dict[Capability | None, tuple[str, dict[str, str]]] = {}
     for capability in [None, *Capability]:
         held = frozenset() if capability is None else frozenset({capability})
@@ -217,9 +274,7 @@ async def test_each_capability_opens_exactly_the_routes_that_declare_it(
             who = role_name(capability)
             if admitted and not response.is_success:
                 failures.append(f"{op} as {who}: expected success, got {response.status_code} {response.text}")
-            elif not admitted and (
-                response.status_code != 403 or problem_of(response).get("code") != "forbidden"
-            ):
+            elif not admitted and (response.status_code != 403 or problem_of(response).get("code") != "forbidden"):
                 failures.append(f"{op} as {who}: expected 403 forbidden, got {response.status_code} {response.text}")
     assert failures == [], "\n".join(failures)
     assert checked == len(ops) * (len(Capability) + 1)
@@ -230,7 +285,7 @@ async def test_self_service_routes_serve_a_member_without_capabilities(
 ) -> None:
     ops = [op for op in await openapi_operations(client) if op.access == SELF]
     assert {op.operation_id for op in ops} >= {"get_me", "list_my_api_keys", "create_my_api_key", "revoke_my_api_key"}
-    world = await make_world(store, hasher, operator)
+    world = await make_world(client, store, hasher, operator)
     caller_id, headers = await world.member("member")
     for op in ops:
         response = await world.call(client, op, caller_id, headers)
@@ -245,7 +300,7 @@ async def _refusals(
         # The credential is refused before any lookup, so placeholder ids are enough.
         path = API + re.sub(r"\{[a-z_]+\}", "0196f1c2-0000-7000-8000-000000000000", op.path)
         example = EXAMPLE_BODIES.get(op.operation_id)
-        body = example(world.n()) if example is not None else None
+        body = example(world.n(), {"identity_id": "0196f1c2-0000-7000-8000-000000000000"}) if example else None
         out.append((op, await client.request(op.method.upper(), path, json=body, headers=headers)))
     return out
 
@@ -253,7 +308,7 @@ async def _refusals(
 async def test_every_route_answers_401_with_a_challenge_when_no_key_is_sent(
     client: httpx2.AsyncClient, store: Store, hasher: KeyHasher, operator: Actor
 ) -> None:
-    world = await make_world(store, hasher, operator)
+    world = await make_world(client, store, hasher, operator)
     for op, response in await _refusals(client, world, None):
         assert response.status_code == 401, f"{op}: {response.status_code} {response.text}"
         assert response.headers["www-authenticate"].startswith("Bearer"), op
@@ -274,7 +329,7 @@ async def test_every_route_answers_401_with_a_challenge_when_no_key_is_sent(
 async def test_every_route_refuses_a_credential_that_is_not_a_live_key(
     client: httpx2.AsyncClient, store: Store, hasher: KeyHasher, operator: Actor, authorization: str
 ) -> None:
-    world = await make_world(store, hasher, operator)
+    world = await make_world(client, store, hasher, operator)
     for op, response in await _refusals(client, world, {"Authorization": authorization}):
         assert response.status_code == 401, f"{op}: {response.status_code} {response.text}"
         assert "www-authenticate" in response.headers, op
@@ -283,7 +338,7 @@ async def test_every_route_refuses_a_credential_that_is_not_a_live_key(
 async def test_every_route_refuses_revoked_and_expired_keys_and_disabled_members(
     client: httpx2.AsyncClient, store: Store, hasher: KeyHasher, operator: Actor
 ) -> None:
-    world = await make_world(store, hasher, operator)
+    world = await make_world(client, store, hasher, operator)
     _revoked_id, revoked = await world.member(OWNER_ROLE)
     (key,) = (await client.get(f"{API}/me/api-keys", headers=revoked)).json()["items"]
     assert (await client.delete(f"{API}/me/api-keys/{key['id']}", headers=revoked)).status_code == 204
@@ -303,4 +358,3 @@ async def test_every_route_refuses_revoked_and_expired_keys_and_disabled_members
         for op, response in await _refusals(client, world, headers):
             assert response.status_code == expected, f"{op}: {response.status_code} {response.text}"
             assert problem_of(response)["code"] == ("unauthenticated" if expected == 401 else "forbidden")
-

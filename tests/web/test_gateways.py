@@ -18,7 +18,8 @@ GATEWAYS = f"{API}/gateways"
 async def with_servers(client: httpx2.AsyncClient, owner_headers: dict[str, str]) -> dict[str, str]:
     for name in ("github", "jira"):
         created = await client.post(
-            f"{API}/servers", json={"name": name, "transport": "streamable_http", "url": f"https://{name}.example/"},
+            f"{API}/servers",
+            json={"name": name, "transport": "streamable_http", "url": f"https://{name}.example/"},
             headers=owner_headers,
         )
         assert created.status_code == 201, created.text
@@ -52,8 +53,9 @@ async def test_a_gateway_can_be_created_listed_read_edited_and_deleted(
     assert [g["slug"] for g in (await client.get(GATEWAYS, headers=headers)).json()["items"]] == ["engineering"]
     assert (await client.get(f"{GATEWAYS}/{gateway['id']}", headers=headers)).json()["slug"] == "engineering"
 
-    edited = await client.patch(f"{GATEWAYS}/engineering", json={"enabled": False, "servers": [{"server": "jira"}]},
-                                headers=headers)
+    edited = await client.patch(
+        f"{GATEWAYS}/engineering", json={"enabled": False, "servers": [{"server": "jira"}]}, headers=headers
+    )
     assert edited.status_code == 200, edited.text
     assert edited.json()["enabled"] is False
     assert [s["server"] for s in edited.json()["servers"]] == ["jira"]
@@ -71,10 +73,14 @@ async def test_a_gateway_can_be_created_listed_read_edited_and_deleted(
         ({"slug": "s" * 64}, "slug"),
         ({"slug": "ok", "name": "n" * 201}, "name"),
         ({"slug": "ok", "servers": [{"server": "github"}, {"server": "github"}]}, "servers[1].alias"),
-        ({"slug": "ok", "servers": [{"server": "github", "identity_scheme": "shared"}]},
-         "servers[0].shared_identity_id"),
-        ({"slug": "ok", "servers": [{"server": "github", "tools": {"mode": "allow_all", "selected": ["x"]}}]},
-         "servers[0].tools"),
+        (
+            {"slug": "ok", "servers": [{"server": "github", "identity_scheme": "shared"}]},
+            "servers[0].shared_identity_id",
+        ),
+        (
+            {"slug": "ok", "servers": [{"server": "github", "tools": {"mode": "allow_all", "selected": ["x"]}}]},
+            "servers[0].tools",
+        ),
     ],
 )
 async def test_an_invalid_gateway_is_refused_naming_the_field(
@@ -94,7 +100,8 @@ async def test_a_gateway_naming_an_unknown_server_leaves_nothing_behind(
 
     await client.post(GATEWAYS, json={"slug": "eng", "servers": [{"server": "github"}]}, headers=with_servers)
     broken = await client.patch(
-        f"{GATEWAYS}/eng", json={"name": "Renamed", "servers": [{"server": "jira"}, {"server": "ghost"}]},
+        f"{GATEWAYS}/eng",
+        json={"name": "Renamed", "servers": [{"server": "jira"}, {"server": "ghost"}]},
         headers=with_servers,
     )
     assert_invalid(broken, "servers[1].server")
@@ -139,8 +146,9 @@ async def test_gateways_page_through_a_cursor_each_seen_once(
     client: httpx2.AsyncClient, with_servers: dict[str, str]
 ) -> None:
     created = [
-        (await client.post(GATEWAYS, json={"slug": f"g{i}", "servers": [{"server": "github"}]},
-                           headers=with_servers)).json()["id"]
+        (
+            await client.post(GATEWAYS, json={"slug": f"g{i}", "servers": [{"server": "github"}]}, headers=with_servers)
+        ).json()["id"]
         for i in range(7)
     ]
     await assert_pages_cover(client, with_servers, GATEWAYS, created)

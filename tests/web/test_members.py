@@ -32,11 +32,13 @@ async def test_a_member_can_be_created_listed_read_edited_and_deleted(
     assert {m["email"] for m in listed} == {"owner@example.com", "ada@example.com"}
     assert (await client.get(f"{MEMBERS}/ada@example.com", headers=owner_headers)).json()["id"] == ada["id"]
 
-    edited = await client.patch(f"{MEMBERS}/{ada['id']}", json={"name": "Ada L.", "role": "admin"},
-                                headers=owner_headers)
+    edited = await client.patch(
+        f"{MEMBERS}/{ada['id']}", json={"name": "Ada L.", "role": "admin"}, headers=owner_headers
+    )
     assert edited.status_code == 200, edited.text
-    assert edited.json()["name"] == "Ada L." and edited.json()["role_id"] == await _role_id(client, owner_headers,
-                                                                                            "admin")
+    assert edited.json()["name"] == "Ada L." and edited.json()["role_id"] == await _role_id(
+        client, owner_headers, "admin"
+    )
     disabled = await client.get(MEMBERS, params={"status": "disabled"}, headers=owner_headers)
     assert disabled.json()["items"] == []
 
@@ -67,8 +69,9 @@ async def test_a_member_given_an_unknown_role_is_refused_naming_the_role(
 ) -> None:
     body = {"email": "a@example.com", "name": "A", "role": "ghost"}
     assert_invalid(await client.post(MEMBERS, json=body, headers=owner_headers), "role")
-    assert_invalid(await client.patch(f"{MEMBERS}/owner@example.com", json={"role": "ghost"}, headers=owner_headers),
-                   "role")
+    assert_invalid(
+        await client.patch(f"{MEMBERS}/owner@example.com", json={"role": "ghost"}, headers=owner_headers), "role"
+    )
 
 
 async def test_a_duplicate_email_is_a_conflict_whatever_its_case(
@@ -77,8 +80,9 @@ async def test_a_duplicate_email_is_a_conflict_whatever_its_case(
     await client.post(MEMBERS, json={"email": "ada@example.com", "name": "Ada"}, headers=owner_headers)
     again = await client.post(MEMBERS, json={"email": "ADA@example.com", "name": "Ada 2"}, headers=owner_headers)
     assert_problem(again, 409, "conflict")
-    renamed = await client.patch(f"{MEMBERS}/ada@example.com", json={"email": "owner@example.com"},
-                                 headers=owner_headers)
+    renamed = await client.patch(
+        f"{MEMBERS}/ada@example.com", json={"email": "owner@example.com"}, headers=owner_headers
+    )
     assert_problem(renamed, 409, "conflict")
 
 
@@ -99,12 +103,16 @@ async def test_an_edit_with_a_stale_etag_is_refused_and_the_current_one_passes(
     read = await client.get(f"{MEMBERS}/ada@example.com", headers=owner_headers)
     await client.patch(f"{MEMBERS}/ada@example.com", json={"name": "Ada B"}, headers=owner_headers)
     stale = await client.patch(
-        f"{MEMBERS}/ada@example.com", json={"name": "Ada C"}, headers={**owner_headers, "If-Match": read.headers["etag"]}
+        f"{MEMBERS}/ada@example.com",
+        json={"name": "Ada C"},
+        headers={**owner_headers, "If-Match": read.headers["etag"]},
     )
     assert_problem(stale, 412, "version_mismatch")
     fresh = await client.get(f"{MEMBERS}/ada@example.com", headers=owner_headers)
     ok = await client.patch(
-        f"{MEMBERS}/ada@example.com", json={"name": "Ada C"}, headers={**owner_headers, "If-Match": fresh.headers["etag"]}
+        f"{MEMBERS}/ada@example.com",
+        json={"name": "Ada C"},
+        headers={**owner_headers, "If-Match": fresh.headers["etag"]},
     )
     assert ok.status_code == 200 and ok.json()["name"] == "Ada C"
 
@@ -113,9 +121,9 @@ async def test_members_page_through_a_cursor_each_seen_once(
     client: httpx2.AsyncClient, owner_headers: dict[str, str]
 ) -> None:
     created = [
-        (await client.post(MEMBERS, json={"email": f"m{i}@example.com", "name": f"M{i}"}, headers=owner_headers)).json()[
-            "id"
-        ]
+        (
+            await client.post(MEMBERS, json={"email": f"m{i}@example.com", "name": f"M{i}"}, headers=owner_headers)
+        ).json()["id"]
         for i in range(7)
     ]
     await assert_pages_cover(client, owner_headers, MEMBERS, created)
@@ -147,8 +155,11 @@ async def test_a_member_manager_cannot_make_anyone_owner_or_admin(
     for role in ("owner", "admin"):
         body = {"email": f"{role}2@example.com", "name": "X", "role": role}
         assert_problem(await client.post(MEMBERS, json=body, headers=manager), 403, "forbidden")
-    assert_problem(await client.patch(f"{MEMBERS}/owner@example.com", json={"status": "disabled"}, headers=manager),
-                   403, "forbidden")
+    assert_problem(
+        await client.patch(f"{MEMBERS}/owner@example.com", json={"status": "disabled"}, headers=manager),
+        403,
+        "forbidden",
+    )
     assert_problem(await client.delete(f"{MEMBERS}/owner@example.com", headers=manager), 403, "forbidden")
 
     me = (await client.get(f"{API}/me", headers=manager)).json()
@@ -162,8 +173,9 @@ async def test_an_admin_cannot_promote_themselves_to_owner(
     client: httpx2.AsyncClient, owner_headers: dict[str, str], store: Store, hasher: KeyHasher, operator: Actor
 ) -> None:
     admin = await member_with_key(store, hasher, operator, "admin@example.com", "admin")
-    assert_problem(await client.patch(f"{MEMBERS}/admin@example.com", json={"role": "owner"}, headers=admin), 403,
-                   "forbidden")
+    assert_problem(
+        await client.patch(f"{MEMBERS}/admin@example.com", json={"role": "owner"}, headers=admin), 403, "forbidden"
+    )
     assert (await client.get(f"{API}/me", headers=admin)).json()["role"]["name"] == "admin"
 
 

@@ -18,7 +18,8 @@ async def test_a_role_can_be_created_listed_read_edited_and_deleted(
     client: httpx2.AsyncClient, owner_headers: dict[str, str]
 ) -> None:
     created = await client.post(
-        ROLES, json={"name": "auditor", "description": "reads the log", "capabilities": ["audit.view_export"]},
+        ROLES,
+        json={"name": "auditor", "description": "reads the log", "capabilities": ["audit.view_export"]},
         headers=owner_headers,
     )
     assert created.status_code == 201, created.text
@@ -66,8 +67,9 @@ async def test_a_duplicate_role_name_is_a_conflict(client: httpx2.AsyncClient, o
     assert (await client.post(ROLES, json={"name": "ops"}, headers=owner_headers)).status_code == 201
     assert_problem(await client.post(ROLES, json={"name": "ops"}, headers=owner_headers), 409, "conflict")
     other = (await client.post(ROLES, json={"name": "dev"}, headers=owner_headers)).json()
-    assert_problem(await client.patch(f"{ROLES}/{other['id']}", json={"name": "ops"}, headers=owner_headers), 409,
-                   "conflict")
+    assert_problem(
+        await client.patch(f"{ROLES}/{other['id']}", json={"name": "ops"}, headers=owner_headers), 409, "conflict"
+    )
 
 
 async def test_a_missing_role_is_not_found(client: httpx2.AsyncClient, owner_headers: dict[str, str]) -> None:
@@ -102,17 +104,16 @@ async def test_an_edit_with_a_stale_etag_is_refused_and_the_current_one_passes(
 async def test_roles_page_through_a_cursor_each_seen_once(
     client: httpx2.AsyncClient, owner_headers: dict[str, str]
 ) -> None:
-    created = [
-        (await client.post(ROLES, json={"name": f"r{i}"}, headers=owner_headers)).json()["id"] for i in range(7)
-    ]
+    created = [(await client.post(ROLES, json={"name": f"r{i}"}, headers=owner_headers)).json()["id"] for i in range(7)]
     await assert_pages_cover(client, owner_headers, ROLES, created)
 
 
 async def test_built_in_roles_cannot_be_edited_away_or_deleted(
     client: httpx2.AsyncClient, owner_headers: dict[str, str]
 ) -> None:
-    assert_problem(await client.patch(f"{ROLES}/owner", json={"capabilities": []}, headers=owner_headers), 403,
-                   "forbidden")
+    assert_problem(
+        await client.patch(f"{ROLES}/owner", json={"capabilities": []}, headers=owner_headers), 403, "forbidden"
+    )
     assert_problem(await client.delete(f"{ROLES}/admin", headers=owner_headers), 403, "forbidden")
     assert_invalid(await client.patch(f"{ROLES}/admin", json={"name": "boss"}, headers=owner_headers), "name")
 
@@ -149,5 +150,6 @@ async def test_a_role_manager_cannot_grant_capabilities_they_lack(
     )
     assert (await client.get(f"{API}/me", headers=manager)).json()["role"]["capabilities"] == ["roles.manage"]
     # What they hold, they may hand out.
-    assert (await client.post(ROLES, json={"name": "helpers", "capabilities": ["roles.manage"]},
-                              headers=manager)).status_code == 201
+    assert (
+        await client.post(ROLES, json={"name": "helpers", "capabilities": ["roles.manage"]}, headers=manager)
+    ).status_code == 201

@@ -21,8 +21,13 @@ async def test_a_server_can_be_created_listed_read_edited_and_deleted(
     assert server["auth_kind"] == "none" and server["era"] == "auto" and server["connect_timeout_s"] == 5.0
     stdio = await client.post(
         SERVERS,
-        json={"name": "files", "transport": "stdio", "command": "mcp-files", "args": ["--root", "/srv"],
-              "env": {"LOG_LEVEL": "info"}},
+        json={
+            "name": "files",
+            "transport": "stdio",
+            "command": "mcp-files",
+            "args": ["--root", "/srv"],
+            "env": {"LOG_LEVEL": "info"},
+        },
         headers=owner_headers,
     )
     assert stdio.status_code == 201, stdio.text
@@ -34,8 +39,10 @@ async def test_a_server_can_be_created_listed_read_edited_and_deleted(
 
     edited = await client.patch(
         f"{SERVERS}/github",
-        json={"auth_kind": "oauth", "oauth": {"registration": "pre_registered", "client_id": "bastion",
-                                              "scopes": ["repo"]}},
+        json={
+            "auth_kind": "oauth",
+            "oauth": {"registration": "pre_registered", "client_id": "bastion", "scopes": ["repo"]},
+        },
         headers=owner_headers,
     )
     assert edited.status_code == 200, edited.text
@@ -77,8 +84,9 @@ async def test_an_edit_that_breaks_a_server_is_refused_and_leaves_it_as_it_was(
 ) -> None:
     await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
     assert_invalid(await client.patch(f"{SERVERS}/github", json={"url": "ftp://x/"}, headers=owner_headers), "url")
-    assert_invalid(await client.patch(f"{SERVERS}/github", json={"transport": "stdio"}, headers=owner_headers),
-                   "command")
+    assert_invalid(
+        await client.patch(f"{SERVERS}/github", json={"transport": "stdio"}, headers=owner_headers), "command"
+    )
     after = (await client.get(f"{SERVERS}/github", headers=owner_headers)).json()
     assert after["url"] == HTTP_SERVER["url"] and after["version"] == 1
 
@@ -87,8 +95,9 @@ async def test_a_duplicate_server_name_is_a_conflict(client: httpx2.AsyncClient,
     await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
     assert_problem(await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers), 409, "conflict")
     await client.post(SERVERS, json={**HTTP_SERVER, "name": "gitlab"}, headers=owner_headers)
-    assert_problem(await client.patch(f"{SERVERS}/gitlab", json={"name": "github"}, headers=owner_headers), 409,
-                   "conflict")
+    assert_problem(
+        await client.patch(f"{SERVERS}/gitlab", json={"name": "github"}, headers=owner_headers), 409, "conflict"
+    )
 
 
 async def test_a_missing_server_is_not_found(client: httpx2.AsyncClient, owner_headers: dict[str, str]) -> None:
@@ -109,8 +118,9 @@ async def test_an_edit_with_a_stale_etag_is_refused_and_the_current_one_passes(
         f"{SERVERS}/github", json={"description": "two"}, headers={**owner_headers, "If-Match": created.headers["etag"]}
     )
     assert_problem(stale, 412, "version_mismatch")
-    ok = await client.patch(f"{SERVERS}/github", json={"description": "two"}, headers={**owner_headers,
-                                                                                         "If-Match": 'W/"2"'})
+    ok = await client.patch(
+        f"{SERVERS}/github", json={"description": "two"}, headers={**owner_headers, "If-Match": 'W/"2"'}
+    )
     assert ok.status_code == 200 and ok.headers["etag"] == '"3"'
 
 
@@ -130,8 +140,9 @@ async def test_a_server_a_gateway_uses_cannot_be_deleted(
     client: httpx2.AsyncClient, owner_headers: dict[str, str]
 ) -> None:
     await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
-    gateway = await client.post(f"{API}/gateways", json={"slug": "dev", "servers": [{"server": "github"}]},
-                                headers=owner_headers)
+    gateway = await client.post(
+        f"{API}/gateways", json={"slug": "dev", "servers": [{"server": "github"}]}, headers=owner_headers
+    )
     assert gateway.status_code == 201, gateway.text
     assert_problem(await client.delete(f"{SERVERS}/github", headers=owner_headers), 409, "conflict")
     assert (await client.get(f"{SERVERS}/github", headers=owner_headers)).status_code == 200

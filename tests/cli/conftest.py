@@ -1,0 +1,66 @@
+"""Driving the `bastion` CLI in-process on each database engine, configured only through the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import Result
+from typer.testing import CliRunner
+
+from bastion.cli.main import app, register_admin_commands
+from bastion.db.engine import sync_url
+from bastion.settings import generate_secrets
+
+
+class Cli:
+    """Runs one command and checks its exit code; ``json`` parses the single document it printed."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int = 0) -> Result:
+        result = self.runner.invoke(app, list(args))
+        assert result.exit_code == code, (
+            f"`bastion {' '.join(args)}` exited {result.exit_code}, expected {code}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
+        )
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "--json").stdout)
+
+
+@pytest.fixture
+def cli_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name in [n for n in os.environ if n.startswith("BASTION_")]:
+        monkeypatch.delenv(name)
+    env = {"BASTION_DATA_DIR": str(tmp_path / "data"), "BASTION_DATABASE_URL": db_url}
+    env.update({f"BASTION_{k.upper()}": v for k, v in generate_secrets().items()})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def cli(cli_env: dict[str, str]) -> Cli:
+    """A CLI whose database has been through `bastion init` (migrated, workspace and built-in roles)."""
+    register_admin_commands()
+    runner = Cli()
+    runner("init")
+    return runner
+
+
+def dump_table(db_url: str, table: str) -> str:
+    """Every row of ``table`` as text, to search for values that must never be stored."""
+    engine = sa.create_engine(sync_url(db_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(f'SELECT * FROM "{table}"')).all()  # noqa: S608  fixed table names only
+    finally:
+        engine.dispose()
+    return "\n".join(repr(tuple(r)) for r in rows)

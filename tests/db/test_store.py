@@ -1,0 +1,143 @@
+"""The Store: connection settings, UTC times, all-or-nothing transactions, and a clear 503 when the database is gone."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import anyio
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, StatementError
+
+from bastion.db import migrate, schema
+from bastion.db.engine import SQLITE_BUSY_TIMEOUT_MS
+from bastion.db.store import Store, emit
+from bastion.errors import Unavailable
+from bastion.events.bus import Changed, Subject
+from tests.processes import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def bare_store(db_url: str) -> AsyncIterator[Store]:
+    """A store on a migrated, empty database (no workspace yet), on each engine in turn."""
+    store = Store.from_url(db_url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _workspace_count(store: Store) -> int:
+    async with store.transaction() as conn:
+        return (await conn.execute(sa.select(sa.func.count()).select_from(schema.workspaces))).scalar_one()
+
+
+async def test_sqlite_connections_use_wal_a_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bastion.db"
+    migrate.upgrade(f"sqlite:///{path}")
+    store = Store.from_url(f"sqlite:///{path}")
+    try:
+        async with store.transaction() as conn:
+            assert (await conn.execute(sa.text("PRAGMA journal_mode"))).scalar() == "wal"
+            assert (await conn.execute(sa.text("PRAGMA busy_timeout"))).scalar() == SQLITE_BUSY_TIMEOUT_MS
+            assert (await conn.execute(sa.text("PRAGMA foreign_keys"))).scalar() == 1
+        with pytest.raises(IntegrityError):
+            async with store.transaction() as conn:
+                await conn.execute(schema.roles.insert().values(
+                    id="r1", workspace_id="no-such-workspace", name="r", description="", capabilities=[],
+                    builtin=False, version=1, created_at=datetime.now(UTC), updated_at=datetime.now(UTC)))
+    finally:
+        await store.close()
+
+
+async def test_aware_datetimes_come_back_as_the_same_instant_in_utc(bare_store: Store) -> None:
+    written = datetime(2026, 3, 29, 1, 30, 15, 123456, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    async with bare_store.transaction() as conn:
+        await conn.execute(schema.workspaces.insert().values(id="w1", name="W", created_at=written))
+    async with bare_store.transaction() as conn:
+        read = (await conn.execute(sa.select(schema.workspaces.c.created_at))).scalar_one()
+    assert read == written
+    assert read.tzinfo is UTC
+    assert read.isoformat() == "2026-03-28T20:00:15.123456+00:00"
+
+
+async def test_a_naive_datetime_is_refused_and_nothing_is_written(bare_store: Store) -> None:
+    with pytest.raises(StatementError) as caught:
+        async with bare_store.transaction() as conn:
+            await conn.execute(schema.workspaces.insert().values(id="w1", name="W", created_at=datetime(2026, 1, 1)))  # noqa: DTZ001
+    assert isinstance(caught.value.orig, ValueError)
+    assert "naive datetime" in str(caught.value.orig)
+    assert await _workspace_count(bare_store) == 0
+
+
+async def test_a_failing_transaction_leaves_nothing_half_written(bare_store: Store) -> None:
+    now = datetime.now(UTC)
+    with pytest.raises(RuntimeError, match="boom"):
+        async with bare_store.transaction() as conn:
+            await conn.execute(schema.workspaces.insert().values(id="w1", name="W", created_at=now))
+            raise RuntimeError("boom")
+    with pytest.raises(IntegrityError):
+        async with bare_store.transaction() as conn:
+            await conn.execute(schema.workspaces.insert().values(id="w2", name="W", created_at=now))
+            await conn.execute(schema.workspaces.insert().values(id="w2", name="again", created_at=now))
+    assert await _workspace_count(bare_store) == 0
+
+
+async def test_change_events_are_published_only_when_the_transaction_commits(bare_store: Store) -> None:
+    seen: list[Changed] = []
+    bare_store.bus.subscribe(seen.append)
+    with pytest.raises(RuntimeError):
+        async with bare_store.transaction() as conn:
+            emit(conn, Changed(Subject.HOST, "h1"))
+            raise RuntimeError("rolled back")
+    assert seen == []
+    async with bare_store.transaction() as conn:
+        emit(conn, Changed(Subject.HOST, "h2"))
+    assert seen == [Changed(Subject.HOST, "h2")]
+
+
+def _unreachable_url(kind: str, tmp_path: Path) -> str:
+    if kind == "postgresql":
+        return f"postgresql://postgres@127.0.0.1:{free_port()}/bastion"  # nothing listens there
+    return f"sqlite:///{tmp_path / 'missing' / 'dir' / 'bastion.db'}"
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+async def test_an_unreachable_database_is_not_ready_and_transactions_raise_unavailable(kind: str, tmp_path: Path) -> None:
+    store = Store.from_url(_unreachable_url(kind, tmp_path))
+    try:
+        assert await store.ping() is False
+        assert await store.migrations_current() is False
+        with pytest.raises(Unavailable) as caught:
+            async with store.transaction():
+                pass
+        assert caught.value.status == 503
+        assert caught.value.code == "unavailable"
+    finally:
+        await store.close()
+        await _join_aiosqlite_workers()
+
+
+async def _join_aiosqlite_workers() -> None:
+    # After a failed connect aiosqlite queues its worker's stop without awaiting it; let the workers finish
+    # while this event loop still runs, or they report into a closed loop during a later test.
+    for thread in threading.enumerate():
+        if "_connection_worker_thread" in thread.name:
+            await anyio.to_thread.run_sync(thread.join, 5)
+
+
+async def test_migrations_current_is_false_before_the_first_upgrade_and_true_after(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'bastion.db'}"
+    store = Store.from_url(url)
+    try:
+        assert await store.ping() is True
+        assert await store.migrations_current() is False
+        migrate.upgrade(url)
+        assert await store.migrations_current() is True
+    finally:
+        await store.close()
