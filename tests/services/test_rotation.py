@@ -91,3 +91,29 @@ async def test_rotation_under_load_loses_no_call_and_leaves_nothing_on_the_old_k
     with pytest.raises(Conflict, match="primary"):
         await rotation.retire(store, rotator, operator, "new")
     resolver.close()
+
+
+async def test_startup_refuses_a_keyring_missing_a_key_that_seals_rows(
+    store: Store, hasher: KeyHasher, operator: Actor, settings: object
+) -> None:
+    import base64
+
+    from bastion.cli.boot import check_keyring_covers_database
+    from bastion.errors import ConfigError
+    from bastion.settings import Settings
+
+    assert isinstance(settings, Settings)
+    gone = Vault(Keyring({"gone-key": os.urandom(32)}, "gone-key"))
+    await servers.create(store, operator, ServerSpec("bq", Transport.STREAMABLE_HTTP, url="https://bq.example.com/mcp"))
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    await identities.create(store, gone, hasher, operator, server="bq", owner="ada@example.com",
+                            secret=bearer_secret("credential-abcdefgh"))
+    with pytest.raises(ConfigError, match="'gone-key' \\(1 rows\\)"):
+        await check_keyring_covers_database(store, settings)
+    restored = settings.model_copy(update={
+        "vault_keys": type(settings.vault_keys)(  # type: ignore[misc]
+            settings.vault_keys.get_secret_value()  # type: ignore[union-attr]
+            + f",gone-key={base64.b64encode(gone.keyring._keys['gone-key']).decode()}"  # noqa: SLF001
+        )
+    })
+    await check_keyring_covers_database(store, restored)

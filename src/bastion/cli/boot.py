@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
+from bastion import wiring
 from bastion.db import migrate
 from bastion.db.store import Store
 from bastion.domain.models import Workspace
-from bastion.services import workspace
+from bastion.errors import ConfigError
+from bastion.services import rotation, workspace
 from bastion.settings import Settings, check_secrets, generate_secrets, load_settings
+from bastion.vault.sealer import Vault
+
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
@@ -58,9 +61,27 @@ async def prepare_database(settings: Settings) -> Workspace:
     migrate.upgrade(url)
     store = Store.from_url(url)
     try:
-        return await workspace.ensure_workspace(store)
+        ws = await workspace.ensure_workspace(store)
+        await check_keyring_covers_database(store, settings)
+        return ws
     finally:
         await store.close()
+
+
+async def check_keyring_covers_database(store: Store, settings: Settings) -> None:
+    """Refuse to start when sealed rows name a key the keyring lacks: those credentials could never open.
+
+    Raises:
+        ConfigError: naming each missing key id and how many rows it seals.
+    """
+    keyring = wiring.keyring_from(settings)
+    missing = [u for u in await rotation.usage(store, Vault(keyring)) if u.rows and not u.in_keyring]
+    if missing:
+        names = ", ".join(f"{u.key_id!r} ({u.rows} rows)" for u in missing)
+        raise ConfigError(
+            f"refusing to start: vault key(s) {names} seal stored credentials but are not in "
+            "BASTION_VAULT_KEYS; add them back (retire a key only after `bastion vault rewrap`)"
+        )
 
 
 async def prepare(settings: Settings, *, generate: bool) -> Prepared:

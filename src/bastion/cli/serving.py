@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -31,6 +33,14 @@ class _DrainingServer(uvicorn.Server):
         self._lifecycle.draining = True
         logger.info("stop signal received; draining in-flight requests", extra={"signal": sig})
         super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the stop signal once drained, so the process would die "killed by SIGTERM"
+            # (exit 143 to a supervisor). A completed drain is a clean stop: exit 0.
+            self._captured_signals.clear()
 
 
 def _prepare(host: str | None, port: int | None) -> Settings:

@@ -56,7 +56,9 @@ def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _begin(conn: sa.Connection) -> None:
-    conn.exec_driver_sql("BEGIN")
+    # IMMEDIATE takes the write lock up front, so concurrent writers queue on busy_timeout instead of failing
+    # with "database is locked" when a read transaction later tries to write.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def install_sqlite_transactions(engine: sa.Engine) -> None:
