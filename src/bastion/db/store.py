@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from bastion.db import migrate
 from bastion.db.engine import create_engine
 from bastion.errors import Unavailable
-from bastion.events.bus import Changed, EventBus
+from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
 
 _PENDING_EVENTS = "bastion_pending_events"
 
@@ -46,6 +46,10 @@ class Store:
                 conn.info[_PENDING_EVENTS] = pending
                 try:
                     yield conn
+                    if pending and self.dialect == "postgresql":
+                        # Delivered to every replica's listener when (and only if) this transaction commits.
+                        for event in pending:
+                            await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, event.encode())))
                 finally:
                     conn.info.pop(_PENDING_EVENTS, None)
         except OperationalError as exc:

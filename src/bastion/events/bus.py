@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 logger = logging.getLogger("bastion.events")
+CHANGES_CHANNEL = "bastion_changes"
 
 
 class Subject(StrEnum):
@@ -15,15 +16,27 @@ class Subject(StrEnum):
     GATEWAY = "gateway"
     MEMBER = "member"
     CONNECTION = "connection"
-    TOKEN = "token"
+    TOKEN = "token"  # noqa: S105  a subject name, not a secret
     IDENTITY = "identity"
     SERVER = "server"
+    ALL = "all"
 
 
 @dataclass(frozen=True, slots=True)
 class Changed:
     subject: Subject
     id: str
+
+    def encode(self) -> str:
+        return f"{self.subject.value}:{self.id}"
+
+    @classmethod
+    def decode(cls, payload: str) -> Changed | None:
+        subject, _, object_id = payload.partition(":")
+        try:
+            return cls(Subject(subject), object_id)
+        except ValueError:
+            return None
 
 
 Listener = Callable[[Changed], None]

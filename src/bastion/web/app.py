@@ -6,6 +6,7 @@ from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp
 
 from bastion import __version__, wiring
 from bastion.db.store import Store
+from bastion.events import pg as pg_events
 from bastion.settings import Settings
 from bastion.web import problems
 from bastion.web.api.deps import ApiContext
@@ -68,12 +70,17 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            lifecycle.draining = True
-            if store is None:
-                await parts.close()
+        async with anyio.create_task_group() as tasks:
+            if parts.store.dialect == "postgresql":
+                # Other replicas' changes (revoked tokens, disabled hosts) reach this process's caches.
+                tasks.start_soon(pg_events.listen, settings.resolved_database_url, parts.store.bus)
+            try:
+                yield
+            finally:
+                lifecycle.draining = True
+                tasks.cancel_scope.cancel()
+                if store is None:
+                    await parts.close()
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "alive", "version": __version__})

@@ -1,0 +1,50 @@
+"""Carries change events between replicas with PostgreSQL LISTEN/NOTIFY.
+
+Each process keeps one listening connection. A NOTIFY is sent inside the transaction that made the change
+(see ``Store.transaction``), so listeners hear only committed changes. After a lost connection the
+listener publishes a ``Subject.ALL`` reset, because events may have been missed meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import anyio
+import psycopg
+from sqlalchemy.engine import make_url
+
+from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus, Subject
+
+logger = logging.getLogger("bastion.events.pg")
+RECONNECT_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def conninfo(database_url: str) -> str:
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def listen(database_url: str, bus: EventBus, *, ready: anyio.Event | None = None) -> None:
+    """Relay NOTIFYs to ``bus`` until cancelled, reconnecting with backoff."""
+    attempt = 0
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(conninfo(database_url), autocommit=True) as conn:
+                await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                if attempt:
+                    bus.publish(Changed(Subject.ALL, "*"))
+                attempt = 0
+                if ready is not None:
+                    ready.set()
+                async for notify in conn.notifies():
+                    event = Changed.decode(notify.payload)
+                    if event is not None:
+                        bus.publish(event)
+        except (psycopg.OperationalError, OSError) as exc:
+            delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
+            attempt += 1
+            logger.warning(
+                "change listener lost its connection; reconnecting",
+                extra={"error": type(exc).__name__, "retry_in_s": delay},
+            )
+            await anyio.sleep(delay)
