@@ -171,3 +171,15 @@ def vault(keyring: Any) -> Any:
     from bastion.vault.sealer import Vault
 
     return Vault(keyring)
+
+
+@pytest.fixture
+async def pg_store(pg_migrated_url: str) -> AsyncIterator[Store]:
+    """An emptied PostgreSQL store with the workspace made, for races only row locks settle (SQLite serialises)."""
+    _truncate_all(pg_migrated_url)
+    s = Store.from_url(pg_migrated_url)
+    await workspace.ensure_workspace(s)
+    try:
+        yield s
+    finally:
+        await s.close()

@@ -96,6 +96,4 @@ def serving(env: Mapping[str, str], cwd: Path) -> Iterator[Server]:
 
 
 def _spawn(args: list[str], env: Mapping[str, str], cwd: Path, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(BASTION), *args], env=dict(env), cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr
-    )
+    return subprocess.Popen([str(BASTION), *args], env=dict(env), cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)

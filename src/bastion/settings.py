@@ -150,9 +150,7 @@ def _parse_keyring(raw: str) -> dict[str, bytes]:
         if not sep or not key_id:
             raise ConfigError("BASTION_VAULT_KEYS entries must look like key_id=base64key")
         if not _VAULT_KEY_ID.fullmatch(key_id):
-            raise ConfigError(
-                f"BASTION_VAULT_KEYS key id {key_id!r} must be 1-32 letters, digits, '-' or '_'"
-            )
+            raise ConfigError(f"BASTION_VAULT_KEYS key id {key_id!r} must be 1-32 letters, digits, '-' or '_'")
         if key_id in keyring:
             raise ConfigError(f"BASTION_VAULT_KEYS names key {key_id!r} twice")
         try:

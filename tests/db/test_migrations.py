@@ -106,8 +106,9 @@ def test_db_current_reports_whether_the_database_is_up_to_date(empty_url: str, t
 
 @pytest.mark.e2e
 def test_db_commands_on_an_unreachable_database_fail_cleanly(tmp_path: Path) -> None:
-    env = clean_env(BASTION_DATA_DIR=str(tmp_path / "data"),
-                    BASTION_DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere")
+    env = clean_env(
+        BASTION_DATA_DIR=str(tmp_path / "data"), BASTION_DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere"
+    )
     for args in (("db", "current", "--json"), ("db", "upgrade")):
         result = run_bastion(*args, env=env, cwd=tmp_path)
         assert result.returncode != 0
@@ -119,8 +120,14 @@ def test_db_commands_on_an_unreachable_database_fail_cleanly(tmp_path: Path) -> 
 def test_replicas_upgrading_a_fresh_postgres_at_once_both_succeed(fresh_pg_url: str, tmp_path: Path) -> None:
     env = clean_env(BASTION_DATA_DIR=str(tmp_path / "data"), BASTION_DATABASE_URL=fresh_pg_url)
     replicas = [
-        subprocess.Popen([str(BASTION), "db", "upgrade"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [str(BASTION), "db", "upgrade"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(4)
     ]
     try:

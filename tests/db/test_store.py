@@ -48,9 +48,19 @@ async def test_sqlite_connections_use_wal_a_busy_timeout_and_foreign_keys(tmp_pa
             assert (await conn.execute(sa.text("PRAGMA foreign_keys"))).scalar() == 1
         with pytest.raises(IntegrityError):
             async with store.transaction() as conn:
-                await conn.execute(schema.roles.insert().values(
-                    id="r1", workspace_id="no-such-workspace", name="r", description="", capabilities=[],
-                    builtin=False, version=1, created_at=datetime.now(UTC), updated_at=datetime.now(UTC)))
+                await conn.execute(
+                    schema.roles.insert().values(
+                        id="r1",
+                        workspace_id="no-such-workspace",
+                        name="r",
+                        description="",
+                        capabilities=[],
+                        builtin=False,
+                        version=1,
+                        created_at=datetime.now(UTC),
+                        updated_at=datetime.now(UTC),
+                    )
+                )
     finally:
         await store.close()
 
@@ -108,7 +118,9 @@ def _unreachable_url(kind: str, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
-async def test_an_unreachable_database_is_not_ready_and_transactions_raise_unavailable(kind: str, tmp_path: Path) -> None:
+async def test_an_unreachable_database_is_not_ready_and_transactions_raise_unavailable(
+    kind: str, tmp_path: Path
+) -> None:
     store = Store.from_url(_unreachable_url(kind, tmp_path))
     try:
         assert await store.ping() is False

@@ -270,3 +270,17 @@ def test_credential_shaped_values_are_recognised_under_any_name(value: str) -> N
 )
 def test_ordinary_config_values_are_kept(value: str) -> None:
     assert not credentials.credential_value(value)
+
+
+def test_numbers_and_booleans_in_env_are_kept_as_the_client_would_pass_them() -> None:
+    plan = importing.plan({"mcpServers": {"s": {"command": "x", "env": {"DEBUG": True, "PORT": 8080}}}})
+    assert plan.servers[0].env == {"DEBUG": "true", "PORT": "8080"}
+    skipped = importing.plan({"mcpServers": {"s": {"command": "x", "env": {"OPTS": {"a": 1}}}}})
+    assert skipped.skipped == (Skipped("s", "env.OPTS must be a string"),)
+
+
+def test_a_connection_string_with_a_password_and_query_is_left_out_of_the_args() -> None:
+    db = "postgresql://app:CanaryQueryPass9@db.example.com/app?sslmode=require"
+    plan = importing.plan({"mcpServers": {"pg": {"command": "npx", "args": ["server-postgres", db]}}})
+    assert plan.servers[0].args == ("server-postgres",)
+    assert plan.secrets_left_out == (SecretLeftOut("pg", "args[1]"),)

@@ -79,6 +79,12 @@ def serve(*, host: str | None, port: int | None) -> None:
         server_header=False,
     )
     server = _DrainingServer(config, lifecycle)
-    logger.info("bastion listening", extra={"host": settings.host, "port": settings.port,
-                                             "database": settings.resolved_database_url.split(":", 1)[0]})
+    logger.info(
+        "bastion listening",
+        extra={
+            "host": settings.host,
+            "port": settings.port,
+            "database": settings.resolved_database_url.split(":", 1)[0],
+        },
+    )
     server.run()

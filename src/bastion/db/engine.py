@@ -79,5 +79,10 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         install_sqlite_pragmas(engine.sync_engine)
         install_sqlite_transactions(engine.sync_engine)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                               connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Final
 
@@ -54,7 +55,9 @@ def downgrade(url: str, revision: str) -> None:
         command.downgrade(alembic_config(url), revision)
 
 
+@cache
 def head() -> str:
+    """The newest revision this code knows; read once, as /readyz asks on every probe."""
     heads = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()
     return heads[0]
 

@@ -204,7 +204,9 @@ def transport_of(entry: dict[str, object]) -> Transport:
 
 
 def _text(value: object, what: str) -> str:
-    if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+    if isinstance(value, bool):
+        return "true" if value else "false"  # JSON spelling, as the client would have passed it
+    if value is None or isinstance(value, (dict, list)):
         raise ValidationFailed(f"{what} must be a string")
     return str(value)
 
@@ -245,7 +247,8 @@ def _args(entry: dict[str, object], found: _Entry) -> tuple[str, ...]:
             and credentials.secret_name(args[index - 1])
             and not arg.startswith("-")
         )
-        if credentials.credential_value(value if eq else arg) or named_secret or follows_secret_flag:
+        shaped = credentials.credential_value(arg) or (bool(eq) and credentials.credential_value(value))
+        if shaped or named_secret or follows_secret_flag:
             found.secrets.append(f"args[{index}]")
             drop.add(index)
             # "--token ghp_…" or "-e TOKEN=…": the flag goes with its value.

@@ -24,6 +24,7 @@ from bastion.types import GatewayId, HostId, MemberId, WorkspaceId
 
 T = schema.connection_links
 DEFAULT_LINK_LIFETIME: Final = timedelta(days=7)
+MIN_LINK_LIFETIME: Final = timedelta(minutes=5)
 MAX_LINK_LIFETIME: Final = timedelta(days=90)
 MAX_ALLOWED_EMAILS: Final = 1000
 
@@ -59,7 +60,7 @@ async def create(
 ) -> tuple[ConnectionLink, str]:
     """A new link; its secret (the last part of the URL) is returned once and stored only as a digest."""
     actor.require(Capability.TOKENS_MANAGE)
-    if not timedelta(minutes=5) <= expires_in <= MAX_LINK_LIFETIME:
+    if not MIN_LINK_LIFETIME <= expires_in <= MAX_LINK_LIFETIME:
         raise ValidationFailed("a link lives between 5 minutes and 90 days", field="expires_in")
     if max_uses is not None and not 1 <= max_uses <= 1_000_000:
         raise ValidationFailed("max_uses must be between 1 and 1000000", field="max_uses")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from bastion.domain.capabilities import CAPABILITY_LABELS, Capability
 from bastion.domain.models import (
@@ -38,6 +39,20 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
 
+class Patch(Body):
+    """A partial update: an omitted field keeps its value; ``null`` clears only the fields named in ``nullable``."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_only_where_clearable(cls, value: Any, info: ValidationInfo) -> Any:
+        # Silently ignoring `"name": null` would tell the client its edit worked when nothing changed.
+        if value is None and info.field_name not in cls.nullable:
+            raise PydanticCustomError("null_not_allowed", "this field cannot be null; leave it out to keep its value")
+        return value
+
+
 class Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,7 +80,7 @@ class RoleCreate(Body):
     capabilities: Annotated[list[Capability], Field(max_length=64)] = []
 
 
-class RoleUpdate(Body):
+class RoleUpdate(Patch):
     name: Slug | None = None
     description: Description | None = None
     capabilities: Annotated[list[Capability], Field(max_length=64)] | None = None
@@ -104,7 +119,7 @@ class MemberCreate(Body):
     role: Slug = "member"
 
 
-class MemberUpdate(Body):
+class MemberUpdate(Patch):
     email: Annotated[str, Field(min_length=3, max_length=254)] | None = None
     name: Name | None = None
     role: Slug | None = None
@@ -179,7 +194,9 @@ class ServerCreate(Body):
     call_timeout_s: Timeout = 60.0
 
 
-class ServerUpdate(Body):
+class ServerUpdate(Patch):
+    nullable: ClassVar[frozenset[str]] = frozenset({"url", "command", "args", "env", "oauth"})
+
     name: Slug | None = None
     transport: Transport | None = None
     url: Url | None = None
@@ -320,7 +337,7 @@ class GatewayCreate(Body):
         )
 
 
-class GatewayUpdate(Body):
+class GatewayUpdate(Patch):
     slug: Slug | None = None
     name: Name | None = None
     description: Description | None = None
@@ -374,7 +391,9 @@ class HostCreate(Body):
     webhook_url: Url | None = None
 
 
-class HostUpdate(Body):
+class HostUpdate(Patch):
+    nullable: ClassVar[frozenset[str]] = frozenset({"webhook_url"})
+
     name: Slug | None = None
     description: Description | None = None
     webhook_url: Url | None = None

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, ClassVar, Final
 
 from pydantic import Field, SecretStr
 
 from bastion.domain.connections import AccessToken, Connection, ConnectionLink
 from bastion.domain.identities import Identity, IdentityKind, IdentityStatus
+from bastion.services.links import DEFAULT_LINK_LIFETIME, MAX_LINK_LIFETIME, MIN_LINK_LIFETIME
 from bastion.services.rotation import KeyUsage
-from bastion.web.api.schemas import Body, Out
+from bastion.web.api.schemas import Body, Out, Patch
 
 Ref = Annotated[str, Field(min_length=1, max_length=254)]
 SecretValue = Annotated[SecretStr, Field(min_length=1, max_length=16384)]
+_HOUR: Final = timedelta(hours=1)
 
 
 class IdentityCreate(Body):
@@ -25,7 +27,10 @@ class IdentityCreate(Body):
     label: Annotated[str, Field(min_length=1, max_length=200)] | None = None
 
 
-class IdentityUpdate(Body):
+class IdentityUpdate(Patch):
+    # Null means "not this one" when the other form of credential is sent.
+    nullable: ClassVar[frozenset[str]] = frozenset({"token", "headers"})
+
     label: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     status: IdentityStatus | None = None
     token: SecretValue | None = None
@@ -156,7 +161,10 @@ class TokenCreated(Out):
 class LinkCreate(Body):
     host: Ref
     gateway: Ref
-    expires_in_hours: Annotated[float, Field(gt=0, le=90 * 24)] = 168.0
+    # The same bounds the service enforces, stated here so a refusal names the field the client sent.
+    expires_in_hours: Annotated[
+        float, Field(ge=MIN_LINK_LIFETIME / _HOUR, le=MAX_LINK_LIFETIME / _HOUR)
+    ] = DEFAULT_LINK_LIFETIME / _HOUR
     max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     allowed_emails: Annotated[list[Annotated[str, Field(max_length=254)]], Field(max_length=1000)] = Field(
         default_factory=list
