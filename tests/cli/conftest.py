@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from click.testing import Result
@@ -14,7 +16,10 @@ from typer.testing import CliRunner
 
 from bastion.cli.main import app, register_admin_commands
 from bastion.db.engine import sync_url
+from bastion.db.store import Store
 from bastion.settings import generate_secrets
+
+T = TypeVar("T")
 
 
 class Cli:
@@ -23,8 +28,8 @@ class Cli:
     def __init__(self) -> None:
         self.runner = CliRunner()
 
-    def __call__(self, *args: str, code: int = 0) -> Result:
-        result = self.runner.invoke(app, list(args))
+    def __call__(self, *args: str, code: int = 0, input: str | None = None) -> Result:
+        result = self.runner.invoke(app, list(args), input=input)
         assert result.exit_code == code, (
             f"`bastion {' '.join(args)}` exited {result.exit_code}, expected {code}\n"
             f"stdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
@@ -64,3 +69,38 @@ def dump_table(db_url: str, table: str) -> str:
     finally:
         engine.dispose()
     return "\n".join(repr(tuple(r)) for r in rows)
+
+
+def with_store(db_url: str, fn: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``fn`` against the database the CLI uses, outside any command (the CLI runs its own event loop)."""
+
+    async def body() -> T:
+        store = Store.from_url(db_url)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return anyio.run(body)
+
+
+def secret_file(directory: Path, name: str, value: str) -> str:
+    """A file holding ``value`` and a newline, as people write token files; returns its path."""
+    path = directory / name
+    path.write_text(value + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def enrolled(cli: Cli, tmp_path: Path) -> dict[str, Any]:
+    """A per-user server behind a gateway, a host, and a member holding one identity for the server."""
+    cli("server", "create", "github", "--url", "https://api.githubcopilot.com/mcp/")
+    cli("gateway", "create", "sales", "--server", "github")
+    cli("host", "create", "sales-agent")
+    cli("member", "create", "alice@example.com")
+    token = "ghp_" + "Alice" * 6 + "9z8Y"
+    identity = cli.json(
+        "identity", "create", "--member", "alice@example.com", "--server", "github",
+        "--bearer-token-file", secret_file(tmp_path, "alice.token", token),
+    )  # fmt: skip
+    return {"identity": identity, "token": token}

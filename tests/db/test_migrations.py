@@ -15,6 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from bastion.db import migrate
 from bastion.db.engine import sync_url
 from bastion.db.schema import metadata
+from bastion.settings import generate_secrets
 from tests.processes import BASTION, clean_env, run_bastion
 
 # Install-wide tables that belong to no single workspace. The keyring comes from the environment and
@@ -139,3 +140,36 @@ def test_replicas_upgrading_a_fresh_postgres_at_once_both_succeed(fresh_pg_url: 
                 p.wait()
     assert [code for code, _ in outcomes] == [0] * len(replicas), [err for _, err in outcomes]
     assert migrate.current(fresh_pg_url) == migrate.head()
+
+
+@pytest.mark.e2e
+def test_replicas_starting_at_once_on_a_fresh_postgres_make_one_workspace(fresh_pg_url: str, tmp_path: Path) -> None:
+    secrets_env = {f"BASTION_{k.upper()}": v for k, v in generate_secrets().items()}
+    replicas = [
+        subprocess.Popen(
+            [str(BASTION), "init", "--json"],
+            env=clean_env(
+                BASTION_DATA_DIR=str(tmp_path / f"replica-{i}"), BASTION_DATABASE_URL=fresh_pg_url, **secrets_env
+            ),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    try:
+        outcomes = [(p.wait(timeout=60), *p.communicate()) for p in replicas]
+    finally:
+        for p in replicas:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [code for code, _, _ in outcomes] == [0] * len(replicas), [err for _, _, err in outcomes]
+    assert len({json.loads(out)["workspace_id"] for _, out, _ in outcomes}) == 1
+    engine = sa.create_engine(sync_url(fresh_pg_url))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM workspaces")).scalar_one() == 1
+    finally:
+        engine.dispose()

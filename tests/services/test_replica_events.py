@@ -87,7 +87,6 @@ async def test_host_disable_and_token_revoke_on_one_replica_reach_the_other(
 
 async def test_rolled_back_changes_are_never_announced(pg_url: str) -> None:
     from bastion.db.store import emit
-
     from bastion.events.bus import EventBus
 
     store = Store.from_url(pg_url)

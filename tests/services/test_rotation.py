@@ -113,7 +113,7 @@ async def test_startup_refuses_a_keyring_missing_a_key_that_seals_rows(
     restored = settings.model_copy(update={
         "vault_keys": type(settings.vault_keys)(  # type: ignore[misc]
             settings.vault_keys.get_secret_value()  # type: ignore[union-attr]
-            + f",gone-key={base64.b64encode(gone.keyring._keys['gone-key']).decode()}"  # noqa: SLF001
+            + f",gone-key={base64.b64encode(gone.keyring._keys['gone-key']).decode()}"
         )
     })
     await check_keyring_covers_database(store, restored)

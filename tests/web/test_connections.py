@@ -39,8 +39,8 @@ async def world(store: Store, vault: Any, hasher: KeyHasher, operator: Actor) ->
         store,
         operator,
         GatewaySpec(
-            "docs", servers=(GatewayServerSpec("wiki", identity_scheme=IdentityScheme.SHARED,
-                                               shared_identity_id=shared.id),)
+            "docs",
+            servers=(GatewayServerSpec("wiki", identity_scheme=IdentityScheme.SHARED, shared_identity_id=shared.id),),
         ),
     )
     await hosts.create(store, operator, HostSpec("sales-agent"))
@@ -69,7 +69,8 @@ async def resolver(store: Store, hasher: KeyHasher) -> AsyncIterator[Resolver]:
 
 async def _identity(client: httpx2.AsyncClient, headers: dict[str, str], server: str = "bq", **body: Any) -> str:
     response = await client.post(
-        f"{API}/identities", json={"server": server, "token": f"upstream-{server}-token-1234", **body},
+        f"{API}/identities",
+        json={"server": server, "token": f"upstream-{server}-token-1234", **body},
         headers=headers,
     )
     assert response.status_code == 201, response.text
@@ -134,9 +135,7 @@ async def test_provisioning_for_another_member_needs_tokens_manage(
     assert created.json()["connection"]["identities"] == {"bq": identity_id}
     principal = await resolver.resolve(created.json()["secret"])
     assert principal.member_email == "ada@example.com"
-    assert [t["id"] for t in (await client.get(TOKENS, headers=ada)).json()["items"]] == [
-        created.json()["token"]["id"]
-    ]
+    assert [t["id"] for t in (await client.get(TOKENS, headers=ada)).json()["items"]] == [created.json()["token"]["id"]]
     assert (await client.get(TOKENS, headers=manager)).json()["items"] == []
 
 
@@ -172,7 +171,8 @@ async def test_a_disabled_identity_is_not_auto_picked(
     assert (await _connect(client, ada))["connection"]["identities"] == {"bq": second}
     assert_invalid(
         await client.post(
-            CONNECTIONS, json={"host": "sales-agent", "gateway": "analytics", "identities": {"bq": first}},
+            CONNECTIONS,
+            json={"host": "sales-agent", "gateway": "analytics", "identities": {"bq": first}},
             headers=ada,
         ),
         "identities",

@@ -129,7 +129,8 @@ async def test_identities_manage_reaches_other_members_identities(
     assert [i["id"] for i in listed.json()["items"]] == [identity["id"]]
     assert (await client.patch(path, json={"status": "disabled"}, headers=manager)).json()["status"] == "disabled"
     for_ada = await client.post(
-        IDENTITIES, json={"server": server, "token": "made-for-ada-by-carol", "member": "ada@example.com"},
+        IDENTITIES,
+        json={"server": server, "token": "made-for-ada-by-carol", "member": "ada@example.com"},
         headers=manager,
     )
     assert for_ada.status_code == 201 and for_ada.json()["owner_id"] == identity["owner_id"]
@@ -162,9 +163,7 @@ async def test_global_identities_need_identities_manage(
     assert_problem(await client.delete(f"{IDENTITIES}/{shared['id']}", headers=ada), 403, "forbidden")
     listed = await client.get(IDENTITIES, params={"shared": "true"}, headers=manager)
     assert [i["id"] for i in listed.json()["items"]] == [shared["id"]]
-    assert_invalid(
-        await client.post(IDENTITIES, json={**body, "member": "ada@example.com"}, headers=manager), "owner"
-    )
+    assert_invalid(await client.post(IDENTITIES, json={**body, "member": "ada@example.com"}, headers=manager), "owner")
 
 
 async def test_a_header_identity_keeps_its_header_names_but_not_its_values(
@@ -226,9 +225,7 @@ async def test_a_bearer_prefix_on_a_pasted_token_is_dropped(
     assert opened.outbound_headers() == {"Authorization": f"Bearer {UPSTREAM_SECRET}"}
 
 
-async def test_an_identity_for_an_unknown_server_is_not_found(
-    client: httpx2.AsyncClient, ada: dict[str, str]
-) -> None:
+async def test_an_identity_for_an_unknown_server_is_not_found(client: httpx2.AsyncClient, ada: dict[str, str]) -> None:
     response = await client.post(IDENTITIES, json={"server": "ghost", "token": UPSTREAM_SECRET}, headers=ada)
     assert_problem(response, 404, "not_found")
     assert_problem(await client.get(IDENTITIES, params={"server": "ghost"}, headers=ada), 404, "not_found")

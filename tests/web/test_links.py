@@ -64,8 +64,9 @@ async def _consume(store: Store, hasher: KeyHasher, secret: str, email: str) -> 
 async def test_a_link_url_is_returned_once_and_the_list_shows_it_without_the_secret(
     client: httpx2.AsyncClient, targets: None, owner_headers: dict[str, str]
 ) -> None:
-    created = await _create(client, owner_headers, max_uses=3, note="for the sales team",
-                            allowed_emails=["Ada@Example.com"])
+    created = await _create(
+        client, owner_headers, max_uses=3, note="for the sales team", allowed_emails=["Ada@Example.com"]
+    )
     url = created["url"]
     assert "/enroll/bsl_" in url
     secret = _secret_of(url)

@@ -1,15 +1,21 @@
-"""Admin command groups: members, roles, servers, gateways, hosts, API keys."""
+"""Admin command groups: members, roles, servers, gateways, hosts, API keys, identities, connections, tokens,
+links and the vault."""
 
 from __future__ import annotations
 
 from bastion.cli.apikeys import apikey_app
+from bastion.cli.connections import connection_app
 from bastion.cli.gateways import gateway_app
 from bastion.cli.hosts import host_app
+from bastion.cli.identities import identity_app
 from bastion.cli.importing import import_
+from bastion.cli.links import link_app
 from bastion.cli.main import app
 from bastion.cli.members import member_app
 from bastion.cli.roles import role_app
 from bastion.cli.servers import server_app
+from bastion.cli.tokens import token_app
+from bastion.cli.vault import vault_app
 
 server_app.command("import")(import_)
 app.add_typer(member_app, name="member")
@@ -18,3 +24,8 @@ app.add_typer(server_app, name="server")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(host_app, name="host")
 app.add_typer(apikey_app, name="apikey")
+app.add_typer(identity_app, name="identity")
+app.add_typer(connection_app, name="connection")
+app.add_typer(token_app, name="token")
+app.add_typer(link_app, name="link")
+app.add_typer(vault_app, name="vault")

@@ -58,10 +58,12 @@ def prepare_files(settings: Settings, *, generate: bool) -> tuple[Settings, Path
 
 async def prepare_database(settings: Settings) -> Workspace:
     url = settings.resolved_database_url
-    migrate.upgrade(url)
     store = Store.from_url(url)
     try:
-        ws = await workspace.ensure_workspace(store)
+        # Replicas starting together on a fresh PostgreSQL would each see no workspace and create one.
+        async with store.exclusive("bastion.first-start"):
+            migrate.upgrade(url)
+            ws = await workspace.ensure_workspace(store)
         await check_keyring_covers_database(store, settings)
         return ws
     finally:

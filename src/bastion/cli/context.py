@@ -1,4 +1,4 @@
-"""What every CLI command needs: settings, the store, the workspace and the local operator."""
+"""What every CLI command needs: settings, the store, the workspace, the local operator and the vault."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import anyio
 
+from bastion import wiring
 from bastion.cli.output import fail
 from bastion.db.crud import MAX_PAGE_SIZE, Page
 from bastion.db.store import Store
@@ -17,6 +18,7 @@ from bastion.errors import BastionError
 from bastion.services import workspace
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings, check_secrets, load_settings
+from bastion.vault.sealer import Vault
 
 T = TypeVar("T")
 
@@ -27,6 +29,7 @@ class CliContext:
     store: Store
     actor: Actor
     hasher: KeyHasher
+    vault: Vault
 
 
 @asynccontextmanager
@@ -38,7 +41,7 @@ async def cli_context() -> AsyncGenerator[CliContext, None]:
         ws = await workspace.default_workspace(store)
         pepper = settings.token_pepper.get_secret_value() if settings.token_pepper else ""
         hasher = KeyHasher(pepper.encode("utf-8"))  # check_secrets has refused a missing pepper
-        yield CliContext(settings, store, Actor.local_operator(ws.id), hasher)
+        yield CliContext(settings, store, Actor.local_operator(ws.id), hasher, wiring.vault_from(settings))
     finally:
         await store.close()
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from pathlib import Path
+from typing import Annotated, Final
 
 import typer
 
 from bastion.errors import ValidationFailed
+
+STDIN: Final = "-"
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
 
@@ -20,3 +24,21 @@ def key_values(pairs: list[str], *, option: str) -> dict[str, str]:
             raise ValidationFailed(f"{option} takes KEY=VALUE, got {key or pair!r}", field=option.lstrip("-"))
         out[key] = value
     return out
+
+
+def read_secret(source: str, *, option: str) -> str:
+    """A secret read from the file ``source`` (``-`` is stdin), without surrounding whitespace such as its newline.
+
+    Secrets are never taken as plain arguments: those land in shell history and in ``ps``.
+    """
+    field = option.lstrip("-")
+    try:
+        raw = sys.stdin.read() if source == STDIN else Path(source).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValidationFailed(f"{option}: {source} is not UTF-8 text", field=field) from None
+    except OSError as exc:
+        raise ValidationFailed(f"{option}: cannot read {source} ({exc.strerror or 'error'})", field=field) from None
+    value = raw.strip()
+    if not value:
+        raise ValidationFailed(f"{option}: {'stdin' if source == STDIN else source} is empty", field=field)
+    return value

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
 from enum import Enum
@@ -13,6 +14,7 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bastion.errors import BastionError
@@ -119,6 +121,23 @@ def emit_many(records: Sequence[Mapping[str, Any]], json_out: bool, columns: Seq
 
 def success(message: str) -> None:
     err_console.print(f"[green]✓[/green] {escape(message)}")
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]![/yellow] {escape(message)}")
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Generator[Callable[[int], None], None, None]:
+    """A progress bar on stderr (stdout stays one JSON document); yields ``advance(n)``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(count: int) -> None:
+            bar.update(task, advance=count)
+
+        yield advance
 
 
 def fail(error: BastionError) -> NoReturn:

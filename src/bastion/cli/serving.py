@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,7 +35,7 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     @contextmanager
-    def capture_signals(self) -> Iterator[None]:
+    def capture_signals(self) -> Generator[None, None, None]:
         with super().capture_signals():
             yield
             # uvicorn re-raises the stop signal once drained, so the process would die "killed by SIGTERM"

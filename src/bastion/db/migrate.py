@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -36,7 +36,7 @@ def _sync_engine(url: str) -> sa.Engine:
 
 
 @contextmanager
-def _reachable() -> Iterator[None]:
+def _reachable() -> Generator[None, None, None]:
     """A database that cannot be reached (or refuses the work) is a clear error, not a driver traceback."""
     try:
         yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 
@@ -56,6 +57,29 @@ class Store:
             raise Unavailable("the database is unreachable; try again shortly") from exc
         for event in pending:
             self.bus.publish(event)
+
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncGenerator[None, None]:
+        """Across every process on this database, one holder of ``name`` at a time.
+
+        PostgreSQL: a session advisory lock on a connection held for the block. SQLite needs none: it is
+        one process, and its write transactions already queue (BEGIN IMMEDIATE).
+        """
+        if self.dialect != "postgresql":
+            yield
+            return
+        key = zlib.crc32(name.encode("utf-8"))
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                await conn.commit()
+                try:
+                    yield
+                finally:
+                    await conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    await conn.commit()
+        except OperationalError as exc:
+            raise Unavailable("the database is unreachable; try again shortly") from exc
 
     async def ping(self) -> bool:
         try:

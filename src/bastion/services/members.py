@@ -55,13 +55,20 @@ async def _role_named(conn: AsyncConnection, workspace_id: str, ref: str) -> Rol
 
 
 async def _active_owners(conn: AsyncConnection, workspace_id: str) -> int:
+    """How many active owners there are, with their rows locked until the caller's transaction ends.
+
+    Without the lock two owners demoting each other at once would both count two owners and leave none.
+    PostgreSQL takes row locks (in id order, so two callers cannot deadlock) and re-checks the condition once
+    a blocking transaction commits; SQLite ignores FOR UPDATE but serialises writers with BEGIN IMMEDIATE.
+    """
     owner = await roles.find(conn, workspace_id, OWNER_ROLE)
     query = (
-        sa.select(sa.func.count())
-        .select_from(T)
+        sa.select(T.c.id)
         .where(T.c.workspace_id == workspace_id, T.c.role_id == owner.id, T.c.status == MemberStatus.ACTIVE.value)
+        .order_by(T.c.id)
+        .with_for_update()
     )
-    return int((await conn.execute(query)).scalar_one())
+    return len((await conn.execute(query)).all())
 
 
 async def create(store: Store, actor: Actor, spec: MemberSpec) -> Member:

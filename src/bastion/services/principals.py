@@ -153,9 +153,7 @@ class Resolver:
                     await conn.execute(
                         sa.select(CI.c.alias, CI.c.identity_id).where(CI.c.connection_id == row.connection_id)
                     )
-                )
-                
-                .all()
+                ).all()
             )
         principal = Principal(
             workspace_id=WorkspaceId(row.workspace_id),

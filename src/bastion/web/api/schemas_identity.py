@@ -162,9 +162,9 @@ class LinkCreate(Body):
     host: Ref
     gateway: Ref
     # The same bounds the service enforces, stated here so a refusal names the field the client sent.
-    expires_in_hours: Annotated[
-        float, Field(ge=MIN_LINK_LIFETIME / _HOUR, le=MAX_LINK_LIFETIME / _HOUR)
-    ] = DEFAULT_LINK_LIFETIME / _HOUR
+    expires_in_hours: Annotated[float, Field(ge=MIN_LINK_LIFETIME / _HOUR, le=MAX_LINK_LIFETIME / _HOUR)] = (
+        DEFAULT_LINK_LIFETIME / _HOUR
+    )
     max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     allowed_emails: Annotated[list[Annotated[str, Field(max_length=254)]], Field(max_length=1000)] = Field(
         default_factory=list
