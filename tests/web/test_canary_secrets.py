@@ -21,8 +21,7 @@ async def _dump(store: Store) -> str:
     async with store.transaction() as conn:
         for table in metadata.sorted_tables:
             for row in (await conn.execute(sa.select(table))).all():
-                for value in row:
-                    parts.append(value.decode("latin-1") if isinstance(value, bytes) else str(value))
+                parts.extend(value.decode("latin-1") if isinstance(value, bytes) else str(value) for value in row)
     return "\n".join(parts)
 
 
