@@ -124,7 +124,9 @@ def rotate(batch: Batch = rotation.DEFAULT_BATCH, json_out: JsonFlag = False) ->
             success(f"continued the unfinished rotation to {doc['primary_key_id']}; run rotate again for a new key")
         else:
             success(f"added key {doc['new_key_id']} to {doc['config_file']} as the primary key")
-        success(f"re-wrapped {doc['rewrapped']} row(s); retire {doc['previous_primary_key_id']} once none remain")
+        success(f"re-wrapped {doc['rewrapped']} row(s); {doc['remaining']} remain under older keys")
+        if doc["remaining"] == 0 and doc["previous_primary_key_id"] != doc["primary_key_id"]:
+            success(f"`bastion vault retire {doc['previous_primary_key_id']}` can now drop the old key")
         emit_record(doc)
 
 
