@@ -1,2 +1,3 @@
 """Bastion: a self-hostable MCP gateway."""
+
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ import secrets
 import tomllib
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -84,6 +85,19 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     max_request_body_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BODY_BYTES, gt=0)
+    allowed_hosts: list[str] = Field(
+        default_factory=list[str],
+        description="Host headers the MCP endpoint accepts besides loopback and BASTION_PUBLIC_URL's (`name:port`, "
+        "`name:*`)",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list[str],
+        description="Browser Origins the MCP endpoint accepts besides loopback and the public URL",
+    )
+    token_cache_ttl_s: float = Field(default=30.0, ge=0, le=3600)
+    upstream_idle_s: float = Field(default=300.0, gt=0)
+    upstream_max_sessions: int = Field(default=512, ge=1)
+    upstream_concurrency: int = Field(default=64, ge=1, description="Concurrent calls per upstream server")
 
     secret_key: SecretStr | None = None
     token_pepper: SecretStr | None = None
@@ -109,6 +123,21 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / SQLITE_FILE_NAME).resolve()}"
+
+    def mcp_allowed_hosts(self) -> list[str]:
+        hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", *self.allowed_hosts]
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            if parts.hostname:
+                hosts += [parts.netloc, f"{parts.hostname}:*", parts.hostname]
+        return hosts
+
+    def mcp_allowed_origins(self) -> list[str]:
+        origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *self.allowed_origins]
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            origins.append(f"{parts.scheme}://{parts.netloc}")
+        return origins
 
     @property
     def embedded(self) -> bool:

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 from bastion.db.store import Store
 from bastion.services.apikeys import KeyHasher
+from bastion.services.directory import Directory
 from bastion.services.principals import Resolver
+from bastion.services.proxy import Proxy
 from bastion.settings import Settings, load_settings
+from bastion.upstream.pool import UpstreamPool
 from bastion.vault.crypto import Keyring
 from bastion.vault.sealer import Vault
 
@@ -38,8 +41,13 @@ class Parts:
     hasher: KeyHasher
     vault: Vault
     resolver: Resolver
+    pool: UpstreamPool
+    directory: Directory
+    proxy: Proxy
 
     async def close(self) -> None:
+        self.proxy.close()
+        self.directory.close()
         self.resolver.close()
         await self.store.close()
 
@@ -47,4 +55,19 @@ class Parts:
 def build(settings: Settings, store: Store | None = None) -> Parts:
     store = store or Store.from_url(settings.resolved_database_url)
     hasher = hasher_from(settings)
-    return Parts(store, hasher, vault_from(settings), Resolver(store, hasher))
+    vault = vault_from(settings)
+    pool = UpstreamPool(
+        max_sessions=settings.upstream_max_sessions,
+        idle_s=settings.upstream_idle_s,
+        per_server_concurrency=settings.upstream_concurrency,
+    )
+    directory = Directory(store)
+    return Parts(
+        store,
+        hasher,
+        vault,
+        Resolver(store, hasher, cache_ttl_s=settings.token_cache_ttl_s),
+        pool,
+        directory,
+        Proxy(store, vault, pool, directory),
+    )

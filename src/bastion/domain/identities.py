@@ -16,8 +16,20 @@ MAX_SECRET_CHARS: Final = 16 * 1024
 MAX_HEADERS: Final = 16
 # Headers a bearer identity may never set: they belong to the transport, not to the credential.
 FORBIDDEN_HEADERS: Final = frozenset(
-    {"host", "content-length", "content-type", "transfer-encoding", "connection", "mcp-session-id",
-     "mcp-protocol-version", "accept", "cookie2", "upgrade", "te", "trailer"}
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "accept",
+        "cookie2",
+        "upgrade",
+        "te",
+        "trailer",
+    }
 )
 
 
@@ -70,8 +82,12 @@ class IdentitySecret:
         return f"IdentitySecret(<{', '.join(present) or 'empty'} hidden>)"
 
     def to_bytes(self) -> bytes:
-        doc = {"token": self.token, "headers": dict(self.headers), "access_token": self.access_token,
-               "refresh_token": self.refresh_token}
+        doc = {
+            "token": self.token,
+            "headers": dict(self.headers),
+            "access_token": self.access_token,
+            "refresh_token": self.refresh_token,
+        }
         return json.dumps({k: v for k, v in doc.items() if v}, separators=(",", ":")).encode("utf-8")
 
     @classmethod

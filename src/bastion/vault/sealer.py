@@ -59,14 +59,19 @@ class Vault:
     def seal(self, workspace_id: str, identity_id: str, secret: IdentitySecret) -> Sealed:
         data_key = new_data_key()
         wrapped = self.keyring.wrap(data_key, associated_data(workspace_id, identity_id, DATA_KEY_FIELD))
-        sealed = seal_with(data_key, DATA_KEY_ID, secret.to_bytes(),
-                           associated_data(workspace_id, identity_id, SECRET_FIELD))
+        sealed = seal_with(
+            data_key, DATA_KEY_ID, secret.to_bytes(), associated_data(workspace_id, identity_id, SECRET_FIELD)
+        )
         return Sealed(self.keyring.primary_id, wrapped, sealed)
 
     def open(self, workspace_id: str, identity_id: str, dek_wrapped: bytes, secret_sealed: bytes) -> IdentitySecret:
         data_key = self._unwrap(dek_wrapped, associated_data(workspace_id, identity_id, DATA_KEY_FIELD))
-        raw = open_with(data_key, secret_sealed, associated_data(workspace_id, identity_id, SECRET_FIELD),
-                        expected_key_id=DATA_KEY_ID)
+        raw = open_with(
+            data_key,
+            secret_sealed,
+            associated_data(workspace_id, identity_id, SECRET_FIELD),
+            expected_key_id=DATA_KEY_ID,
+        )
         return IdentitySecret.from_bytes(raw)
 
     def rewrap(self, workspace_id: str, row_id: str, dek_wrapped: bytes) -> tuple[str, bytes]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import anyio
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +25,8 @@ from bastion.web import problems
 from bastion.web.api.deps import ApiContext
 from bastion.web.api.routes import router
 from bastion.web.api.routes_identity import router as identity_router
+from bastion.web.mcp.endpoint import McpEndpoint
+from bastion.web.mcp.server import build_server
 from bastion.web.middleware import BodyLimit, RequestContext
 
 
@@ -68,9 +72,20 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
     # Engines connect lazily, so the app can serve at once, even where no lifespan runs (in-process tests).
     lifecycle.started = True
 
+    mcp_manager = StreamableHTTPSessionManager(
+        app=build_server(parts.proxy),
+        stateless=False,
+        security_settings=TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=settings.mcp_allowed_hosts(),
+            allowed_origins=settings.mcp_allowed_origins(),
+        ),
+        max_request_body_size=settings.max_request_body_bytes,
+    )
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
-        async with anyio.create_task_group() as tasks:
+        async with anyio.create_task_group() as tasks, parts.pool.running(), mcp_manager.run():
             if parts.store.dialect == "postgresql":
                 # Other replicas' changes (revoked tokens, disabled hosts) reach this process's caches.
                 tasks.start_soon(pg_events.listen, settings.resolved_database_url, parts.store.bus)
@@ -79,8 +94,8 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
             finally:
                 lifecycle.draining = True
                 tasks.cancel_scope.cancel()
-                if store is None:
-                    await parts.close()
+        if store is None:
+            await parts.close()
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "alive", "version": __version__})
@@ -96,7 +111,12 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
         )
 
     app = Starlette(
-        routes=[Route("/healthz", healthz), Route("/readyz", readyz), Mount("/api/v1", app=api)],
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Mount("/api/v1", app=api),
+            Route("/g/{gateway}/mcp", McpEndpoint(parts.resolver, mcp_manager), methods=["GET", "POST", "DELETE"]),
+        ],
         lifespan=lifespan,
     )
     app.state.lifecycle = lifecycle

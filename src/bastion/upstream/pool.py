@@ -1,0 +1,195 @@
+"""Open upstream sessions, one per (server, identity), kept alive and reused across calls.
+
+Each session lives in its own task (anyio requires a context to be exited by the task that entered it);
+callers borrow the open ``mcp.Client``. Sessions close when idle, when their identity or server
+changes, or when the pool is full and they are the least recently used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Final
+
+import anyio
+import mcp_types as types
+from anyio.abc import TaskGroup
+from mcp import Client
+
+from bastion import __version__
+from bastion.domain.models import Server, Transport
+from bastion.errors import Unavailable
+from bastion.upstream.transports import Credential, client_mode, open_transport
+
+logger = logging.getLogger("bastion.upstream")
+DEFAULT_MAX_SESSIONS: Final = 512
+DEFAULT_IDLE_S: Final = 300.0
+DEFAULT_PER_SERVER_CONCURRENCY: Final = 64
+CLIENT_INFO: Final = types.Implementation(name="bastion", version=__version__)
+
+
+class UpstreamUnavailable(Unavailable):
+    code = "upstream_unavailable"
+    status = 502
+    title = "Upstream unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    server_id: str
+    server_version: int
+    identity_id: str | None
+
+
+@dataclass(slots=True)
+class _Session:
+    key: SessionKey
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    closing: anyio.Event = field(default_factory=anyio.Event)
+    client: Client | None = None
+    error: BaseException | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+SessionFactory = Callable[[], Client]
+
+
+class UpstreamPool:
+    """Bounded pool of open upstream sessions. Use ``async with pool.running():`` in the app lifespan."""
+
+    def __init__(
+        self,
+        *,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        idle_s: float = DEFAULT_IDLE_S,
+        per_server_concurrency: int = DEFAULT_PER_SERVER_CONCURRENCY,
+    ) -> None:
+        self._max = max_sessions
+        self._idle_s = idle_s
+        self._per_server = per_server_concurrency
+        self._sessions: dict[SessionKey, _Session] = {}
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._tasks: TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        return f"UpstreamPool(open={len(self._sessions)})"
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncGenerator[UpstreamPool, None]:
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            tasks.start_soon(self._reap_idle)
+            try:
+                yield self
+            finally:
+                self._tasks = None
+                for session in list(self._sessions.values()):
+                    session.closing.set()
+                tasks.cancel_scope.cancel()
+
+    def limiter(self, server_id: str) -> anyio.CapacityLimiter:
+        limiter = self._limiters.get(server_id)
+        if limiter is None:
+            limiter = self._limiters[server_id] = anyio.CapacityLimiter(self._per_server)
+        return limiter
+
+    async def client(self, server: Server, credential: Credential) -> Client:
+        """An open session for ``server`` as ``credential``, opening one if needed.
+
+        Raises:
+            UpstreamUnavailable: the upstream could not be reached or refused the handshake.
+        """
+        key = SessionKey(server.id, server.version, credential.identity_id)
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._open(key, server, credential)
+        with anyio.move_on_after(server.connect_timeout_s + 1.0):
+            await session.ready.wait()
+        if not session.ready.is_set():
+            session.scope.cancel()
+            self._sessions.pop(key, None)
+            raise UpstreamUnavailable(f"upstream {server.name!r} did not answer within {server.connect_timeout_s:g} s")
+        if session.error is not None or session.client is None:
+            self._sessions.pop(key, None)
+            raise UpstreamUnavailable(f"upstream {server.name!r} is unavailable: {_describe(session.error)}")
+        session.last_used = time.monotonic()
+        return session.client
+
+    def cached(self, server: Server, identity_id: str | None) -> Client | None:
+        """The open session for (server, identity) if there is one: the hot path needs no credential lookup."""
+        session = self._sessions.get(SessionKey(server.id, server.version, identity_id))
+        if session is None or session.client is None:
+            return None
+        session.last_used = time.monotonic()
+        return session.client
+
+    def discard(self, server_id: str | None = None, identity_id: str | None = None) -> None:
+        """Close sessions of a server or an identity (its credential or settings changed)."""
+        for key, session in list(self._sessions.items()):
+            if (server_id is not None and key.server_id == server_id) or (
+                identity_id is not None and key.identity_id == identity_id
+            ):
+                self._sessions.pop(key, None)
+                session.closing.set()
+
+    def _open(self, key: SessionKey, server: Server, credential: Credential) -> _Session:
+        if self._tasks is None:
+            raise UpstreamUnavailable("the upstream pool is not running")
+        if len(self._sessions) >= self._max:
+            oldest = min(self._sessions.values(), key=lambda s: s.last_used)
+            self._sessions.pop(oldest.key, None)
+            oldest.closing.set()
+        session = _Session(key)
+        self._sessions[key] = session
+        self._tasks.start_soon(self._hold, session, server, credential)
+        return session
+
+    async def _hold(self, session: _Session, server: Server, credential: Credential) -> None:
+        with session.scope:
+            try:
+                async with Client(
+                    open_transport(server, credential),
+                    mode="legacy" if server.transport is Transport.SSE else client_mode(server),  # type: ignore[arg-type]
+                    read_timeout_seconds=server.call_timeout_s,
+                    client_info=CLIENT_INFO,
+                    cache=None,
+                ) as client:
+                    session.client = client
+                    session.ready.set()
+                    await session.closing.wait()
+            except Exception as exc:  # noqa: BLE001  reported to the waiting caller, never raised in the pool task
+                session.error = exc
+                logger.info(
+                    "upstream session ended", extra={"server_id": session.key.server_id, "error": _describe(exc)}
+                )
+            finally:
+                session.client = None
+                session.ready.set()
+                if self._sessions.get(session.key) is session:
+                    self._sessions.pop(session.key, None)
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await anyio.sleep(max(self._idle_s / 4, 1.0))
+            cutoff = time.monotonic() - self._idle_s
+            for key, session in list(self._sessions.items()):
+                if session.ready.is_set() and session.last_used < cutoff:
+                    self._sessions.pop(key, None)
+                    session.closing.set()
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "no session"
+    if isinstance(error, TimeoutError):
+        return "timed out while connecting"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:200]

@@ -1,0 +1,84 @@
+"""`/g/{gateway}/mcp`: authenticate the bearer token (Map 2), then hand the request to the SDK's session manager."""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from mcp.server.auth.middleware.auth_context import auth_context_var
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.types import Receive, Scope, Send
+
+from bastion.errors import Forbidden, Unauthenticated, Unavailable
+from bastion.services.principals import Resolver
+from bastion.web.mcp.server import current_principal
+
+_BEARER: Final = b"bearer "
+
+
+async def _reply(send: Send, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]]) -> None:
+    raw = json.dumps(body).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})
+
+
+class McpEndpoint:
+    """An ASGI app (a class instance, so Starlette routes it as raw ASGI without a trailing-slash redirect)."""
+
+    def __init__(self, resolver: Resolver, manager: StreamableHTTPSessionManager) -> None:
+        self._resolver = resolver
+        self._manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = scope.get("path_params", {}).get("gateway", "")
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        challenge = f'Bearer realm="bastion", resource="/g/{gateway}/mcp"'
+        if header[: len(_BEARER)].lower() != _BEARER:
+            await _reply(
+                send,
+                401,
+                {
+                    "error": "invalid_token",
+                    "error_description": "send the access token as `Authorization: Bearer bst_…`",
+                },
+                [(b"www-authenticate", challenge.encode())],
+            )
+            return
+        try:
+            principal = await self._resolver.resolve(header[len(_BEARER) :].decode("latin-1").strip(), gateway=gateway)
+        except Unauthenticated as exc:
+            value = f'{challenge}, error="invalid_token", error_description="{exc.detail}"'
+            await _reply(
+                send,
+                401,
+                {"error": "invalid_token", "error_description": exc.detail},
+                [(b"www-authenticate", value.encode())],
+            )
+            return
+        except Forbidden as exc:
+            await _reply(send, 403, {"error": exc.code, "error_description": exc.detail}, [])
+            return
+        except Unavailable as exc:
+            await _reply(send, 503, {"error": exc.code, "error_description": exc.detail}, [(b"retry-after", b"5")])
+            return
+        # The SDK binds each legacy session to this user: another token presenting the session id gets 404.
+        user = AuthenticatedUser(
+            AccessToken(token=principal.token_id, client_id=principal.host_id, scopes=[], subject=principal.member_id)
+        )
+        scope["user"] = user
+        scope.setdefault("state", {})["principal"] = principal
+        principal_token = current_principal.set(principal)
+        auth_token = auth_context_var.set(user)
+        try:
+            await self._manager.handle_request(scope, receive, send)
+        finally:
+            auth_context_var.reset(auth_token)
+            current_principal.reset(principal_token)

@@ -1,0 +1,150 @@
+"""The one low-level MCP `Server` behind every gateway URL; handlers act for the request's Principal."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from functools import wraps
+from typing import Any, Final, ParamSpec, TypeVar
+
+import mcp_types as types
+from mcp.server import Server, ServerRequestContext
+from mcp.shared.exceptions import MCPError
+
+from bastion import __version__
+from bastion.domain.connections import Principal
+from bastion.errors import BastionError, NotFound, ValidationFailed
+from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy
+from bastion.upstream.pool import UpstreamUnavailable
+
+logger = logging.getLogger("bastion.mcp")
+current_principal: ContextVar[Principal | None] = ContextVar("bastion_principal", default=None)
+
+# Implementation-defined JSON-RPC server errors (-32000..-32099) for what only a gateway can say.
+IDENTITY_REQUIRED: Final = -32050
+IDENTITY_NEEDS_REAUTH: Final = -32051
+UPSTREAM_UNAVAILABLE: Final = -32052
+REQUEST_TIMEOUT: Final = -32001
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def to_jsonrpc(error: BaseException) -> MCPError:
+    """The one place Bastion errors become JSON-RPC errors on the MCP wire."""
+    if isinstance(error, MCPError):
+        return error
+    if isinstance(error, IdentityRequired):
+        return MCPError(IDENTITY_REQUIRED, error.detail, {"code": error.code})
+    if isinstance(error, IdentityNeedsReauth):
+        return MCPError(IDENTITY_NEEDS_REAUTH, error.detail, {"code": error.code})
+    if isinstance(error, UpstreamUnavailable):
+        return MCPError(UPSTREAM_UNAVAILABLE, error.detail, {"code": error.code})
+    if isinstance(error, NotFound) and error.field == "uri":
+        return MCPError(
+            types.INVALID_PARAMS, "Resource not found", {"uri": error.detail.removeprefix("Resource not found: ")}
+        )
+    if isinstance(error, ValidationFailed | NotFound):
+        return MCPError(types.INVALID_PARAMS, error.detail, {"code": error.code})
+    if isinstance(error, BastionError):
+        return MCPError(types.INTERNAL_ERROR, error.detail, {"code": error.code})
+    if isinstance(error, TimeoutError):
+        return MCPError(REQUEST_TIMEOUT, "the upstream server did not answer in time")
+    logger.exception("unexpected error in an MCP handler", exc_info=error)
+    return MCPError(types.INTERNAL_ERROR, "internal error; the request id identifies it in the logs")
+
+
+def _principal() -> Principal:
+    principal = current_principal.get()
+    if principal is None:  # the endpoint authenticates before the SDK sees the request
+        raise MCPError(types.INVALID_REQUEST, "not authenticated")
+    return principal
+
+
+def _mapped(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except MCPError:
+            raise
+        except Exception as exc:
+            raise to_jsonrpc(exc) from exc
+
+    return wrapper
+
+
+def build_server(proxy: Proxy) -> Server[Any]:
+    """A Server whose handlers read the Principal the endpoint attached to this request."""
+
+    @_mapped
+    async def list_tools(
+        _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=await proxy.list_tools(_principal()))
+
+    @_mapped
+    async def call_tool(
+        ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            await ctx.session.report_progress(progress, total, message)
+
+        return await proxy.call_tool(_principal(), params.name, dict(params.arguments or {}), relay)
+
+    @_mapped
+    async def list_prompts(
+        _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        return types.ListPromptsResult(prompts=await proxy.list_prompts(_principal()))
+
+    @_mapped
+    async def get_prompt(
+        _ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        return await proxy.get_prompt(_principal(), params.name, params.arguments)
+
+    @_mapped
+    async def list_resources(
+        _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=await proxy.list_resources(_principal()))
+
+    @_mapped
+    async def list_templates(
+        _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(resource_templates=await proxy.list_resource_templates(_principal()))
+
+    @_mapped
+    async def read_resource(
+        _ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        return await proxy.read_resource(_principal(), str(params.uri))
+
+    @_mapped
+    async def complete(
+        _ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams
+    ) -> types.CompleteResult:
+        argument = {"name": params.argument.name, "value": params.argument.value}
+        context = dict(params.context.arguments or {}) if params.context else None
+        return await proxy.complete(_principal(), params.ref, argument, context)
+
+    def input_schema(name: str) -> dict[str, Any] | None:
+        return proxy.input_schema(current_principal.get(), name)
+
+    return Server(
+        "bastion",
+        version=__version__,
+        instructions="Bastion gateway: tools are named server__tool and run with your own credentials.",
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_list_prompts=list_prompts,
+        on_get_prompt=get_prompt,
+        on_list_resources=list_resources,
+        on_list_resource_templates=list_templates,
+        on_read_resource=read_resource,
+        on_completion=complete,
+        get_tool_input_schema=input_schema,
+    )

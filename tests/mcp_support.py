@@ -1,0 +1,162 @@
+"""Real MCP peers for data-plane tests: an in-process uvicorn server and a recording upstream."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+import uvicorn
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server import Server, ServerRequestContext
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tests.processes import free_port
+
+
+class _Server(uvicorn.Server):
+    """uvicorn with an event for "listening", so tests wait on it instead of polling."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = anyio.Event()
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp) -> AsyncGenerator[str, None]:
+    """Run ``app`` (lifespan included) on a free 127.0.0.1 port; yields the base URL; always stops."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)
+    server = _Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(15):
+            await server.ready.wait()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+
+
+@dataclass
+class Recorder:
+    """What the upstream saw: the Authorization header of every request, in order."""
+
+    authorizations: list[str | None] = field(default_factory=list[str | None])
+    other_headers: list[dict[str, str]] = field(default_factory=list[dict[str, str]])
+
+
+def recording_upstream(recorder: Recorder) -> ASGIApp:
+    """An MCP server (both eras) whose `whoami` tool answers with the credential the caller presented."""
+
+    def auth_of(ctx: ServerRequestContext[Any, Any]) -> str:
+        request = ctx.request
+        return request.headers.get("authorization", "<none>") if request is not None else "<none>"
+
+    async def list_tools(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(
+            tools=[
+                types.Tool(name="whoami", description="Who called", input_schema={"type": "object"}),
+                types.Tool(
+                    name="echo",
+                    description="Echo text",
+                    input_schema={"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+                ),
+                types.Tool(name="count", description="Reports progress", input_schema={"type": "object"}),
+                types.Tool(name="hidden", description="Not provisioned", input_schema={"type": "object"}),
+            ]
+        )
+
+    async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
+        if params.name == "whoami":
+            return types.CallToolResult(content=[types.TextContent(type="text", text=auth_of(ctx))])
+        if params.name == "echo":
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text=str((params.arguments or {}).get("text")))]
+            )
+        if params.name == "count":
+            for step in range(1, 4):
+                await ctx.session.report_progress(step, 3, f"step {step}")
+            return types.CallToolResult(content=[types.TextContent(type="text", text="counted")])
+        if params.name == "hidden":
+            return types.CallToolResult(content=[types.TextContent(type="text", text="should not be reachable")])
+        return types.CallToolResult(content=[types.TextContent(type="text", text="unknown")], is_error=True)
+
+    async def list_prompts(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListPromptsResult:
+        return types.ListPromptsResult(
+            prompts=[
+                types.Prompt(
+                    name="greet", description="Greets", arguments=[types.PromptArgument(name="name", required=True)]
+                )
+            ]
+        )
+
+    async def get_prompt(_ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams) -> Any:
+        who = (params.arguments or {}).get("name", "nobody")
+        return types.GetPromptResult(
+            messages=[types.PromptMessage(role="user", content=types.TextContent(type="text", text=f"Hello {who}"))]
+        )
+
+    async def list_resources(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListResourcesResult:
+        return types.ListResourcesResult(
+            resources=[types.Resource(name="note", uri="mem://note", mime_type="text/plain")]
+        )
+
+    async def read_resource(ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams) -> Any:
+        if str(params.uri) != "mem://note":
+            from mcp.shared.exceptions import MCPError
+
+            raise MCPError(types.INVALID_PARAMS, "Resource not found", {"uri": str(params.uri)})
+        return types.ReadResourceResult(
+            contents=[
+                types.TextResourceContents(uri="mem://note", mime_type="text/plain", text=f"note for {auth_of(ctx)}")
+            ]
+        )
+
+    server: Server[Any] = Server(
+        "recording-upstream",
+        version="1.0",
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_list_prompts=list_prompts,
+        on_get_prompt=get_prompt,
+        on_list_resources=list_resources,
+        on_read_resource=read_resource,
+    )
+    manager = StreamableHTTPSessionManager(app=server)
+
+    class Endpoint:
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            recorder.authorizations.append(headers.get("authorization"))
+            recorder.other_headers.append(headers)
+            await manager.handle_request(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
+        async with manager.run():
+            yield
+
+    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(url: str, token: str, mode: str) -> AsyncGenerator[Client, None]:
+    """The official SDK client talking to a Bastion gateway with a member's access token."""
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode, cache=None) as client,  # type: ignore[arg-type]
+    ):
+        yield client
