@@ -36,8 +36,8 @@ class Cli:
         )
         return result
 
-    def json(self, *args: str) -> Any:
-        return json.loads(self(*args, "--json").stdout)
+    def json(self, *args: str, input: str | None = None) -> Any:
+        return json.loads(self(*args, "--json", input=input).stdout)
 
 
 @pytest.fixture
