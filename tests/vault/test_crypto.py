@@ -135,3 +135,12 @@ def test_secrets_never_show_in_repr() -> None:
     for text in (repr(secret), str(secret), repr(vault), repr(sealed), repr(vault.keyring)):
         assert "canary" not in text
         assert bytes(range(32)).hex() not in text
+
+
+def test_new_seals_follow_a_primary_switched_by_another_process() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    current = {"ring": Keyring({"old": old}, "old")}
+    vault = Vault(current["ring"], reload=lambda: current["ring"])
+    assert vault.seal("ws", "a", bearer_secret("token-aaaaaaaa")).kek_id == "old"
+    current["ring"] = Keyring({"old": old, "new": new}, "new")
+    assert vault.seal("ws", "b", bearer_secret("token-bbbbbbbb")).kek_id == "new"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,8 +20,6 @@ USER_AGENT: Final = "bastion-gateway"
 STREAM_READ_TIMEOUT_S: Final = 300.0
 # Environment variable a stdio server receives for a token-only identity.
 STDIO_TOKEN_ENV: Final = "BASTION_BEARER_TOKEN"  # noqa: S105  a variable name, not a secret
-# An upstream's stderr may echo its environment (our member's credential): it never reaches our logs.
-_STDERR_SINK: Final = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  lives as long as the process
 _MODES: Final = {ProtocolEra.AUTO: "auto", ProtocolEra.LEGACY: "legacy", ProtocolEra.MODERN: "2026-07-28"}
 
 
@@ -78,4 +76,5 @@ def open_transport(server: Server, credential: Credential) -> AbstractAsyncConte
     params = StdioServerParameters(
         command=server.command, args=list(server.args), env={**server.env, **credential.environment()}
     )
-    return stdio_client(params, errlog=_STDERR_SINK)
+    # An upstream's stderr may echo its environment (our member's credential): it never reaches our logs.
+    return stdio_client(params, errlog=subprocess.DEVNULL)  # type: ignore[arg-type]  # passed on to open_process

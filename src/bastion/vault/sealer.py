@@ -57,6 +57,9 @@ class Vault:
         return f"Vault({self.keyring!r})"
 
     def seal(self, workspace_id: str, identity_id: str, secret: IdentitySecret) -> Sealed:
+        if self._reload is not None:
+            # Seals are rare next to opens: re-read the keyring so a rotation elsewhere moves new seals too.
+            self.keyring = self._reload()
         data_key = new_data_key()
         wrapped = self.keyring.wrap(data_key, associated_data(workspace_id, identity_id, DATA_KEY_FIELD))
         sealed = seal_with(
