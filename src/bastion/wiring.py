@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from bastion.db.store import Store
 from bastion.services.apikeys import KeyHasher
+from bastion.services.audit_seam import Audit
 from bastion.services.directory import Directory
 from bastion.services.principals import Resolver
 from bastion.services.proxy import Proxy
@@ -44,6 +45,7 @@ class Parts:
     pool: UpstreamPool
     directory: Directory
     proxy: Proxy
+    audit: Audit
 
     async def close(self) -> None:
         self.proxy.close()
@@ -70,4 +72,5 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         pool,
         directory,
         Proxy(store, vault, pool, directory),
+        Audit(),
     )

@@ -73,7 +73,7 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
     lifecycle.started = True
 
     mcp_manager = StreamableHTTPSessionManager(
-        app=build_server(parts.proxy),
+        app=build_server(parts.proxy, parts.audit),
         stateless=False,
         security_settings=TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
@@ -115,7 +115,11 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Mount("/api/v1", app=api),
-            Route("/g/{gateway}/mcp", McpEndpoint(parts.resolver, mcp_manager), methods=["GET", "POST", "DELETE"]),
+            Route(
+                "/g/{gateway}/mcp",
+                McpEndpoint(parts.resolver, mcp_manager, parts.audit),
+                methods=["GET", "POST", "DELETE"],
+            ),
         ],
         lifespan=lifespan,
     )

@@ -12,6 +12,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.types import Receive, Scope, Send
 
 from bastion.errors import Forbidden, Unauthenticated, Unavailable
+from bastion.services.audit_seam import Audit, CallRecord
 from bastion.services.principals import Resolver
 from bastion.web.mcp.server import current_principal
 
@@ -33,41 +34,38 @@ async def _reply(send: Send, status: int, body: dict[str, str], headers: list[tu
 class McpEndpoint:
     """An ASGI app (a class instance, so Starlette routes it as raw ASGI without a trailing-slash redirect)."""
 
-    def __init__(self, resolver: Resolver, manager: StreamableHTTPSessionManager) -> None:
+    def __init__(self, resolver: Resolver, manager: StreamableHTTPSessionManager, audit: Audit) -> None:
         self._resolver = resolver
         self._manager = manager
+        self._audit = audit
+
+    async def _refuse(
+        self, send: Send, gateway: str, status: int, code: str, detail: str, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        await self._audit.refused(
+            CallRecord(method="http", gateway=gateway, principal=None, outcome="refused", reason=code)
+        )
+        await _reply(send, status, {"error": code, "error_description": detail}, headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = scope.get("path_params", {}).get("gateway", "")
         header = dict(scope["headers"]).get(b"authorization", b"")
         challenge = f'Bearer realm="bastion", resource="/g/{gateway}/mcp"'
         if header[: len(_BEARER)].lower() != _BEARER:
-            await _reply(
-                send,
-                401,
-                {
-                    "error": "invalid_token",
-                    "error_description": "send the access token as `Authorization: Bearer bst_…`",
-                },
-                [(b"www-authenticate", challenge.encode())],
-            )
+            detail = "send the access token as `Authorization: Bearer bst_…`"
+            await self._refuse(send, gateway, 401, "invalid_token", detail, [(b"www-authenticate", challenge.encode())])
             return
         try:
             principal = await self._resolver.resolve(header[len(_BEARER) :].decode("latin-1").strip(), gateway=gateway)
         except Unauthenticated as exc:
             value = f'{challenge}, error="invalid_token", error_description="{exc.detail}"'
-            await _reply(
-                send,
-                401,
-                {"error": "invalid_token", "error_description": exc.detail},
-                [(b"www-authenticate", value.encode())],
-            )
+            await self._refuse(send, gateway, 401, "invalid_token", exc.detail, [(b"www-authenticate", value.encode())])
             return
         except Forbidden as exc:
-            await _reply(send, 403, {"error": exc.code, "error_description": exc.detail}, [])
+            await self._refuse(send, gateway, 403, exc.code, exc.detail, [])
             return
         except Unavailable as exc:
-            await _reply(send, 503, {"error": exc.code, "error_description": exc.detail}, [(b"retry-after", b"5")])
+            await self._refuse(send, gateway, 503, exc.code, exc.detail, [(b"retry-after", b"5")])
             return
         # The SDK binds each legacy session to this user: another token presenting the session id gets 404.
         user = AuthenticatedUser(

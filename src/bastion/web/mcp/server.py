@@ -6,7 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from functools import wraps
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, Final, TypeVar
 
 import mcp_types as types
 from mcp.server import Server, ServerRequestContext
@@ -15,6 +15,7 @@ from mcp.shared.exceptions import MCPError
 from bastion import __version__
 from bastion.domain.connections import Principal
 from bastion.errors import BastionError, NotFound, ValidationFailed
+from bastion.services.audit_seam import Audit, CallRecord
 from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy
 from bastion.upstream.pool import UpstreamUnavailable
 
@@ -27,7 +28,6 @@ IDENTITY_NEEDS_REAUTH: Final = -32051
 UPSTREAM_UNAVAILABLE: Final = -32052
 REQUEST_TIMEOUT: Final = -32001
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -62,29 +62,44 @@ def _principal() -> Principal:
     return principal
 
 
-def _mapped(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    @wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except MCPError:
-            raise
-        except Exception as exc:
-            raise to_jsonrpc(exc) from exc
-
-    return wrapper
+Handler = Callable[[ServerRequestContext[Any, Any], Any], Awaitable[R]]
 
 
-def build_server(proxy: Proxy) -> Server[Any]:
+def _audited(audit: Audit, method: str) -> Callable[[Handler[R]], Handler[R]]:
+    """One audit record per request, and Bastion errors mapped to JSON-RPC, around a handler."""
+
+    def decorate(fn: Handler[R]) -> Handler[R]:
+        @wraps(fn)
+        async def wrapper(ctx: ServerRequestContext[Any, Any], params: Any) -> R:
+            principal = _principal()
+            name = getattr(params, "name", None) or (str(params.uri) if hasattr(params, "uri") else None)
+            record = CallRecord(method=method, gateway=principal.gateway_slug, principal=principal, name=name)
+            async with audit.call(record):
+                try:
+                    return await fn(ctx, params)
+                except MCPError as exc:
+                    record.outcome, record.reason = "error", str(exc.code)
+                    raise
+                except Exception as exc:
+                    mapped = to_jsonrpc(exc)
+                    record.outcome, record.reason = "error", getattr(exc, "code", None) or str(mapped.code)
+                    raise mapped from exc
+
+        return wrapper
+
+    return decorate
+
+
+def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
     """A Server whose handlers read the Principal the endpoint attached to this request."""
 
-    @_mapped
+    @_audited(audit, "tools/list")
     async def list_tools(
         _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         return types.ListToolsResult(tools=await proxy.list_tools(_principal()))
 
-    @_mapped
+    @_audited(audit, "tools/call")
     async def call_tool(
         ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
@@ -93,37 +108,37 @@ def build_server(proxy: Proxy) -> Server[Any]:
 
         return await proxy.call_tool(_principal(), params.name, dict(params.arguments or {}), relay)
 
-    @_mapped
+    @_audited(audit, "prompts/list")
     async def list_prompts(
         _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
     ) -> types.ListPromptsResult:
         return types.ListPromptsResult(prompts=await proxy.list_prompts(_principal()))
 
-    @_mapped
+    @_audited(audit, "prompts/get")
     async def get_prompt(
         _ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
     ) -> types.GetPromptResult:
         return await proxy.get_prompt(_principal(), params.name, params.arguments)
 
-    @_mapped
+    @_audited(audit, "resources/list")
     async def list_resources(
         _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
     ) -> types.ListResourcesResult:
         return types.ListResourcesResult(resources=await proxy.list_resources(_principal()))
 
-    @_mapped
+    @_audited(audit, "resources/templates/list")
     async def list_templates(
         _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
     ) -> types.ListResourceTemplatesResult:
         return types.ListResourceTemplatesResult(resource_templates=await proxy.list_resource_templates(_principal()))
 
-    @_mapped
+    @_audited(audit, "resources/read")
     async def read_resource(
         _ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
     ) -> types.ReadResourceResult:
         return await proxy.read_resource(_principal(), str(params.uri))
 
-    @_mapped
+    @_audited(audit, "completion/complete")
     async def complete(
         _ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams
     ) -> types.CompleteResult:

@@ -1,0 +1,73 @@
+"""The official MCP conformance suite against the fixture upstream, in both eras (2025-11-25 and 2026-07-28).
+
+The fixture is the reference a Bastion gateway is scored against: every required scenario passes on it
+directly, so a gateway in front of it must score the same (see ``assert_same_outcomes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Final
+
+import pytest
+
+from tests.conformance.harness import REQUIREMENT_SETS, Summary, compare, run_suite
+from tests.conformance.upstream import serving_fixture
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+_NO_TASKS: Final = "tasks extension (SEP-2663, not scored): the SDK defines its types but serves no tasks/* method"
+# Scenarios the fixture does not pass, with the reason. Listing one that passes fails the test too.
+EXPECTED_FAILURES: Final[dict[str, dict[str, str]]] = {
+    "2025-11-25": {},
+    "2026-07-28": dict.fromkeys(
+        (
+            "tasks-capability-negotiation",
+            "tasks-dispatch-and-envelope",
+            "tasks-lifecycle",
+            "tasks-mrtr-composition",
+            "tasks-mrtr-input",
+            "tasks-request-headers",
+            "tasks-request-state-removal",
+            "tasks-required-task-error",
+            "tasks-wire-fields",
+        ),
+        _NO_TASKS,
+    ),
+}
+
+
+def assert_meets_expectations(summary: Summary, expected_failures: dict[str, str]) -> None:
+    """Exactly the listed scenarios fail, and none of them is required."""
+    failing = {name for name, result in summary.scenarios.items() if result.status != "passed"}
+    unexpected = {name: summary.scenarios[name].failed_checks for name in sorted(failing - expected_failures.keys())}
+    now_passing = sorted(expected_failures.keys() - failing)
+    assert not unexpected, f"{summary.requirements}: unexpected failures {unexpected}; see {summary.artifacts}"
+    assert not now_passing, f"{summary.requirements}: listed as failing but passed {now_passing}; update the list"
+    assert not summary.required_failures(), f"{summary.requirements}: required failures {summary.required_failures()}"
+
+
+def assert_same_outcomes(reference: Summary, candidate: Summary, *, required_only: bool = True) -> None:
+    """A second target (e.g. a Bastion gateway in front of the fixture) scores exactly like the reference.
+
+    Usage, once the gateway runs: ``assert_same_outcomes(fixture_summaries[r], run_suite(gateway_url, r, "bastion"))``.
+    """
+    differences = compare(reference, candidate, required_only=required_only)
+    assert not differences, "\n".join([f"{candidate.label} differs from {reference.label}:", *differences])
+
+
+@pytest.fixture(scope="module")
+def fixture_summaries() -> Generator[dict[str, Summary]]:
+    """One suite run per requirement set against one fixture process (artifacts under ``fixture-<set>``)."""
+    with serving_fixture() as url:
+        yield {requirements: run_suite(url, requirements, "fixture") for requirements in REQUIREMENT_SETS}
+
+
+@pytest.mark.parametrize("requirements", REQUIREMENT_SETS)
+def test_the_fixture_upstream_passes_every_required_conformance_scenario(
+    fixture_summaries: dict[str, Summary], requirements: str
+) -> None:
+    summary = fixture_summaries[requirements]
+    assert summary.scenarios, f"the suite ran no scenario; see {summary.artifacts / 'console.txt'}"
+    assert_meets_expectations(summary, EXPECTED_FAILURES[requirements])
+    assert (summary.artifacts / "summary.json").is_file()
