@@ -7,7 +7,7 @@ directly, so a gateway in front of it must score the same (see ``assert_same_out
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
@@ -71,3 +71,47 @@ def test_the_fixture_upstream_passes_every_required_conformance_scenario(
     assert summary.scenarios, f"the suite ran no scenario; see {summary.artifacts / 'console.txt'}"
     assert_meets_expectations(summary, EXPECTED_FAILURES[requirements])
     assert (summary.artifacts / "summary.json").is_file()
+
+
+class _InjectToken:
+    """Test-only ASGI wrapper: the suite sends no Authorization header, so add the member's token before Bastion."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self._app = app
+        self._header = (b"authorization", f"Bearer {token}".encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [*(h for h in scope["headers"] if h[0] != b"authorization"), self._header]}
+        await self._app(scope, receive, send)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_bastion_in_front_of_the_fixture_scores_exactly_like_the_fixture(
+    fixture_summaries: dict[str, Summary], settings: Any, store: Any, hasher: Any, operator: Any
+) -> None:
+    import anyio
+
+    from bastion.domain.models import Transport
+    from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+    from bastion.services import connections, gateways, hosts, members, servers
+    from bastion.web.app import create_app
+    from tests.mcp_support import serving
+
+    with serving_fixture() as upstream:
+        await servers.create(store, operator, ServerSpec("conf", Transport.STREAMABLE_HTTP, url=upstream))
+        await gateways.create(
+            store, operator, GatewaySpec("conformance", servers=(GatewayServerSpec("conf", namespaced=False),))
+        )
+        await hosts.create(store, operator, HostSpec("suite"))
+        await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+        _c, _t, token = await connections.create(
+            store, hasher, operator, host="suite", gateway="conformance", member="ada@example.com"
+        )
+        async with serving(_InjectToken(create_app(settings, store), token)) as bastion:
+            url = f"{bastion}/g/conformance/mcp"
+            for requirements in REQUIREMENT_SETS:
+                summary = await anyio.to_thread.run_sync(lambda r=requirements: run_suite(url, r, "bastion"))
+                assert summary.scenarios, f"the suite ran no scenario; see {summary.artifacts / 'console.txt'}"
+                assert_same_outcomes(fixture_summaries[requirements], summary)

@@ -143,6 +143,7 @@ def gateway_server(row: Row) -> GatewayServer:
         tools=_provisioning(prov["tools"]),
         prompts=_provisioning(prov["prompts"]),
         resources=_provisioning(prov["resources"]),
+        namespaced=row.namespaced,
     )
 
 

@@ -153,6 +153,7 @@ gateway_servers: Final = sa.Table(
     sa.Column("identity_scheme", sa.String(16), nullable=False),
     sa.Column("shared_identity_id", sa.String(ID), nullable=True),
     sa.Column("provisioning", sa.JSON, nullable=False),
+    sa.Column("namespaced", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.UniqueConstraint("gateway_id", "alias"),
     sa.Index("ix_gateway_servers_server_id", "server_id"),
 )

@@ -148,6 +148,7 @@ class GatewayServer:
     tools: Provisioning
     prompts: Provisioning
     resources: Provisioning
+    namespaced: bool = True
 
 
 @dataclass(frozen=True, slots=True)

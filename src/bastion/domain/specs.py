@@ -165,6 +165,7 @@ class GatewayServerSpec:
     tools: Provisioning = field(default_factory=Provisioning)
     prompts: Provisioning = field(default_factory=Provisioning)
     resources: Provisioning = field(default_factory=Provisioning)
+    namespaced: bool = True
 
 
 def _validated_provisioning(value: Provisioning, kind: str, index: int) -> Provisioning:
@@ -197,6 +198,11 @@ class GatewaySpec:
                     field=f"servers[{index}].alias",
                 )
             aliases.add(alias)
+            if not entry.namespaced and any(not other.namespaced for other in self.servers[:index]):
+                raise ValidationFailed(
+                    f"servers[{index}]: only one server per gateway may offer its names without a prefix",
+                    field=f"servers[{index}].namespaced",
+                )
             if entry.identity_scheme is IdentityScheme.SHARED and not entry.shared_identity_id:
                 raise ValidationFailed(
                     f"servers[{index}]: a shared scheme needs shared_identity_id (a global identity)",

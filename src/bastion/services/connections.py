@@ -17,7 +17,7 @@ from bastion.domain.capabilities import Capability
 from bastion.domain.connections import AccessToken, Connection
 from bastion.domain.identities import IdentityStatus
 from bastion.domain.ids import new_id
-from bastion.domain.models import IdentityScheme
+from bastion.domain.models import AuthKind, IdentityScheme
 from bastion.errors import ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import gateways, hosts, identities, members, tokens
@@ -64,7 +64,22 @@ async def _resolve_identities(
 ) -> dict[str, str]:
     """Map every per-user server of the gateway to one of the member's own active identities for that server."""
     gateway = await gateways.find(conn, actor.workspace_id, gateway_ref)
-    per_user = {s.alias: s for s in gateway.servers if s.identity_scheme is IdentityScheme.PER_USER}
+    # Servers that take no credential need no identity, whatever their scheme.
+    open_servers = set(
+        (
+            await conn.execute(
+                sa.select(schema.servers.c.id).where(
+                    schema.servers.c.id.in_([s.server_id for s in gateway.servers]),
+                    schema.servers.c.auth_kind == AuthKind.NONE.value,
+                )
+            )
+        ).scalars()
+    )
+    per_user = {
+        s.alias: s
+        for s in gateway.servers
+        if s.identity_scheme is IdentityScheme.PER_USER and s.server_id not in open_servers
+    }
     unknown = set(chosen) - set(per_user)
     if unknown:
         raise ValidationFailed(

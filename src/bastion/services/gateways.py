@@ -46,7 +46,14 @@ async def spec_of(conn: AsyncConnection, gateway: Gateway) -> GatewaySpec:
     names: dict[str, str] = {row.id: row.name for row in await conn.execute(query)}
     entries = tuple(
         GatewayServerSpec(
-            names[s.server_id], s.alias, s.identity_scheme, s.shared_identity_id, s.tools, s.prompts, s.resources
+            names[s.server_id],
+            s.alias,
+            s.identity_scheme,
+            s.shared_identity_id,
+            s.tools,
+            s.prompts,
+            s.resources,
+            s.namespaced,
         )
         for s in gateway.servers
     )
@@ -73,6 +80,7 @@ async def _write_servers(conn: AsyncConnection, workspace_id: str, gateway_id: s
                 identity_scheme=entry.identity_scheme.value,
                 shared_identity_id=entry.shared_identity_id,
                 provisioning=rows.provisioning_to_json(entry.tools, entry.prompts, entry.resources),
+                namespaced=entry.namespaced,
             )
         )
 

@@ -7,24 +7,27 @@ identity for shared ones, and nothing else: the agent's token never leaves Basti
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import anyio
 import mcp_types as types
 from mcp import Client
 from mcp.shared.dispatcher import ProgressFnT
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from bastion.db.store import Store
 from bastion.domain import routing
 from bastion.domain.connections import Principal
 from bastion.domain.identities import IdentityStatus
-from bastion.domain.models import AuthKind, IdentityScheme
+from bastion.domain.models import AuthKind, IdentityScheme, ProvisionMode
 from bastion.errors import BastionError, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import identities
 from bastion.services.directory import Directory, GatewayView, Mounted
+from bastion.upstream import relay
 from bastion.upstream.pool import UpstreamPool, UpstreamUnavailable
 from bastion.upstream.transports import Credential
 from bastion.vault.sealer import Vault
@@ -49,6 +52,14 @@ class IdentityNeedsReauth(BastionError):
 
 class UnknownName(ValidationFailed):
     code = "unknown_name"
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTrip:
+    """A 2026-era caller's answers to an earlier input-required result, passed back to the upstream as they are."""
+
+    input_responses: Any = None
+    request_state: str | None = None
 
 
 class Proxy:
@@ -109,10 +120,12 @@ class Proxy:
 
     async def _client(self, principal: Principal, mounted: Mounted) -> Client:
         identity_id = self._identity_for(principal, mounted)
-        cached = self._pool.cached(mounted.server, identity_id)
+        caller = relay.downstream.get()
+        profile = relay.Profile.of(caller.session.client_capabilities) if caller is not None else relay.NO_PROFILE
+        cached = self._pool.cached(mounted.server, identity_id, profile)
         if cached is not None:
             return cached
-        return await self._pool.client(mounted.server, await self._credential(principal, identity_id))
+        return await self._pool.client(mounted.server, await self._credential(principal, identity_id), profile)
 
     async def _view(self, principal: Principal) -> GatewayView:
         return await self._directory.view(principal.workspace_id, principal.gateway_id)
@@ -138,7 +151,7 @@ class Proxy:
         results: list[list[tuple[Mounted, T]]] = [[] for _ in view.mounted]
 
         async def one(index: int, mounted: Mounted) -> None:
-            if _provisioning(mounted, kind).mode.value == "block_all":
+            if _provisioning(mounted, kind).mode is ProvisionMode.BLOCK_ALL:
                 return
             try:
                 items = await self._call(principal, mounted, lambda client: fetch(mounted, client))
@@ -163,9 +176,9 @@ class Proxy:
         for mounted, tool in await self._gather(principal, "tools", fetch):
             if not mounted.entry.tools.allows(tool.name):
                 continue
-            name = routing.namespaced(mounted.alias, tool.name)
+            name = _exposed(mounted, tool.name)
             self._schemas[(principal.connection_id, name)] = dict(tool.input_schema)
-            tools.append(tool.model_copy(update={"name": name}))
+            tools.append(tool if name == tool.name else tool.model_copy(update={"name": name}))
         return tools
 
     async def list_prompts(self, principal: Principal) -> list[types.Prompt]:
@@ -173,7 +186,7 @@ class Proxy:
             return await _all_pages(lambda cursor: client.list_prompts(cursor=cursor), lambda r: r.prompts)
 
         return [
-            prompt.model_copy(update={"name": routing.namespaced(mounted.alias, prompt.name)})
+            prompt.model_copy(update={"name": _exposed(mounted, prompt.name)})
             for mounted, prompt in await self._gather(principal, "prompts", fetch)
             if mounted.entry.prompts.allows(prompt.name)
         ]
@@ -190,58 +203,113 @@ class Proxy:
                 lambda cursor: client.list_resource_templates(cursor=cursor), lambda r: r.resource_templates
             )
 
-        return [
-            t
-            for mounted, t in await self._gather(principal, "resources", fetch)
-            if mounted.entry.resources.mode.value != "block_all"
-        ]
+        return [template for _mounted, template in await self._gather(principal, "resources", fetch)]
 
     # --- routed requests ------------------------------------------------------------------------------------------
 
     async def _route(self, principal: Principal, qualified: str, kind: str) -> tuple[Mounted, str]:
-        parts = routing.split(qualified)
+        """The mounted server and its own name for an exposed name; hidden and unknown names are refused alike."""
         view = await self._view(principal)
-        mounted = view.by_alias(parts[0]) if parts else None
-        if parts is None or mounted is None or not _provisioning(mounted, kind).allows(parts[1]):
-            singular = kind.rstrip("s")
-            raise UnknownName(f"unknown {singular}: {qualified}", field="name")
-        return mounted, parts[1]
+        parts = routing.split(qualified)
+        mounted = view.by_alias(parts[0]) if parts is not None else None
+        if mounted is not None and mounted.entry.namespaced and parts is not None:
+            name = parts[1]
+        else:
+            mounted = next((m for m in view.mounted if not m.entry.namespaced), None)
+            name = qualified
+        if mounted is None or not _provisioning(mounted, kind).allows(name):
+            raise UnknownName(f"unknown {kind.rstrip('s')}: {qualified}", field="name")
+        return mounted, name
 
     async def call_tool(
-        self, principal: Principal, name: str, arguments: dict[str, Any] | None, progress: ProgressRelay | None = None
-    ) -> types.CallToolResult:
+        self,
+        principal: Principal,
+        name: str,
+        arguments: dict[str, Any] | None,
+        progress: ProgressRelay | None = None,
+        round_trip: RoundTrip | None = None,
+    ) -> Any:
+        """The upstream's result; for a 2026-era caller an input-required result passes through to it."""
         mounted, tool = await self._route(principal, name, "tools")
+        timeout = mounted.server.call_timeout_s
 
-        async def call(client: Client) -> types.CallToolResult:
-            return await client.call_tool(
-                tool, arguments, read_timeout_seconds=mounted.server.call_timeout_s, progress_callback=progress
-            )
+        async def call(client: Client) -> Any:
+            if round_trip is not None:
+                return await client.session.call_tool(
+                    tool,
+                    arguments,
+                    timeout,
+                    progress,
+                    input_responses=round_trip.input_responses,
+                    request_state=round_trip.request_state,
+                    allow_input_required=True,
+                )
+            return await client.call_tool(tool, arguments, read_timeout_seconds=timeout, progress_callback=progress)
 
         return await self._call(principal, mounted, call)
 
     async def get_prompt(
-        self, principal: Principal, name: str, arguments: dict[str, str] | None
-    ) -> types.GetPromptResult:
+        self, principal: Principal, name: str, arguments: dict[str, str] | None, round_trip: RoundTrip | None = None
+    ) -> Any:
         mounted, prompt = await self._route(principal, name, "prompts")
-        return await self._call(principal, mounted, lambda client: client.get_prompt(prompt, arguments))
 
-    async def read_resource(self, principal: Principal, uri: str) -> types.ReadResourceResult:
-        """Route by URI: to the server that listed it, else to the servers whose templates could have made it."""
+        async def get(client: Client) -> Any:
+            if round_trip is not None:
+                return await client.session.get_prompt(
+                    prompt,
+                    arguments,
+                    input_responses=round_trip.input_responses,
+                    request_state=round_trip.request_state,
+                    allow_input_required=True,
+                )
+            return await client.get_prompt(prompt, arguments)
+
+        return await self._call(principal, mounted, get)
+
+    async def read_resource(self, principal: Principal, uri: str, round_trip: RoundTrip | None = None) -> Any:
+        """Route by URI: the servers that may offer it are asked in turn until one has it."""
         view = await self._view(principal)
-        candidates = [m for m in view.mounted if m.entry.resources.mode.value != "block_all"]
         last_error: BaseException | None = None
-        for mounted in candidates:
-            if mounted.entry.resources.mode.value == "allow_selected" and uri not in mounted.entry.resources.selected:
+        for mounted in view.mounted:
+            if not mounted.entry.resources.allows(uri) and mounted.entry.resources.mode is not ProvisionMode.ALLOW_ALL:
                 continue
+
+            async def read(client: Client) -> Any:
+                if round_trip is not None:
+                    return await client.session.read_resource(
+                        uri,
+                        input_responses=round_trip.input_responses,
+                        request_state=round_trip.request_state,
+                        allow_input_required=True,
+                    )
+                return await client.read_resource(uri)
+
             try:
-                return await self._call(principal, mounted, lambda client: client.read_resource(uri))
-            except MCPError as exc:
-                last_error = exc
-            except (IdentityRequired, IdentityNeedsReauth, UpstreamUnavailable) as exc:
+                return await self._call(principal, mounted, read)
+            except (MCPError, IdentityRequired, IdentityNeedsReauth, UpstreamUnavailable) as exc:
                 last_error = exc
         if isinstance(last_error, MCPError | BastionError):
             raise last_error
         raise NotFound(f"Resource not found: {uri}", field="uri")
+
+    async def subscribe(self, principal: Principal, uri: str, *, on: bool) -> None:
+        """Forward a (legacy-era) resource subscription to the servers that may offer the resource."""
+        view = await self._view(principal)
+        for mounted in view.mounted:
+            if mounted.entry.resources.mode is ProvisionMode.BLOCK_ALL:
+                continue
+
+            async def forward(client: Client) -> Any:
+                with warnings.catch_warnings():  # deprecated as of 2026-07-28, still the handshake era's
+                    warnings.simplefilter("ignore", MCPDeprecationWarning)
+                    if on:
+                        return await client.session.subscribe_resource(uri)  # pyright: ignore[reportDeprecated]
+                    return await client.session.unsubscribe_resource(uri)  # pyright: ignore[reportDeprecated]
+
+            try:
+                await self._call(principal, mounted, forward)
+            except (MCPError, BastionError) as exc:
+                logger.info("subscription not forwarded", extra={"server": mounted.alias, "reason": type(exc).__name__})
 
     async def complete(
         self,
@@ -257,11 +325,15 @@ class Proxy:
             )
         else:
             view = await self._view(principal)
-            usable = [m for m in view.mounted if m.entry.resources.mode.value != "block_all"]
+            usable = [m for m in view.mounted if m.entry.resources.mode is not ProvisionMode.BLOCK_ALL]
             if not usable:
                 raise UnknownName("no server offers resource templates here", field="ref")
             mounted, upstream_ref = usable[0], ref
         return await self._call(principal, mounted, lambda client: client.complete(upstream_ref, argument, context))
+
+
+def _exposed(mounted: Mounted, name: str) -> str:
+    return routing.namespaced(mounted.alias, name) if mounted.entry.namespaced else name
 
 
 def _provisioning(mounted: Mounted, kind: str) -> Any:

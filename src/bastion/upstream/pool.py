@@ -22,6 +22,8 @@ from mcp import Client
 from bastion import __version__
 from bastion.domain.models import Server, Transport
 from bastion.errors import Unavailable
+from bastion.upstream import relay
+from bastion.upstream.relay import NO_PROFILE, Profile
 from bastion.upstream.transports import Credential, client_mode, open_transport
 
 logger = logging.getLogger("bastion.upstream")
@@ -42,6 +44,7 @@ class SessionKey:
     server_id: str
     server_version: int
     identity_id: str | None
+    profile: Profile = NO_PROFILE
 
 
 @dataclass(slots=True)
@@ -101,13 +104,13 @@ class UpstreamPool:
             limiter = self._limiters[server_id] = anyio.CapacityLimiter(self._per_server)
         return limiter
 
-    async def client(self, server: Server, credential: Credential) -> Client:
+    async def client(self, server: Server, credential: Credential, profile: Profile = NO_PROFILE) -> Client:
         """An open session for ``server`` as ``credential``, opening one if needed.
 
         Raises:
             UpstreamUnavailable: the upstream could not be reached or refused the handshake.
         """
-        key = SessionKey(server.id, server.version, credential.identity_id)
+        key = SessionKey(server.id, server.version, credential.identity_id, profile)
         session = self._sessions.get(key)
         if session is None:
             session = self._open(key, server, credential)
@@ -123,9 +126,9 @@ class UpstreamPool:
         session.last_used = time.monotonic()
         return session.client
 
-    def cached(self, server: Server, identity_id: str | None) -> Client | None:
-        """The open session for (server, identity) if there is one: the hot path needs no credential lookup."""
-        session = self._sessions.get(SessionKey(server.id, server.version, identity_id))
+    def cached(self, server: Server, identity_id: str | None, profile: Profile = NO_PROFILE) -> Client | None:
+        """The open session for (server, identity, profile) if there is one: the hot path needs no credential lookup."""
+        session = self._sessions.get(SessionKey(server.id, server.version, identity_id, profile))
         if session is None or session.client is None:
             return None
         session.last_used = time.monotonic()
@@ -161,6 +164,7 @@ class UpstreamPool:
                     read_timeout_seconds=server.call_timeout_s,
                     client_info=CLIENT_INFO,
                     cache=None,
+                    **relay.callbacks(session.key.profile),
                 ) as client:
                     session.client = client
                     session.ready.set()

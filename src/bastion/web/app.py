@@ -26,6 +26,7 @@ from bastion.web.api.deps import ApiContext
 from bastion.web.api.routes import router
 from bastion.web.api.routes_identity import router as identity_router
 from bastion.web.mcp.endpoint import McpEndpoint
+from bastion.web.mcp.event_store import BoundedEventStore
 from bastion.web.mcp.server import build_server
 from bastion.web.middleware import BodyLimit, RequestContext
 
@@ -75,6 +76,7 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
     mcp_manager = StreamableHTTPSessionManager(
         app=build_server(parts.proxy, parts.audit),
         stateless=False,
+        event_store=BoundedEventStore(),
         security_settings=TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
             allowed_hosts=settings.mcp_allowed_hosts(),

@@ -299,6 +299,9 @@ class GatewayServerIO(Body):
     tools: ProvisioningIO = ProvisioningIO()
     prompts: ProvisioningIO = ProvisioningIO()
     resources: ProvisioningIO = ProvisioningIO()
+    namespaced: bool = Field(
+        default=True, description="Prefix names with `alias__`; at most one server per gateway may turn this off"
+    )
 
     def to_domain(self) -> GatewayServerSpec:
         return GatewayServerSpec(
@@ -309,6 +312,7 @@ class GatewayServerIO(Body):
             self.tools.to_domain(),
             self.prompts.to_domain(),
             self.resources.to_domain(),
+            self.namespaced,
         )
 
     @classmethod
@@ -321,6 +325,7 @@ class GatewayServerIO(Body):
             tools=ProvisioningIO.of(s.tools),
             prompts=ProvisioningIO.of(s.prompts),
             resources=ProvisioningIO.of(s.resources),
+            namespaced=s.namespaced,
         )
 
 

@@ -49,8 +49,15 @@ class McpEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = scope.get("path_params", {}).get("gateway", "")
-        header = dict(scope["headers"]).get(b"authorization", b"")
+        presented = [value for name, value in scope["headers"] if name == b"authorization"]
         challenge = f'Bearer realm="bastion", resource="/g/{gateway}/mcp"'
+        if len(presented) > 1:
+            # Which one counts would differ between hops (first or last wins); refuse rather than guess (RFC 6750 §3.1).
+            value = f'{challenge}, error="invalid_request"'
+            detail = "send exactly one Authorization header"
+            await self._refuse(send, gateway, 400, "invalid_request", detail, [(b"www-authenticate", value.encode())])
+            return
+        header = presented[0] if presented else b""
         if header[: len(_BEARER)].lower() != _BEARER:
             detail = "send the access token as `Authorization: Bearer bst_…`"
             await self._refuse(send, gateway, 401, "invalid_token", detail, [(b"www-authenticate", challenge.encode())])
@@ -71,6 +78,8 @@ class McpEndpoint:
         user = AuthenticatedUser(
             AccessToken(token=principal.token_id, client_id=principal.host_id, scopes=[], subject=principal.member_id)
         )
+        # httptools keeps blanks around header values; the SDK compares Mcp-* headers to the body exactly.
+        scope["headers"] = [(name, value.strip()) for name, value in scope["headers"]]
         scope["user"] = user
         scope.setdefault("state", {})["principal"] = principal
         principal_token = current_principal.set(principal)

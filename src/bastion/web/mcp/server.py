@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from functools import wraps
@@ -10,13 +11,14 @@ from typing import Any, Final, TypeVar
 
 import mcp_types as types
 from mcp.server import Server, ServerRequestContext
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from bastion import __version__
 from bastion.domain.connections import Principal
 from bastion.errors import BastionError, NotFound, ValidationFailed
 from bastion.services.audit_seam import Audit, CallRecord
-from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy
+from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy, RoundTrip
+from bastion.upstream import relay
 from bastion.upstream.pool import UpstreamUnavailable
 
 logger = logging.getLogger("bastion.mcp")
@@ -75,6 +77,7 @@ def _audited(audit: Audit, method: str) -> Callable[[Handler[R]], Handler[R]]:
             name = getattr(params, "name", None) or (str(params.uri) if hasattr(params, "uri") else None)
             record = CallRecord(method=method, gateway=principal.gateway_slug, principal=principal, name=name)
             async with audit.call(record):
+                caller = relay.downstream.set(ctx)
                 try:
                     return await fn(ctx, params)
                 except MCPError as exc:
@@ -84,6 +87,8 @@ def _audited(audit: Audit, method: str) -> Callable[[Handler[R]], Handler[R]]:
                     mapped = to_jsonrpc(exc)
                     record.outcome, record.reason = "error", getattr(exc, "code", None) or str(mapped.code)
                     raise mapped from exc
+                finally:
+                    relay.downstream.reset(caller)
 
         return wrapper
 
@@ -93,50 +98,53 @@ def _audited(audit: Audit, method: str) -> Callable[[Handler[R]], Handler[R]]:
 def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
     """A Server whose handlers read the Principal the endpoint attached to this request."""
 
+    def round_trip(ctx: ServerRequestContext[Any, Any], params: Any) -> RoundTrip | None:
+        # 2026-era callers get input-required results passed through; handshake-era callers are asked mid-call.
+        if relay.is_legacy(ctx):
+            return None
+        return RoundTrip(getattr(params, "input_responses", None), getattr(params, "request_state", None))
+
     @_audited(audit, "tools/list")
-    async def list_tools(
-        _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
-    ) -> types.ListToolsResult:
+    async def list_tools(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=await proxy.list_tools(_principal()))
 
     @_audited(audit, "tools/call")
-    async def call_tool(
-        ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
-        async def relay(progress: float, total: float | None, message: str | None) -> None:
+    async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
+        async def progress(progress: float, total: float | None, message: str | None) -> None:
             await ctx.session.report_progress(progress, total, message)
 
-        return await proxy.call_tool(_principal(), params.name, dict(params.arguments or {}), relay)
+        arguments = dict(params.arguments or {})
+        return await proxy.call_tool(_principal(), params.name, arguments, progress, round_trip(ctx, params))
 
     @_audited(audit, "prompts/list")
-    async def list_prompts(
-        _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
-    ) -> types.ListPromptsResult:
+    async def list_prompts(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListPromptsResult:
         return types.ListPromptsResult(prompts=await proxy.list_prompts(_principal()))
 
     @_audited(audit, "prompts/get")
-    async def get_prompt(
-        _ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
-    ) -> types.GetPromptResult:
-        return await proxy.get_prompt(_principal(), params.name, params.arguments)
+    async def get_prompt(ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams) -> Any:
+        return await proxy.get_prompt(_principal(), params.name, params.arguments, round_trip(ctx, params))
 
     @_audited(audit, "resources/list")
-    async def list_resources(
-        _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
-    ) -> types.ListResourcesResult:
+    async def list_resources(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListResourcesResult:
         return types.ListResourcesResult(resources=await proxy.list_resources(_principal()))
 
     @_audited(audit, "resources/templates/list")
-    async def list_templates(
-        _ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
-    ) -> types.ListResourceTemplatesResult:
+    async def list_templates(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListResourceTemplatesResult:
         return types.ListResourceTemplatesResult(resource_templates=await proxy.list_resource_templates(_principal()))
 
     @_audited(audit, "resources/read")
-    async def read_resource(
-        _ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
-    ) -> types.ReadResourceResult:
-        return await proxy.read_resource(_principal(), str(params.uri))
+    async def read_resource(ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams) -> Any:
+        return await proxy.read_resource(_principal(), str(params.uri), round_trip(ctx, params))
+
+    @_audited(audit, "resources/subscribe")
+    async def subscribe(_ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams) -> Any:
+        await proxy.subscribe(_principal(), str(params.uri), on=True)
+        return types.EmptyResult()
+
+    @_audited(audit, "resources/unsubscribe")
+    async def unsubscribe(_ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams) -> Any:
+        await proxy.subscribe(_principal(), str(params.uri), on=False)
+        return types.EmptyResult()
 
     @_audited(audit, "completion/complete")
     async def complete(
@@ -146,20 +154,31 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
         context = dict(params.context.arguments or {}) if params.context else None
         return await proxy.complete(_principal(), params.ref, argument, context)
 
+    async def set_logging_level(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.EmptyResult:
+        # Upstream sessions log at debug; what reaches the caller is each upstream's own choice.
+        return types.EmptyResult()
+
     def input_schema(name: str) -> dict[str, Any] | None:
         return proxy.input_schema(current_principal.get(), name)
 
-    return Server(
-        "bastion",
-        version=__version__,
-        instructions="Bastion gateway: tools are named server__tool and run with your own credentials.",
-        on_list_tools=list_tools,
-        on_call_tool=call_tool,
-        on_list_prompts=list_prompts,
-        on_get_prompt=get_prompt,
-        on_list_resources=list_resources,
-        on_list_resource_templates=list_templates,
-        on_read_resource=read_resource,
-        on_completion=complete,
-        get_tool_input_schema=input_schema,
-    )
+    # Subscriptions and logging/setLevel are deprecated as of 2026-07-28 but still part of the handshake era.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return Server(  # pyright: ignore[reportDeprecated]
+            "bastion",
+            version=__version__,
+            instructions="Bastion gateway: tools run with your own credentials for each server.",
+            on_list_tools=list_tools,
+            on_call_tool=call_tool,
+            on_list_prompts=list_prompts,
+            on_get_prompt=get_prompt,
+            on_list_resources=list_resources,
+            on_list_resource_templates=list_templates,
+            on_read_resource=read_resource,
+            on_subscribe_resource=subscribe,
+            on_unsubscribe_resource=unsubscribe,
+            on_completion=complete,
+            on_set_logging_level=set_logging_level,
+            get_tool_input_schema=input_schema,
+        )
