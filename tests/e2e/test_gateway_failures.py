@@ -1,0 +1,50 @@
+"""Upstream failures end in clear JSON-RPC errors, never a hang or a stack trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.models import Transport
+from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.services import connections, gateways, hosts, members, servers
+from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings
+from bastion.web.app import create_app
+from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
+from tests.mcp_support import gateway_client, serving
+from tests.processes import free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+async def _token(store: Store, hasher: KeyHasher, operator: Actor, url: str) -> str:
+    await servers.create(store, operator, ServerSpec("down", Transport.STREAMABLE_HTTP, url=url, connect_timeout_s=2))
+    await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("down"),)))
+    await hosts.create(store, operator, HostSpec("agent"))
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    _c, _t, token = await connections.create(
+        store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
+    )
+    return token
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_an_unreachable_upstream_is_a_clear_error_and_listings_leave_it_out(
+    mode: str, settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    token = await _token(store, hasher, operator, f"http://127.0.0.1:{free_port()}/mcp")
+    async with (
+        serving(create_app(settings, store)) as bastion,
+        gateway_client(f"{bastion}/g/g/mcp", token, mode) as client,
+    ):
+        assert (await client.list_tools()).tools == []
+        with pytest.raises(MCPError) as caught:
+            await client.call_tool("down__anything", {})
+        assert caught.value.code == UPSTREAM_UNAVAILABLE
+        assert "down" in caught.value.message
+        assert "Traceback" not in caught.value.message
