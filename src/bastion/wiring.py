@@ -29,11 +29,28 @@ def hasher_from(settings: Settings) -> KeyHasher:
 
 
 def vault_from(settings: Settings) -> Vault:
-    """A vault whose keyring is re-read from the environment and config file when a new key id shows up."""
+    """A vault whose keyring is re-read from the environment and config file when it may have changed.
+
+    Keys found there are added to the ones already known (none is ever dropped while running), and their
+    primary takes over; settings given directly (tests, embedding) keep their keyring.
+    """
     overrides = {
         k: getattr(settings, k) for k in settings.model_fields_set if k not in ("vault_keys", "vault_primary_key_id")
     }
-    return Vault(keyring_from(settings), reload=lambda: keyring_from(load_settings(**overrides)))
+    current = keyring_from(settings)
+
+    def reload() -> Keyring:
+        nonlocal current
+        fresh = load_settings(**overrides)
+        if fresh.vault_keys is None or fresh.vault_primary_key_id is None:
+            return current
+        keys = {**current.keys(), **fresh.vault_keyring()}
+        current = Keyring(
+            keys, fresh.vault_primary_key_id if fresh.vault_primary_key_id in keys else current.primary_id
+        )
+        return current
+
+    return Vault(current, reload=reload)
 
 
 @dataclass(frozen=True, slots=True)

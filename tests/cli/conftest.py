@@ -94,7 +94,7 @@ def secret_file(directory: Path, name: str, value: str) -> str:
 @pytest.fixture
 def enrolled(cli: Cli, tmp_path: Path) -> dict[str, Any]:
     """A per-user server behind a gateway, a host, and a member holding one identity for the server."""
-    cli("server", "create", "github", "--url", "https://api.githubcopilot.com/mcp/")
+    cli("server", "create", "github", "--url", "https://api.githubcopilot.com/mcp/", "--auth-kind", "bearer")
     cli("gateway", "create", "sales", "--server", "github")
     cli("host", "create", "sales-agent")
     cli("member", "create", "alice@example.com")

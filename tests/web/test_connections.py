@@ -12,7 +12,7 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import MEMBER_ROLE, Capability
 from bastion.domain.identities import bearer_secret
-from bastion.domain.models import IdentityScheme, Transport
+from bastion.domain.models import AuthKind, IdentityScheme, Transport
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, ServerSpec
 from bastion.errors import BastionError, Unauthenticated
 from bastion.services import gateways, hosts, identities, servers
@@ -29,8 +29,16 @@ TOKENS = f"{API}/tokens"
 @pytest.fixture
 async def world(store: Store, vault: Any, hasher: KeyHasher, operator: Actor) -> dict[str, Any]:
     """Two servers, a per-user gateway, a shared-scheme gateway with a global identity, two hosts."""
-    await servers.create(store, operator, ServerSpec("bq", Transport.STREAMABLE_HTTP, "https://bq.example.com/mcp"))
-    await servers.create(store, operator, ServerSpec("wiki", Transport.STREAMABLE_HTTP, "https://wiki.example/mcp"))
+    await servers.create(
+        store,
+        operator,
+        ServerSpec("bq", Transport.STREAMABLE_HTTP, "https://bq.example.com/mcp", auth_kind=AuthKind.BEARER),
+    )
+    await servers.create(
+        store,
+        operator,
+        ServerSpec("wiki", Transport.STREAMABLE_HTTP, "https://wiki.example/mcp", auth_kind=AuthKind.BEARER),
+    )
     await gateways.create(store, operator, GatewaySpec("analytics", servers=(GatewayServerSpec("bq"),)))
     shared = await identities.create(
         store, vault, hasher, operator, server="wiki", shared=True, secret=bearer_secret("workspace-wiki-token")

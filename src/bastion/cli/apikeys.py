@@ -24,7 +24,7 @@ MemberOpt = Annotated[str | None, typer.Option(help="The owner's email or id (fo
 
 def record(key: ApiKey, member: Member) -> dict[str, Any]:
     """The API's key document plus the owner's email; never the key itself."""
-    return {**ApiKeyOut.of(key).model_dump(mode="json"), "member": member.email}
+    return {**ApiKeyOut.from_domain(key).model_dump(mode="json"), "member": member.email}
 
 
 async def _keys(ctx: CliContext, member: str | None) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ Expires = Annotated[
 def record(connection: Connection, names: Names) -> dict[str, Any]:
     """The API's connection document plus the member's email, the host's name and the gateway's slug."""
     return {
-        **ConnectionOut.of(connection).model_dump(mode="json"),
+        **ConnectionOut.from_domain(connection).model_dump(mode="json"),
         "member": names.member(connection.member_id),
         "host": names.host(connection.host_id),
         "gateway": names.gateway(connection.gateway_id),

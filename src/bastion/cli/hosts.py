@@ -22,7 +22,7 @@ Ref = Annotated[str, typer.Argument(help="Host name or id.")]
 
 
 def record(host: Host) -> dict[str, Any]:
-    return HostOut.of(host).model_dump(mode="json")
+    return HostOut.from_domain(host).model_dump(mode="json")
 
 
 @host_app.command("create")

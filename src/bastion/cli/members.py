@@ -23,7 +23,7 @@ Ref = Annotated[str, typer.Argument(help="Member email or id.")]
 
 def record(member: Member, role_name: str) -> dict[str, Any]:
     """The API's member document plus the role's name."""
-    return {**MemberOut.of(member).model_dump(mode="json"), "role": role_name}
+    return {**MemberOut.from_domain(member).model_dump(mode="json"), "role": role_name}
 
 
 async def _with_role(ctx: CliContext, member: Member) -> dict[str, Any]:

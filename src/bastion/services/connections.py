@@ -75,11 +75,7 @@ async def _resolve_identities(
             )
         ).scalars()
     )
-    per_user = {
-        s.alias: s
-        for s in gateway.servers
-        if s.identity_scheme is IdentityScheme.PER_USER and s.server_id not in open_servers
-    }
+    per_user = {s.alias: s for s in gateway.servers if s.identity_scheme is IdentityScheme.PER_USER}
     unknown = set(chosen) - set(per_user)
     if unknown:
         raise ValidationFailed(
@@ -112,6 +108,8 @@ async def _resolve_identities(
             .scalars()
             .all()
         )
+        if len(candidates) != 1 and entry.server_id in open_servers:
+            continue  # a server that takes no credential needs no identity; one is used only if unambiguous
         if len(candidates) != 1:
             problem = "has no identity" if not candidates else "has several identities; choose one"
             raise ValidationFailed(f"the member {problem} for server {alias!r}", field=f"identities.{alias}")

@@ -156,6 +156,9 @@ class UpstreamPool:
         return session
 
     async def _hold(self, session: _Session, server: Server, credential: Credential) -> None:
+        # This task inherited the context of the call that opened the session; over stdio and SSE the SDK runs
+        # callbacks in the reader task started here, so they would talk to that first caller, whoever calls later.
+        relay.downstream.set(None)
         with session.scope:
             try:
                 async with Client(

@@ -116,6 +116,10 @@ class Keyring:
     def __repr__(self) -> str:
         return f"Keyring(key_ids={sorted(self._keys)!r}, primary_id={self.primary_id!r})"
 
+    def keys(self) -> dict[str, bytes]:
+        """A copy of the key material, for merging keyrings; never log it."""
+        return dict(self._keys)
+
     @property
     def key_ids(self) -> frozenset[str]:
         return frozenset(self._keys)

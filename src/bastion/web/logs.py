@@ -48,3 +48,6 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         logging.getLogger(name).propagate = True
     # uvicorn's access log repeats what our request log says, without the request id.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx2 logs every upstream request at info: a second line per tools/call on the hot path (about 2 % of the
+    # gateway's CPU under load, bench/gateway.py) that the request log already covers. Kept at debug.
+    logging.getLogger("httpx2").setLevel(logging.NOTSET if level.upper() == "DEBUG" else logging.WARNING)

@@ -65,7 +65,7 @@ async def list_capabilities(actor: CurrentActor) -> list[CapabilityOut]:
 @router.get("/me", tags=["self"], openapi_extra=self_service())
 async def get_me(ctx: Ctx, actor: CurrentActor) -> MeOut:
     member, role = await members.get_self(ctx.store, actor)
-    return MeOut(member=MemberOut.of(member), role=RoleOut.of(role))
+    return MeOut(member=MemberOut.from_domain(member), role=RoleOut.of(role))
 
 
 @router.get("/me/api-keys", tags=["self"], openapi_extra=self_service())
@@ -73,14 +73,14 @@ async def list_my_api_keys(
     ctx: Ctx, actor: CurrentActor, cursor: Cursor = None, limit: Limit = None
 ) -> PageOut[ApiKeyOut]:
     page = await apikeys.list_page(ctx.store, actor, cursor=cursor, limit=limit)
-    return PageOut(items=[ApiKeyOut.of(k) for k in page.items], next_cursor=page.next_cursor)
+    return PageOut(items=[ApiKeyOut.from_domain(k) for k in page.items], next_cursor=page.next_cursor)
 
 
 @router.post("/me/api-keys", tags=["self"], status_code=201, openapi_extra=self_service())
 async def create_my_api_key(ctx: Ctx, actor: CurrentActor, body: ApiKeyCreate) -> ApiKeyCreated:
     """Mint an API key for yourself. The secret is in this response only."""
     key, secret = await apikeys.create(ctx.store, ctx.hasher, actor, name=body.name, expires_at=body.expires_at)
-    return ApiKeyCreated(key=ApiKeyOut.of(key), secret=secret)
+    return ApiKeyCreated(key=ApiKeyOut.from_domain(key), secret=secret)
 
 
 @router.delete(
@@ -140,7 +140,7 @@ async def list_members(
     ctx: Ctx, actor: CurrentActor, cursor: Cursor = None, limit: Limit = None, status: MemberStatus | None = None
 ) -> PageOut[MemberOut]:
     page = await members.list_page(ctx.store, actor, cursor=cursor, limit=limit, status=status)
-    return PageOut(items=[MemberOut.of(m) for m in page.items], next_cursor=page.next_cursor)
+    return PageOut(items=[MemberOut.from_domain(m) for m in page.items], next_cursor=page.next_cursor)
 
 
 @router.post("/members", tags=["members"], status_code=201, openapi_extra=needs(C.MEMBERS_MANAGE))
@@ -149,14 +149,14 @@ async def create_member(
 ) -> MemberOut:
     member = await members.create(ctx.store, actor, MemberSpec(body.email, body.name, body.role))
     _created(response, request, member.id, member.version)
-    return MemberOut.of(member)
+    return MemberOut.from_domain(member)
 
 
 @router.get("/members/{ref}", tags=["members"], openapi_extra=needs(C.MEMBERS_MANAGE, C.ADMIN_VIEW))
 async def get_member(ctx: Ctx, actor: CurrentActor, ref: Ref, response: Response) -> MemberOut:
     member = await members.get(ctx.store, actor, ref)
     set_etag(response, member.version)
-    return MemberOut.of(member)
+    return MemberOut.from_domain(member)
 
 
 @router.patch("/members/{ref}", tags=["members"], openapi_extra=needs(C.MEMBERS_MANAGE))
@@ -166,7 +166,7 @@ async def update_member(
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     member = await members.update(ctx.store, actor, ref, changes, if_match(request))
     set_etag(response, member.version)
-    return MemberOut.of(member)
+    return MemberOut.from_domain(member)
 
 
 @router.delete(
@@ -182,7 +182,7 @@ async def list_member_api_keys(
 ) -> PageOut[ApiKeyOut]:
     actor.require(C.MEMBERS_MANAGE)
     page = await apikeys.list_page(ctx.store, actor, member=ref, cursor=cursor, limit=limit)
-    return PageOut(items=[ApiKeyOut.of(k) for k in page.items], next_cursor=page.next_cursor)
+    return PageOut(items=[ApiKeyOut.from_domain(k) for k in page.items], next_cursor=page.next_cursor)
 
 
 @router.delete(
@@ -296,21 +296,21 @@ async def list_hosts(
     ctx: Ctx, actor: CurrentActor, cursor: Cursor = None, limit: Limit = None, enabled: bool | None = None
 ) -> PageOut[HostOut]:
     page = await hosts.list_page(ctx.store, actor, cursor=cursor, limit=limit, enabled=enabled)
-    return PageOut(items=[HostOut.of(h) for h in page.items], next_cursor=page.next_cursor)
+    return PageOut(items=[HostOut.from_domain(h) for h in page.items], next_cursor=page.next_cursor)
 
 
 @router.post("/hosts", tags=["hosts"], status_code=201, openapi_extra=needs(C.HOSTS_MANAGE))
 async def create_host(ctx: Ctx, actor: CurrentActor, body: HostCreate, request: Request, response: Response) -> HostOut:
     host = await hosts.create(ctx.store, actor, HostSpec(body.name, body.description, body.webhook_url))
     _created(response, request, host.id, host.version)
-    return HostOut.of(host)
+    return HostOut.from_domain(host)
 
 
 @router.get("/hosts/{ref}", tags=["hosts"], openapi_extra=needs(*_HOST_READ))
 async def get_host(ctx: Ctx, actor: CurrentActor, ref: Ref, response: Response) -> HostOut:
     host = await hosts.get(ctx.store, actor, ref)
     set_etag(response, host.version)
-    return HostOut.of(host)
+    return HostOut.from_domain(host)
 
 
 @router.patch("/hosts/{ref}", tags=["hosts"], openapi_extra=needs(C.HOSTS_MANAGE))
@@ -320,7 +320,7 @@ async def update_host(
     changes = {k: getattr(body, k) for k in body.model_fields_set if k == "webhook_url" or getattr(body, k) is not None}
     host = await hosts.update(ctx.store, actor, ref, changes, if_match(request))
     set_etag(response, host.version)
-    return HostOut.of(host)
+    return HostOut.from_domain(host)
 
 
 @router.post("/hosts/{ref}/disable", tags=["hosts"], openapi_extra=needs(C.HOSTS_DISABLE_ENABLE))
@@ -328,14 +328,14 @@ async def disable_host(ctx: Ctx, actor: CurrentActor, ref: Ref, request: Request
     """Block every token of the host at once. Nothing is deleted; enable restores them."""
     host = await hosts.set_enabled(ctx.store, actor, ref, False, if_match(request))
     set_etag(response, host.version)
-    return HostOut.of(host)
+    return HostOut.from_domain(host)
 
 
 @router.post("/hosts/{ref}/enable", tags=["hosts"], openapi_extra=needs(C.HOSTS_DISABLE_ENABLE))
 async def enable_host(ctx: Ctx, actor: CurrentActor, ref: Ref, request: Request, response: Response) -> HostOut:
     host = await hosts.set_enabled(ctx.store, actor, ref, True, if_match(request))
     set_etag(response, host.version)
-    return HostOut.of(host)
+    return HostOut.from_domain(host)
 
 
 @router.delete(

@@ -146,7 +146,7 @@ async def list_connections(
     page = await connections.list_page(
         ctx.store, actor, member=member, host=host, every=every, cursor=cursor, limit=limit
     )
-    return PageOut(items=[ConnectionOut.of(c) for c in page.items], next_cursor=page.next_cursor)
+    return PageOut(items=[ConnectionOut.from_domain(c) for c in page.items], next_cursor=page.next_cursor)
 
 
 @router.post("/connections", tags=["connections"], status_code=201, openapi_extra=self_service())
@@ -162,14 +162,16 @@ async def create_connection(ctx: Ctx, actor: CurrentActor, body: ConnectionCreat
         identity_choices=body.identities,
         token_expires_at=body.token_expires_at,
     )
-    return ConnectionCreated(connection=ConnectionOut.of(connection), token=AccessTokenOut.of(token), secret=secret)
+    return ConnectionCreated(
+        connection=ConnectionOut.from_domain(connection), token=AccessTokenOut.of(token), secret=secret
+    )
 
 
 @router.get("/connections/{connection_id}", tags=["connections"], openapi_extra=self_service())
 async def get_connection(ctx: Ctx, actor: CurrentActor, connection_id: Id, response: Response) -> ConnectionOut:
     connection = await connections.get(ctx.store, actor, connection_id)
     set_etag(response, connection.version)
-    return ConnectionOut.of(connection)
+    return ConnectionOut.from_domain(connection)
 
 
 @router.put("/connections/{connection_id}/identities/{alias}", tags=["connections"], openapi_extra=self_service())
@@ -180,7 +182,9 @@ async def set_connection_identity(
     alias: Annotated[str, Path(max_length=63)],
     body: ConnectionIdentityUpdate,
 ) -> ConnectionOut:
-    return ConnectionOut.of(await connections.set_identity(ctx.store, actor, connection_id, alias, body.identity_id))
+    return ConnectionOut.from_domain(
+        await connections.set_identity(ctx.store, actor, connection_id, alias, body.identity_id)
+    )
 
 
 @router.post(
@@ -191,7 +195,7 @@ async def disable_connection(
 ) -> ConnectionOut:
     connection = await connections.set_enabled(ctx.store, actor, connection_id, False, if_match(request))
     set_etag(response, connection.version)
-    return ConnectionOut.of(connection)
+    return ConnectionOut.from_domain(connection)
 
 
 @router.post(
@@ -202,7 +206,7 @@ async def enable_connection(
 ) -> ConnectionOut:
     connection = await connections.set_enabled(ctx.store, actor, connection_id, True, if_match(request))
     set_etag(response, connection.version)
-    return ConnectionOut.of(connection)
+    return ConnectionOut.from_domain(connection)
 
 
 @router.post("/connections/{connection_id}/tokens", tags=["connections"], status_code=201, openapi_extra=self_service())

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from bastion.domain.capabilities import CAPABILITY_LABELS, Capability
 from bastion.domain.models import (
-    ApiKey,
     AuthKind,
     Gateway,
-    Host,
     IdentityScheme,
-    Member,
     MemberStatus,
     OAuthClientSettings,
     OAuthRegistration,
@@ -54,7 +51,13 @@ class Patch(Body):
 
 
 class Out(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A response body. Most are read straight off the domain object's attributes of the same names."""
+
+    model_config = ConfigDict(extra="forbid", from_attributes=True)
+
+    @classmethod
+    def from_domain(cls, obj: Any) -> Self:
+        return cls.model_validate(obj)
 
 
 class PageOut(Out, Generic[T]):
@@ -135,19 +138,6 @@ class MemberOut(Out):
     version: int
     created_at: datetime
     updated_at: datetime
-
-    @classmethod
-    def of(cls, member: Member) -> MemberOut:
-        return cls(
-            id=member.id,
-            email=member.email,
-            name=member.name,
-            status=member.status,
-            role_id=member.role_id,
-            version=member.version,
-            created_at=member.created_at,
-            updated_at=member.updated_at,
-        )
 
 
 class MeOut(Out):
@@ -417,22 +407,6 @@ class HostOut(Out):
     created_at: datetime
     updated_at: datetime
 
-    @classmethod
-    def of(cls, h: Host) -> HostOut:
-        return cls(
-            id=h.id,
-            name=h.name,
-            description=h.description,
-            kind=h.kind.value,
-            enabled=h.enabled,
-            webhook_url=h.webhook_url,
-            disabled_at=h.disabled_at,
-            disabled_by=h.disabled_by,
-            version=h.version,
-            created_at=h.created_at,
-            updated_at=h.updated_at,
-        )
-
 
 # --- API keys -------------------------------------------------------------------------------------------------------
 
@@ -451,19 +425,6 @@ class ApiKeyOut(Out):
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
-
-    @classmethod
-    def of(cls, k: ApiKey) -> ApiKeyOut:
-        return cls(
-            id=k.id,
-            member_id=k.member_id,
-            name=k.name,
-            last4=k.last4,
-            created_at=k.created_at,
-            expires_at=k.expires_at,
-            revoked_at=k.revoked_at,
-            last_used_at=k.last_used_at,
-        )
 
 
 class ApiKeyCreated(Out):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Final
 
 from pydantic import Field, SecretStr
 
-from bastion.domain.connections import AccessToken, Connection, ConnectionLink
+from bastion.domain.connections import AccessToken, ConnectionLink
 from bastion.domain.identities import Identity, IdentityKind, IdentityStatus
 from bastion.services.links import DEFAULT_LINK_LIFETIME, MAX_LINK_LIFETIME, MIN_LINK_LIFETIME
 from bastion.services.rotation import KeyUsage
@@ -124,23 +124,6 @@ class ConnectionOut(Out):
     version: int
     created_at: datetime
     updated_at: datetime
-
-    @classmethod
-    def of(cls, c: Connection) -> ConnectionOut:
-        return cls(
-            id=c.id,
-            member_id=c.member_id,
-            host_id=c.host_id,
-            gateway_id=c.gateway_id,
-            link_id=c.link_id,
-            enabled=c.enabled,
-            identities=dict(c.identities),
-            disabled_at=c.disabled_at,
-            disabled_by=c.disabled_by,
-            version=c.version,
-            created_at=c.created_at,
-            updated_at=c.updated_at,
-        )
 
 
 class ConnectionCreated(Out):
