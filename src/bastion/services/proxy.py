@@ -93,6 +93,21 @@ class Proxy:
 
     # --- credentials and sessions ---------------------------------------------------------------------------------
 
+    def identity_for(self, principal: Principal, mounted: Mounted) -> str | None:
+        """Which identity serves this person at this mounted server (None: the server takes no credential).
+
+        Raises:
+            IdentityRequired: a per-user server for which the person has no identity yet.
+        """
+        return self._identity_for(principal, mounted)
+
+    async def credential(self, principal: Principal, identity_id: str | None) -> Credential:
+        return await self._credential(principal, identity_id)
+
+    async def route_tool(self, principal: Principal, name: str) -> tuple[Mounted, str]:
+        """The mounted server and its own name for an exposed tool name, with provisioning applied."""
+        return await self._route(principal, name, "tools")
+
     def _identity_for(self, principal: Principal, mounted: Mounted) -> str | None:
         if mounted.server.auth_kind is AuthKind.NONE:
             return None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import mcp_types as types
@@ -77,6 +77,7 @@ class UpstreamPool:
         self._sessions: dict[SessionKey, _Session] = {}
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._tasks: TaskGroup | None = None
+        self._discard_listeners: list[Callable[[str | None, str | None], None]] = []
 
     def __repr__(self) -> str:
         return f"UpstreamPool(open={len(self._sessions)})"
@@ -134,8 +135,26 @@ class UpstreamPool:
         session.last_used = time.monotonic()
         return session.client
 
+    def cached_any(self, server: Server) -> Client | None:
+        """Any open session to this server version, to learn what the upstream negotiated."""
+        for key, session in self._sessions.items():
+            if key.server_id == server.id and key.server_version == server.version and session.client is not None:
+                return session.client
+        return None
+
+    def on_discard(self, callback: Callable[[str | None, str | None], None]) -> None:
+        """Also tell ``callback(server_id, identity_id)`` when sessions are discarded."""
+        self._discard_listeners.append(callback)
+
+    def close_later(self, close: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Close something in the pool's task group (callers may be synchronous event handlers)."""
+        if self._tasks is not None:
+            self._tasks.start_soon(close)
+
     def discard(self, server_id: str | None = None, identity_id: str | None = None) -> None:
         """Close sessions of a server or an identity (its credential or settings changed)."""
+        for listener in self._discard_listeners:
+            listener(server_id, identity_id)
         for key, session in list(self._sessions.items()):
             if (server_id is not None and key.server_id == server_id) or (
                 identity_id is not None and key.identity_id == identity_id

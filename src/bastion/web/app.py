@@ -10,7 +10,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +27,7 @@ from bastion.web.api.routes import router
 from bastion.web.api.routes_identity import router as identity_router
 from bastion.web.mcp.endpoint import McpEndpoint
 from bastion.web.mcp.event_store import BoundedEventStore
+from bastion.web.mcp.fastpath import FastPath
 from bastion.web.mcp.server import build_server
 from bastion.web.middleware import BodyLimit, RequestContext
 
@@ -73,17 +74,19 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
     # Engines connect lazily, so the app can serve at once, even where no lifespan runs (in-process tests).
     lifecycle.started = True
 
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=settings.mcp_allowed_hosts(),
+        allowed_origins=settings.mcp_allowed_origins(),
+    )
     mcp_manager = StreamableHTTPSessionManager(
         app=build_server(parts.proxy, parts.audit),
         stateless=False,
         event_store=BoundedEventStore(),
-        security_settings=TransportSecuritySettings(
-            enable_dns_rebinding_protection=True,
-            allowed_hosts=settings.mcp_allowed_hosts(),
-            allowed_origins=settings.mcp_allowed_origins(),
-        ),
+        security_settings=security,
         max_request_body_size=settings.max_request_body_bytes,
     )
+    fast_path = FastPath(parts.proxy, parts.pool, parts.audit, TransportSecurityMiddleware(security))
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
@@ -95,6 +98,7 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
                 yield
             finally:
                 lifecycle.draining = True
+                await fast_path.close()
                 tasks.cancel_scope.cancel()
         if store is None:
             await parts.close()
@@ -119,7 +123,7 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
             Mount("/api/v1", app=api),
             Route(
                 "/g/{gateway}/mcp",
-                McpEndpoint(parts.resolver, mcp_manager, parts.audit),
+                McpEndpoint(parts.resolver, mcp_manager, parts.audit, fast_path),
                 methods=["GET", "POST", "DELETE"],
             ),
         ],

@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 from bastion.errors import Forbidden, Unauthenticated, Unavailable
 from bastion.services.audit_seam import Audit, CallRecord
 from bastion.services.principals import Resolver
+from bastion.web.mcp.fastpath import FastPath, read_body, replaying
 from bastion.web.mcp.server import current_principal
 
 _BEARER: Final = b"bearer "
@@ -34,10 +35,13 @@ async def _reply(send: Send, status: int, body: dict[str, str], headers: list[tu
 class McpEndpoint:
     """An ASGI app (a class instance, so Starlette routes it as raw ASGI without a trailing-slash redirect)."""
 
-    def __init__(self, resolver: Resolver, manager: StreamableHTTPSessionManager, audit: Audit) -> None:
+    def __init__(
+        self, resolver: Resolver, manager: StreamableHTTPSessionManager, audit: Audit, fast: FastPath | None = None
+    ) -> None:
         self._resolver = resolver
         self._manager = manager
         self._audit = audit
+        self._fast = fast
 
     async def _refuse(
         self, send: Send, gateway: str, status: int, code: str, detail: str, headers: list[tuple[bytes, bytes]]
@@ -80,6 +84,11 @@ class McpEndpoint:
         )
         # httptools keeps blanks around header values; the SDK compares Mcp-* headers to the body exactly.
         scope["headers"] = [(name, value.strip()) for name, value in scope["headers"]]
+        if self._fast is not None and self._fast.eligible(scope):
+            body, messages = await read_body(receive)
+            if await self._fast.handle(scope, body, send, principal):
+                return
+            receive = replaying(messages, receive)
         scope["user"] = user
         scope.setdefault("state", {})["principal"] = principal
         principal_token = current_principal.set(principal)

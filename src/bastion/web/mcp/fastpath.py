@@ -1,0 +1,241 @@
+"""The hot path: a 2026-era `tools/call` to a 2026-era Streamable HTTP upstream is forwarded as bytes.
+
+Both ends speak the same stateless era, so rebuilding the request through an SDK server and an SDK
+client (most of a call's CPU) adds nothing: Bastion checks Host/Origin, routes and authorises the
+tool name exactly as the full path does, rewrites only `params.name` and the `Mcp-Name` header,
+swaps in the member's credential, and streams the upstream's answer (JSON or SSE, progress
+included) back. Anything else — other methods, other eras, stdio or SSE upstreams, an `auto`
+upstream whose era is not yet known — takes the full path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import httpx2
+import mcp_types as types
+from mcp.server.transport_security import TransportSecurityMiddleware
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope, Send
+
+from bastion.domain.connections import Principal
+from bastion.domain.models import ProtocolEra, Transport
+from bastion.errors import BastionError
+from bastion.services.audit_seam import Audit, CallRecord
+from bastion.services.directory import Mounted
+from bastion.services.proxy import Proxy
+from bastion.upstream.pool import UpstreamPool
+from bastion.upstream.transports import http_client
+from bastion.web.mcp.server import to_jsonrpc
+
+logger = logging.getLogger("bastion.fastpath")
+MODERN: Final = "2026-07-28"
+# Request headers that travel to the upstream; everything else (Authorization, cookies, …) stays behind.
+_FORWARDED: Final = (b"accept", b"content-type", b"mcp-protocol-version", b"mcp-method")
+_PARAM_PREFIX: Final = b"mcp-param-"
+_HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"})
+
+
+async def read_body(receive: Receive) -> tuple[bytes, list[Message]]:
+    """The whole request body, and the messages it came in (to replay to the full path)."""
+    chunks: list[bytes] = []
+    messages: list[Message] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks), messages
+
+
+def replaying(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
+
+class FastPath:
+    def __init__(self, proxy: Proxy, pool: UpstreamPool, audit: Audit, security: TransportSecurityMiddleware) -> None:
+        self._proxy = proxy
+        self._pool = pool
+        self._audit = audit
+        self._security = security
+        self._clients: dict[tuple[str, int, str | None], httpx2.AsyncClient] = {}
+        pool.on_discard(self._forget)
+
+    def _forget(self, server_id: str | None, identity_id: str | None) -> None:
+        for key in [
+            k for k in self._clients if (server_id and k[0] == server_id) or (identity_id and k[2] == identity_id)
+        ]:
+            client = self._clients.pop(key)
+            self._pool.close_later(client.aclose)
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    def eligible(self, scope: Scope) -> bool:
+        if scope["method"] != "POST":
+            return False
+        headers = dict(scope["headers"])
+        return headers.get(b"mcp-protocol-version") == MODERN.encode() and headers.get(b"mcp-method") == b"tools/call"
+
+    async def _modern_upstream(self, principal: Principal, mounted: Mounted) -> bool:
+        server = mounted.server
+        if server.transport is not Transport.STREAMABLE_HTTP:
+            return False
+        if server.era is ProtocolEra.MODERN:
+            return True
+        if server.era is ProtocolEra.LEGACY:
+            return False
+        client = self._pool.cached_any(server)  # an `auto` server: known modern once any session negotiated it
+        return client is not None and client.protocol_version == MODERN
+
+    async def handle(self, scope: Scope, body: bytes, send: Send, principal: Principal) -> bool:
+        """Forward the call and return True, or return False (nothing sent) for the full path to take it."""
+        try:
+            decoded: Any = json.loads(body)
+        except ValueError:
+            return False
+        if not isinstance(decoded, dict):
+            return False
+        message: dict[str, Any] = decoded  # pyright: ignore[reportUnknownVariableType]
+        params: Any = message.get("params")
+        if not isinstance(params, dict) or message.get("method") != "tools/call" or "id" not in message:
+            return False
+        call: dict[str, Any] = params  # pyright: ignore[reportUnknownVariableType]
+        name = call.get("name")
+        if not isinstance(name, str) or not _routing_headers_match(scope, name):
+            return False  # the full path rejects mismatched or duplicated routing headers as the spec requires
+        try:
+            mounted, tool = await self._proxy.route_tool(principal, name)
+        except BastionError:
+            return False  # the full path gives the same refusal, worded by the SDK
+        if not await self._modern_upstream(principal, mounted):
+            return False
+        rejection = await self._security.validate_request(Request(scope), is_post=True)
+        if rejection is not None:
+            await rejection(scope, _no_body, send)
+            return True
+        record = CallRecord(method="tools/call", gateway=principal.gateway_slug, principal=principal, name=name)
+        async with self._audit.call(record):
+            try:
+                client = await self._client(principal, mounted)
+            except BastionError as exc:
+                record.outcome, record.reason = "error", exc.code
+                await _jsonrpc_error(send, message["id"], to_jsonrpc(exc).error)
+                return True
+            call["name"] = tool
+            await self._forward(
+                scope,
+                json.dumps(message, separators=(",", ":")).encode(),
+                tool,
+                mounted,
+                client,
+                send,
+                record,
+                message["id"],
+            )
+        return True
+
+    async def _client(self, principal: Principal, mounted: Mounted) -> httpx2.AsyncClient:
+        credential_id = self._proxy.identity_for(principal, mounted)
+        key = (mounted.server.id, mounted.server.version, credential_id)
+        client = self._clients.get(key)
+        if client is None:
+            credential = await self._proxy.credential(principal, credential_id)
+            client = self._clients[key] = http_client(mounted.server, credential)
+        return client
+
+    async def _forward(
+        self,
+        scope: Scope,
+        body: bytes,
+        tool: str,
+        mounted: Mounted,
+        client: httpx2.AsyncClient,
+        send: Send,
+        record: CallRecord,
+        request_id: Any,
+    ) -> None:
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k in _FORWARDED or k.startswith(_PARAM_PREFIX)
+        ]
+        headers.append(("mcp-name", tool))
+        assert mounted.server.url is not None  # noqa: S101  streamable HTTP servers always have one
+        request = client.build_request("POST", mounted.server.url, content=body, headers=headers)
+        started = False
+        try:
+            async with self._pool.limiter(mounted.server.id):
+                response = await client.send(request, stream=True)
+                try:
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": response.status_code,
+                            "headers": [
+                                (k.encode("latin-1"), v.encode("latin-1"))
+                                for k, v in response.headers.items()
+                                if k.lower() not in _HOP_BY_HOP
+                            ],
+                        }
+                    )
+                    started = True
+                    async for chunk in _chunks(response):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finally:
+                    await response.aclose()
+            if response.status_code >= 400:
+                record.outcome, record.reason = "error", f"http_{response.status_code}"
+        except (httpx2.TransportError, OSError) as exc:
+            record.outcome, record.reason = "error", "upstream_unavailable"
+            logger.info("fast path upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
+            self._forget(mounted.server.id, None)
+            if started:  # the caller already has a status line: end the stream; its client sees it cut short
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            error = types.ErrorData(
+                code=-32052, message=f"upstream {mounted.alias!r} is unavailable", data={"code": "upstream_unavailable"}
+            )
+            await _jsonrpc_error(send, request_id, error)
+
+
+def _routing_headers_match(scope: Scope, name: str) -> bool:
+    routing = [(k, v) for k, v in scope["headers"] if k in (b"mcp-name", b"mcp-method", b"mcp-protocol-version")]
+    names = [k for k, _ in routing]
+    return len(names) == len(set(names)) == 3 and (b"mcp-name", name.encode()) in routing
+
+
+async def _chunks(response: httpx2.Response) -> AsyncIterator[bytes]:
+    async for chunk in response.aiter_raw():
+        if chunk:
+            yield chunk
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _jsonrpc_error(send: Send, request_id: Any, error: types.ErrorData) -> None:
+    raw = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error.model_dump(exclude_none=True)}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})

@@ -1,0 +1,125 @@
+"""A 2026-era tools/call to a 2026-era upstream is forwarded as bytes, with the same answers as the full path."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import mcp_types as types
+import pytest
+from mcp.server import Server, ServerRequestContext
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared.exceptions import MCPError
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.identities import bearer_secret
+from bastion.domain.models import AuthKind, ProtocolEra, Provisioning, ProvisionMode, Transport
+from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.services import connections, gateways, hosts, identities, members, servers
+from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings
+from bastion.web.app import create_app
+from tests.mcp_support import gateway_client, serving
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
+
+
+def upstream(seen: list[dict[str, Any]]) -> ASGIApp:
+    """Records, per call, the caller's client name (from the request envelope) and the credential it carried."""
+
+    async def list_tools(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListToolsResult:
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+        return types.ListToolsResult(
+            tools=[
+                types.Tool(name="add", description="n+1", input_schema=schema),
+                types.Tool(name="secret", description="hidden", input_schema=schema),
+            ]
+        )
+
+    async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
+        meta = dict((ctx.params or {}).get("_meta", {}))
+        seen.append(
+            {
+                "client": meta.get(CLIENT_INFO_KEY, {}).get("name"),
+                "auth": ctx.request.headers.get("authorization") if ctx.request is not None else None,
+                "agent_headers": [h for h in ("x-api-key", "cookie") if ctx.request and h in ctx.request.headers],
+            }
+        )
+        for step in (1, 2):
+            await ctx.session.report_progress(step, 2)
+        n = int((params.arguments or {}).get("n", 0))
+        return types.CallToolResult(content=[types.TextContent(type="text", text=str(n + 1))])
+
+    server: Server[Any] = Server("modern-upstream", version="1", on_list_tools=list_tools, on_call_tool=call_tool)
+    manager = StreamableHTTPSessionManager(app=server)
+
+    class Endpoint:
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await manager.handle_request(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
+        async with manager.run():
+            yield
+
+    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
+
+
+async def _token(store: Store, vault: Any, hasher: KeyHasher, operator: Actor, url: str) -> str:
+    await servers.create(
+        store,
+        operator,
+        ServerSpec("calc", Transport.STREAMABLE_HTTP, url=url, auth_kind=AuthKind.BEARER, era=ProtocolEra.MODERN),
+    )
+    tools = Provisioning(ProvisionMode.ALLOW_SELECTED, frozenset({"add"}))
+    await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("calc", tools=tools),)))
+    await hosts.create(store, operator, HostSpec("agent"))
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    await identities.create(
+        store,
+        vault,
+        hasher,
+        operator,
+        server="calc",
+        owner="ada@example.com",
+        secret=bearer_secret("ada-calc-credential"),
+    )
+    _c, _t, token = await connections.create(
+        store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
+    )
+    return token
+
+
+@pytest.mark.parametrize("mode", ["2026-07-28", "legacy"])
+async def test_modern_calls_are_forwarded_as_bytes_and_legacy_calls_take_the_full_path(
+    mode: str, settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    seen: list[dict[str, Any]] = []
+    async with serving(upstream(seen)) as up:
+        token = await _token(store, vault, hasher, operator, f"{up}/mcp")
+        async with (
+            serving(create_app(settings, store)) as bastion,
+            gateway_client(f"{bastion}/g/g/mcp", token, mode) as client,
+        ):
+            assert [t.name for t in (await client.list_tools()).tools] == ["calc__add"]
+            steps: list[float] = []
+
+            async def progress(value: float, _total: float | None, _message: str | None) -> None:
+                steps.append(value)
+
+            result = await client.call_tool("calc__add", {"n": 41}, progress_callback=progress)
+            assert result.content[0].text == "42"  # type: ignore[union-attr]
+            assert steps == [1, 2]
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("calc__secret", {"n": 1})
+            assert caught.value.code == types.INVALID_PARAMS
+    assert [s["auth"] for s in seen] == ["Bearer ada-calc-credential"]
+    # The 2026 caller's own request envelope reached the upstream (bytes forwarded); a handshake-era caller's call
+    # was rebuilt by Bastion's upstream client.
+    assert seen[0]["client"] == ("mcp" if mode == "2026-07-28" else "bastion")
