@@ -50,12 +50,28 @@ async def serving(app: ASGIApp) -> AsyncGenerator[str, None]:
             server.should_exit = True
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One `tools/call` as the upstream received it: the tool, its arguments and the HTTP headers it came with."""
+
+    name: str
+    arguments: dict[str, Any]
+    headers: dict[str, str]
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("authorization")
+
+
 @dataclass
 class Recorder:
-    """What the upstream saw: the Authorization header of every request, in order."""
+    """What the upstream saw: the Authorization header and all headers of every HTTP request, and every tool call."""
 
     authorizations: list[str | None] = field(default_factory=list[str | None])
     other_headers: list[dict[str, str]] = field(default_factory=list[dict[str, str]])
+    tool_calls: list[ToolCall] = field(default_factory=list[ToolCall])
+    # Every header line of every request, duplicates kept (a dict would hide a repeated Authorization).
+    header_lines: list[tuple[str, str]] = field(default_factory=list[tuple[str, str]])
 
 
 def recording_upstream(recorder: Recorder) -> ASGIApp:
@@ -80,6 +96,9 @@ def recording_upstream(recorder: Recorder) -> ASGIApp:
         )
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
+        request = ctx.request
+        headers = {k.lower(): v for k, v in request.headers.items()} if request is not None else {}
+        recorder.tool_calls.append(ToolCall(params.name, dict(params.arguments or {}), headers))
         if params.name == "whoami":
             return types.CallToolResult(content=[types.TextContent(type="text", text=auth_of(ctx))])
         if params.name == "echo":
@@ -139,7 +158,9 @@ def recording_upstream(recorder: Recorder) -> ASGIApp:
 
     class Endpoint:
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            lines = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+            recorder.header_lines.extend(lines)
+            headers = dict(lines)
             recorder.authorizations.append(headers.get("authorization"))
             recorder.other_headers.append(headers)
             await manager.handle_request(scope, receive, send)

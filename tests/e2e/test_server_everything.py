@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import httpx2
+import mcp_types as types
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
@@ -84,7 +88,7 @@ def _everything_over_http(entry: Path, transport: str, log: Path) -> Iterator[in
     port = free_port()
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(log.parent), "PORT": str(port)}
     with log.open("wb") as out:
-        process = subprocess.Popen(  # noqa: S603  a fixed argv of our own
+        process = subprocess.Popen(
             [_node(), str(entry), transport], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent
         )
         try:
@@ -94,7 +98,9 @@ def _everything_over_http(entry: Path, transport: str, log: Path) -> Iterator[in
                     code = process.wait(timeout=POLL_S)  # paces the loop and notices a crash at once
                 except subprocess.TimeoutExpired:
                     if time.monotonic() > deadline:
-                        raise AssertionError(f"server-everything ({transport}) did not listen within {START_TIMEOUT_S} s")
+                        raise AssertionError(
+                            f"server-everything ({transport}) did not listen within {START_TIMEOUT_S} s"
+                        ) from None
                     continue
                 log_text = log.read_text(encoding="utf-8", errors="replace")
                 raise AssertionError(f"server-everything ({transport}) exited with {code}:\n{log_text}")
@@ -154,7 +160,9 @@ async def _mount(
     await identities.create(
         store, vault, hasher, operator, server="ev", owner="ada@example.com", secret=bearer_secret(CREDENTIAL)
     )
-    _c, _t, token = await connections.create(store, hasher, operator, host="agent", gateway="lab", member="ada@example.com")
+    _c, _t, token = await connections.create(
+        store, hasher, operator, host="agent", gateway="lab", member="ada@example.com"
+    )
     return token
 
 
@@ -244,3 +252,55 @@ async def test_server_everything_works_behind_bastion_on_postgresql(
     route = Route(Transport.STREAMABLE_HTTP, ProtocolEra.AUTO)
     token = await _mount(store, vault, hasher, operator, route, everything_urls, everything_entry)
     await _exercise(settings, store, token, "2026-07-28")
+
+
+_NO_CORRELATION: Final = (
+    "stdio and HTTP+SSE carry every server->client request on one stream with nothing naming the call it belongs "
+    "to; Bastion cannot yet tell which caller a pooled session's sampling request is for, so it refuses"
+)
+SAMPLING_ROUTES: Final = (
+    pytest.param(ROUTES[0], id=ROUTES[0].id),
+    pytest.param(ROUTES[2], id=ROUTES[2].id, marks=pytest.mark.xfail(reason=_NO_CORRELATION, strict=True)),
+    pytest.param(ROUTES[3], id=ROUTES[3].id, marks=pytest.mark.xfail(reason=_NO_CORRELATION, strict=True)),
+)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("route", SAMPLING_ROUTES)
+async def test_server_everything_sampling_requests_reach_a_legacy_agent_through_bastion(
+    route: Route,
+    everything_urls: dict[Transport, str],
+    everything_entry: Path,
+    settings: Settings,
+    store: Store,
+    vault: Any,
+    hasher: KeyHasher,
+    operator: Actor,
+) -> None:
+    token = await _mount(store, vault, hasher, operator, route, everything_urls, everything_entry)
+    asked: list[types.CreateMessageRequestParams] = []
+
+    async def sample(_ctx: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        asked.append(params)
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text="sampled by the agent"), model="agent-model"
+        )
+
+    async with (
+        serving(create_app(settings, store)) as bastion,
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
+        Client(
+            streamable_http_client(f"{bastion}/g/lab/mcp", http_client=http),
+            mode="legacy",
+            cache=None,
+            sampling_callback=sample,
+        ) as client,
+    ):
+        # server-everything offers this tool only to a client that declared sampling: Bastion declared it for us.
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "ev__trigger-sampling-request" in names, sorted(names)
+        result = await client.call_tool("ev__trigger-sampling-request", {"prompt": "capital of Portugal?"})
+    assert not result.is_error, result
+    assert "sampled by the agent" in _text(result)
+    assert len(asked) == 1
+    assert "capital of Portugal?" in asked[0].messages[0].content.text  # type: ignore[union-attr]

@@ -11,7 +11,6 @@ import logging
 from typing import Final
 
 import anyio
-import psycopg
 from sqlalchemy.engine import make_url
 
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus, Subject
@@ -26,6 +25,8 @@ def conninfo(database_url: str) -> str:
 
 async def listen(database_url: str, bus: EventBus, *, ready: anyio.Event | None = None) -> None:
     """Relay NOTIFYs to ``bus`` until cancelled, reconnecting with backoff."""
+    import psycopg  # only replicas on PostgreSQL pay for the driver
+
     attempt = 0
     while True:
         try:

@@ -165,7 +165,7 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MCPDeprecationWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return Server(  # pyright: ignore[reportDeprecated]
+        server: Server[Any] = Server(  # pyright: ignore[reportDeprecated]
             "bastion",
             version=__version__,
             instructions="Bastion gateway: tools run with your own credentials for each server.",
@@ -182,3 +182,6 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
             on_set_logging_level=set_logging_level,
             get_tool_input_schema=input_schema,
         )
+    # The SDK's default OpenTelemetry middleware costs a span per request even with no exporter configured.
+    server.middleware.clear()
+    return server
