@@ -124,8 +124,7 @@ async def client(settings: Settings, store: Store) -> AsyncIterator[httpx2.Async
         yield c
 
 
-async def member_with_key(store: Store, hasher: KeyHasher, operator: Actor, email: str,
-                          role: str) -> dict[str, str]:
+async def member_with_key(store: Store, hasher: KeyHasher, operator: Actor, email: str, role: str) -> dict[str, str]:
     """A member holding ``role`` and the Authorization header for a fresh API key of theirs."""
     member = await members.create(store, operator, MemberSpec(email, email.split("@")[0], role))
     _key, secret = await apikeys.create(store, hasher, operator, name="test", member=member.id)

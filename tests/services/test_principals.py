@@ -26,15 +26,24 @@ async def _world(store: Store, vault: Any, hasher: KeyHasher, operator: Actor) -
     await hosts.create(store, operator, HostSpec("sales-agent"))
     await hosts.create(store, operator, HostSpec("other-agent"))
     ada = await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-    ident = await identities.create(store, vault, hasher, operator, server="bq", owner=ada.email,
-                                    secret=bearer_secret("ada-upstream-credential-123"))
-    conn, token, secret = await connections.create(store, hasher, operator, host="sales-agent", gateway="analytics",
-                                                   member=ada.email)
+    ident = await identities.create(
+        store,
+        vault,
+        hasher,
+        operator,
+        server="bq",
+        owner=ada.email,
+        secret=bearer_secret("ada-upstream-credential-123"),
+    )
+    conn, token, secret = await connections.create(
+        store, hasher, operator, host="sales-agent", gateway="analytics", member=ada.email
+    )
     return {"ada": ada, "identity": ident, "connection": conn, "token": token, "secret": secret}
 
 
-async def test_token_resolves_to_the_person_and_their_identity(store: Store, vault: Any, hasher: KeyHasher,
-                                                                operator: Actor) -> None:
+async def test_token_resolves_to_the_person_and_their_identity(
+    store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
     world = await _world(store, vault, hasher, operator)
     resolver = Resolver(store, hasher)
     principal = await resolver.resolve(world["secret"], gateway="analytics")
@@ -45,8 +54,9 @@ async def test_token_resolves_to_the_person_and_their_identity(store: Store, vau
     assert secret.outbound_headers() == {"Authorization": "Bearer ada-upstream-credential-123"}
 
 
-async def test_token_is_refused_at_another_gateway_or_host(store: Store, vault: Any, hasher: KeyHasher,
-                                                          operator: Actor) -> None:
+async def test_token_is_refused_at_another_gateway_or_host(
+    store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
     world = await _world(store, vault, hasher, operator)
     resolver = Resolver(store, hasher)
     with pytest.raises(Unauthenticated):
@@ -55,8 +65,9 @@ async def test_token_is_refused_at_another_gateway_or_host(store: Store, vault: 
         await resolver.resolve(world["secret"], host="other-agent")
 
 
-async def test_disabled_host_blocks_tokens_and_enable_restores_them(store: Store, vault: Any, hasher: KeyHasher,
-                                                                    operator: Actor) -> None:
+async def test_disabled_host_blocks_tokens_and_enable_restores_them(
+    store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
     world = await _world(store, vault, hasher, operator)
     resolver = Resolver(store, hasher)
     await resolver.resolve(world["secret"])  # cached now
@@ -69,8 +80,9 @@ async def test_disabled_host_blocks_tokens_and_enable_restores_them(store: Store
     assert (await resolver.resolve(world["secret"])).token_id == world["token"].id
 
 
-async def test_disabled_connection_and_member_block_tokens(store: Store, vault: Any, hasher: KeyHasher,
-                                                           operator: Actor) -> None:
+async def test_disabled_connection_and_member_block_tokens(
+    store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
     world = await _world(store, vault, hasher, operator)
     resolver = Resolver(store, hasher)
     await resolver.resolve(world["secret"])
@@ -85,8 +97,9 @@ async def test_disabled_connection_and_member_block_tokens(store: Store, vault: 
     assert (await resolver.resolve(world["secret"])).member_email == "ada@example.com"
 
 
-async def test_revoked_token_fails_on_the_next_request(store: Store, vault: Any, hasher: KeyHasher,
-                                                       operator: Actor) -> None:
+async def test_revoked_token_fails_on_the_next_request(
+    store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
     world = await _world(store, vault, hasher, operator)
     resolver = Resolver(store, hasher)
     await resolver.resolve(world["secret"])
@@ -100,7 +113,7 @@ def _mutations(token: str) -> list[str]:
     out: set[str] = set()
     for i in range(len(token)):
         out.add(token[:i] + token[i + 1 :])
-        for ch in alphabet[:: 7]:
+        for ch in alphabet[::7]:
             if ch != token[i]:
                 out.add(token[:i] + ch + token[i + 1 :])
                 out.add(token[:i] + ch + token[i:])

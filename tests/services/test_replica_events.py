@@ -38,15 +38,24 @@ async def test_host_disable_and_token_revoke_on_one_replica_reach_the_other(
     replica_a, replica_b = Store.from_url(pg_url), Store.from_url(pg_url)
     try:
         operator = Actor.local_operator((await workspace.ensure_workspace(replica_a)).id)
-        await servers.create(replica_a, operator, ServerSpec("bq", Transport.STREAMABLE_HTTP,
-                                                             url="https://bq.example.com/mcp"))
+        await servers.create(
+            replica_a, operator, ServerSpec("bq", Transport.STREAMABLE_HTTP, url="https://bq.example.com/mcp")
+        )
         await gateways.create(replica_a, operator, GatewaySpec("analytics", servers=(GatewayServerSpec("bq"),)))
         await hosts.create(replica_a, operator, HostSpec("agent"))
         await members.create(replica_a, operator, MemberSpec("ada@example.com", "Ada"))
-        await identities.create(replica_a, vault, hasher, operator, server="bq", owner="ada@example.com",
-                                secret=bearer_secret("credential-abcdefgh"))
-        _c, token, secret = await connections.create(replica_a, hasher, operator, host="agent", gateway="analytics",
-                                                     member="ada@example.com")
+        await identities.create(
+            replica_a,
+            vault,
+            hasher,
+            operator,
+            server="bq",
+            owner="ada@example.com",
+            secret=bearer_secret("credential-abcdefgh"),
+        )
+        _c, token, secret = await connections.create(
+            replica_a, hasher, operator, host="agent", gateway="analytics", member="ada@example.com"
+        )
         resolver_b = Resolver(replica_b, hasher, cache_ttl_s=3600)  # only events can make B forget
         await resolver_b.resolve(secret)
         heard: list[Changed] = []

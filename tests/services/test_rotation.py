@@ -35,10 +35,12 @@ async def test_rotation_under_load_loses_no_call_and_leaves_nothing_on_the_old_k
     for n in range(PEOPLE):
         email = f"person{n}@example.com"
         await members.create(store, operator, MemberSpec(email, f"Person {n}"))
-        await identities.create(store, before, hasher, operator, server="bq", owner=email,
-                                secret=bearer_secret(f"credential-of-person-{n}"))
-        _c, _t, secret = await connections.create(store, hasher, operator, host="agent", gateway="analytics",
-                                                  member=email)
+        await identities.create(
+            store, before, hasher, operator, server="bq", owner=email, secret=bearer_secret(f"credential-of-person-{n}")
+        )
+        _c, _t, secret = await connections.create(
+            store, hasher, operator, host="agent", gateway="analytics", member=email
+        )
         tokens.append((secret, f"credential-of-person-{n}"))
 
     rotated = Keyring({"old": old_key, "new": new_key}, "new")
@@ -60,8 +62,9 @@ async def test_rotation_under_load_loses_no_call_and_leaves_nothing_on_the_old_k
             for secret, expected in tokens:
                 try:
                     principal = await resolver.resolve(secret, gateway="analytics")
-                    opened = await identities.open_secret(store, serving, principal.workspace_id,
-                                                          principal.identities["bq"])
+                    opened = await identities.open_secret(
+                        store, serving, principal.workspace_id, principal.identities["bq"]
+                    )
                     assert opened.token == expected
                     calls += 1
                 except BaseException as exc:  # noqa: BLE001  every failure is counted, none may happen
@@ -106,14 +109,17 @@ async def test_startup_refuses_a_keyring_missing_a_key_that_seals_rows(
     gone = Vault(Keyring({"gone-key": os.urandom(32)}, "gone-key"))
     await servers.create(store, operator, ServerSpec("bq", Transport.STREAMABLE_HTTP, url="https://bq.example.com/mcp"))
     await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-    await identities.create(store, gone, hasher, operator, server="bq", owner="ada@example.com",
-                            secret=bearer_secret("credential-abcdefgh"))
+    await identities.create(
+        store, gone, hasher, operator, server="bq", owner="ada@example.com", secret=bearer_secret("credential-abcdefgh")
+    )
     with pytest.raises(ConfigError, match="'gone-key' \\(1 rows\\)"):
         await check_keyring_covers_database(store, settings)
-    restored = settings.model_copy(update={
-        "vault_keys": type(settings.vault_keys)(  # type: ignore[misc]
-            settings.vault_keys.get_secret_value()  # type: ignore[union-attr]
-            + f",gone-key={base64.b64encode(gone.keyring._keys['gone-key']).decode()}"
-        )
-    })
+    restored = settings.model_copy(
+        update={
+            "vault_keys": type(settings.vault_keys)(  # type: ignore[misc]
+                settings.vault_keys.get_secret_value()  # type: ignore[union-attr]
+                + f",gone-key={base64.b64encode(gone.keyring._keys['gone-key']).decode()}"
+            )
+        }
+    )
     await check_keyring_covers_database(store, restored)

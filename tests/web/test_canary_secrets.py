@@ -36,32 +36,46 @@ async def test_canary_secrets_never_reach_logs_tables_or_responses(
         seen.append(response.text)
         return response
 
-    assert (await call("POST", "/api/v1/servers", json={"name": "bq", "transport": "streamable_http",
-                                                         "url": "https://bq.example.com/mcp"})).status_code == 201
-    assert (await call("POST", "/api/v1/gateways", json={"slug": "analytics",
-                                                          "servers": [{"server": "bq"}]})).status_code == 201
+    assert (
+        await call(
+            "POST",
+            "/api/v1/servers",
+            json={"name": "bq", "transport": "streamable_http", "url": "https://bq.example.com/mcp"},
+        )
+    ).status_code == 201
+    assert (
+        await call("POST", "/api/v1/gateways", json={"slug": "analytics", "servers": [{"server": "bq"}]})
+    ).status_code == 201
     assert (await call("POST", "/api/v1/hosts", json={"name": "agent"})).status_code == 201
     created = await call("POST", "/api/v1/identities", json={"server": "bq", "token": CANARY_TOKEN})
     assert created.status_code == 201, created.text
     identity_id = created.json()["id"]
-    header_identity = await call("POST", "/api/v1/identities",
-                                 json={"server": "bq", "headers": {"X-Api-Key": CANARY_HEADER}, "shared": True})
+    header_identity = await call(
+        "POST", "/api/v1/identities", json={"server": "bq", "headers": {"X-Api-Key": CANARY_HEADER}, "shared": True}
+    )
     assert header_identity.status_code == 201, header_identity.text
     # Bad input carrying a secret: the error must not echo it.
     bad = await call("POST", "/api/v1/identities", json={"server": "nope", "token": CANARY_TOKEN})
     assert bad.status_code == 404
     bad_field = await call("POST", "/api/v1/identities", json={"server": "bq", "token": CANARY_TOKEN, "x": 1})
     assert bad_field.status_code == 422
-    connection = await call("POST", "/api/v1/connections", json={"host": "agent", "gateway": "analytics",
-                                                                  "identities": {"bq": identity_id}})
+    connection = await call(
+        "POST", "/api/v1/connections", json={"host": "agent", "gateway": "analytics", "identities": {"bq": identity_id}}
+    )
     assert connection.status_code == 201, connection.text
     minted = connection.json()["secret"]
     seen.pop()  # the one response that shows the minted token, once, by design
-    for url in ("/api/v1/identities", f"/api/v1/identities/{identity_id}", "/api/v1/connections", "/api/v1/tokens",
-                "/api/v1/identities?shared=true"):
+    for url in (
+        "/api/v1/identities",
+        f"/api/v1/identities/{identity_id}",
+        "/api/v1/connections",
+        "/api/v1/tokens",
+        "/api/v1/identities?shared=true",
+    ):
         assert (await call("GET", url)).status_code == 200
-    assert (await call("PATCH", f"/api/v1/identities/{identity_id}",
-                       json={"token": CANARY_TOKEN + "-rotated"})).status_code == 200
+    assert (
+        await call("PATCH", f"/api/v1/identities/{identity_id}", json={"token": CANARY_TOKEN + "-rotated"})
+    ).status_code == 200
 
     table_dump = await _dump(store)
     logs = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
