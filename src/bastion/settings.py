@@ -95,6 +95,11 @@ class Settings(BaseSettings):
         description="Browser Origins the MCP endpoint accepts besides loopback and the public URL",
     )
     token_cache_ttl_s: float = Field(default=30.0, ge=0, le=3600)
+    fast_path: bool = Field(
+        default=False,
+        description="Experimental: forward 2026-era tools/call to 2026-era upstreams as bytes. Off until the "
+        "isolation property test passes with it (it found late duplicate deliveries under concurrency).",
+    )
     upstream_idle_s: float = Field(default=300.0, gt=0)
     upstream_max_sessions: int = Field(default=512, ge=1)
     upstream_concurrency: int = Field(default=64, ge=1, description="Concurrent calls per upstream server")

@@ -1,4 +1,4 @@
-"""A 2026-era tools/call to a 2026-era upstream is forwarded as bytes, with the same answers as the full path."""
+"""With the (experimental, opt-in) fast path, a 2026-era tools/call to a 2026-era upstream is forwarded as bytes."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import zlib
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 
+import anyio
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -43,18 +44,33 @@ class Store:
     async def transaction(self) -> AsyncGenerator[AsyncConnection, None]:
         pending: list[Changed] = []
         try:
-            async with self.engine.begin() as conn:
-                conn.info[_PENDING_EVENTS] = pending
-                try:
-                    yield conn
-                    if pending and self.dialect == "postgresql":
-                        # Delivered to every replica's listener when (and only if) this transaction commits.
-                        for event in pending:
-                            await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, event.encode())))
-                finally:
-                    conn.info.pop(_PENDING_EVENTS, None)
+            conn = await self.engine.connect()
         except OperationalError as exc:
             raise Unavailable("the database is unreachable; try again shortly") from exc
+        try:
+            await conn.begin()
+            conn.info[_PENDING_EVENTS] = pending
+            yield conn
+            if pending and self.dialect == "postgresql":
+                # Delivered to every replica's listener when (and only if) this transaction commits.
+                for event in pending:
+                    await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, event.encode())))
+            # Shielded: a caller cancelled now (a client hung up) must not leave the transaction, and on SQLite
+            # the database's write lock, held by a connection nobody will finish.
+            with anyio.CancelScope(shield=True):
+                await conn.commit()
+        except OperationalError as exc:
+            with anyio.CancelScope(shield=True):
+                await conn.rollback()
+            raise Unavailable("the database is unreachable; try again shortly") from exc
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.rollback()
+            raise
+        finally:
+            conn.info.pop(_PENDING_EVENTS, None)
+            with anyio.CancelScope(shield=True):
+                await conn.close()
         for event in pending:
             self.bus.publish(event)
 

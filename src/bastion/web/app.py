@@ -123,7 +123,7 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
             Mount("/api/v1", app=api),
             Route(
                 "/g/{gateway}/mcp",
-                McpEndpoint(parts.resolver, mcp_manager, parts.audit, fast_path),
+                McpEndpoint(parts.resolver, mcp_manager, parts.audit, fast_path if settings.fast_path else None),
                 methods=["GET", "POST", "DELETE"],
             ),
         ],
