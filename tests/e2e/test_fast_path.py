@@ -103,8 +103,9 @@ async def test_modern_calls_are_forwarded_as_bytes_and_legacy_calls_take_the_ful
     seen: list[dict[str, Any]] = []
     async with serving(upstream(seen)) as up:
         token = await _token(store, vault, hasher, operator, f"{up}/mcp")
+        fast = settings.model_copy(update={"fast_path": True})
         async with (
-            serving(create_app(settings, store)) as bastion,
+            serving(create_app(fast, store)) as bastion,
             gateway_client(f"{bastion}/g/g/mcp", token, mode) as client,
         ):
             assert [t.name for t in (await client.list_tools()).tools] == ["calc__add"]

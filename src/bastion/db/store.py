@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 
 import anyio
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from bastion.errors import Unavailable
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
 
 _PENDING_EVENTS = "bastion_pending_events"
+_IN_TRANSACTION: ContextVar[bool] = ContextVar("bastion_in_transaction", default=False)
 
 
 def emit(conn: AsyncConnection, event: Changed) -> None:
@@ -31,6 +33,9 @@ class Store:
     def __init__(self, engine: AsyncEngine, bus: EventBus | None = None) -> None:
         self.engine = engine
         self.bus = bus or EventBus()
+        # SQLite has one writer at a time: queue this process's transactions on an async lock rather than in
+        # SQLite's busy handler, where waiting threads starve and time out under load.
+        self._writer = anyio.Lock() if engine.dialect.name == "sqlite" else None
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -42,6 +47,20 @@ class Store:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncGenerator[AsyncConnection, None]:
+        if self._writer is None or _IN_TRANSACTION.get():
+            async with self._transaction() as conn:
+                yield conn
+            return
+        async with self._writer:
+            token = _IN_TRANSACTION.set(True)
+            try:
+                async with self._transaction() as conn:
+                    yield conn
+            finally:
+                _IN_TRANSACTION.reset(token)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncGenerator[AsyncConnection, None]:
         pending: list[Changed] = []
         try:
             conn = await self.engine.connect()
