@@ -41,7 +41,7 @@ async def listen(database_url: str, bus: EventBus, *, ready: anyio.Event | None 
                     event = Changed.decode(notify.payload)
                     if event is not None:
                         bus.publish(event)
-        except (psycopg.OperationalError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001  the listener must outlive any failure: it only invalidates caches
             delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
             attempt += 1
             logger.warning(
