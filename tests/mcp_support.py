@@ -38,7 +38,10 @@ class _Server(uvicorn.Server):
 async def serving(app: ASGIApp) -> AsyncGenerator[str, None]:
     """Run ``app`` (lifespan included) on a free 127.0.0.1 port; yields the base URL; always stops."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)
+    # A long keep-alive: uvicorn's 5 s default races clients reusing a connection it is just closing.
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False, timeout_keep_alive=120
+    )
     server = _Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)

@@ -74,6 +74,9 @@ def serve(*, host: str | None, port: int | None) -> None:
         log_config=None,
         access_log=False,
         # uvicorn takes whole seconds; rounding 0.5 s down to 0 would cancel requests instead of draining them.
+        # Longer than the usual client/LB idle timeouts, so the server is not the side that closes a
+        # connection a client is about to reuse.
+        timeout_keep_alive=75,
         timeout_graceful_shutdown=max(1, math.ceil(settings.graceful_shutdown_s)),
         proxy_headers=False,
         server_header=False,

@@ -150,7 +150,15 @@ class Proxy:
         async with self._pool.limiter(mounted.server.id):
             try:
                 return await fn(client)
-            except MCPError:
+            except MCPError as exc:
+                if exc.code == types.CONNECTION_CLOSED:
+                    # The pooled session is dead: forget it so the next call opens a fresh one.
+                    identity_id = self._identity_for(principal, mounted)
+                    if identity_id is not None:
+                        self._pool.discard(identity_id=identity_id)
+                    else:
+                        self._pool.discard(server_id=mounted.server.id)
+                    raise UpstreamUnavailable(f"upstream {mounted.alias!r} closed the connection") from exc
                 raise
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
                 self._pool.discard(server_id=mounted.server.id)
