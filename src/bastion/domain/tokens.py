@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import zlib
+from datetime import timedelta
 from typing import Final
 
 BASE62_ALPHABET: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -18,6 +19,8 @@ API_KEY_PREFIX: Final = "bsk_"
 ACCESS_TOKEN_PREFIX: Final = "bst_"  # noqa: S105  a prefix, not a secret
 LINK_PREFIX: Final = "bsl_"
 _ALPHABET_SET: Final = frozenset(BASE62_ALPHABET)
+# Tokens and keys record their last use at most this often: an audit hint, not a write per request.
+LAST_USED_WRITE_INTERVAL: Final = timedelta(minutes=1)
 
 
 def _base62(number: int, width: int) -> str:

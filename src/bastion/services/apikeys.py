@@ -23,7 +23,6 @@ from bastion.services import members, roles
 from bastion.types import MemberId
 
 T = schema.api_keys
-LAST_USED_WRITE_INTERVAL: Final = timedelta(minutes=1)
 MAX_KEY_LIFETIME: Final = timedelta(days=3650)
 
 
@@ -146,7 +145,7 @@ async def authenticate(store: Store, hasher: KeyHasher, presented: str) -> Actor
         if member.status is not MemberStatus.ACTIVE:
             raise Forbidden("this member is disabled")
         role = await roles.find(conn, key.workspace_id, member.role_id)
-        if key.last_used_at is None or now - key.last_used_at >= LAST_USED_WRITE_INTERVAL:
+        if key.last_used_at is None or now - key.last_used_at >= tokens.LAST_USED_WRITE_INTERVAL:
             await conn.execute(T.update().where(T.c.id == key.id).values(last_used_at=now))
     return Actor(
         workspace_id=key.workspace_id, member_id=MemberId(member.id), capabilities=role.capabilities, label=member.email

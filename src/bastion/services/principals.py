@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Final
 
 import sqlalchemy as sa
@@ -21,7 +21,6 @@ from bastion.services.apikeys import KeyHasher
 from bastion.types import GatewayId, HostId, MemberId, WorkspaceId
 
 DEFAULT_CACHE_TTL_S: Final = 30.0
-LAST_USED_WRITE_INTERVAL: Final = timedelta(minutes=1)
 MAX_CACHE_ENTRIES: Final = 100_000
 
 T = schema.access_tokens
@@ -97,7 +96,7 @@ class Resolver:
             host is not None and principal.host_name != host
         ):
             raise Unauthenticated("the access token was not issued for this gateway")
-        if entry.last_used_written is None or now - entry.last_used_written >= LAST_USED_WRITE_INTERVAL:
+        if entry.last_used_written is None or now - entry.last_used_written >= token_format.LAST_USED_WRITE_INTERVAL:
             entry.last_used_written = now
             async with self._store.transaction() as conn:
                 await conn.execute(T.update().where(T.c.id == principal.token_id).values(last_used_at=now))

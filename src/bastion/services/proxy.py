@@ -83,8 +83,9 @@ class Proxy:
         elif event.subject is Subject.SERVER:
             self._pool.discard(server_id=event.id)
         elif event.subject is Subject.ALL:
-            for view_server in list(self._schemas):
-                self._schemas.pop(view_server, None)
+            # Events may have been missed: no cached schema or open session can be trusted to be current.
+            self._schemas.clear()
+            self._pool.discard_all()
 
     def input_schema(self, principal: Principal | None, name: str) -> dict[str, Any] | None:
         if principal is None:
@@ -93,22 +94,16 @@ class Proxy:
 
     # --- credentials and sessions ---------------------------------------------------------------------------------
 
+    async def route_tool(self, principal: Principal, name: str) -> tuple[Mounted, str]:
+        """The mounted server and its own name for an exposed tool name, with provisioning applied."""
+        return await self._route(principal, name, "tools")
+
     def identity_for(self, principal: Principal, mounted: Mounted) -> str | None:
         """Which identity serves this person at this mounted server (None: the server takes no credential).
 
         Raises:
             IdentityRequired: a per-user server for which the person has no identity yet.
         """
-        return self._identity_for(principal, mounted)
-
-    async def credential(self, principal: Principal, identity_id: str | None) -> Credential:
-        return await self._credential(principal, identity_id)
-
-    async def route_tool(self, principal: Principal, name: str) -> tuple[Mounted, str]:
-        """The mounted server and its own name for an exposed tool name, with provisioning applied."""
-        return await self._route(principal, name, "tools")
-
-    def _identity_for(self, principal: Principal, mounted: Mounted) -> str | None:
         if mounted.server.auth_kind is AuthKind.NONE:
             return None
         if mounted.entry.identity_scheme is IdentityScheme.SHARED:
@@ -121,7 +116,7 @@ class Proxy:
             )
         return identity_id
 
-    async def _credential(self, principal: Principal, identity_id: str | None) -> Credential:
+    async def credential(self, principal: Principal, identity_id: str | None) -> Credential:
         if identity_id is None:
             return Credential(None)
         async with self._store.transaction() as conn:
@@ -134,13 +129,13 @@ class Proxy:
         return Credential(identity_id, secret)
 
     async def _client(self, principal: Principal, mounted: Mounted) -> Client:
-        identity_id = self._identity_for(principal, mounted)
+        identity_id = self.identity_for(principal, mounted)
         caller = relay.downstream.get()
         profile = relay.Profile.of(caller.session.client_capabilities) if caller is not None else relay.NO_PROFILE
         cached = self._pool.cached(mounted.server, identity_id, profile)
         if cached is not None:
             return cached
-        return await self._pool.client(mounted.server, await self._credential(principal, identity_id), profile)
+        return await self._pool.client(mounted.server, await self.credential(principal, identity_id), profile)
 
     async def _view(self, principal: Principal) -> GatewayView:
         return await self._directory.view(principal.workspace_id, principal.gateway_id)
@@ -153,7 +148,7 @@ class Proxy:
             except MCPError as exc:
                 if exc.code == types.CONNECTION_CLOSED:
                     # The pooled session is dead: forget it so the next call opens a fresh one.
-                    identity_id = self._identity_for(principal, mounted)
+                    identity_id = self.identity_for(principal, mounted)
                     if identity_id is not None:
                         self._pool.discard(identity_id=identity_id)
                     else:

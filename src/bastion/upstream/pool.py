@@ -162,6 +162,10 @@ class UpstreamPool:
                 self._sessions.pop(key, None)
                 session.closing.set()
 
+    def discard_all(self) -> None:
+        for server_id in {key.server_id for key in self._sessions}:
+            self.discard(server_id=server_id)
+
     def _open(self, key: SessionKey, server: Server, credential: Credential) -> _Session:
         if self._tasks is None:
             raise UpstreamUnavailable("the upstream pool is not running")

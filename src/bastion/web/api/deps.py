@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from bastion.db.store import Store
@@ -48,6 +48,10 @@ async def authenticated(
 
 Ctx = Annotated[ApiContext, Depends(context)]
 CurrentActor = Annotated[Actor, Depends(authenticated)]
+
+
+Cursor = Annotated[str | None, Query(max_length=200, description="From the previous page's next_cursor")]
+Limit = Annotated[int | None, Query(ge=1, le=200, description="Page size (default 50)")]
 
 
 def needs(*capabilities: Capability) -> dict[str, Any]:

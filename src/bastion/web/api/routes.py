@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from bastion.domain.capabilities import Capability as C
 from bastion.domain.models import MemberStatus, Transport
 from bastion.domain.specs import HostSpec, MemberSpec, RoleSpec, ServerSpec
 from bastion.services import apikeys, gateways, hosts, members, roles, servers
-from bastion.web.api.deps import Ctx, CurrentActor, if_match, needs, self_service, set_etag
+from bastion.web.api.deps import Ctx, CurrentActor, Cursor, Limit, if_match, needs, self_service, set_etag
 from bastion.web.api.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -38,8 +38,6 @@ from bastion.web.api.schemas import (
 )
 
 router = APIRouter()
-Cursor = Annotated[str | None, Query(max_length=200, description="From the previous page's next_cursor")]
-Limit = Annotated[int | None, Query(ge=1, le=200, description="Page size (default 50)")]
 Ref = Annotated[str, Path(min_length=1, max_length=254, description="id or name")]
 KeyId = Annotated[str, Path(min_length=1, max_length=64)]
 _ROLE_READ = (C.ROLES_MANAGE, C.MEMBERS_MANAGE, C.ADMIN_VIEW)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from bastion.domain.capabilities import Capability as C
 from bastion.domain.identities import bearer_secret
 from bastion.services import connections, identities, links, rotation, tokens
-from bastion.web.api.deps import Ctx, CurrentActor, if_match, needs, self_service, set_etag
+from bastion.web.api.deps import Ctx, CurrentActor, Cursor, Limit, if_match, needs, self_service, set_etag
 from bastion.web.api.schemas import PageOut
 from bastion.web.api.schemas_identity import (
     AccessTokenOut,
@@ -30,8 +30,6 @@ from bastion.web.api.schemas_identity import (
 )
 
 router = APIRouter()
-Cursor = Annotated[str | None, Query(max_length=200)]
-Limit = Annotated[int | None, Query(ge=1, le=200)]
 Id = Annotated[str, Path(min_length=1, max_length=64)]
 MemberRef = Annotated[str | None, Query(max_length=254, description="Member id or email (needs a capability)")]
 HostRef = Annotated[str | None, Query(max_length=63, description="Host name or id (needs tokens.manage)")]
