@@ -20,7 +20,8 @@ from tests.processes import BASTION, clean_env, run_bastion
 
 # Install-wide tables that belong to no single workspace. The keyring comes from the environment and
 # serves every workspace of the install, so its usage counters do too.
-INSTALL_WIDE = frozenset({"workspaces", "vault_keys"})
+# The audit chain is one per install (like the keyring); its rows name their workspace without a foreign key.
+INSTALL_WIDE = frozenset({"workspaces", "vault_keys", "audit_events", "audit_head", "audit_checkpoints"})
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -267,3 +267,110 @@ access_tokens: Final = sa.Table(
     sa.Column("last_used_at", UTCDateTime(), nullable=True),
     sa.Index("ix_access_tokens_connection_id", "connection_id"),
 )
+
+# --- Policy, content rules and rate limits (all read into memory per workspace; few rows) ---------------------
+
+policy_rules: Final = sa.Table(
+    "policy_rules",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("effect", sa.String(8), nullable=False),
+    sa.Column("subject_kind", sa.String(16), nullable=False),
+    sa.Column("subject", sa.String(320), nullable=True),
+    sa.Column("gateway_id", sa.String(ID), sa.ForeignKey("gateways.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("server", sa.String(63), nullable=True),
+    sa.Column("name", sa.String(255), nullable=True),
+    sa.Column("description", sa.String(500), nullable=False),
+    sa.Column("created_by", sa.String(ID), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+content_rules: Final = sa.Table(
+    "content_rules",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("gateway_id", sa.String(ID), sa.ForeignKey("gateways.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("pattern", sa.String(500), nullable=False),
+    sa.Column("target", sa.String(16), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("replacement", sa.String(200), nullable=True),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("created_by", sa.String(ID), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("workspace_id", "name"),
+)
+
+rate_limits: Final = sa.Table(
+    "rate_limits",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("per", sa.String(16), nullable=False),
+    sa.Column("gateway_id", sa.String(ID), sa.ForeignKey("gateways.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("name", sa.String(255), nullable=True),
+    sa.Column("amount", sa.Integer, nullable=False),
+    sa.Column("window_s", sa.Integer, nullable=False),
+    sa.Column("strategy", sa.String(16), nullable=False),
+    sa.Column("created_by", sa.String(ID), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# --- The audit log: one chained row per MCP request or admin action -------------------------------------------
+# A row is written before anything is forwarded (seq NULL: pending) and enters the hash chain, taking the next
+# seq, once its outcome is known. Install-wide like the keyring: one chain, rows carry their workspace.
+
+audit_events: Final = sa.Table(
+    "audit_events",
+    metadata,
+    _id(),
+    sa.Column("seq", sa.BigInteger, nullable=True, unique=True),
+    sa.Column("prev_hash", sa.String(64), nullable=True),
+    sa.Column("hash", sa.String(64), nullable=True),
+    sa.Column("occurred_at", UTCDateTime(), nullable=False),
+    # Not a foreign key: the log outlives what it speaks of (a deleted workspace, member or host).
+    sa.Column("workspace", sa.String(ID), nullable=True),
+    sa.Column("kind", sa.String(8), nullable=False),
+    sa.Column("correlation_id", sa.String(64), nullable=True),
+    sa.Column("member_id", sa.String(ID), nullable=True),
+    sa.Column("actor", sa.String(320), nullable=True),
+    sa.Column("host_id", sa.String(ID), nullable=True),
+    sa.Column("token_id", sa.String(ID), nullable=True),
+    sa.Column("gateway", sa.String(63), nullable=True),
+    sa.Column("server", sa.String(63), nullable=True),
+    sa.Column("method", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(512), nullable=True),
+    sa.Column("target", sa.String(255), nullable=True),
+    sa.Column("decision", sa.String(8), nullable=True),
+    sa.Column("reason", sa.String(500), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("upstream_status", sa.String(32), nullable=True),
+    sa.Column("latency_us", sa.BigInteger, nullable=True),
+    sa.Column("args_hmac", sa.String(64), nullable=True),
+    sa.Column("args_preview", sa.String(1024), nullable=True),
+    sa.Column("detail", sa.JSON, nullable=True),
+    sa.Index("ix_audit_events_occurred_at", "occurred_at"),
+    sa.Index("ix_audit_events_member_id", "member_id"),
+    sa.Index("ix_audit_events_outcome", "outcome"),
+)
+
+audit_head: Final = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("mac", sa.String(64), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+audit_checkpoints: Final = sa.Table(
+    "audit_checkpoints",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("signature", sa.String(64), nullable=False),
+)

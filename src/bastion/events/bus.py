@@ -19,6 +19,7 @@ class Subject(StrEnum):
     TOKEN = "token"  # noqa: S105  a subject name, not a secret
     IDENTITY = "identity"
     SERVER = "server"
+    POLICY = "policy"  # policy rules, content rules and rate limits of a workspace (id: the workspace id)
     ALL = "all"
 
 
