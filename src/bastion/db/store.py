@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.db import migrate
+from bastion.db.audit import ChainKeys, seal_into_chain, take_recorded
 from bastion.db.engine import create_engine
 from bastion.errors import Unavailable
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
@@ -30,16 +31,19 @@ def emit(conn: AsyncConnection, event: Changed) -> None:
 class Store:
     """Owns the engine. ``transaction()`` commits on success and rolls back on any error."""
 
-    def __init__(self, engine: AsyncEngine, bus: EventBus | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, bus: EventBus | None = None, audit: ChainKeys | None = None) -> None:
         self.engine = engine
         self.bus = bus or EventBus()
+        # Admin actions record audit events on their transaction (``db.audit.record``); they are sealed into the
+        # chain by the same commit, so a change and its audit event exist together or not at all.
+        self.audit = audit
         # SQLite has one writer at a time: queue this process's transactions on an async lock rather than in
         # SQLite's busy handler, where waiting threads starve and time out under load.
         self._writer = anyio.Lock() if engine.dialect.name == "sqlite" else None
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
-        return cls(create_engine(url))
+    def from_url(cls, url: str, audit: ChainKeys | None = None) -> Store:
+        return cls(create_engine(url), audit=audit)
 
     @property
     def dialect(self) -> str:
@@ -70,6 +74,11 @@ class Store:
             await conn.begin()
             conn.info[_PENDING_EVENTS] = pending
             yield conn
+            recorded = take_recorded(conn)
+            if recorded:
+                if self.audit is None:
+                    raise RuntimeError("this store has no audit key, so it cannot record what was done")
+                await seal_into_chain(conn, self.audit, new=recorded)
             if pending and self.dialect == "postgresql":
                 # Delivered to every replica's listener when (and only if) this transaction commits.
                 for event in pending:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Final
 
-request_id_var: ContextVar[str | None] = ContextVar("bastion_request_id", default=None)
+from bastion.context import request_id_var
+
+__all__ = ["JsonFormatter", "configure_logging", "request_id_var"]
 
 # uvicorn adds `color_message` (the message with ANSI colours) to its records; it only repeats `msg`.
 _STANDARD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}

@@ -1,0 +1,164 @@
+"""Audit rows in and out of the database: pending rows, sealing into the hash chain, the head and checkpoints.
+
+The chain is one per install. Sealing takes the head row's lock (``FOR UPDATE`` on PostgreSQL; SQLite write
+transactions are already exclusive), so replicas append to one chain in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bastion.db import schema
+from bastion.domain.audit import GENESIS, AuditEvent, SealedEvent, head_mac, seal, sign_checkpoint
+
+E = schema.audit_events
+H = schema.audit_head
+C = schema.audit_checkpoints
+HEAD_ID: Final = 1
+_EVENT_FIELDS: Final = tuple(f.name for f in fields(AuditEvent))
+_PENDING_AUDIT = "bastion_pending_audit"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainKeys:
+    chain: bytes = field(repr=False)
+    checkpoint: bytes = field(repr=False)
+    checkpoint_every: int = 1000  # a signed checkpoint each time the chain crosses a multiple of this
+
+
+def _values(event: AuditEvent) -> dict[str, Any]:
+    return asdict(event)
+
+
+_LIMITS: Final = {
+    c.name: c.type.length
+    for c in E.columns
+    if c.name in _EVENT_FIELDS and isinstance(c.type, sa.String) and c.type.length is not None
+}
+
+
+def fit(event: AuditEvent) -> AuditEvent:
+    """The event cut to its columns' sizes, before it is hashed: a value the database cut would break the chain."""
+    changes = {
+        name: value[: limit - 1] + "…"
+        for name, limit in _LIMITS.items()
+        if isinstance(value := getattr(event, name), str) and len(value) > limit
+    }
+    return replace(event, **changes) if changes else event
+
+
+def event_of(row: sa.Row[Any]) -> AuditEvent:
+    data = row._mapping  # pyright: ignore[reportPrivateUsage]
+    return AuditEvent(**{name: data[name] for name in _EVENT_FIELDS})
+
+
+def record(conn: AsyncConnection, event: AuditEvent) -> None:
+    """Queue an event on this transaction: it is sealed into the chain by the same commit as the change."""
+    pending: list[AuditEvent] = conn.info.setdefault(_PENDING_AUDIT, [])
+    pending.append(event)
+
+
+def take_recorded(conn: AsyncConnection) -> list[AuditEvent]:
+    return conn.info.pop(_PENDING_AUDIT, [])
+
+
+async def insert_pending(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
+    """Write events that are not in the chain yet (their call is about to be forwarded)."""
+    if events:
+        rows = [{**_values(fit(e)), "seq": None, "prev_hash": None, "hash": None} for e in events]
+        await conn.execute(sa.insert(E), rows)
+
+
+async def _lock_head(conn: AsyncConnection, keys: ChainKeys) -> tuple[int, str]:
+    query = sa.select(H.c.seq, H.c.hash).where(H.c.id == HEAD_ID)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
+    if row is not None:
+        return int(row.seq), str(row.hash)
+    now = datetime.now(UTC)
+    values = {"id": HEAD_ID, "seq": 0, "hash": GENESIS, "mac": head_mac(keys.chain, 0, GENESIS), "updated_at": now}
+    insert = (postgresql.insert(H) if conn.dialect.name == "postgresql" else sqlite.insert(H)).values(values)
+    await conn.execute(insert.on_conflict_do_nothing(index_elements=[H.c.id]))
+    row = (await conn.execute(query)).one()
+    return int(row.seq), str(row.hash)
+
+
+async def seal_into_chain(
+    conn: AsyncConnection, keys: ChainKeys, *, new: Sequence[AuditEvent] = (), finished: Sequence[AuditEvent] = ()
+) -> list[SealedEvent]:
+    """Append events to the chain: ``new`` ones are inserted, ``finished`` ones are pending rows now complete."""
+    if not new and not finished:
+        return []
+    prev_seq, prev_hash = await _lock_head(conn, keys)
+    if finished:
+        # Under the head lock: a row another replica's recovery already sealed (as interrupted) stays as it is.
+        ids = [e.id for e in finished]
+        still = set((await conn.execute(sa.select(E.c.id).where(E.c.id.in_(ids), E.c.seq.is_(None)))).scalars())
+        finished = [e for e in finished if e.id in still]
+        if not finished and not new:
+            return []
+    ordered = [fit(e) for e in (*finished, *new)]
+    sealed = seal(keys.chain, prev_seq, prev_hash, ordered)
+    chained: dict[str, Any] = {
+        "seq": sa.bindparam("b_seq"),
+        "prev_hash": sa.bindparam("b_prev"),
+        "hash": sa.bindparam("b_hash"),
+    }
+    if finished:
+        changing = [f for f in _EVENT_FIELDS if f != "id"]  # every field as hashed, so row and hash agree
+        update = (
+            sa.update(E)
+            .where(E.c.id == sa.bindparam("b_id"), E.c.seq.is_(None))
+            .values(**chained, **{f: sa.bindparam(f"b_{f}") for f in changing})
+        )
+        params = [
+            {
+                "b_id": s.event.id,
+                "b_seq": s.seq,
+                "b_prev": s.prev_hash,
+                "b_hash": s.hash,
+                **{f"b_{f}": getattr(s.event, f) for f in changing},
+            }
+            for s in sealed[: len(finished)]
+        ]
+        await conn.execute(update, params)
+    if new:
+        await conn.execute(
+            sa.insert(E),
+            [
+                {**_values(s.event), "seq": s.seq, "prev_hash": s.prev_hash, "hash": s.hash}
+                for s in sealed[len(finished) :]
+            ],
+        )
+    last = sealed[-1]
+    now = datetime.now(UTC)
+    await conn.execute(
+        sa.update(H)
+        .where(H.c.id == HEAD_ID)
+        .values(seq=last.seq, hash=last.hash, mac=head_mac(keys.chain, last.seq, last.hash), updated_at=now)
+    )
+    if keys.checkpoint_every and last.seq // keys.checkpoint_every > prev_seq // keys.checkpoint_every:
+        checkpoint = sign_checkpoint(keys.checkpoint, last.seq, last.hash, now)
+        await conn.execute(
+            sa.insert(C).values(
+                seq=checkpoint.seq,
+                hash=checkpoint.hash,
+                created_at=checkpoint.created_at,
+                signature=checkpoint.signature,
+            )
+        )
+    return sealed
+
+
+async def stale_pending(conn: AsyncConnection, before: datetime, limit: int) -> list[AuditEvent]:
+    """Pending rows older than ``before``: calls whose process died before their outcome was written."""
+    query = sa.select(E).where(E.c.seq.is_(None), E.c.occurred_at < before).order_by(E.c.occurred_at).limit(limit)
+    return [event_of(row) for row in (await conn.execute(query)).all()]
