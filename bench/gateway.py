@@ -388,10 +388,11 @@ class Target:
     era: str
     captured: Captured
     script: Path
+    process: str = "gateway"  # whose RSS is sampled
 
 
 def measure(target: Target, concurrency: int, seconds: float, pids: dict[str, int]) -> Run:
-    with rss_peak(pids["gateway"]) as peak:
+    with rss_peak(pids[target.process]) as peak:
         raw = wrk(target.script, target.captured.url, concurrency, seconds, pids)
     return Run(
         target=target.name,
@@ -415,23 +416,30 @@ def measure(target: Target, concurrency: int, seconds: float, pids: dict[str, in
 
 
 async def prepare_targets(
-    upstream: str, gateway: str, token: str, eras: list[str], concurrencies: list[int], tmp: Path
+    upstream: str,
+    gateway: str,
+    token: str,
+    eras: list[str],
+    concurrencies: list[int],
+    tmp: Path,
+    unaudited: str | None = None,
 ) -> list[Target]:
     marker = "bench-" + secrets.token_hex(6)
     targets: list[Target] = []
     sessions_needed = max(concurrencies)
     for era in eras:
         mode = MODERN if era == "modern" else LEGACY
-        for name, url, tool, auth in (
-            ("direct", upstream, "echo", None),
-            ("bastion", gateway, "echolegacy__echo" if era == "legacy" else "echo__echo", token),
-        ):
+        tool = "echolegacy__echo" if era == "legacy" else "echo__echo"
+        cases = [("direct", upstream, "echo", None), ("bastion", gateway, tool, token)]
+        if unaudited is not None:
+            cases.append(("unaudited", unaudited, tool, token))
+        for name, url, tool, auth in cases:
             captured = await capture(url, tool, mode, marker, auth)
             sessions = await open_sessions(captured, sessions_needed) if captured.handshake else []
             script = tmp / f"{name}-{era}.lua"
             # One script per thread count would differ only in nthreads; 2 threads spreads sessions evenly for both.
             script.write_text(lua_script(captured, marker, sessions, 2), encoding="utf-8")
-            targets.append(Target(name, era, captured, script))
+            targets.append(Target(name, era, captured, script, "unaudited" if name == "unaudited" else "gateway"))
     return targets
 
 
@@ -469,6 +477,29 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def audit_table(runs: list[Run]) -> str:
+    """Through Bastion with the audit log on (every call durably written first) next to the same gateway without it."""
+    header = (
+        f"{'era':<7} {'c':>3} | {'audit off req/s':>15} {'audit on req/s':>14} {'ratio':>6} | "
+        f"{'off p50/p99 ms':>15} {'on p50/p99 ms':>15} {'added p50':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    pairs: dict[tuple[str, int], dict[str, Run]] = {}
+    for run in runs:
+        pairs.setdefault((run.era, run.concurrency), {})[run.target] = run
+    for (era, concurrency), pair in pairs.items():
+        if "unaudited" not in pair:
+            continue
+        off, on = pair["unaudited"], pair["bastion"]
+        ratio = on.rps / off.rps if off.rps else 0.0
+        lines.append(
+            f"{era:<7} {concurrency:>3} | {_fmt_rps(off.rps):>15} {_fmt_rps(on.rps):>14} {ratio:>6.0%} | "
+            f"{off.p50_ms:>6.2f} / {off.p99_ms:>6.2f} {on.p50_ms:>6.2f} / {on.p99_ms:>6.2f} "
+            f"{on.p50_ms - off.p50_ms:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
 def verdicts(runs: list[Run], hwm_mb: float) -> list[str]:
     out: list[str] = []
     by = {(r.era, r.target, r.concurrency): r for r in runs}
@@ -500,6 +531,11 @@ def main() -> None:
     parser.add_argument("--era", default="modern,legacy", help="modern, legacy or both")
     parser.add_argument("--database-url", help="BASTION_DATABASE_URL for Bastion (default: embedded SQLite)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, Lua scripts)")
+    parser.add_argument(
+        "--no-audit-comparison",
+        action="store_true",
+        help="skip the second gateway (audit log off) that shows what the audit log costs",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = parser.parse_args()
     wrk_binary()
@@ -527,9 +563,20 @@ def main() -> None:
         _wait_ready(bastion, f"http://127.0.0.1:{gw_port}/readyz", gw_log)
         rss_idle_mb = _status_kb(bastion.pid, "VmRSS") / 1024
         gateway_url = f"http://127.0.0.1:{gw_port}/g/bench/mcp"
-
         pids = {"gateway": bastion.pid, "upstream": upstream.pid}
-        targets = anyio.run(prepare_targets, upstream_url, gateway_url, token, eras, concurrencies, tmp)
+        unaudited_url = None
+        if not args.no_audit_comparison:
+            # The same data, a second process with the audit log off: the difference is what the log costs.
+            na_port, na_log = _free_port(), tmp / "bastion-unaudited.log"
+            unaudited = processes.start(
+                [str(BASTION), "serve", "--host", "127.0.0.1", "--port", str(na_port)],
+                {**env, "BASTION_AUDIT_MCP_CALLS": "false"},
+                na_log,
+            )
+            _wait_ready(unaudited, f"http://127.0.0.1:{na_port}/readyz", na_log)
+            unaudited_url = f"http://127.0.0.1:{na_port}/g/bench/mcp"
+            pids["unaudited"] = unaudited.pid
+        targets = anyio.run(prepare_targets, upstream_url, gateway_url, token, eras, concurrencies, tmp, unaudited_url)
         for target in targets:
             wrk(target.script, target.captured.url, 8, args.warmup, pids)
         runs: list[Run] = []
@@ -563,6 +610,9 @@ def main() -> None:
         f"load average {load_before} before, {load_after} after"
     )
     print(table(runs))  # noqa: T201
+    if not args.no_audit_comparison:
+        print("\nthe audit log's cost: the same gateway with it off and on")  # noqa: T201
+        print(audit_table(runs))  # noqa: T201
     print(  # noqa: T201
         f"gateway RSS: {rss_idle_mb:.1f} MB idle, {rss_after_mb:.1f} MB after the runs, {hwm_mb:.1f} MB peak (VmHWM)"
     )

@@ -17,6 +17,7 @@ import httpx2
 import pytest
 import sqlalchemy as sa
 
+from bastion import wiring
 from bastion.db import migrate
 from bastion.db.schema import metadata
 from bastion.db.store import Store
@@ -25,6 +26,7 @@ from bastion.domain.capabilities import OWNER_ROLE
 from bastion.domain.specs import MemberSpec
 from bastion.services import apikeys, members, workspace
 from bastion.services.apikeys import KeyHasher
+from bastion.services.audit import AuditKeys
 from bastion.settings import Settings, generate_secrets
 from bastion.web.app import create_app
 
@@ -92,8 +94,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = Store.from_url(db_url)
+async def store(db_url: str, settings: Settings) -> AsyncIterator[Store]:
+    s = wiring.store_from(settings)
     await workspace.ensure_workspace(s)
     try:
         yield s
@@ -176,7 +178,7 @@ def vault(keyring: Any) -> Any:
 async def pg_store(pg_migrated_url: str) -> AsyncIterator[Store]:
     """An emptied PostgreSQL store with the workspace made, for races only row locks settle (SQLite serialises)."""
     _truncate_all(pg_migrated_url)
-    s = Store.from_url(pg_migrated_url)
+    s = Store.from_url(pg_migrated_url, audit=AuditKeys.from_secret(secrets.token_bytes(32)).chain_keys())
     await workspace.ensure_workspace(s)
     try:
         yield s

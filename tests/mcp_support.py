@@ -75,6 +75,9 @@ class Recorder:
     tool_calls: list[ToolCall] = field(default_factory=list[ToolCall])
     # Every header line of every request, duplicates kept (a dict would hide a repeated Authorization).
     header_lines: list[tuple[str, str]] = field(default_factory=list[tuple[str, str]])
+    # The `wait` tool signals `arrived` and holds the call until `release` is set.
+    arrived: anyio.Event = field(default_factory=anyio.Event)
+    release: anyio.Event = field(default_factory=anyio.Event)
 
 
 def recording_upstream(recorder: Recorder) -> ASGIApp:
@@ -95,6 +98,7 @@ def recording_upstream(recorder: Recorder) -> ASGIApp:
                 ),
                 types.Tool(name="count", description="Reports progress", input_schema={"type": "object"}),
                 types.Tool(name="hidden", description="Not provisioned", input_schema={"type": "object"}),
+                types.Tool(name="wait", description="Holds the call until released", input_schema={"type": "object"}),
             ]
         )
 
@@ -112,6 +116,10 @@ def recording_upstream(recorder: Recorder) -> ASGIApp:
             for step in range(1, 4):
                 await ctx.session.report_progress(step, 3, f"step {step}")
             return types.CallToolResult(content=[types.TextContent(type="text", text="counted")])
+        if params.name == "wait":
+            recorder.arrived.set()
+            await recorder.release.wait()
+            return types.CallToolResult(content=[types.TextContent(type="text", text="released")])
         if params.name == "hidden":
             return types.CallToolResult(content=[types.TextContent(type="text", text="should not be reachable")])
         return types.CallToolResult(content=[types.TextContent(type="text", text="unknown")], is_error=True)

@@ -101,6 +101,22 @@ class Settings(BaseSettings):
         "isolation property test passes with it (it found late duplicate deliveries under concurrency).",
     )
     upstream_idle_s: float = Field(default=300.0, gt=0)
+    audit_mcp_calls: bool = Field(
+        default=True,
+        description="Write an audit event for every MCP request (fail closed). Turn off only to measure what the "
+        "audit log costs (bench/): calls are then forwarded with no record of them",
+    )
+    audit_checkpoint_every: int = Field(
+        default=1000, ge=1, description="A signed audit checkpoint each time the chain grows by this many events"
+    )
+    audit_stale_after_s: float = Field(
+        default=7500.0,
+        gt=0,
+        description="A call still pending after this long was interrupted (its process died); longer than any call",
+    )
+    rate_limit_url: str = Field(
+        default="memory://", description="Rate-limit counters: memory:// (one node) or redis://host:port/db (shared)"
+    )
     upstream_max_sessions: int = Field(default=512, ge=1)
     upstream_concurrency: int = Field(default=64, ge=1, description="Concurrent calls per upstream server")
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bastion.db.audit import ChainKeys
 from bastion.db.store import Store
 from bastion.services.apikeys import KeyHasher
-from bastion.services.audit_seam import Audit
+from bastion.services.audit import Audit, AuditKeys
 from bastion.services.directory import Directory
+from bastion.services.guard import Guard
 from bastion.services.principals import Resolver
 from bastion.services.proxy import Proxy
+from bastion.services.ratelimits import RateLimiter
 from bastion.settings import Settings, load_settings
 from bastion.upstream.pool import UpstreamPool
 from bastion.vault.crypto import Keyring
@@ -26,6 +29,21 @@ def hasher_from(settings: Settings) -> KeyHasher:
     if settings.token_pepper is None:
         raise ValueError("settings were not checked: token_pepper is missing")
     return KeyHasher(settings.token_pepper.get_secret_value().encode("utf-8"))
+
+
+def audit_keys_from(settings: Settings) -> AuditKeys:
+    if settings.audit_key is None:
+        raise ValueError("settings were not checked: audit_key is missing")
+    return AuditKeys.from_secret(settings.audit_key.get_secret_value().encode("utf-8"))
+
+
+def chain_keys_from(settings: Settings) -> ChainKeys:
+    return audit_keys_from(settings).chain_keys(settings.audit_checkpoint_every)
+
+
+def store_from(settings: Settings) -> Store:
+    """The database handle, able to seal the audit events of what it commits."""
+    return Store.from_url(settings.resolved_database_url, audit=chain_keys_from(settings))
 
 
 def vault_from(settings: Settings) -> Vault:
@@ -63,16 +81,21 @@ class Parts:
     directory: Directory
     proxy: Proxy
     audit: Audit
+    guard: Guard
 
     async def close(self) -> None:
         self.proxy.close()
+        await self.guard.close()
         self.directory.close()
         self.resolver.close()
         await self.store.close()
 
 
 def build(settings: Settings, store: Store | None = None) -> Parts:
-    store = store or Store.from_url(settings.resolved_database_url)
+    if store is None:
+        store = store_from(settings)
+    elif store.audit is None:
+        store.audit = chain_keys_from(settings)
     hasher = hasher_from(settings)
     vault = vault_from(settings)
     pool = UpstreamPool(
@@ -81,6 +104,8 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         per_server_concurrency=settings.upstream_concurrency,
     )
     directory = Directory(store)
+    audit_secret = audit_keys_from(settings)
+    guard = Guard(store, RateLimiter(settings.rate_limit_url), audit_secret.content)
     return Parts(
         store,
         hasher,
@@ -88,6 +113,13 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         Resolver(store, hasher, cache_ttl_s=settings.token_cache_ttl_s),
         pool,
         directory,
-        Proxy(store, vault, pool, directory),
-        Audit(),
+        Proxy(store, vault, pool, directory, guard),
+        Audit(
+            store,
+            audit_secret,
+            checkpoint_every=settings.audit_checkpoint_every,
+            stale_after_s=settings.audit_stale_after_s,
+            enabled=settings.audit_mcp_calls,
+        ),
+        guard,
     )

@@ -25,9 +25,12 @@ from bastion.db.store import Store
 from bastion.domain import tokens
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import OWNER_ROLE, Capability
+from bastion.domain.content import ContentAction
 from bastion.domain.models import MemberStatus, Transport
+from bastion.domain.policy import Effect
+from bastion.domain.ratelimits import LimitPer
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, RoleSpec, ServerSpec
-from bastion.services import apikeys, gateways, hosts, members, roles, servers
+from bastion.services import apikeys, gateways, hosts, members, roles, rules, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.web.api.deps import ACCESS_KEY, SELF
 from bastion.web.api.routes import router
@@ -74,6 +77,16 @@ EXAMPLE_BODIES: dict[str, Body | None] = {
     "revoke_token": None,
     "create_link": lambda n, _: {"host": BASE_HOST, "gateway": EMPTY_GATEWAY, "note": f"link {n}"},
     "revoke_link": None,
+    "create_policy": lambda n, _: {
+        "effect": "deny",
+        "subject_kind": "role",
+        "subject": f"role-{n}",
+        "gateway": SERVER_GATEWAY,
+        "server": BASE_SERVER,
+    },
+    "create_content_rule": lambda n, _: {"name": f"rule-{n}", "pattern": "sk-[a-z]+", "action": "redact"},
+    "update_content_rule": lambda _n, _: {"enabled": False},
+    "create_rate_limit": lambda n, _: {"per": "member", "limit": f"{n}/minute"},
 }
 
 
@@ -190,6 +203,31 @@ class World:
             if path.endswith("/enable"):
                 host = await hosts.set_enabled(self.store, self.operator, host.id, False)
             path = path.replace("{ref}", host.id)
+        elif path.startswith("/policies/"):
+            policy = await rules.create_policy(self.store, self.operator, effect=Effect.DENY)
+            path = path.replace("{rule_id}", policy.rule.id)
+        elif path.startswith("/content-rules/"):
+            content = await rules.create_content_rule(
+                self.store, self.operator, name=f"target-{n}", pattern="k+", action=ContentAction.BLOCK
+            )
+            path = path.replace("{ref}", content.rule.id)
+        elif path.startswith("/rate-limits/"):
+            limit = await rules.create_rate_limit(self.store, self.operator, per=LimitPer.HOST, limit="1/second")
+            path = path.replace("{rule_id}", limit.rule.id)
+        elif path.startswith("/audit/events/"):
+            event_id = f"0196f1c2-0000-7000-8000-{n:012d}"
+            async with self.store.transaction() as conn:
+                await conn.execute(
+                    schema.audit_events.insert().values(
+                        id=event_id,
+                        occurred_at=datetime.now(UTC),
+                        workspace=self.operator.workspace_id,
+                        kind="admin",
+                        method="matrix.probe",
+                        outcome="ok",
+                    )
+                )
+            path = path.replace("{event_id}", event_id)
         assert "{" not in path, f"no objects made for the parameters of {op}; teach World.path_for"
         return API + path
 

@@ -4,6 +4,7 @@ links and the vault."""
 from __future__ import annotations
 
 from bastion.cli.apikeys import apikey_app
+from bastion.cli.audit import audit_app
 from bastion.cli.connections import connection_app
 from bastion.cli.gateways import gateway_app
 from bastion.cli.hosts import host_app
@@ -13,6 +14,7 @@ from bastion.cli.links import link_app
 from bastion.cli.main import app
 from bastion.cli.members import member_app
 from bastion.cli.roles import role_app
+from bastion.cli.rules import content_rule_app, policy_app, rate_limit_app
 from bastion.cli.servers import server_app
 from bastion.cli.tokens import token_app
 from bastion.cli.vault import vault_app
@@ -29,3 +31,7 @@ app.add_typer(connection_app, name="connection")
 app.add_typer(token_app, name="token")
 app.add_typer(link_app, name="link")
 app.add_typer(vault_app, name="vault")
+app.add_typer(audit_app, name="audit")
+app.add_typer(policy_app, name="policy")
+app.add_typer(content_rule_app, name="content-rule")
+app.add_typer(rate_limit_app, name="rate-limit")

@@ -58,7 +58,7 @@ def prepare_files(settings: Settings, *, generate: bool) -> tuple[Settings, Path
 
 async def prepare_database(settings: Settings) -> Workspace:
     url = settings.resolved_database_url
-    store = Store.from_url(url)
+    store = wiring.store_from(settings)
     try:
         # Replicas starting together on a fresh PostgreSQL would each see no workspace and create one.
         async with store.exclusive("bastion.first-start"):

@@ -36,7 +36,7 @@ class CliContext:
 async def cli_context() -> AsyncGenerator[CliContext, None]:
     settings = load_settings()
     check_secrets(settings)
-    store = Store.from_url(settings.resolved_database_url)
+    store = wiring.store_from(settings)
     try:
         ws = await workspace.default_workspace(store)
         pepper = settings.token_pepper.get_secret_value() if settings.token_pepper else ""

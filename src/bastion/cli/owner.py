@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bastion.db.store import Store
+from bastion import wiring
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import OWNER_ROLE
 from bastion.domain.specs import MemberSpec
@@ -14,7 +14,7 @@ from bastion.settings import Settings
 
 async def ensure_owner(settings: Settings, email: str, name: str | None) -> dict[str, object]:
     """Create the owner if absent and mint them a key; an existing member is left as is (no new key)."""
-    store = Store.from_url(settings.resolved_database_url)
+    store = wiring.store_from(settings)
     try:
         ws = await workspace.default_workspace(store)
         actor = Actor.local_operator(ws.id)

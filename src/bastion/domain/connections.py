@@ -88,3 +88,4 @@ class Principal:
     gateway_slug: str
     identities: Mapping[str, str]  # per-user server alias -> identity id
     expires_at: datetime | None
+    role: str = ""  # the member's role name, for policy

@@ -6,7 +6,7 @@ import hmac
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 import sqlalchemy as sa
 
@@ -15,7 +15,7 @@ from bastion.db.store import Store
 from bastion.domain import tokens as token_format
 from bastion.domain.connections import Principal
 from bastion.domain.models import MemberStatus
-from bastion.errors import Forbidden, Unauthenticated
+from bastion.errors import BastionError, Forbidden, Unauthenticated
 from bastion.events.bus import Changed
 from bastion.services.apikeys import KeyHasher
 from bastion.types import GatewayId, HostId, MemberId, WorkspaceId
@@ -28,6 +28,25 @@ C = schema.connections
 M = schema.members
 H = schema.hosts
 G = schema.gateways
+R = schema.roles
+E = TypeVar("E", bound=BastionError)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Whom a valid but refused token speaks for; attached to the error as ``who`` for the audit log."""
+
+    workspace_id: str
+    member_id: str
+    member_email: str
+    host_id: str
+    token_id: str
+
+    def on(self, error: E) -> E:
+        error.who = self  # pyright: ignore[reportAttributeAccessIssue]
+        return error
+
+
 CI = schema.connection_identities
 
 
@@ -45,6 +64,12 @@ class MemberDisabled(Forbidden):
 
 class GatewayDisabled(Forbidden):
     code = "gateway_disabled"
+
+
+def _who(principal: Principal) -> Refused:
+    return Refused(
+        principal.workspace_id, principal.member_id, principal.member_email, principal.host_id, principal.token_id
+    )
 
 
 @dataclass(slots=True)
@@ -91,11 +116,11 @@ class Resolver:
         principal = entry.principal
         if principal.expires_at is not None and now >= principal.expires_at:
             self._cache.pop(digest, None)
-            raise Unauthenticated("the access token has expired")
+            raise _who(principal).on(Unauthenticated("the access token has expired"))
         if (gateway is not None and principal.gateway_slug != gateway) or (
             host is not None and principal.host_name != host
         ):
-            raise Unauthenticated("the access token was not issued for this gateway")
+            raise _who(principal).on(Unauthenticated("the access token was not issued for this gateway"))
         if entry.last_used_written is None or now - entry.last_used_written >= token_format.LAST_USED_WRITE_INTERVAL:
             entry.last_used_written = now
             async with self._store.transaction() as conn:
@@ -116,6 +141,7 @@ class Resolver:
                 M.c.id.label("member_id"),
                 M.c.email,
                 M.c.status.label("member_status"),
+                R.c.name.label("role_name"),
                 H.c.id.label("host_id"),
                 H.c.name.label("host_name"),
                 H.c.enabled.label("host_enabled"),
@@ -126,6 +152,7 @@ class Resolver:
             .select_from(
                 T.join(C, C.c.id == T.c.connection_id)
                 .join(M, M.c.id == C.c.member_id)
+                .join(R, R.c.id == M.c.role_id)
                 .join(H, H.c.id == C.c.host_id)
                 .join(G, G.c.id == C.c.gateway_id)
             )
@@ -135,18 +162,20 @@ class Resolver:
             row = (await conn.execute(query)).first()
             if row is None or not hmac.compare_digest(row.digest, digest):
                 raise Unauthenticated("the access token is not valid")
+            # Who was refused, for the audit event of a refusal (the token itself is never kept).
+            who = Refused(row.workspace_id, row.member_id, row.email, row.host_id, row.token_id)
             if row.revoked_at is not None:
-                raise Unauthenticated("the access token was revoked")
+                raise who.on(Unauthenticated("the access token was revoked"))
             if row.expires_at is not None and now >= row.expires_at:
-                raise Unauthenticated("the access token has expired")
+                raise who.on(Unauthenticated("the access token has expired"))
             if not row.host_enabled:
-                raise HostDisabled(f"the host {row.host_name!r} is disabled; an admin can enable it again")
+                raise who.on(HostDisabled(f"the host {row.host_name!r} is disabled; an admin can enable it again"))
             if not row.connection_enabled:
-                raise ConnectionDisabled("this connection is disabled; an admin can enable it again")
+                raise who.on(ConnectionDisabled("this connection is disabled; an admin can enable it again"))
             if row.member_status != MemberStatus.ACTIVE.value:
-                raise MemberDisabled("the member this token belongs to is disabled")
+                raise who.on(MemberDisabled("the member this token belongs to is disabled"))
             if not row.gateway_enabled:
-                raise GatewayDisabled(f"the gateway {row.slug!r} is disabled")
+                raise who.on(GatewayDisabled(f"the gateway {row.slug!r} is disabled"))
             mapping = dict(
                 (
                     await conn.execute(
@@ -166,6 +195,7 @@ class Resolver:
             gateway_slug=row.slug,
             identities=mapping,
             expires_at=row.expires_at,
+            role=row.role_name,
         )
         if len(self._cache) >= MAX_CACHE_ENTRIES:
             self._cache.clear()

@@ -26,7 +26,9 @@ from bastion.domain.models import AuthKind, IdentityScheme, ProvisionMode
 from bastion.errors import BastionError, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import identities
+from bastion.services.audit import before_forwarding, current_record
 from bastion.services.directory import Directory, GatewayView, Mounted
+from bastion.services.guard import Guard, as_json
 from bastion.upstream import relay
 from bastion.upstream.pool import UpstreamPool, UpstreamUnavailable
 from bastion.upstream.transports import Credential
@@ -65,14 +67,21 @@ class RoundTrip:
 class Proxy:
     """Answers MCP requests for a resolved Principal by fanning out to, or routing into, its gateway's servers."""
 
-    def __init__(self, store: Store, vault: Vault, pool: UpstreamPool, directory: Directory) -> None:
+    def __init__(
+        self, store: Store, vault: Vault, pool: UpstreamPool, directory: Directory, guard: Guard | None = None
+    ) -> None:
         self._store = store
+        self._guard = guard
         self._vault = vault
         self._pool = pool
         self._directory = directory
         self._unsubscribe = store.bus.subscribe(self._on_change)
         # Input schemas from the last listing per (connection, tool), so tools/call needs no fresh listing.
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
+
+    @property
+    def guard(self) -> Guard | None:
+        return self._guard
 
     def close(self) -> None:
         self._unsubscribe()
@@ -141,11 +150,15 @@ class Proxy:
         return await self._directory.view(principal.workspace_id, principal.gateway_id)
 
     async def _call(self, principal: Principal, mounted: Mounted, fn: Callable[[Client], Awaitable[T]]) -> T:
+        await before_forwarding()  # the request's audit event is durable before anything reaches an upstream
         client = await self._client(principal, mounted)
+        record = current_record()
         async with self._pool.limiter(mounted.server.id):
             try:
-                return await fn(client)
+                result = await fn(client)
             except MCPError as exc:
+                if record is not None:
+                    record.upstream_status = str(exc.code)
                 if exc.code == types.CONNECTION_CLOSED:
                     # The pooled session is dead: forget it so the next call opens a fresh one.
                     identity_id = self.identity_for(principal, mounted)
@@ -155,9 +168,18 @@ class Proxy:
                         self._pool.discard(server_id=mounted.server.id)
                     raise UpstreamUnavailable(f"upstream {mounted.alias!r} closed the connection") from exc
                 raise
+            except TimeoutError:
+                if record is not None:
+                    record.upstream_status = "timeout"
+                raise
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
+                if record is not None:
+                    record.upstream_status = "unavailable"
                 self._pool.discard(server_id=mounted.server.id)
                 raise UpstreamUnavailable(f"upstream {mounted.alias!r} dropped the connection") from exc
+        if record is not None:
+            record.upstream_status = "error" if getattr(result, "is_error", False) else "ok"
+        return result
 
     # --- listings -------------------------------------------------------------------------------------------------
 
@@ -167,6 +189,8 @@ class Proxy:
         """Everything of one kind from every mounted server, concurrently; a failing server is left out."""
         view = await self._view(principal)
         results: list[list[tuple[Mounted, T]]] = [[] for _ in view.mounted]
+        if any(_provisioning(m, kind).mode is not ProvisionMode.BLOCK_ALL for m in view.mounted):
+            await before_forwarding()  # once, before the concurrent fan-out
 
         async def one(index: int, mounted: Mounted) -> None:
             if _provisioning(mounted, kind).mode is ProvisionMode.BLOCK_ALL:
@@ -184,7 +208,13 @@ class Proxy:
         async with anyio.create_task_group() as tg:
             for index, mounted in enumerate(view.mounted):
                 tg.start_soon(one, index, mounted)
-        return [pair for chunk in results for pair in chunk]
+        pairs = [pair for chunk in results for pair in chunk]
+        if self._guard is None:
+            return pairs
+        ruleset = await self._guard.rules(principal.workspace_id)
+        if not ruleset.policies:
+            return pairs
+        return [(m, item) for m, item in pairs if self._guard.visible(ruleset, principal, m.alias, _item_name(item))]
 
     async def list_tools(self, principal: Principal) -> list[types.Tool]:
         async def fetch(_mounted: Mounted, client: Client) -> list[types.Tool]:
@@ -250,6 +280,14 @@ class Proxy:
         """The upstream's result; for a 2026-era caller an input-required result passes through to it."""
         mounted, tool = await self._route(principal, name, "tools")
         timeout = mounted.server.call_timeout_s
+        guard = self._guard
+        ruleset = None
+        if guard is not None:
+            ruleset = await guard.admit(principal, mounted.alias, tool)
+            await guard.count(ruleset, principal, name)
+            if ruleset.content:
+                scanned = guard.scan(ruleset, principal, dict(arguments or {}), "arguments")
+                arguments = scanned if isinstance(scanned, dict) else arguments
 
         async def call(client: Client) -> Any:
             if round_trip is not None:
@@ -264,12 +302,19 @@ class Proxy:
                 )
             return await client.call_tool(tool, arguments, read_timeout_seconds=timeout, progress_callback=progress)
 
-        return await self._call(principal, mounted, call)
+        result = await self._call(principal, mounted, call)
+        if guard is not None and ruleset is not None and ruleset.content and isinstance(result, types.CallToolResult):
+            scanned = guard.scan(ruleset, principal, as_json(result), "results")
+            if scanned is not None:
+                result = types.CallToolResult.model_validate(scanned)
+        return result
 
     async def get_prompt(
         self, principal: Principal, name: str, arguments: dict[str, str] | None, round_trip: RoundTrip | None = None
     ) -> Any:
         mounted, prompt = await self._route(principal, name, "prompts")
+        if self._guard is not None:
+            await self._guard.admit(principal, mounted.alias, prompt)
 
         async def get(client: Client) -> Any:
             if round_trip is not None:
@@ -291,6 +336,8 @@ class Proxy:
         for mounted in view.mounted:
             if not mounted.entry.resources.allows(uri) and mounted.entry.resources.mode is not ProvisionMode.ALLOW_ALL:
                 continue
+            if self._guard is not None:
+                await self._guard.admit(principal, mounted.alias, uri)
 
             async def read(client: Client) -> Any:
                 if round_trip is not None:
@@ -347,6 +394,9 @@ class Proxy:
             if not usable:
                 raise UnknownName("no server offers resource templates here", field="ref")
             mounted, upstream_ref = usable[0], ref
+        if self._guard is not None:
+            target = upstream_ref.name if isinstance(upstream_ref, types.PromptReference) else upstream_ref.uri
+            await self._guard.admit(principal, mounted.alias, target)
         return await self._call(principal, mounted, lambda client: client.complete(upstream_ref, argument, context))
 
 
@@ -373,3 +423,12 @@ async def _all_pages(fetch: Callable[[str | None], Awaitable[Any]], items: Calla
         if not cursor:
             break
     return out
+
+
+def _item_name(item: Any) -> str:
+    """The name policy rules match for a listed item: a tool's or prompt's name, a resource's URI."""
+    for attribute in ("uri", "uri_template"):
+        value = getattr(item, attribute, None)
+        if value is not None:
+            return str(value)
+    return str(getattr(item, "name", ""))

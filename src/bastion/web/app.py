@@ -24,7 +24,9 @@ from bastion.settings import Settings
 from bastion.web import problems
 from bastion.web.api.deps import ApiContext
 from bastion.web.api.routes import router
+from bastion.web.api.routes_audit import router as audit_router
 from bastion.web.api.routes_identity import router as identity_router
+from bastion.web.api.routes_rules import router as rules_router
 from bastion.web.mcp.endpoint import McpEndpoint
 from bastion.web.mcp.event_store import BoundedEventStore
 from bastion.web.mcp.fastpath import FastPath
@@ -60,6 +62,8 @@ def build_api() -> FastAPI:
     problems.install(api)
     api.include_router(router)
     api.include_router(identity_router)
+    api.include_router(audit_router)
+    api.include_router(rules_router)
     return api
 
 
@@ -90,7 +94,8 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
-        async with anyio.create_task_group() as tasks, parts.pool.running(), mcp_manager.run():
+        # Exits run in reverse: in-flight calls end, upstream sessions close, then every audit event is flushed.
+        async with parts.audit.running(), anyio.create_task_group() as tasks, parts.pool.running(), mcp_manager.run():
             if parts.store.dialect == "postgresql":
                 # Other replicas' changes (revoked tokens, disabled hosts) reach this process's caches.
                 tasks.start_soon(pg_events.listen, settings.resolved_database_url, parts.store.bus)

@@ -12,8 +12,8 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.types import Receive, Scope, Send
 
 from bastion.errors import Forbidden, Unauthenticated, Unavailable
-from bastion.services.audit_seam import Audit, CallRecord
-from bastion.services.principals import Resolver
+from bastion.services.audit import Audit, CallRecord
+from bastion.services.principals import Refused, Resolver
 from bastion.web.mcp.fastpath import FastPath, read_body, replaying
 from bastion.web.mcp.server import current_principal
 
@@ -44,11 +44,18 @@ class McpEndpoint:
         self._fast = fast
 
     async def _refuse(
-        self, send: Send, gateway: str, status: int, code: str, detail: str, headers: list[tuple[bytes, bytes]]
+        self,
+        send: Send,
+        gateway: str,
+        status: int,
+        code: str,
+        detail: str,
+        headers: list[tuple[bytes, bytes]],
+        who: Refused | None = None,
     ) -> None:
-        await self._audit.refused(
-            CallRecord(method="http", gateway=gateway, principal=None, outcome="refused", reason=code)
-        )
+        record = CallRecord(method="http", gateway=gateway, principal=None, outcome="refused", reason=code)
+        record.who = who
+        await self._audit.refused(record)
         await _reply(send, status, {"error": code, "error_description": detail}, headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -70,10 +77,12 @@ class McpEndpoint:
             principal = await self._resolver.resolve(header[len(_BEARER) :].decode("latin-1").strip(), gateway=gateway)
         except Unauthenticated as exc:
             value = f'{challenge}, error="invalid_token", error_description="{exc.detail}"'
-            await self._refuse(send, gateway, 401, "invalid_token", exc.detail, [(b"www-authenticate", value.encode())])
+            who = getattr(exc, "who", None)
+            headers = [(b"www-authenticate", value.encode())]
+            await self._refuse(send, gateway, 401, "invalid_token", exc.detail, headers, who)
             return
         except Forbidden as exc:
-            await self._refuse(send, gateway, 403, exc.code, exc.detail, [])
+            await self._refuse(send, gateway, 403, exc.code, exc.detail, [], getattr(exc, "who", None))
             return
         except Unavailable as exc:
             await self._refuse(send, gateway, 503, exc.code, exc.detail, [(b"retry-after", b"5")])

@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 from bastion.domain.connections import Principal
 from bastion.domain.models import ProtocolEra, Transport
 from bastion.errors import BastionError
-from bastion.services.audit_seam import Audit, CallRecord
+from bastion.services.audit import Audit, CallRecord
 from bastion.services.directory import Mounted
 from bastion.services.proxy import Proxy
 from bastion.upstream.pool import UpstreamPool
@@ -123,13 +123,23 @@ class FastPath:
             return False  # the full path gives the same refusal, worded by the SDK
         if not await self._modern_upstream(principal, mounted):
             return False
+        guard = self._proxy.guard
+        if guard is not None:
+            ruleset = await guard.rules(principal.workspace_id)
+            if ruleset.policies or ruleset.content or ruleset.limits:
+                return (
+                    False  # policy, limits and content rules are the full path's (results must be read to be scanned)
+                )
         rejection = await self._security.validate_request(Request(scope), is_post=True)
         if rejection is not None:
             await rejection(scope, _no_body, send)
             return True
         record = CallRecord(method="tools/call", gateway=principal.gateway_slug, principal=principal, name=name)
+        arguments = call.get("arguments")
+        record.arguments = dict(arguments) if isinstance(arguments, dict) else None  # pyright: ignore[reportUnknownArgumentType]
         async with self._audit.call(record):
             try:
+                await self._audit.open(record)
                 client = await self._client(principal, mounted)
             except BastionError as exc:
                 record.outcome, record.reason = "error", exc.code

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from functools import wraps
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import mcp_types as types
 from mcp.server import Server, ServerRequestContext
@@ -16,8 +16,10 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from bastion import __version__
 from bastion.domain.connections import Principal
 from bastion.errors import BastionError, NotFound, ValidationFailed
-from bastion.services.audit_seam import Audit, CallRecord
+from bastion.services.audit import Audit, AuditUnavailable, CallRecord
+from bastion.services.guard import ContentBlocked, PolicyDenied, RateLimited
 from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy, RoundTrip
+from bastion.types import JSONValue
 from bastion.upstream import relay
 from bastion.upstream.pool import UpstreamUnavailable
 
@@ -29,6 +31,11 @@ IDENTITY_REQUIRED: Final = -32050
 IDENTITY_NEEDS_REAUTH: Final = -32051
 UPSTREAM_UNAVAILABLE: Final = -32052
 REQUEST_TIMEOUT: Final = -32001
+AUDIT_UNAVAILABLE: Final = -32053
+POLICY_DENIED: Final = -32054
+RATE_LIMITED: Final = -32055
+CONTENT_BLOCKED: Final = -32056
+AUDIT_RETRY_AFTER_S: Final = 5
 
 R = TypeVar("R")
 
@@ -41,6 +48,18 @@ def to_jsonrpc(error: BaseException) -> MCPError:
         return MCPError(IDENTITY_REQUIRED, error.detail, {"code": error.code})
     if isinstance(error, IdentityNeedsReauth):
         return MCPError(IDENTITY_NEEDS_REAUTH, error.detail, {"code": error.code})
+    if isinstance(error, AuditUnavailable):
+        # The HTTP equivalent is 503 with Retry-After; on the MCP wire the request gets its own error.
+        return MCPError(
+            AUDIT_UNAVAILABLE, error.detail, {"code": error.code, "status": 503, "retryAfter": AUDIT_RETRY_AFTER_S}
+        )
+    if isinstance(error, PolicyDenied):
+        return MCPError(POLICY_DENIED, error.detail, {"code": error.code, "rule": error.rule_id})
+    if isinstance(error, RateLimited):
+        data = {"code": error.code, "rule": error.rule_id, "retryAfter": error.retry_after_s, "status": 429}
+        return MCPError(RATE_LIMITED, error.detail, data)
+    if isinstance(error, ContentBlocked):
+        return MCPError(CONTENT_BLOCKED, error.detail, {"code": error.code, "rule": error.rule_name})
     if isinstance(error, UpstreamUnavailable):
         return MCPError(UPSTREAM_UNAVAILABLE, error.detail, {"code": error.code})
     if isinstance(error, NotFound) and error.field == "uri":
@@ -76,16 +95,21 @@ def _audited(audit: Audit, method: str) -> Callable[[Handler[R]], Handler[R]]:
             principal = _principal()
             name = getattr(params, "name", None) or (str(params.uri) if hasattr(params, "uri") else None)
             record = CallRecord(method=method, gateway=principal.gateway_slug, principal=principal, name=name)
+            arguments: Any = getattr(params, "arguments", None)
+            if isinstance(arguments, dict):
+                record.arguments = cast("dict[str, JSONValue]", arguments).copy()
             async with audit.call(record):
                 caller = relay.downstream.set(ctx)
                 try:
                     return await fn(ctx, params)
                 except MCPError as exc:
-                    record.outcome, record.reason = "error", str(exc.code)
+                    if record.outcome == "ok":
+                        record.outcome, record.reason = "error", str(exc.code)
                     raise
                 except Exception as exc:
                     mapped = to_jsonrpc(exc)
-                    record.outcome, record.reason = "error", getattr(exc, "code", None) or str(mapped.code)
+                    if record.outcome == "ok":
+                        record.outcome, record.reason = "error", getattr(exc, "code", None) or str(mapped.code)
                     raise mapped from exc
                 finally:
                     relay.downstream.reset(caller)

@@ -1,0 +1,314 @@
+"""The audit log's write path: one event per MCP request, durable before anything is forwarded (fail closed).
+
+A request's event is written as a pending row before the first upstream call (the caller waits for that
+commit), and sealed into the hash chain with its outcome afterwards (the caller does not wait). Writes are
+grouped: whatever is queued while one transaction commits goes into the next one, so under load many
+events share a commit. Refusals at the door and admin actions have no upstream call: they are sealed directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import anyio
+from anyio.abc import TaskGroup
+
+from bastion.context import request_id_var
+from bastion.db import audit as rows
+from bastion.db.audit import ChainKeys
+from bastion.db.store import Store
+from bastion.domain.audit import AuditEvent, arguments_hmac, derive_key, preview
+from bastion.domain.connections import Principal
+from bastion.domain.ids import new_id
+from bastion.errors import BastionError
+from bastion.services.principals import Refused
+from bastion.types import JSONValue
+
+logger = logging.getLogger("bastion.audit")
+
+MAX_BATCH: Final = 500  # events per grouped commit
+RETRY_DELAY_S: Final = 1.0  # after a failed grouped commit of events already decided (seals, refusals)
+RECOVER_EVERY_S: Final = 60.0
+MAX_QUEUED: Final = 100_000  # seals and refusals kept in memory while the database is down, at most
+
+_current: ContextVar[tuple[Audit, CallRecord] | None] = ContextVar("bastion_audit_call", default=None)
+
+
+class AuditUnavailable(BastionError):
+    code = "audit_unavailable"
+    status = 503
+    title = "Audit log unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditKeys:
+    chain: bytes
+    checkpoint: bytes
+    arguments: bytes
+    content: bytes  # the content rules' "hash" action
+
+    def __repr__(self) -> str:
+        return "AuditKeys(…)"
+
+    @classmethod
+    def from_secret(cls, audit_key: bytes) -> AuditKeys:
+        return cls(
+            derive_key(audit_key, "chain"),
+            derive_key(audit_key, "checkpoint"),
+            derive_key(audit_key, "arguments"),
+            derive_key(audit_key, "content"),
+        )
+
+    def chain_keys(self, checkpoint_every: int = 1000) -> ChainKeys:
+        return ChainKeys(self.chain, self.checkpoint, checkpoint_every)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One MCP request as it happens; the proxy fills in what only routing knows (server, decision, findings)."""
+
+    method: str
+    gateway: str
+    principal: Principal | None
+    name: str | None = None
+    server: str | None = None
+    arguments: JSONValue = None  # as the caller sent them: only an HMAC and a redacted preview are kept
+    shown_arguments: JSONValue = None  # after content rules: what the preview is made from, when set
+    decision: str | None = None
+    outcome: str = "ok"
+    reason: str | None = None
+    upstream_status: str | None = None
+    findings: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
+    id: str = field(default_factory=new_id)
+    correlation_id: str | None = field(default_factory=request_id_var.get)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.perf_counter)
+    opened: bool = False
+    who: Refused | None = None  # for a refused token: whom it speaks for, when that is known
+
+
+@dataclass(slots=True)
+class _Batch:
+    pending: list[AuditEvent] = field(default_factory=list[AuditEvent])
+    finished: list[AuditEvent] = field(default_factory=list[AuditEvent])
+    new: list[AuditEvent] = field(default_factory=list[AuditEvent])
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.finished) + len(self.new)
+
+
+class Audit:
+    """Group-commits audit events. ``running()`` drains seals in the background and flushes on the way out."""
+
+    def __init__(
+        self,
+        store: Store,
+        keys: AuditKeys,
+        *,
+        checkpoint_every: int = 1000,
+        stale_after_s: float = 7500.0,
+        enabled: bool = True,
+    ) -> None:
+        self._store = store
+        self._enabled = enabled
+        self._keys = keys
+        self._chain = keys.chain_keys(checkpoint_every)
+        self._stale_after = timedelta(seconds=stale_after_s)
+        self._batch = _Batch()
+        self._lock = anyio.Lock()
+        self._tg: TaskGroup | None = None
+        self._draining = False
+
+    # --- building events ------------------------------------------------------------------------------------------
+
+    def event(self, record: CallRecord, *, outcome: str | None = None) -> AuditEvent:
+        principal = record.principal
+        finished = outcome != "pending"
+        shown = record.shown_arguments if record.shown_arguments is not None else record.arguments
+        who = principal or record.who
+        return AuditEvent(
+            id=record.id,
+            occurred_at=record.started_at,
+            kind="mcp",
+            method=record.method,
+            outcome=outcome or record.outcome,
+            workspace=who.workspace_id if who else None,
+            correlation_id=record.correlation_id,
+            member_id=who.member_id if who else None,
+            actor=who.member_email if who else None,
+            host_id=who.host_id if who else None,
+            token_id=who.token_id if who else None,
+            gateway=record.gateway or None,
+            server=record.server,
+            name=record.name,
+            decision=record.decision,
+            reason=record.reason,
+            upstream_status=record.upstream_status if finished else None,
+            latency_us=int((time.perf_counter() - record.started) * 1_000_000) if finished else None,
+            args_hmac=arguments_hmac(self._keys.arguments, record.arguments) if record.arguments is not None else None,
+            args_preview=preview(shown) if shown is not None else None,
+            detail={"content": list(record.findings)} if record.findings else None,
+        )
+
+    # --- the request path -----------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def call(self, record: CallRecord) -> AsyncGenerator[CallRecord, None]:
+        """Around one MCP request: exactly one event, whatever happens inside."""
+        token = _current.set((self, record))
+        try:
+            yield record
+        except BaseException as exc:
+            if record.outcome == "ok":
+                record.outcome = "error"
+                record.reason = record.reason or getattr(exc, "code", None) or type(exc).__name__
+            raise
+        finally:
+            _current.reset(token)
+            self._enqueue(self.event(record), finished=record.opened)
+
+    async def refused(self, record: CallRecord) -> None:
+        """A request turned away at the door (bad token, disabled host …): written down all the same."""
+        self._enqueue(self.event(record), finished=False)
+
+    async def open(self, record: CallRecord) -> None:
+        """Make the request's event durable before anything is forwarded.
+
+        Raises:
+            AuditUnavailable: the event could not be written; nothing may be forwarded.
+        """
+        if record.opened or not self._enabled:
+            return
+        batch = self._batch
+        batch.pending.append(self.event(record, outcome="pending"))
+        try:
+            await self._commit(batch)
+        except AuditUnavailable:
+            batch.pending[:] = [e for e in batch.pending if e.id != record.id]
+            raise
+        record.opened = True
+
+    # --- grouped commits ------------------------------------------------------------------------------------------
+
+    def _enqueue(self, event: AuditEvent, *, finished: bool) -> None:
+        if not self._enabled:
+            return
+        batch = self._batch
+        if len(batch) >= MAX_QUEUED:
+            logger.error("audit queue full: an event was dropped", extra={"audit_id": event.id})
+            return
+        (batch.finished if finished else batch.new).append(event)
+        if self._tg is not None and not self._draining:
+            self._draining = True
+            self._tg.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        try:
+            while len(self._batch):
+                try:
+                    await self._commit(self._batch)
+                except AuditUnavailable:
+                    await anyio.sleep(RETRY_DELAY_S)
+        finally:
+            self._draining = False
+
+    async def _commit(self, batch: _Batch) -> None:
+        """Commit ``batch`` (and whatever joined it), or wait for the commit that carries it."""
+        async with self._lock:
+            if batch.done.is_set():
+                if batch.error is not None:
+                    raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from batch.error
+                return
+            self._batch = _Batch()
+            try:
+                with anyio.CancelScope(shield=True):
+                    async with self._store.transaction() as conn:
+                        await rows.insert_pending(conn, batch.pending)
+                        await rows.seal_into_chain(conn, self._chain, new=batch.new, finished=batch.finished)
+            except Exception as exc:
+                logger.exception("audit write failed", extra={"events": len(batch)})
+                batch.error = exc
+                # Decided events (seals, refusals) are kept for the next commit; pending ones fail their callers.
+                self._batch.finished.extend(batch.finished)
+                self._batch.new.extend(batch.new)
+                batch.done.set()
+                raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from exc
+            batch.done.set()
+
+    async def flush(self) -> None:
+        """Until everything queued so far is committed (retrying while the database is away)."""
+        while len(self._batch):
+            try:
+                await self._commit(self._batch)
+            except AuditUnavailable:
+                await anyio.sleep(RETRY_DELAY_S)
+
+    async def recover(self, now: datetime | None = None) -> int:
+        """Seal pending events older than the longest call could take: their process died mid-call."""
+        before = (now or datetime.now(UTC)) - self._stale_after
+        total = 0
+        while True:
+            async with self._store.transaction() as conn:
+                stale = await rows.stale_pending(conn, before, MAX_BATCH)
+                if not stale:
+                    return total
+                interrupted = [
+                    replace(e, outcome="interrupted", reason="the gateway stopped before the call's outcome was known")
+                    for e in stale
+                ]
+                await rows.seal_into_chain(conn, self._chain, finished=interrupted)
+            total += len(stale)
+            logger.warning("sealed interrupted audit events", extra={"events": len(stale)})
+
+    @asynccontextmanager
+    async def running(self) -> AsyncGenerator[None]:
+        """Background draining and recovery while serving; on exit, everything queued is flushed."""
+        await self._recover_once()  # before serving: events a killed process left pending are sealed first
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._recover_periodically)
+            try:
+                yield
+            finally:
+                self._tg = None
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                    await self.flush()
+                tg.cancel_scope.cancel()
+
+    async def _recover_once(self) -> None:
+        try:
+            await self.recover()
+        except BastionError:
+            logger.warning("audit recovery postponed: the database is unavailable")
+
+    async def _recover_periodically(self) -> None:
+        while True:
+            await anyio.sleep(RECOVER_EVERY_S)
+            await self._recover_once()
+
+
+def current_record() -> CallRecord | None:
+    """The request being served, for the proxy to note what only routing knows."""
+    current = _current.get()
+    return current[1] if current is not None else None
+
+
+async def before_forwarding() -> None:
+    """Called before anything is sent upstream for the current request: its event must be durable first.
+
+    Raises:
+        AuditUnavailable: it could not be written, so nothing may be forwarded (fail closed).
+    """
+    current = _current.get()
+    if current is not None:
+        log, record = current
+        await log.open(record)

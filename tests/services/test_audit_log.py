@@ -1,0 +1,93 @@
+"""The audit write path: grouped commits, one event per request, replicas appending to one chain."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import anyio
+import pytest
+import sqlalchemy as sa
+
+from bastion import wiring
+from bastion.db import schema
+from bastion.db.store import Store
+from bastion.services import audit_query
+from bastion.services.audit import Audit, AuditKeys, AuditUnavailable, CallRecord, before_forwarding
+from bastion.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+def _keys(settings: Settings) -> AuditKeys:
+    return wiring.audit_keys_from(settings)
+
+
+def _secret(settings: Settings) -> bytes:
+    assert settings.audit_key is not None
+    return settings.audit_key.get_secret_value().encode("utf-8")
+
+
+async def _outcomes(store: Store) -> list[tuple[Any, ...]]:
+    async with store.transaction() as conn:
+        query = sa.select(schema.audit_events.c.seq, schema.audit_events.c.outcome, schema.audit_events.c.name)
+        return [tuple(r) for r in (await conn.execute(query.order_by(schema.audit_events.c.seq))).all()]
+
+
+async def _request(log: Audit, name: str, forward: bool = True) -> None:
+    async with log.call(CallRecord(method="tools/call", gateway="g", principal=None, name=name)):
+        if forward:
+            await before_forwarding()
+
+
+async def test_concurrent_requests_share_commits_and_each_gets_exactly_one_sealed_event(
+    store: Store, settings: Settings
+) -> None:
+    log = Audit(store, _keys(settings))
+    async with log.running(), anyio.create_task_group() as tg:
+        for i in range(200):
+            tg.start_soon(_request, log, f"call-{i}", i % 4 != 0)
+    events = await _outcomes(store)
+    assert sorted(name for _seq, _outcome, name in events) == sorted(f"call-{i}" for i in range(200))
+    assert [seq for seq, _o, _n in events] == list(range(1, 201))
+    assert {outcome for _s, outcome, _n in events} == {"ok"}
+    assert (await audit_query.verify(store, _secret(settings))).ok
+
+
+async def test_a_request_whose_event_cannot_be_written_is_not_forwarded_and_is_sealed_once_the_log_is_back(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Audit(store, _keys(settings))
+    forwarded: list[str] = []
+
+    async def broken(_conn: Any, _events: Any) -> None:
+        raise OSError("injected")
+
+    async with log.running():
+        monkeypatch.setattr("bastion.db.audit.insert_pending", broken)
+        with pytest.raises(AuditUnavailable):
+            async with log.call(CallRecord(method="tools/call", gateway="g", principal=None, name="refused")):
+                await before_forwarding()
+                forwarded.append("refused")
+        monkeypatch.undo()
+        await _request(log, "after")
+    assert forwarded == []
+    assert [(o, n) for _s, o, n in await _outcomes(store)] == [("error", "refused"), ("ok", "after")]
+
+
+async def test_two_replicas_append_to_one_chain_without_a_gap_or_a_fork(pg_store: Store, pg_migrated_url: str) -> None:
+    secret = secrets.token_bytes(32)
+    keys = AuditKeys.from_secret(secret)
+    replicas = [Store.from_url(pg_migrated_url, audit=keys.chain_keys()) for _ in range(2)]
+    logs = [Audit(store, keys) for store in replicas]
+    try:
+        async with logs[0].running(), logs[1].running(), anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(_request, logs[i % 2], f"r{i % 2}-{i}")
+        events = await _outcomes(replicas[0])
+        assert [seq for seq, _o, _n in events] == list(range(1, 301))
+        assert len({name for _s, _o, name in events}) == 300
+        assert (await audit_query.verify(pg_store, secret)).ok
+    finally:
+        for store in replicas:
+            await store.close()
