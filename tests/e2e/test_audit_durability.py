@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -72,8 +73,10 @@ async def test_kill_9_mid_call_leaves_the_event_written_and_the_next_start_seals
             async with anyio.create_task_group() as tg:
 
                 async def call() -> None:
-                    async with gateway_client(f"{server.base_url}/g/sales/mcp", token, "2026-07-28") as client:
-                        await client.call_tool("crm__wait", {"note": "in flight"})
+                    # The gateway is killed under this call: how the client fails is not what is tested here.
+                    with contextlib.suppress(Exception):
+                        async with gateway_client(f"{server.base_url}/g/sales/mcp", token, "2026-07-28") as client:
+                            await client.call_tool("crm__wait", {"note": "in flight"})
 
                 tg.start_soon(call)
                 with anyio.fail_after(20):

@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
+from bastion import wiring
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import bearer_secret
@@ -18,6 +19,7 @@ from bastion.events.bus import Changed, Subject
 from bastion.services import connections, gateways, hosts, identities, members, servers, tokens
 from bastion.services.apikeys import KeyHasher
 from bastion.services.principals import HostDisabled, Resolver
+from bastion.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -31,11 +33,13 @@ def pg_url(pg_migrated_url: str) -> str:
 
 
 async def test_host_disable_and_token_revoke_on_one_replica_reach_the_other(
-    pg_url: str, vault: Any, hasher: KeyHasher
+    pg_url: str, vault: Any, hasher: KeyHasher, settings: Settings
 ) -> None:
     from bastion.services import workspace
 
-    replica_a, replica_b = Store.from_url(pg_url), Store.from_url(pg_url)
+    # Replicas of one install share its audit key: they append to one chain.
+    keys = wiring.chain_keys_from(settings)
+    replica_a, replica_b = Store.from_url(pg_url, audit=keys), Store.from_url(pg_url, audit=keys)
     try:
         operator = Actor.local_operator((await workspace.ensure_workspace(replica_a)).id)
         await servers.create(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+import sqlalchemy as sa
 
 from bastion.db import schema
 from bastion.db.store import Store
@@ -292,3 +293,33 @@ async def test_load_returns_exactly_the_enabled_rules_of_that_workspace_in_creat
     loaded = await rules.load(store, operator.workspace_id)
     assert loaded == rules.RuleSet((deny.rule, allow.rule), (first.rule, third.rule), (limit.rule,))
     assert [r.name for r in (await rules.load(store, other.workspace_id)).content] == ["k"]
+
+
+async def test_every_rule_change_is_one_audit_event_naming_fields_but_never_the_pattern(
+    store: Store, operator: Actor
+) -> None:
+    policy = await rules.create_policy(store, operator, effect=Effect.DENY, description="block all")
+    content = await rules.create_content_rule(
+        store, operator, name="keys", pattern=r"sk-canary-[a-z]+", action=ContentAction.REDACT
+    )
+    await rules.set_content_rule_enabled(store, operator, "keys", False)
+    await rules.update_content_rule(store, operator, "keys", {"action": ContentAction.MASK})
+    limit = await rules.create_rate_limit(store, operator, per=LimitPer.MEMBER, limit="5/minute")
+    await rules.delete_policy(store, operator, policy.rule.id)
+    await rules.delete_rate_limit(store, operator, limit.rule.id)
+    await rules.delete_content_rule(store, operator, "keys")
+    async with store.transaction() as conn:
+        query = sa.select(schema.audit_events).where(schema.audit_events.c.kind == "admin")
+        events = (await conn.execute(query.order_by(schema.audit_events.c.seq))).all()
+    assert [(e.method, e.target) for e in events] == [
+        ("policy.created", f"policy:{policy.rule.id}"),
+        ("content_rule.created", f"content_rule:{content.rule.id}"),
+        ("content_rule.disabled", f"content_rule:{content.rule.id}"),
+        ("content_rule.updated", f"content_rule:{content.rule.id}"),
+        ("rate_limit.created", f"rate_limit:{limit.rule.id}"),
+        ("policy.deleted", f"policy:{policy.rule.id}"),
+        ("rate_limit.deleted", f"rate_limit:{limit.rule.id}"),
+        ("content_rule.deleted", f"content_rule:{content.rule.id}"),
+    ]
+    assert events[3].detail == {"name": "keys", "fields": ["action"]}
+    assert all("sk-canary" not in str(tuple(e)) for e in events)

@@ -97,6 +97,7 @@ class Store:
             raise
         finally:
             conn.info.pop(_PENDING_EVENTS, None)
+            take_recorded(conn)  # a rolled-back transaction's audit events go with it (the connection is pooled)
             with anyio.CancelScope(shield=True):
                 await conn.close()
         for event in pending:

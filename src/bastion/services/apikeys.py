@@ -20,6 +20,7 @@ from bastion.domain.ids import new_id
 from bastion.domain.models import ApiKey, MemberStatus
 from bastion.errors import Forbidden, Unauthenticated, ValidationFailed
 from bastion.services import members, roles
+from bastion.services.actions import action
 from bastion.types import MemberId
 
 T = schema.api_keys
@@ -93,6 +94,7 @@ async def create(
             what="API key",
             unique_field="id",
         )
+        action(conn, actor, "apikey.created", f"apikey:{key_id}", {"name": name, "member": owner})
         row = await crud.fetch_one(conn, T, T.c.id == key_id, what="API key")
     return rows.api_key(row), secret
 
@@ -124,6 +126,7 @@ async def revoke(store: Store, actor: Actor, key_id: str, *, member: str | None 
         )
         if key.revoked_at is None:
             await conn.execute(T.update().where(T.c.id == key.id).values(revoked_at=datetime.now(UTC)))
+            action(conn, actor, "apikey.revoked", f"apikey:{key.id}", {"name": key.name, "member": key.member_id})
         return rows.api_key(await crud.fetch_one(conn, T, T.c.id == key.id, what="API key"))
 
 

@@ -21,8 +21,9 @@ from bastion.domain.models import AuthKind, IdentityScheme
 from bastion.errors import ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import gateways, hosts, identities, members, tokens
+from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
-from bastion.types import GatewayId, HostId, MemberId, WorkspaceId
+from bastion.types import GatewayId, HostId, JSONObject, MemberId, WorkspaceId
 
 T = schema.connections
 CI = schema.connection_identities
@@ -168,6 +169,15 @@ async def create(
                 )
             )
         token, secret = await tokens.mint(conn, hasher, actor.workspace_id, connection_id, token_expires_at)
+        # One event for the whole enrollment: the first token is part of it (its id, never its value).
+        detail: JSONObject = {
+            "member": member_id,
+            "host": target_host.id,
+            "gateway": target_gateway.id,
+            "token": token.id,
+            "link": link_id,
+        }
+        action(conn, actor, "connection.created", f"connection:{connection_id}", detail)
         return await find(conn, actor.workspace_id, connection_id), token, secret
 
 
@@ -226,6 +236,8 @@ async def set_enabled(
                 what="connection",
             )
             emit(conn, Changed(Subject.CONNECTION, current.id))
+            name = "connection.enabled" if enabled else "connection.disabled"
+            action(conn, actor, name, f"connection:{current.id}", {"member": current.member_id})
         return await find(conn, actor.workspace_id, current.id)
 
 
@@ -251,6 +263,13 @@ async def set_identity(store: Store, actor: Actor, connection_id: str, alias: st
             T.update().where(T.c.id == current.id).values(version=T.c.version + 1, updated_at=datetime.now(UTC))
         )
         emit(conn, Changed(Subject.CONNECTION, current.id))
+        detail: JSONObject = {
+            "member": current.member_id,
+            "fields": ["identities"],
+            "alias": alias,
+            "identity": mapping[alias],
+        }
+        action(conn, actor, "connection.updated", f"connection:{current.id}", detail)
         return await find(conn, actor.workspace_id, current.id)
 
 
@@ -261,7 +280,9 @@ async def mint_token(
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, connection_id)
         _check_owner_or(actor, current.member_id, Capability.TOKENS_MANAGE)
-        return await tokens.mint(conn, hasher, actor.workspace_id, current.id, expires_at)
+        token, secret = await tokens.mint(conn, hasher, actor.workspace_id, current.id, expires_at)
+        action(conn, actor, "token.minted", f"token:{token.id}", {"connection": current.id})
+        return token, secret
 
 
 async def delete(store: Store, actor: Actor, connection_id: str) -> None:
@@ -270,3 +291,4 @@ async def delete(store: Store, actor: Actor, connection_id: str) -> None:
         _check_owner_or(actor, current.member_id, Capability.TOKENS_MANAGE)
         await crud.delete(conn, T, current.id, what="connection")
         emit(conn, Changed(Subject.CONNECTION, current.id))
+        action(conn, actor, "connection.deleted", f"connection:{current.id}", {"member": current.member_id})

@@ -20,6 +20,7 @@ from bastion.domain.specs import GatewayServerSpec, GatewaySpec, apply_changes
 from bastion.errors import NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import servers as servers_service
+from bastion.services.actions import action
 
 T = schema.gateways
 GS = schema.gateway_servers
@@ -109,6 +110,13 @@ async def create(store: Store, actor: Actor, spec: GatewaySpec) -> Gateway:
             unique_field="slug",
         )
         await _write_servers(conn, actor.workspace_id, gateway_id, spec)
+        action(
+            conn,
+            actor,
+            "gateway.created",
+            f"gateway:{gateway_id}",
+            {"slug": spec.slug, "servers": [entry.alias for entry in spec.servers]},
+        )
         return await find(conn, actor.workspace_id, gateway_id)
 
 
@@ -160,6 +168,9 @@ async def update(
         )
         if "servers" in changes:
             await _write_servers(conn, actor.workspace_id, current.id, spec)
+        action(
+            conn, actor, "gateway.updated", f"gateway:{current.id}", {"slug": spec.slug, "fields": [*sorted(changes)]}
+        )
         gateway = await find(conn, actor.workspace_id, current.id)
         return gateway, await spec_of(conn, gateway)
 
@@ -170,3 +181,4 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
         current = await find(conn, actor.workspace_id, ref)
         emit(conn, Changed(Subject.GATEWAY, current.id))
         await crud.delete(conn, T, current.id, what="gateway")
+        action(conn, actor, "gateway.deleted", f"gateway:{current.id}", {"slug": current.slug})

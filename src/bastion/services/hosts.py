@@ -19,6 +19,7 @@ from bastion.domain.models import Host, HostKind
 from bastion.domain.specs import HostSpec, apply_changes
 from bastion.errors import VersionMismatch
 from bastion.events.bus import Changed, Subject
+from bastion.services.actions import action
 
 T = schema.hosts
 _READ = (Capability.HOSTS_MANAGE, Capability.HOSTS_DISABLE_ENABLE, Capability.TOKENS_MANAGE, Capability.ADMIN_VIEW)
@@ -58,6 +59,7 @@ async def create(store: Store, actor: Actor, spec: HostSpec) -> Host:
             what="host",
             unique_field="name",
         )
+        action(conn, actor, "host.created", f"host:{host_id}", {"name": spec.name})
         return await find(conn, actor.workspace_id, host_id)
 
 
@@ -100,6 +102,7 @@ async def update(
             },
             what="host",
         )
+        action(conn, actor, "host.updated", f"host:{current.id}", {"name": spec.name, "fields": [*sorted(changes)]})
         return await find(conn, actor.workspace_id, current.id)
 
 
@@ -129,6 +132,8 @@ async def set_enabled(store: Store, actor: Actor, ref: str, enabled: bool, expec
                 },
                 what="host",
             )
+            name = "host.enabled" if enabled else "host.disabled"
+            action(conn, actor, name, f"host:{current.id}", {"name": current.name})
         return await find(conn, actor.workspace_id, current.id)
 
 
@@ -138,3 +143,4 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
         current = await find(conn, actor.workspace_id, ref)
         emit(conn, Changed(Subject.HOST, current.id))
         await crud.delete(conn, T, current.id, what="host")
+        action(conn, actor, "host.deleted", f"host:{current.id}", {"name": current.name})

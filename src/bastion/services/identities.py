@@ -20,8 +20,9 @@ from bastion.domain.ids import new_id
 from bastion.errors import ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import members, servers, vault_keys
+from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
-from bastion.types import MemberId, ServerId, WorkspaceId
+from bastion.types import JSONObject, JSONValue, MemberId, ServerId, WorkspaceId
 from bastion.vault.sealer import Vault
 
 T = schema.identities
@@ -115,6 +116,13 @@ async def create(
                 updated_at=now,
             )
         )
+        action(
+            conn,
+            actor,
+            "identity.created",
+            f"identity:{identity_id}",
+            {"server": target.id, "kind": kind.value, "owner": owner_id},
+        )
         return await find(conn, actor.workspace_id, identity_id)
 
 
@@ -190,6 +198,12 @@ async def update(
                 values["status"] = IdentityStatus.ACTIVE.value
         await crud.update_versioned(conn, T, current.id, expected_version, values, what="identity")
         emit(conn, Changed(Subject.IDENTITY, current.id))
+        # "secret" names the change, never the value; the new status shows enabling, disabling and recovery.
+        given = {"label": label, "status": status, "secret": secret}
+        changed: list[JSONValue] = [name for name in sorted(given) if given[name] is not None]
+        status_now: str = values.get("status", current.status.value)
+        detail: JSONObject = {"server": current.server_id, "fields": changed, "status": status_now}
+        action(conn, actor, "identity.updated", f"identity:{current.id}", detail)
         return await find(conn, actor.workspace_id, current.id)
 
 
@@ -200,6 +214,7 @@ async def delete(store: Store, actor: Actor, identity_id: str) -> None:
         _check_access(actor, current.owner_id)
         await crud.delete(conn, T, current.id, what="identity")
         emit(conn, Changed(Subject.IDENTITY, current.id))
+        action(conn, actor, "identity.deleted", f"identity:{current.id}", {"server": current.server_id})
 
 
 async def open_secret(store: Store, vault: Vault, workspace_id: str, identity_id: str) -> IdentitySecret:

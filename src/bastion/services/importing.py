@@ -54,7 +54,7 @@ async def apply(store: Store, actor: Actor, plan: ImportPlan, *, dry_run: bool =
                 created.append(Created(spec, None))
             continue
         try:
-            server = await servers.create(store, actor, spec)
+            server = await servers.create(store, actor, spec, via="import")
         except Conflict:
             skipped.append(Skipped(spec.name, ALREADY_EXISTS))
         except ValidationFailed as error:

@@ -19,8 +19,9 @@ from bastion.domain.connections import ConnectionLink
 from bastion.domain.ids import new_id
 from bastion.errors import Conflict, NotFound, ValidationFailed
 from bastion.services import gateways, hosts
+from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
-from bastion.types import GatewayId, HostId, MemberId, WorkspaceId
+from bastion.types import GatewayId, HostId, JSONObject, MemberId, WorkspaceId
 
 T = schema.connection_links
 DEFAULT_LINK_LIFETIME: Final = timedelta(days=7)
@@ -93,6 +94,14 @@ async def create(
                 created_at=now,
             )
         )
+        detail: JSONObject = {
+            "host": target_host.id,
+            "gateway": target_gateway.id,
+            "max_uses": max_uses,
+            "invited": len(emails),
+            "expires_at": (now + expires_in).isoformat(),
+        }
+        action(conn, actor, "link.created", f"link:{link_id}", detail)
         return _row(await crud.fetch_one(conn, T, T.c.id == link_id, what="link")), secret
 
 
@@ -122,6 +131,7 @@ async def revoke(store: Store, actor: Actor, link_id: str) -> ConnectionLink:
         row = await crud.fetch_one(conn, T, T.c.workspace_id == actor.workspace_id, T.c.id == link_id, what="link")
         if row.revoked_at is None:
             await conn.execute(T.update().where(T.c.id == link_id).values(revoked_at=datetime.now(UTC)))
+            action(conn, actor, "link.revoked", f"link:{link_id}", {"host": row.host_id, "gateway": row.gateway_id})
         return _row(await crud.fetch_one(conn, T, T.c.id == link_id, what="link"))
 
 
@@ -135,8 +145,12 @@ async def find_by_secret(conn: AsyncConnection, hasher: KeyHasher, secret: str) 
     return _row(row)
 
 
-async def consume(conn: AsyncConnection, link: ConnectionLink, email: str) -> None:
-    """Count one use of ``link`` for ``email``, atomically refusing revoked, expired, used-up or uninvited uses."""
+async def consume(conn: AsyncConnection, link: ConnectionLink, email: str, actor: Actor | None = None) -> None:
+    """Count one use of ``link`` for ``email``, atomically refusing revoked, expired, used-up or uninvited uses.
+
+    Args:
+        actor: who enrolls, once known; until then the event names them by ``email`` alone.
+    """
     now = datetime.now(UTC)
     state = link.state_at(now)
     if state != "active":
@@ -155,3 +169,5 @@ async def consume(conn: AsyncConnection, link: ConnectionLink, email: str) -> No
     )
     if result.rowcount != 1:
         raise Conflict("this connection link was used up or revoked a moment ago")
+    by = actor or Actor(workspace_id=link.workspace_id, member_id=None, capabilities=frozenset(), label=email)
+    action(conn, by, "link.used", f"link:{link.id}", {"email": email})

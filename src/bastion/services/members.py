@@ -20,6 +20,8 @@ from bastion.domain.specs import MemberSpec, apply_changes
 from bastion.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import roles
+from bastion.services.actions import action
+from bastion.types import JSONObject
 
 T = schema.members
 
@@ -96,6 +98,7 @@ async def create(store: Store, actor: Actor, spec: MemberSpec) -> Member:
             what="member",
             unique_field="email",
         )
+        action(conn, actor, "member.created", f"member:{member_id}", {"email": spec.email, "role": role.name})
         return await find(conn, actor.workspace_id, member_id)
 
 
@@ -165,6 +168,11 @@ async def update(
             what="member",
             unique_field="email",
         )
+        name = "member.updated"
+        if spec.status is not current.status:
+            name = "member.enabled" if spec.status is MemberStatus.ACTIVE else "member.disabled"
+        detail: JSONObject = {"email": spec.email, "fields": [*sorted(changes)], "role": new_role.name}
+        action(conn, actor, name, f"member:{current.id}", detail)
         return await find(conn, actor.workspace_id, current.id)
 
 
@@ -182,3 +190,4 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
         ):
             raise Conflict("this is the last active owner; make someone else owner first")
         await crud.delete(conn, T, current.id, what="member")
+        action(conn, actor, "member.deleted", f"member:{current.id}", {"email": current.email})

@@ -18,6 +18,7 @@ from bastion.domain.ids import new_id
 from bastion.domain.models import Role
 from bastion.domain.specs import RoleSpec, apply_changes
 from bastion.errors import Forbidden, ValidationFailed
+from bastion.services.actions import action
 
 T = schema.roles
 
@@ -62,6 +63,13 @@ async def create(store: Store, actor: Actor, spec: RoleSpec) -> Role:
             },
             what="role",
             unique_field="name",
+        )
+        action(
+            conn,
+            actor,
+            "role.created",
+            f"role:{role_id}",
+            {"name": spec.name, "capabilities": [*sorted(c.value for c in spec.capabilities)]},
         )
         return await find(conn, actor.workspace_id, role_id)
 
@@ -109,6 +117,17 @@ async def update(
             },
             what="role",
         )
+        action(
+            conn,
+            actor,
+            "role.updated",
+            f"role:{current.id}",
+            {
+                "name": spec.name,
+                "fields": [*sorted(changes)],
+                "capabilities": [*sorted(c.value for c in spec.capabilities)],
+            },
+        )
         return await find(conn, actor.workspace_id, current.id)
 
 
@@ -120,3 +139,4 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
             raise Forbidden(f"the built-in {current.name!r} role cannot be deleted")
         _check_grantable(actor, current.capabilities)
         await crud.delete(conn, T, current.id, what="role", in_use="members still hold it; give them another role")
+        action(conn, actor, "role.deleted", f"role:{current.id}", {"name": current.name})

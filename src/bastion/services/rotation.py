@@ -20,6 +20,8 @@ from bastion.domain.capabilities import Capability
 from bastion.errors import Conflict
 from bastion.events.bus import Changed, Subject
 from bastion.services import vault_keys
+from bastion.services.actions import action
+from bastion.types import JSONObject
 from bastion.vault.sealer import Vault
 
 DEFAULT_BATCH: Final = 200
@@ -115,6 +117,10 @@ async def rewrap(
                     done += result.rowcount
                     emit(conn, Changed(entry.subject, row.id))
                 await vault_keys.record_seal(conn, primary, len(found))
+                # A batch commits on its own (the run is resumable), so each batch that moved rows records itself.
+                if done:
+                    detail: JSONObject = {"table": table.name, "key_id": primary, "rows": done}
+                    action(conn, actor, "vault.rewrapped", f"vault_key:{primary}", detail)
             moved += done
             if progress is not None:
                 progress(len(found))
@@ -140,3 +146,4 @@ async def retire(store: Store, vault: Vault, actor: Actor, key_id: str) -> None:
         await conn.execute(
             schema.vault_keys.update().where(schema.vault_keys.c.key_id == key_id).values(retired_at=datetime.now(UTC))
         )
+        action(conn, actor, "vault.retired", f"vault_key:{key_id}", {"key_id": key_id})

@@ -22,16 +22,19 @@ from bastion.domain.capabilities import Capability
 from bastion.domain.content import ContentAction, ContentRule, ContentTarget
 from bastion.domain.ids import new_id
 from bastion.domain.models import Gateway
-from bastion.domain.policy import Effect, PolicyRule, SubjectKind
-from bastion.domain.ratelimits import LimitPer, RateLimitRule, Strategy, parse_limit
+from bastion.domain.policy import Effect, PolicyRule, SubjectKind, summary
+from bastion.domain.ratelimits import LimitPer, RateLimitRule, Strategy, describe, parse_limit
 from bastion.domain.specs import apply_changes
 from bastion.errors import NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import gateways
+from bastion.services.actions import action as record_action
+from bastion.types import JSONObject, JSONValue
 
 P = schema.policy_rules
 C = schema.content_rules
 L = schema.rate_limits
+_KINDS: Final = {P.name: "policy", C.name: "content_rule", L.name: "rate_limit"}  # audit action prefixes
 R = TypeVar("R")
 _READ: Final = (Capability.POLICIES_MANAGE, Capability.ADMIN_VIEW)
 CONTENT_EDITABLE: Final = frozenset({"pattern", "action", "target", "replacement", "enabled"})
@@ -168,6 +171,8 @@ async def _delete(store: Store, actor: Actor, table: sa.Table, ref: str, what: s
         row = await _fetch(conn, table, actor.workspace_id, ref, what)
         emit(conn, Changed(Subject.POLICY, actor.workspace_id))
         await crud.delete(conn, table, row.id, what=what)
+        kind = _KINDS[table.name]
+        record_action(conn, actor, f"{kind}.deleted", f"{kind}:{row.id}")
 
 
 # --- policy rules ---------------------------------------------------------------------------------------------------
@@ -209,6 +214,7 @@ async def create_policy(
         }
         await crud.insert(conn, P, values | _common(actor, found), what="policy rule", unique_field="id")
         emit(conn, Changed(Subject.POLICY, actor.workspace_id))
+        record_action(conn, actor, "policy.created", f"policy:{rule.id}", {"summary": summary(rule)})
         return await _one(conn, P, policy_of, actor.workspace_id, rule.id, "policy rule")
 
 
@@ -259,6 +265,8 @@ async def create_content_rule(
         values = {"id": rule.id, "name": rule.name, **_content_values(rule)}
         await crud.insert(conn, C, values | _common(actor, found), what="content rule", unique_field="name")
         emit(conn, Changed(Subject.POLICY, actor.workspace_id))
+        detail: JSONObject = {"name": rule.name, "action": rule.action.value, "target": rule.target.value}
+        record_action(conn, actor, "content_rule.created", f"content_rule:{rule.id}", detail)
         return await _one(conn, C, content_of, actor.workspace_id, rule.id, "content rule")
 
 
@@ -288,6 +296,13 @@ async def update_content_rule(store: Store, actor: Actor, ref: str, changes: Map
         rule = apply_changes(content_of(row), wanted).validated()
         emit(conn, Changed(Subject.POLICY, actor.workspace_id))
         await conn.execute(C.update().where(C.c.id == row.id).values(**_content_values(rule)))
+        verb = "updated"
+        if set(changes) == {"enabled"}:
+            verb = "enabled" if rule.enabled else "disabled"
+        # Field names only: a pattern or replacement may itself describe a secret's shape.
+        fields: list[JSONValue] = [*sorted(changes)]
+        detail: JSONObject = {"name": rule.name, "fields": fields}
+        record_action(conn, actor, f"content_rule.{verb}", f"content_rule:{row.id}", detail)
         return await _one(conn, C, content_of, actor.workspace_id, row.id, "content rule")
 
 
@@ -340,6 +355,7 @@ async def create_rate_limit(
         }
         await crud.insert(conn, L, values | _common(actor, found), what="rate limit", unique_field="id")
         emit(conn, Changed(Subject.POLICY, actor.workspace_id))
+        record_action(conn, actor, "rate_limit.created", f"rate_limit:{rule.id}", {"summary": describe(rule)})
         return await _one(conn, L, limit_of, actor.workspace_id, rule.id, "rate limit")
 
 

@@ -19,6 +19,8 @@ from bastion.domain.ids import new_id
 from bastion.domain.models import Server, Transport
 from bastion.domain.specs import ServerSpec, apply_changes
 from bastion.events.bus import Changed, Subject
+from bastion.services.actions import action
+from bastion.types import JSONObject
 
 T = schema.servers
 
@@ -59,7 +61,8 @@ def _columns(spec: ServerSpec) -> dict[str, Any]:
     return values
 
 
-async def create(store: Store, actor: Actor, spec: ServerSpec) -> Server:
+async def create(store: Store, actor: Actor, spec: ServerSpec, *, via: str | None = None) -> Server:
+    """Add a server; ``via`` (e.g. "import") says in the audit event how it came."""
     actor.require(Capability.SERVERS_MANAGE)
     spec = spec.validated()
     now = datetime.now(UTC)
@@ -79,6 +82,10 @@ async def create(store: Store, actor: Actor, spec: ServerSpec) -> Server:
             what="server",
             unique_field="name",
         )
+        detail: JSONObject = {"name": spec.name, "transport": spec.transport.value}
+        if via is not None:
+            detail["via"] = via
+        action(conn, actor, "server.created", f"server:{server_id}", detail)
         return await find(conn, actor.workspace_id, server_id)
 
 
@@ -116,6 +123,8 @@ async def update(
         await crud.update_versioned(
             conn, T, current.id, expected_version, {**_columns(spec), "updated_at": datetime.now(UTC)}, what="server"
         )
+        # Field names only: ``env``, ``args`` and ``url`` can carry credentials.
+        action(conn, actor, "server.updated", f"server:{current.id}", {"name": spec.name, "fields": [*sorted(changes)]})
         return await find(conn, actor.workspace_id, current.id)
 
 
@@ -125,3 +134,4 @@ async def delete(store: Store, actor: Actor, ref: str) -> None:
         current = await find(conn, actor.workspace_id, ref)
         emit(conn, Changed(Subject.SERVER, current.id))
         await crud.delete(conn, T, current.id, what="server", in_use="a gateway still uses it; remove it there first")
+        action(conn, actor, "server.deleted", f"server:{current.id}", {"name": current.name})

@@ -19,6 +19,7 @@ from bastion.domain.ids import new_id
 from bastion.errors import ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import hosts, members
+from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
 from bastion.types import WorkspaceId
 
@@ -105,4 +106,5 @@ async def revoke(store: Store, actor: Actor, token_id: str) -> AccessToken:
         if row.revoked_at is None:
             await conn.execute(T.update().where(T.c.id == token_id).values(revoked_at=datetime.now(UTC)))
             emit(conn, Changed(Subject.TOKEN, token_id))
+            action(conn, actor, "token.revoked", f"token:{token_id}", {"connection": row.connection_id})
         return row_to_token(await crud.fetch_one(conn, T, T.c.id == token_id, what="token"))
