@@ -113,7 +113,7 @@ async def test_an_audit_log_that_cannot_be_written_refuses_the_call_and_nothing_
 ) -> None:
     recorder = Recorder()
 
-    async def broken(_conn: Any, _events: Any) -> None:
+    def broken(_conn: Any, _events: Any) -> None:
         raise OSError("injected: the audit store cannot write")
 
     async with serving(recording_upstream(recorder)) as upstream:
@@ -122,7 +122,7 @@ async def test_an_audit_log_that_cannot_be_written_refuses_the_call_and_nothing_
             serving(create_app(settings, store)) as bastion,
             gateway_client(f"{bastion}/g/sales/mcp", tokens["ada"], "2026-07-28") as client,
         ):
-            monkeypatch.setattr("bastion.db.audit.insert_pending", broken)
+            monkeypatch.setattr("bastion.db.audit.write_pending", broken)
             for call in (lambda: client.call_tool("crm__whoami", {}), client.list_tools):
                 with pytest.raises(MCPError) as caught:
                     await call()

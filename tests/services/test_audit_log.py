@@ -60,11 +60,11 @@ async def test_a_request_whose_event_cannot_be_written_is_not_forwarded_and_is_s
     log = Audit(store, _keys(settings))
     forwarded: list[str] = []
 
-    async def broken(_conn: Any, _events: Any) -> None:
+    def broken(_conn: Any, _events: Any) -> None:
         raise OSError("injected")
 
     async with log.running():
-        monkeypatch.setattr("bastion.db.audit.insert_pending", broken)
+        monkeypatch.setattr("bastion.db.audit.write_pending", broken)
         with pytest.raises(AuditUnavailable):
             async with log.call(CallRecord(method="tools/call", gateway="g", principal=None, name="refused")):
                 await before_forwarding()

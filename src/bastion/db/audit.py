@@ -69,39 +69,39 @@ def take_recorded(conn: AsyncConnection) -> list[AuditEvent]:
     return conn.info.pop(_PENDING_AUDIT, [])
 
 
-async def insert_pending(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
+def write_pending(conn: sa.Connection, events: Sequence[AuditEvent]) -> None:
     """Write events that are not in the chain yet (their call is about to be forwarded)."""
     if events:
         rows = [{**_values(fit(e)), "seq": None, "prev_hash": None, "hash": None} for e in events]
-        await conn.execute(sa.insert(E), rows)
+        conn.execute(sa.insert(E), rows)
 
 
-async def _lock_head(conn: AsyncConnection, keys: ChainKeys) -> tuple[int, str]:
+def _lock_head(conn: sa.Connection, keys: ChainKeys) -> tuple[int, str]:
     query = sa.select(H.c.seq, H.c.hash).where(H.c.id == HEAD_ID)
     if conn.dialect.name == "postgresql":
         query = query.with_for_update()
-    row = (await conn.execute(query)).first()
+    row = conn.execute(query).first()
     if row is not None:
         return int(row.seq), str(row.hash)
     now = datetime.now(UTC)
     values = {"id": HEAD_ID, "seq": 0, "hash": GENESIS, "mac": head_mac(keys.chain, 0, GENESIS), "updated_at": now}
     insert = (postgresql.insert(H) if conn.dialect.name == "postgresql" else sqlite.insert(H)).values(values)
-    await conn.execute(insert.on_conflict_do_nothing(index_elements=[H.c.id]))
-    row = (await conn.execute(query)).one()
+    conn.execute(insert.on_conflict_do_nothing(index_elements=[H.c.id]))
+    row = conn.execute(query).one()
     return int(row.seq), str(row.hash)
 
 
-async def seal_into_chain(
-    conn: AsyncConnection, keys: ChainKeys, *, new: Sequence[AuditEvent] = (), finished: Sequence[AuditEvent] = ()
+def append(
+    conn: sa.Connection, keys: ChainKeys, *, new: Sequence[AuditEvent] = (), finished: Sequence[AuditEvent] = ()
 ) -> list[SealedEvent]:
     """Append events to the chain: ``new`` ones are inserted, ``finished`` ones are pending rows now complete."""
     if not new and not finished:
         return []
-    prev_seq, prev_hash = await _lock_head(conn, keys)
+    prev_seq, prev_hash = _lock_head(conn, keys)
     if finished:
         # Under the head lock: a row another replica's recovery already sealed (as interrupted) stays as it is.
         ids = [e.id for e in finished]
-        still = set((await conn.execute(sa.select(E.c.id).where(E.c.id.in_(ids), E.c.seq.is_(None)))).scalars())
+        still = set(conn.execute(sa.select(E.c.id).where(E.c.id.in_(ids), E.c.seq.is_(None))).scalars())
         finished = [e for e in finished if e.id in still]
         if not finished and not new:
             return []
@@ -129,9 +129,9 @@ async def seal_into_chain(
             }
             for s in sealed[: len(finished)]
         ]
-        await conn.execute(update, params)
+        conn.execute(update, params)
     if new:
-        await conn.execute(
+        conn.execute(
             sa.insert(E),
             [
                 {**_values(s.event), "seq": s.seq, "prev_hash": s.prev_hash, "hash": s.hash}
@@ -140,14 +140,14 @@ async def seal_into_chain(
         )
     last = sealed[-1]
     now = datetime.now(UTC)
-    await conn.execute(
+    conn.execute(
         sa.update(H)
         .where(H.c.id == HEAD_ID)
         .values(seq=last.seq, hash=last.hash, mac=head_mac(keys.chain, last.seq, last.hash), updated_at=now)
     )
     if keys.checkpoint_every and last.seq // keys.checkpoint_every > prev_seq // keys.checkpoint_every:
         checkpoint = sign_checkpoint(keys.checkpoint, last.seq, last.hash, now)
-        await conn.execute(
+        conn.execute(
             sa.insert(C).values(
                 seq=checkpoint.seq,
                 hash=checkpoint.hash,
@@ -156,6 +156,22 @@ async def seal_into_chain(
             )
         )
     return sealed
+
+
+# Synchronous on purpose: SQLite writes them in one worker-thread hop (``Store.write``), PostgreSQL through
+# ``run_sync``; the async wrappers below serve transactions already open on an AsyncConnection.
+
+
+async def insert_pending(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
+    """Write events that are not in the chain yet (their call is about to be forwarded)."""
+    await conn.run_sync(write_pending, events)
+
+
+async def seal_into_chain(
+    conn: AsyncConnection, keys: ChainKeys, *, new: Sequence[AuditEvent] = (), finished: Sequence[AuditEvent] = ()
+) -> list[SealedEvent]:
+    """Append events to the chain: ``new`` ones are inserted, ``finished`` ones are pending rows now complete."""
+    return await conn.run_sync(lambda sync: append(sync, keys, new=new, finished=finished))
 
 
 async def stale_pending(conn: AsyncConnection, before: datetime, limit: int) -> list[AuditEvent]:

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from typing import TypeVar
 
 import anyio
+import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.db import migrate
 from bastion.db.audit import ChainKeys, seal_into_chain, take_recorded
-from bastion.db.engine import create_engine
+from bastion.db.engine import (
+    PG_CONNECT_TIMEOUT_S,
+    create_engine,
+    install_sqlite_pragmas,
+    install_sqlite_transactions,
+    sync_url,
+)
 from bastion.errors import Unavailable
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
 
+T = TypeVar("T")
 _PENDING_EVENTS = "bastion_pending_events"
 _IN_TRANSACTION: ContextVar[bool] = ContextVar("bastion_in_transaction", default=False)
 
@@ -37,6 +46,7 @@ class Store:
         # Admin actions record audit events on their transaction (``db.audit.record``); they are sealed into the
         # chain by the same commit, so a change and its audit event exist together or not at all.
         self.audit = audit
+        self._sync: sa.Engine | None = None
         # SQLite has one writer at a time: queue this process's transactions on an async lock rather than in
         # SQLite's busy handler, where waiting threads starve and time out under load.
         self._writer = anyio.Lock() if engine.dialect.name == "sqlite" else None
@@ -103,6 +113,36 @@ class Store:
         for event in pending:
             self.bus.publish(event)
 
+    async def write(self, fn: Callable[[sa.Connection], T]) -> T:
+        """Run ``fn`` in one write transaction on a synchronous connection in a worker thread, committed on return.
+
+        For a hot path with several statements: the whole transaction is one thread hop instead of one per
+        statement (each costs a thread wake-up with aiosqlite, a loop round trip with async psycopg).
+        Never call it inside ``transaction()``.
+        """
+        try:
+            if self._writer is None:
+                return await anyio.to_thread.run_sync(self._write_sync, fn)
+            async with self._writer:
+                # Not abandoned on cancellation: the thread finishes (commits or rolls back) either way.
+                return await anyio.to_thread.run_sync(self._write_sync, fn)
+        except OperationalError as exc:
+            raise Unavailable("the database is unreachable; try again shortly") from exc
+
+    def _write_sync(self, fn: Callable[[sa.Connection], T]) -> T:
+        if self._sync is None:
+            url = sync_url(self.engine.url.render_as_string(hide_password=False))
+            if self.dialect == "sqlite":
+                self._sync = sa.create_engine(url)
+                install_sqlite_pragmas(self._sync)
+                install_sqlite_transactions(self._sync)
+            else:
+                self._sync = sa.create_engine(
+                    url, pool_size=4, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S}
+                )
+        with self._sync.begin() as conn:
+            return fn(conn)
+
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncGenerator[None, None]:
         """Across every process on this database, one holder of ``name`` at a time.
@@ -143,4 +183,6 @@ class Store:
         return revision == migrate.head()
 
     async def close(self) -> None:
+        if self._sync is not None:
+            self._sync.dispose()
         await self.engine.dispose()
