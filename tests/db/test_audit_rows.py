@@ -79,3 +79,22 @@ async def test_a_checkpoint_is_signed_each_time_the_chain_crosses_the_interval(s
     async with store.transaction() as conn:
         seqs = (await conn.execute(sa.select(schema.audit_checkpoints.c.seq))).scalars().all()
     assert sorted(seqs) == [4, 6]  # the batches ending at 4 and 6 crossed 3 and 6
+
+
+async def test_an_event_whose_pending_row_was_written_unbeknown_to_its_request_is_completed_not_duplicated(
+    store: Store,
+) -> None:
+    # A request cancelled while another committed its pending row never learnt it was written: its outcome then
+    # arrives as a new event with the same id, and must complete that row rather than fail the whole batch.
+    assert store.audit is not None
+    pending = _event(outcome="pending")
+    async with store.transaction() as conn:
+        await rows.insert_pending(conn, [pending])
+    other = _event()
+    async with store.transaction() as conn:
+        await rows.seal_into_chain(
+            conn, store.audit, new=[_event(id=pending.id, occurred_at=pending.occurred_at), other]
+        )
+    events, head = await _sealed(store)
+    assert [(e.seq, e.event.id, e.event.outcome) for e in events] == [(1, pending.id, "ok"), (2, other.id, "ok")]
+    assert verify(events, chain_key=store.audit.chain, checkpoint_key=store.audit.checkpoint, head=head).ok

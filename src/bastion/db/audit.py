@@ -98,13 +98,15 @@ def append(
     if not new and not finished:
         return []
     prev_seq, prev_hash = _lock_head(conn, keys)
-    if finished:
-        # Under the head lock: a row another replica's recovery already sealed (as interrupted) stays as it is.
-        ids = [e.id for e in finished]
-        still = set(conn.execute(sa.select(E.c.id).where(E.c.id.in_(ids), E.c.seq.is_(None))).scalars())
-        finished = [e for e in finished if e.id in still]
-        if not finished and not new:
-            return []
+    # Under the head lock, each event by what its row is now, whatever the caller believed: a row already sealed
+    # (another replica's recovery sealed it as interrupted) stays as it is; a pending row is completed, even when
+    # the request that wrote it was cancelled before it learnt so; only events with no row are inserted.
+    wanted = {e.id: e for e in (*finished, *new)}
+    found = {row.id: row.seq for row in conn.execute(sa.select(E.c.id, E.c.seq).where(E.c.id.in_(list(wanted))))}
+    finished = [e for e in wanted.values() if e.id in found and found[e.id] is None]
+    new = [e for e in wanted.values() if e.id not in found]
+    if not finished and not new:
+        return []
     ordered = [fit(e) for e in (*finished, *new)]
     sealed = seal(keys.chain, prev_seq, prev_hash, ordered)
     chained: dict[str, Any] = {

@@ -234,6 +234,10 @@ class Audit:
                     raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from batch.error
                 return
             self._batch = _Batch()
+            # Decided events beyond one batch's worth (a backlog after an outage) wait for the next commit.
+            keep = max(MAX_BATCH - len(batch.finished), 0)
+            self._batch.finished, batch.finished = batch.finished[MAX_BATCH:], batch.finished[:MAX_BATCH]
+            self._batch.new, batch.new = batch.new[keep:], batch.new[:keep]
             try:
                 with anyio.CancelScope(shield=True):
                     await self._store.write(lambda conn: self._write(conn, batch))
