@@ -178,11 +178,13 @@ class Audit:
             raise
         finally:
             _current.reset(token)
-            self._enqueue(self.event(record), finished=record.opened)
+            if self._enabled:
+                self._enqueue(self.event(record), finished=record.opened)
 
     async def refused(self, record: CallRecord) -> None:
         """A request turned away at the door (bad token, disabled host …): written down all the same."""
-        self._enqueue(self.event(record), finished=False)
+        if self._enabled:
+            self._enqueue(self.event(record), finished=False)
 
     async def open(self, record: CallRecord) -> None:
         """Make the request's event durable before anything is forwarded.
