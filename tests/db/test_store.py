@@ -153,3 +153,16 @@ async def test_migrations_current_is_false_before_the_first_upgrade_and_true_aft
         assert await store.migrations_current() is True
     finally:
         await store.close()
+
+
+async def test_a_database_error_does_not_list_the_parameters_it_was_given(store: Store) -> None:
+    # (PostgreSQL's own DETAIL may still quote a conflicting key: callers map such errors and never show them.)
+    canary = "canary-secret-value-5d1e"
+    row = {"key_id": canary, "seals": 0, "first_used_at": datetime.now(UTC), "retired_at": None}
+    async with store.transaction() as conn:
+        await conn.execute(sa.insert(schema.vault_keys).values(row))
+    with pytest.raises(IntegrityError) as caught:
+        async with store.transaction() as conn:
+            await conn.execute(sa.insert(schema.vault_keys).values(row))
+    assert "[parameters:" not in str(caught.value)
+    assert "hidden due to hide_parameters" in str(caught.value)

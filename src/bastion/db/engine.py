@@ -12,6 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from bastion.errors import ConfigError
 
 SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
+# Engines are made with hide_parameters: a database error's message must not carry the values it was given
+# (digests, sealed secrets, audit previews) into logs and error reports.
 # Without it a silent (firewalled) PostgreSQL host stalls /readyz and startup for the kernel's TCP timeout.
 PG_CONNECT_TIMEOUT_S: Final = 5
 SUPPORTED_DRIVERS: Final = ("sqlite+aiosqlite", "postgresql+psycopg")
@@ -75,12 +77,13 @@ def install_sqlite_transactions(engine: sa.Engine) -> None:
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_async_engine(url)
+        engine = create_async_engine(url, hide_parameters=True)
         install_sqlite_pragmas(engine.sync_engine)
         install_sqlite_transactions(engine.sync_engine)
         return engine
     return create_async_engine(
         url,
+        hide_parameters=True,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,

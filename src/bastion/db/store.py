@@ -133,12 +133,16 @@ class Store:
         if self._sync is None:
             url = sync_url(self.engine.url.render_as_string(hide_password=False))
             if self.dialect == "sqlite":
-                self._sync = sa.create_engine(url)
+                self._sync = sa.create_engine(url, hide_parameters=True)
                 install_sqlite_pragmas(self._sync)
                 install_sqlite_transactions(self._sync)
             else:
                 self._sync = sa.create_engine(
-                    url, pool_size=4, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S}
+                    url,
+                    hide_parameters=True,
+                    pool_size=4,
+                    pool_pre_ping=True,
+                    connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
                 )
         with self._sync.begin() as conn:
             return fn(conn)
