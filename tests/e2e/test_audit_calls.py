@@ -113,7 +113,7 @@ async def test_an_audit_log_that_cannot_be_written_refuses_the_call_and_nothing_
 ) -> None:
     recorder = Recorder()
 
-    def broken(_conn: Any, _events: Any) -> None:
+    def broken(*_args: Any) -> None:
         raise OSError("injected: the audit store cannot write")
 
     async with serving(recording_upstream(recorder)) as upstream:

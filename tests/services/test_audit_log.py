@@ -60,7 +60,7 @@ async def test_a_request_whose_event_cannot_be_written_is_not_forwarded_and_is_s
     log = Audit(store, _keys(settings))
     forwarded: list[str] = []
 
-    def broken(_conn: Any, _events: Any) -> None:
+    def broken(*_args: Any) -> None:
         raise OSError("injected")
 
     async with log.running():
@@ -91,3 +91,65 @@ async def test_two_replicas_append_to_one_chain_without_a_gap_or_a_fork(pg_store
     finally:
         for store in replicas:
             await store.close()
+
+
+async def test_values_no_database_stores_are_made_storable_before_hashing(store: Store, settings: Settings) -> None:
+    # NUL in a path segment or a tool name, a lone surrogate: PostgreSQL would refuse the row and, kept for the
+    # next commit, it would block every later event.
+    log = Audit(store, _keys(settings))
+    async with log.running():
+        await log.refused(CallRecord(method="http", gateway="\x00", principal=None, outcome="refused"))
+        await _request(log, "tool\x00name\ud800")
+        await _request(log, "after")
+    events = await _outcomes(store)
+    assert [(o, n) for _s, o, n in events] == [("refused", None), ("ok", "tool\ufffdname?"), ("ok", "after")]
+    assert (await audit_query.verify(store, _secret(settings))).ok
+
+
+async def test_an_event_the_database_refuses_is_kept_in_a_reduced_form_and_blocks_nothing(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import DataError
+
+    from bastion.db import audit as rows
+
+    original = rows.append
+
+    def picky(conn: Any, keys: Any, *, new: Any = (), finished: Any = ()) -> Any:
+        if any(e.name == "unstorable" for e in (*new, *finished)):
+            raise DataError("INSERT …", None, ValueError("refused by the database"))
+        return original(conn, keys, new=new, finished=finished)
+
+    monkeypatch.setattr("bastion.db.audit.append", picky)
+    log = Audit(store, _keys(settings))
+    async with log.running():
+        await log.refused(CallRecord(method="http", gateway="g", principal=None, name="unstorable", outcome="refused"))
+        await log.flush()
+        await _request(log, "after")
+    events = await _outcomes(store)
+    assert [(o, n) for _s, o, n in events] == [("refused", None), ("ok", "after")]
+
+
+async def test_recovery_seals_a_forged_pending_row_as_tampered_not_as_a_real_call(
+    store: Store, settings: Settings
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    log = Audit(store, _keys(settings), stale_after_s=60)
+    async with log.running(), log.call(CallRecord(method="tools/call", gateway="g", principal=None, name="real")):
+        await before_forwarding()
+    forged = {
+        "id": "forged-0000-0000-0000-000000000000",
+        "occurred_at": datetime.now(UTC) - timedelta(hours=1),
+        "kind": "mcp",
+        "method": "tools/call",
+        "outcome": "pending",
+        "actor": "someone@example.com",
+        "name": "drop_everything",
+    }
+    async with store.transaction() as conn:
+        await conn.execute(sa.insert(schema.audit_events).values(forged))
+    assert await log.recover() == 1
+    events = await _outcomes(store)
+    assert [(o, n) for _s, o, n in events] == [("ok", "real"), ("tampered", "drop_everything")]
+    assert (await audit_query.verify(store, _secret(settings))).ok

@@ -6,6 +6,7 @@ transactions are already exclusive), so replicas append to one chain in turn.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import schema
-from bastion.domain.audit import GENESIS, AuditEvent, SealedEvent, head_mac, seal, sign_checkpoint
+from bastion.domain.audit import GENESIS, AuditEvent, SealedEvent, chain_hash, head_mac, seal, sign_checkpoint
 
 E = schema.audit_events
 H = schema.audit_head
@@ -44,14 +45,27 @@ _LIMITS: Final = {
 }
 
 
+def _storable(value: object, limit: int) -> str:
+    # PostgreSQL text refuses NUL and the driver refuses lone surrogates: either would fail the whole batch.
+    text = value if isinstance(value, str) else str(value)
+    text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def fit(event: AuditEvent) -> AuditEvent:
-    """The event cut to its columns' sizes, before it is hashed: a value the database cut would break the chain."""
-    changes = {
-        name: value[: limit - 1] + "…"
-        for name, limit in _LIMITS.items()
-        if isinstance(value := getattr(event, name), str) and len(value) > limit
-    }
+    """The event as its columns will store it, before it is hashed: a value the database changed would break
+    the chain. Text is cut to the column size, made storable, and non-text values in text columns become text."""
+    changes: dict[str, str] = {}
+    for name, limit in _LIMITS.items():
+        value = getattr(event, name)
+        if value is not None and (stored := _storable(value, limit)) != value:
+            changes[name] = stored
     return replace(event, **changes) if changes else event
+
+
+def pending_mac(keys: ChainKeys, event: AuditEvent) -> str:
+    """A pending row's MAC (kept in its ``hash`` column until sealed): recovery seals only rows we wrote."""
+    return chain_hash(keys.chain, GENESIS, 0, event)
 
 
 def event_of(row: sa.Row[Any]) -> AuditEvent:
@@ -69,10 +83,11 @@ def take_recorded(conn: AsyncConnection) -> list[AuditEvent]:
     return conn.info.pop(_PENDING_AUDIT, [])
 
 
-def write_pending(conn: sa.Connection, events: Sequence[AuditEvent]) -> None:
+def write_pending(conn: sa.Connection, keys: ChainKeys, events: Sequence[AuditEvent]) -> None:
     """Write events that are not in the chain yet (their call is about to be forwarded)."""
     if events:
-        rows = [{**_values(fit(e)), "seq": None, "prev_hash": None, "hash": None} for e in events]
+        fitted = [fit(e) for e in events]
+        rows = [{**_values(e), "seq": None, "prev_hash": None, "hash": pending_mac(keys, e)} for e in fitted]
         conn.execute(sa.insert(E), rows)
 
 
@@ -164,9 +179,9 @@ def append(
 # ``run_sync``; the async wrappers below serve transactions already open on an AsyncConnection.
 
 
-async def insert_pending(conn: AsyncConnection, events: Sequence[AuditEvent]) -> None:
+async def insert_pending(conn: AsyncConnection, keys: ChainKeys, events: Sequence[AuditEvent]) -> None:
     """Write events that are not in the chain yet (their call is about to be forwarded)."""
-    await conn.run_sync(write_pending, events)
+    await conn.run_sync(write_pending, keys, events)
 
 
 async def seal_into_chain(
@@ -176,7 +191,14 @@ async def seal_into_chain(
     return await conn.run_sync(lambda sync: append(sync, keys, new=new, finished=finished))
 
 
-async def stale_pending(conn: AsyncConnection, before: datetime, limit: int) -> list[AuditEvent]:
-    """Pending rows older than ``before``: calls whose process died before their outcome was written."""
+async def stale_pending(
+    conn: AsyncConnection, keys: ChainKeys, before: datetime, limit: int
+) -> list[tuple[AuditEvent, bool]]:
+    """Pending rows older than ``before`` (calls whose process died before their outcome was written), each with
+    whether its MAC holds (False: the row was altered or forged in the database)."""
     query = sa.select(E).where(E.c.seq.is_(None), E.c.occurred_at < before).order_by(E.c.occurred_at).limit(limit)
-    return [event_of(row) for row in (await conn.execute(query)).all()]
+    found: list[tuple[AuditEvent, bool]] = []
+    for row in (await conn.execute(query)).all():
+        event = event_of(row)
+        found.append((event, row.hash is not None and hmac.compare_digest(row.hash, pending_mac(keys, event))))
+    return found

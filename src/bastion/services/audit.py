@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -20,6 +20,7 @@ from typing import Any, Final
 import anyio
 import sqlalchemy as sa
 from anyio.abc import TaskGroup
+from sqlalchemy.exc import DataError, IntegrityError
 
 from bastion.context import request_id_var
 from bastion.db import audit as rows
@@ -40,6 +41,8 @@ MAX_BATCH: Final = 500  # events per grouped commit
 SEAL_DELAY_S: Final = 0.05
 RETRY_DELAY_S: Final = 1.0  # after a failed grouped commit of events already decided (seals, refusals)
 RECOVER_EVERY_S: Final = 60.0
+OPEN_TIMEOUT_S: Final = 10.0  # longest a request waits for its event to be durable before it is refused
+FLUSH_TIMEOUT_S: Final = 30.0
 MAX_QUEUED: Final = 100_000  # seals and refusals kept in memory while the database is down, at most
 
 _current: ContextVar[tuple[Audit, CallRecord] | None] = ContextVar("bastion_audit_call", default=None)
@@ -197,9 +200,14 @@ class Audit:
         batch = self._batch
         batch.pending.append(self.event(record, outcome="pending"))
         try:
-            await self._commit(batch)
-        except AuditUnavailable:
+            # A stalled database must not hold the caller: it is refused (the write, if it lands later, is
+            # completed by the request's outcome all the same, by event id).
+            with anyio.fail_after(OPEN_TIMEOUT_S):
+                await self._commit(batch)
+        except (AuditUnavailable, TimeoutError) as exc:
             batch.pending[:] = [e for e in batch.pending if e.id != record.id]
+            if isinstance(exc, TimeoutError):
+                raise AuditUnavailable("the audit log did not answer in time; nothing was forwarded") from exc
             raise
         record.opened = True
 
@@ -247,14 +255,17 @@ class Audit:
                 logger.exception("audit write failed", extra={"events": len(batch)})
                 batch.error = exc
                 # Decided events (seals, refusals) are kept for the next commit; pending ones fail their callers.
-                self._batch.finished.extend(batch.finished)
-                self._batch.new.extend(batch.new)
+                # When the database is up but refused the data, they are kept in a reduced form that any
+                # database stores, so one unstorable event cannot block every later one.
+                carry: Callable[[AuditEvent], AuditEvent] = _reduced if _refused_data(exc) else _same
+                self._batch.finished.extend(carry(e) for e in batch.finished)
+                self._batch.new.extend(carry(e) for e in batch.new)
                 batch.done.set()
                 raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from exc
             batch.done.set()
 
     def _write(self, conn: sa.Connection, batch: _Batch) -> None:
-        rows.write_pending(conn, batch.pending)
+        rows.write_pending(conn, self._chain, batch.pending)
         rows.append(conn, self._chain, new=batch.new, finished=batch.finished)
 
     async def flush(self) -> None:
@@ -271,13 +282,17 @@ class Audit:
         total = 0
         while True:
             async with self._store.transaction() as conn:
-                stale = await rows.stale_pending(conn, before, MAX_BATCH)
+                stale = await rows.stale_pending(conn, self._chain, before, MAX_BATCH)
                 if not stale:
                     return total
                 interrupted = [
                     replace(e, outcome="interrupted", reason="the gateway stopped before the call's outcome was known")
-                    for e in stale
+                    if intact
+                    else replace(e, outcome="tampered", reason="this pending row was altered or forged in the database")
+                    for e, intact in stale
                 ]
+                if not all(intact for _e, intact in stale):
+                    logger.error("pending audit rows failed their MAC; sealed as tampered")
                 await rows.seal_into_chain(conn, self._chain, finished=interrupted)
             total += len(stale)
             logger.warning("sealed interrupted audit events", extra={"events": len(stale)})
@@ -295,8 +310,10 @@ class Audit:
                 yield
             finally:
                 self._tg = None
-                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(FLUSH_TIMEOUT_S):
                     await self.flush()
+                if len(self._batch):
+                    logger.error("audit events not written at shutdown", extra={"events": len(self._batch)})
                 tg.cancel_scope.cancel()
 
     async def _recover_once(self) -> None:
@@ -304,11 +321,37 @@ class Audit:
             await self.recover()
         except BastionError:
             logger.warning("audit recovery postponed: the database is unavailable")
+        except Exception:  # a background sweep: log and retry later rather than end the process
+            logger.exception("audit recovery failed; it is retried later")
 
     async def _recover_periodically(self) -> None:
         while True:
             await anyio.sleep(RECOVER_EVERY_S)
             await self._recover_once()
+
+
+def _same(event: AuditEvent) -> AuditEvent:
+    return event
+
+
+def _refused_data(error: BaseException) -> bool:
+    """The database answered but would not store these values (as opposed to being unreachable)."""
+    return isinstance(error, DataError | IntegrityError | UnicodeError | ValueError)
+
+
+def _reduced(event: AuditEvent) -> AuditEvent:
+    """What is certain about an event whose values the database refused: who, when, what kind, and that."""
+    return replace(
+        event,
+        name=None,
+        target=None,
+        reason="the event's values could not be stored as sent",
+        args_preview=None,
+        detail=None,
+        gateway=event.gateway.encode("ascii", "replace").decode("ascii").replace("\x00", "?")
+        if event.gateway
+        else None,
+    )
 
 
 def current_record() -> CallRecord | None:

@@ -73,6 +73,7 @@ class Guard:
         self._limiter = limiter
         self._hash_key = hash_key
         self._cache: dict[str, RuleSet] = {}
+        self._generation = 0
         self._unsubscribe = store.bus.subscribe(self._on_change)
 
     def __repr__(self) -> str:
@@ -83,18 +84,23 @@ class Guard:
         await self._limiter.close()
 
     def _on_change(self, event: Changed) -> None:
-        if event.subject is Subject.POLICY:
-            self._cache.pop(event.id, None)
-        elif event.subject is Subject.ALL:
-            self._cache.clear()
+        if event.subject is Subject.POLICY or event.subject is Subject.ALL:
+            # Bumped before the cache is dropped: a read that started earlier must not store what it read.
+            self._generation += 1
+            if event.subject is Subject.ALL:
+                self._cache.clear()
+            else:
+                self._cache.pop(event.id, None)
 
     async def rules(self, workspace_id: str) -> RuleSet:
         found = self._cache.get(workspace_id)
         if found is None:
+            generation = self._generation
             found = await rules.load(self._store, workspace_id)
-            if len(self._cache) >= MAX_CACHED_WORKSPACES:
-                self._cache.clear()
-            self._cache[workspace_id] = found
+            if generation == self._generation:
+                if len(self._cache) >= MAX_CACHED_WORKSPACES:
+                    self._cache.clear()
+                self._cache[workspace_id] = found
         return found
 
     # --- policy ---------------------------------------------------------------------------------------------------

@@ -10,13 +10,14 @@ import logging
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import anyio
 import mcp_types as types
 from mcp import Client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from pydantic import BaseModel
 
 from bastion.db.store import Store
 from bastion.domain import routing
@@ -26,7 +27,7 @@ from bastion.domain.models import AuthKind, IdentityScheme, ProvisionMode
 from bastion.errors import BastionError, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import identities
-from bastion.services.audit import before_forwarding, current_record
+from bastion.services.audit import AuditUnavailable, before_forwarding, current_record
 from bastion.services.directory import Directory, GatewayView, Mounted
 from bastion.services.guard import Guard, as_json
 from bastion.upstream import relay
@@ -288,6 +289,10 @@ class Proxy:
             if ruleset.content:
                 scanned = guard.scan(ruleset, principal, dict(arguments or {}), "arguments")
                 arguments = scanned if isinstance(scanned, dict) else arguments
+                if round_trip is not None and round_trip.input_responses is not None:
+                    # The caller's answers to an earlier input request are arguments too.
+                    answers = guard.scan(ruleset, principal, _plain(round_trip.input_responses), "arguments")
+                    round_trip = RoundTrip(answers, round_trip.request_state)
 
         async def call(client: Client) -> Any:
             if round_trip is not None:
@@ -303,10 +308,11 @@ class Proxy:
             return await client.call_tool(tool, arguments, read_timeout_seconds=timeout, progress_callback=progress)
 
         result = await self._call(principal, mounted, call)
-        if guard is not None and ruleset is not None and ruleset.content and isinstance(result, types.CallToolResult):
+        if guard is not None and ruleset is not None and ruleset.content and isinstance(result, BaseModel):
+            # Any result, an input-required one included: what reaches the caller passes the rules.
             scanned = guard.scan(ruleset, principal, as_json(result), "results")
             if scanned is not None:
-                result = types.CallToolResult.model_validate(scanned)
+                result = type(result).model_validate(scanned)
         return result
 
     async def get_prompt(
@@ -371,8 +377,14 @@ class Proxy:
                         return await client.session.subscribe_resource(uri)  # pyright: ignore[reportDeprecated]
                     return await client.session.unsubscribe_resource(uri)  # pyright: ignore[reportDeprecated]
 
+            if self._guard is not None and not self._guard.visible(
+                await self._guard.rules(principal.workspace_id), principal, mounted.alias, uri
+            ):
+                continue  # policy denies this resource at this server: nothing to subscribe to there
             try:
                 await self._call(principal, mounted, forward)
+            except AuditUnavailable:
+                raise  # not forwarded because the log cannot be written: the caller must know
             except (MCPError, BastionError) as exc:
                 logger.info("subscription not forwarded", extra={"server": mounted.alias, "reason": type(exc).__name__})
 
@@ -423,6 +435,18 @@ async def _all_pages(fetch: Callable[[str | None], Awaitable[Any]], items: Calla
         if not cursor:
             break
     return out
+
+
+def _plain(value: Any) -> Any:
+    """Models as their JSON (wire names), for the content scan; plain JSON as it is."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if isinstance(value, dict):
+        items = cast("dict[Any, Any]", value)
+        return {str(k): _plain(v) for k, v in items.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in cast("list[Any]", value)]
+    return value
 
 
 def _item_name(item: Any) -> str:
