@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     )
     upstream_max_sessions: int = Field(default=512, ge=1)
     upstream_concurrency: int = Field(default=64, ge=1, description="Concurrent calls per upstream server")
+    upstream_queue: int = Field(
+        default=256, ge=0, description="Calls that may wait for a slot per upstream server; more are refused at once"
+    )
 
     secret_key: SecretStr | None = None
     token_pepper: SecretStr | None = None

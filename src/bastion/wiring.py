@@ -102,6 +102,7 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         max_sessions=settings.upstream_max_sessions,
         idle_s=settings.upstream_idle_s,
         per_server_concurrency=settings.upstream_concurrency,
+        per_server_queue=settings.upstream_queue,
     )
     directory = Directory(store)
     audit_secret = audit_keys_from(settings)

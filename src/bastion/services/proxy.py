@@ -154,7 +154,7 @@ class Proxy:
         await before_forwarding()  # the request's audit event is durable before anything reaches an upstream
         client = await self._client(principal, mounted)
         record = current_record()
-        async with self._pool.limiter(mounted.server.id):
+        async with self._pool.slot(mounted.server.id):
             try:
                 result = await fn(client)
             except MCPError as exc:

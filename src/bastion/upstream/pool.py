@@ -30,6 +30,8 @@ logger = logging.getLogger("bastion.upstream")
 DEFAULT_MAX_SESSIONS: Final = 512
 DEFAULT_IDLE_S: Final = 300.0
 DEFAULT_PER_SERVER_CONCURRENCY: Final = 64
+DEFAULT_PER_SERVER_QUEUE: Final = 256
+BUSY_RETRY_AFTER_S: Final = 1
 CLIENT_INFO: Final = types.Implementation(name="bastion", version=__version__)
 
 
@@ -37,6 +39,15 @@ class UpstreamUnavailable(Unavailable):
     code = "upstream_unavailable"
     status = 502
     title = "Upstream unavailable"
+
+
+class UpstreamBusy(UpstreamUnavailable):
+    """Every slot for this upstream is taken and the queue before it is full: refused at once, not queued."""
+
+    code = "upstream_busy"
+    status = 503
+    title = "Upstream busy"
+    retry_after_s = BUSY_RETRY_AFTER_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +81,12 @@ class UpstreamPool:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         idle_s: float = DEFAULT_IDLE_S,
         per_server_concurrency: int = DEFAULT_PER_SERVER_CONCURRENCY,
+        per_server_queue: int = DEFAULT_PER_SERVER_QUEUE,
     ) -> None:
         self._max = max_sessions
         self._idle_s = idle_s
         self._per_server = per_server_concurrency
+        self._queue = per_server_queue
         self._sessions: dict[SessionKey, _Session] = {}
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._tasks: TaskGroup | None = None
@@ -104,6 +117,19 @@ class UpstreamPool:
         if limiter is None:
             limiter = self._limiters[server_id] = anyio.CapacityLimiter(self._per_server)
         return limiter
+
+    @asynccontextmanager
+    async def slot(self, server_id: str) -> AsyncGenerator[None]:
+        """One of the upstream's concurrent call slots, waiting in a bounded queue for it.
+
+        Raises:
+            UpstreamBusy: every slot is taken and the queue is full (a slow upstream cannot pile up callers).
+        """
+        limiter = self.limiter(server_id)
+        if limiter.available_tokens < 1 and limiter.statistics().tasks_waiting >= self._queue:
+            raise UpstreamBusy("this upstream server is at its limit of concurrent calls; retry shortly")
+        async with limiter:
+            yield
 
     async def client(self, server: Server, credential: Credential, profile: Profile = NO_PROFILE) -> Client:
         """An open session for ``server`` as ``credential``, opening one if needed.

@@ -27,7 +27,7 @@ from bastion.errors import BastionError
 from bastion.services.audit import Audit, CallRecord
 from bastion.services.directory import Mounted
 from bastion.services.proxy import Proxy
-from bastion.upstream.pool import UpstreamPool
+from bastion.upstream.pool import UpstreamBusy, UpstreamPool
 from bastion.upstream.transports import http_client
 from bastion.web.mcp.server import to_jsonrpc
 
@@ -188,7 +188,7 @@ class FastPath:
         request = client.build_request("POST", mounted.server.url, content=body, headers=headers)
         started = False
         try:
-            async with self._pool.limiter(mounted.server.id):
+            async with self._pool.slot(mounted.server.id):
                 response = await client.send(request, stream=True)
                 try:
                     await send(
@@ -210,6 +210,9 @@ class FastPath:
                     await response.aclose()
             if response.status_code >= 400:
                 record.outcome, record.reason = "error", f"http_{response.status_code}"
+        except UpstreamBusy as exc:
+            record.outcome, record.reason = "error", exc.code
+            await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
         except (httpx2.TransportError, OSError) as exc:
             record.outcome, record.reason = "error", "upstream_unavailable"
             logger.info("fast path upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})

@@ -21,7 +21,7 @@ from bastion.services.guard import ContentBlocked, PolicyDenied, RateLimited
 from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy, RoundTrip
 from bastion.types import JSONValue
 from bastion.upstream import relay
-from bastion.upstream.pool import UpstreamUnavailable
+from bastion.upstream.pool import UpstreamBusy, UpstreamUnavailable
 
 logger = logging.getLogger("bastion.mcp")
 current_principal: ContextVar[Principal | None] = ContextVar("bastion_principal", default=None)
@@ -60,6 +60,9 @@ def to_jsonrpc(error: BaseException) -> MCPError:
         return MCPError(RATE_LIMITED, error.detail, data)
     if isinstance(error, ContentBlocked):
         return MCPError(CONTENT_BLOCKED, error.detail, {"code": error.code, "rule": error.rule_name})
+    if isinstance(error, UpstreamBusy):
+        data = {"code": error.code, "status": 503, "retryAfter": error.retry_after_s}
+        return MCPError(UPSTREAM_UNAVAILABLE, error.detail, data)
     if isinstance(error, UpstreamUnavailable):
         return MCPError(UPSTREAM_UNAVAILABLE, error.detail, {"code": error.code})
     if isinstance(error, NotFound) and error.field == "uri":
