@@ -14,9 +14,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, TypeVar
+from typing import Final
 
 from bastion.domain import naming
+from bastion.domain.specs import choice
 from bastion.errors import ValidationFailed
 from bastion.types import JSONValue
 
@@ -27,8 +28,6 @@ MASK_KEEP_CHARS: Final = 4
 HASH_PREFIX: Final = "hmac:"
 HASH_HEX_CHARS: Final = 16
 _COMPILED_CACHE_SIZE: Final = 1024
-
-_E = TypeVar("_E", bound=StrEnum)
 
 
 class ContentAction(StrEnum):
@@ -59,8 +58,8 @@ class ContentRule:
     def validated(self) -> ContentRule:
         """This rule if it can run, or a ValidationFailed naming the first field that is wrong."""
         name = naming.slug(self.name, field="name")
-        action = _choice(ContentAction, self.action, field="action")
-        target = _choice(ContentTarget, self.target, field="target")
+        action = choice(ContentAction, self.action, field="action")
+        target = choice(ContentTarget, self.target, field="target")
         pattern = _pattern(self.pattern)
         replacement = _replacement(action, self.replacement)
         if self.gateway_id == "":
@@ -184,14 +183,6 @@ def _walk(value: JSONValue, on_string: Callable[[str], str]) -> JSONValue:
     if isinstance(value, dict):
         return {key: _walk(item, on_string) for key, item in value.items()}
     return value
-
-
-def _choice(enum: type[_E], value: object, *, field: str) -> _E:
-    try:
-        return enum(value)
-    except ValueError:
-        options = ", ".join(m.value for m in enum)
-        raise ValidationFailed(f"{field} must be one of: {options}", field=field) from None
 
 
 def _pattern(value: str) -> str:

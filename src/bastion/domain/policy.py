@@ -9,17 +9,16 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, TypeVar
+from typing import Final
 
 from bastion.domain import naming
+from bastion.domain.specs import choice
 from bastion.errors import ValidationFailed
 
 SUBJECT_MAX_CHARS: Final = 320  # an email address can be this long
 NAME_PATTERN_MAX_CHARS: Final = 255
 DESCRIPTION_MAX_CHARS: Final = 500
 _GLOB_CHARS: Final = frozenset("*?[")
-
-_E = TypeVar("_E", bound=StrEnum)
 
 
 class Effect(StrEnum):
@@ -47,8 +46,8 @@ class PolicyRule:
 
     def validated(self) -> PolicyRule:
         """This rule with its text trimmed, or a ValidationFailed naming the first field that is wrong."""
-        effect = _choice(Effect, self.effect, field="effect")
-        kind = _choice(SubjectKind, self.subject_kind, field="subject_kind")
+        effect = choice(Effect, self.effect, field="effect")
+        kind = choice(SubjectKind, self.subject_kind, field="subject_kind")
         subject = _subject(kind, self.subject)
         if self.gateway_id == "":
             raise ValidationFailed(
@@ -156,14 +155,6 @@ def _specificity(rule: PolicyRule) -> int:
     if rule.name is not None:
         score += 1 if _GLOB_CHARS.intersection(rule.name) else 2
     return score
-
-
-def _choice(enum: type[_E], value: object, *, field: str) -> _E:
-    try:
-        return enum(value)
-    except ValueError:
-        options = ", ".join(m.value for m in enum)
-        raise ValidationFailed(f"{field} must be one of: {options}", field=field) from None
 
 
 _SUBJECT_HINT: Final = {

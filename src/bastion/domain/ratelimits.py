@@ -6,8 +6,9 @@ import fnmatch
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, TypeVar
+from typing import Final
 
+from bastion.domain.specs import choice
 from bastion.errors import ValidationFailed
 
 MIN_AMOUNT: Final = 1
@@ -22,8 +23,6 @@ _LIMIT_RE: Final = re.compile(
     r"(?P<amount>[0-9]+)\s*/\s*(?:(?P<word>second|minute|hour|day)|(?P<count>[0-9]+)\s*(?P<letter>[smhd]))"
 )
 _LIMIT_HINT: Final = 'write a limit like "100/minute" or "10/30s" (units: second, minute, hour, day or s, m, h, d)'
-
-_E = TypeVar("_E", bound=StrEnum)
 
 
 class LimitPer(StrEnum):
@@ -49,8 +48,8 @@ class RateLimitRule:
 
     def validated(self) -> RateLimitRule:
         """This rule if it can be enforced, or a ValidationFailed naming the first field that is wrong."""
-        per = _choice(LimitPer, self.per, field="per")
-        strategy = _choice(Strategy, self.strategy, field="strategy")
+        per = choice(LimitPer, self.per, field="per")
+        strategy = choice(Strategy, self.strategy, field="strategy")
         _check_amount(self.amount)
         _check_window(self.window_s)
         if self.gateway_id == "":
@@ -133,11 +132,3 @@ def _check_window(window_s: int, *, field: str = "window_s") -> None:
         raise ValidationFailed(
             f"the window must be {MIN_WINDOW_S} second to {MAX_WINDOW_S:,} seconds (one day)", field=field
         )
-
-
-def _choice(enum: type[_E], value: object, *, field: str) -> _E:
-    try:
-        return enum(value)
-    except ValueError:
-        options = ", ".join(m.value for m in enum)
-        raise ValidationFailed(f"{field} must be one of: {options}", field=field) from None
