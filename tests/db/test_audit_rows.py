@@ -39,7 +39,7 @@ async def test_oversized_values_are_cut_before_hashing_so_the_stored_chain_verif
     assert store.audit is not None
     long_name = "x" * 5000
     async with store.transaction() as conn:
-        await rows.insert_pending(conn, store.audit, [pending := _event(name=long_name, outcome="pending")])
+        await conn.run_sync(rows.write_pending, store.audit, [pending := _event(name=long_name, outcome="pending")])
     async with store.transaction() as conn:
         await rows.seal_into_chain(
             conn,
@@ -59,7 +59,7 @@ async def test_an_outcome_for_an_event_already_sealed_as_interrupted_does_not_br
     assert store.audit is not None
     pending = _event(outcome="pending")
     async with store.transaction() as conn:
-        await rows.insert_pending(conn, store.audit, [pending])
+        await conn.run_sync(rows.write_pending, store.audit, [pending])
     async with store.transaction() as conn:
         await rows.seal_into_chain(conn, store.audit, finished=[_event(id=pending.id, outcome="interrupted")])
     async with store.transaction() as conn:
@@ -89,7 +89,7 @@ async def test_an_event_whose_pending_row_was_written_unbeknown_to_its_request_i
     assert store.audit is not None
     pending = _event(outcome="pending")
     async with store.transaction() as conn:
-        await rows.insert_pending(conn, store.audit, [pending])
+        await conn.run_sync(rows.write_pending, store.audit, [pending])
     other = _event()
     async with store.transaction() as conn:
         await rows.seal_into_chain(

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import schema
+from bastion.db.audit import event_of
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.audit import (
@@ -553,4 +554,4 @@ async def test_row_conversion_leaves_pending_rows_out_of_the_chain(store: Store,
         rows = {r.id: r for r in (await conn.execute(sa.select(E))).all()}
     assert audit_query.row_to_sealed(rows[sealed.event.id]) == sealed
     assert audit_query.row_to_sealed(rows[pending.id]) is None
-    assert audit_query.row_to_event(rows[pending.id]) == pending
+    assert event_of(rows[pending.id]) == pending

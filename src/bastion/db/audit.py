@@ -23,7 +23,7 @@ E = schema.audit_events
 H = schema.audit_head
 C = schema.audit_checkpoints
 HEAD_ID: Final = 1
-_EVENT_FIELDS: Final = tuple(f.name for f in fields(AuditEvent))
+EVENT_FIELDS: Final = tuple(f.name for f in fields(AuditEvent))
 _PENDING_AUDIT = "bastion_pending_audit"
 
 
@@ -41,7 +41,7 @@ def _values(event: AuditEvent) -> dict[str, Any]:
 _LIMITS: Final = {
     c.name: c.type.length
     for c in E.columns
-    if c.name in _EVENT_FIELDS and isinstance(c.type, sa.String) and c.type.length is not None
+    if c.name in EVENT_FIELDS and isinstance(c.type, sa.String) and c.type.length is not None
 }
 
 
@@ -70,7 +70,7 @@ def pending_mac(keys: ChainKeys, event: AuditEvent) -> str:
 
 def event_of(row: sa.Row[Any]) -> AuditEvent:
     data = row._mapping  # pyright: ignore[reportPrivateUsage]
-    return AuditEvent(**{name: data[name] for name in _EVENT_FIELDS})
+    return AuditEvent(**{name: data[name] for name in EVENT_FIELDS})
 
 
 def record(conn: AsyncConnection, event: AuditEvent) -> None:
@@ -130,7 +130,7 @@ def append(
         "hash": sa.bindparam("b_hash"),
     }
     if finished:
-        changing = [f for f in _EVENT_FIELDS if f != "id"]  # every field as hashed, so row and hash agree
+        changing = [f for f in EVENT_FIELDS if f != "id"]  # every field as hashed, so row and hash agree
         update = (
             sa.update(E)
             .where(E.c.id == sa.bindparam("b_id"), E.c.seq.is_(None))
@@ -175,13 +175,8 @@ def append(
     return sealed
 
 
-# Synchronous on purpose: SQLite writes them in one worker-thread hop (``Store.write``), PostgreSQL through
-# ``run_sync``; the async wrappers below serve transactions already open on an AsyncConnection.
-
-
-async def insert_pending(conn: AsyncConnection, keys: ChainKeys, events: Sequence[AuditEvent]) -> None:
-    """Write events that are not in the chain yet (their call is about to be forwarded)."""
-    await conn.run_sync(write_pending, keys, events)
+# Synchronous on purpose: the audit writer runs them in one worker-thread hop per transaction (``Store.write``);
+# the async wrapper below serves a transaction already open on an AsyncConnection (admin actions).
 
 
 async def seal_into_chain(
@@ -191,14 +186,12 @@ async def seal_into_chain(
     return await conn.run_sync(lambda sync: append(sync, keys, new=new, finished=finished))
 
 
-async def stale_pending(
-    conn: AsyncConnection, keys: ChainKeys, before: datetime, limit: int
-) -> list[tuple[AuditEvent, bool]]:
+def stale_pending(conn: sa.Connection, keys: ChainKeys, before: datetime, limit: int) -> list[tuple[AuditEvent, bool]]:
     """Pending rows older than ``before`` (calls whose process died before their outcome was written), each with
     whether its MAC holds (False: the row was altered or forged in the database)."""
     query = sa.select(E).where(E.c.seq.is_(None), E.c.occurred_at < before).order_by(E.c.occurred_at).limit(limit)
     found: list[tuple[AuditEvent, bool]] = []
-    for row in (await conn.execute(query)).all():
+    for row in conn.execute(query).all():
         event = event_of(row)
         found.append((event, row.hash is not None and hmac.compare_digest(row.hash, pending_mac(keys, event))))
     return found

@@ -98,6 +98,8 @@ class CallRecord:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
     opened: bool = False
+    # The arguments' HMAC and preview, made once: the pending and the sealed event carry the same ones.
+    digested: tuple[str | None, str | None] | None = None
     who: Refused | None = None  # for a refused token: whom it speaks for, when that is known
 
 
@@ -140,7 +142,12 @@ class Audit:
     def event(self, record: CallRecord, *, outcome: str | None = None) -> AuditEvent:
         principal = record.principal
         finished = outcome != "pending"
-        shown = record.shown_arguments if record.shown_arguments is not None else record.arguments
+        if record.digested is None:
+            shown = record.shown_arguments if record.shown_arguments is not None else record.arguments
+            record.digested = (
+                arguments_hmac(self._keys.arguments, record.arguments) if record.arguments is not None else None,
+                preview(shown) if shown is not None else None,
+            )
         who = principal or record.who
         return AuditEvent(
             id=record.id,
@@ -161,8 +168,8 @@ class Audit:
             reason=record.reason,
             upstream_status=record.upstream_status if finished else None,
             latency_us=int((time.perf_counter() - record.started) * 1_000_000) if finished else None,
-            args_hmac=arguments_hmac(self._keys.arguments, record.arguments) if record.arguments is not None else None,
-            args_preview=preview(shown) if shown is not None else None,
+            args_hmac=record.digested[0],
+            args_preview=record.digested[1],
             detail={"content": list(record.findings)} if record.findings else None,
         )
 
@@ -228,11 +235,7 @@ class Audit:
     async def _drain(self) -> None:
         try:
             await anyio.sleep(SEAL_DELAY_S)
-            while len(self._batch):
-                try:
-                    await self._commit(self._batch)
-                except AuditUnavailable:
-                    await anyio.sleep(RETRY_DELAY_S)
+            await self.flush()
         finally:
             self._draining = False
 
@@ -280,22 +283,23 @@ class Audit:
         """Seal pending events older than the longest call could take: their process died mid-call."""
         before = (now or datetime.now(UTC)) - self._stale_after
         total = 0
-        while True:
-            async with self._store.transaction() as conn:
-                stale = await rows.stale_pending(conn, self._chain, before, MAX_BATCH)
-                if not stale:
-                    return total
-                interrupted = [
-                    replace(e, outcome="interrupted", reason="the gateway stopped before the call's outcome was known")
-                    if intact
-                    else replace(e, outcome="tampered", reason="this pending row was altered or forged in the database")
-                    for e, intact in stale
-                ]
-                if not all(intact for _e, intact in stale):
-                    logger.error("pending audit rows failed their MAC; sealed as tampered")
-                await rows.seal_into_chain(conn, self._chain, finished=interrupted)
-            total += len(stale)
-            logger.warning("sealed interrupted audit events", extra={"events": len(stale)})
+        while sealed := await self._store.write(lambda conn: self._recover_batch(conn, before)):
+            total += sealed
+            logger.warning("sealed interrupted audit events", extra={"events": sealed})
+        return total
+
+    def _recover_batch(self, conn: sa.Connection, before: datetime) -> int:
+        stale = rows.stale_pending(conn, self._chain, before, MAX_BATCH)
+        if not all(intact for _e, intact in stale):
+            logger.error("pending audit rows failed their MAC; sealed as tampered")
+        interrupted = [
+            replace(e, outcome="interrupted", reason="the gateway stopped before the call's outcome was known")
+            if intact
+            else replace(e, outcome="tampered", reason="this pending row was altered or forged in the database")
+            for e, intact in stale
+        ]
+        rows.append(conn, self._chain, finished=interrupted)
+        return len(stale)
 
     @asynccontextmanager
     async def running(self) -> AsyncGenerator[None]:

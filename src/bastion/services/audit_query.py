@@ -14,7 +14,7 @@ import io
 import json
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import schema
+from bastion.db.audit import EVENT_FIELDS, HEAD_ID, event_of
 from bastion.db.crud import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
 from bastion.db.store import Store
 from bastion.domain import audit
@@ -38,9 +39,7 @@ from bastion.errors import Conflict, NotFound, ValidationFailed
 E = schema.audit_events
 H = schema.audit_head
 C = schema.audit_checkpoints
-HEAD_ID: Final = 1
 BATCH_ROWS: Final = 500  # rows per query when exporting or verifying: memory stays bounded on any length of log
-EVENT_FIELDS: Final = tuple(f.name for f in fields(AuditEvent))
 EXPORT_COLUMNS: Final = ("seq", "prev_hash", "hash", *EVENT_FIELDS)
 _CURSOR_SEPARATOR: Final = "|"
 # Spreadsheets run a cell that starts with one of these as a formula; logged tool names and previews are untrusted.
@@ -82,19 +81,15 @@ class AuditFilter:
 # --- rows ------------------------------------------------------------------------------------------------------------
 
 
-def row_to_event(row: sa.Row[Any]) -> AuditEvent:
-    return AuditEvent(**{name: getattr(row, name) for name in EVENT_FIELDS})
-
-
 def row_to_record(row: sa.Row[Any]) -> AuditRecord:
-    return AuditRecord(row_to_event(row), row.seq, row.prev_hash, row.hash)
+    return AuditRecord(event_of(row), row.seq, row.prev_hash, row.hash)
 
 
 def row_to_sealed(row: sa.Row[Any]) -> SealedEvent | None:
     """The row as a link of the chain; None while it is pending (not in the chain yet)."""
     if row.seq is None:
         return None
-    return SealedEvent(seq=int(row.seq), prev_hash=row.prev_hash or "", hash=row.hash or "", event=row_to_event(row))
+    return SealedEvent(seq=int(row.seq), prev_hash=row.prev_hash or "", hash=row.hash or "", event=event_of(row))
 
 
 def _checkpoint_of(row: sa.Row[Any]) -> Checkpoint:

@@ -7,7 +7,9 @@ carried across replicas by the change listener). Everything decided is noted on 
 from __future__ import annotations
 
 import logging
-from typing import Any, Final
+from typing import Any, Final, cast
+
+from pydantic import BaseModel
 
 from bastion.db.store import Store
 from bastion.domain import content, policy
@@ -159,16 +161,17 @@ class Guard:
 
     # --- content rules --------------------------------------------------------------------------------------------
 
-    def scan(self, ruleset: RuleSet, principal: Principal, value: JSONValue, where: str) -> JSONValue:
-        """``value`` with the content rules for ``where`` applied.
+    def scan(self, ruleset: RuleSet, principal: Principal, value: Any, where: str) -> Any:
+        """``value`` (JSON, or models as their JSON) with the content rules for ``where`` applied; ``value`` itself
+        when no rule applies in this gateway.
 
         Raises:
             ContentBlocked: a blocking rule matched.
         """
-        applicable = [r for r in ruleset.content if r.gateway_id in (None, principal.gateway_id)]
+        applicable = content.for_gateway(ruleset.content, principal.gateway_id)
         if not applicable:
             return value
-        result = content.scan(applicable, value, where, self._hash_key)
+        result = content.scan(applicable, as_json(value), where, self._hash_key)
         record = current_record()
         if record is not None:
             record.findings.extend(
@@ -189,5 +192,12 @@ class Guard:
 
 
 def as_json(value: Any) -> JSONValue:
-    """A result model as plain JSON for the content scan (wire names, as the caller will see them)."""
-    return value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    """Models as their JSON (wire names, as the caller sees them), containers of them likewise, JSON as it is."""
+    if isinstance(value, BaseModel):
+        dumped: JSONValue = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return dumped
+    if isinstance(value, dict):
+        return {str(k): as_json(v) for k, v in cast("dict[Any, Any]", value).items()}
+    if isinstance(value, list):
+        return [as_json(v) for v in cast("list[Any]", value)]
+    return cast("JSONValue", value)

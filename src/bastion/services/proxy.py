@@ -29,7 +29,7 @@ from bastion.events.bus import Changed, Subject
 from bastion.services import identities
 from bastion.services.audit import AuditUnavailable, before_forwarding, current_record
 from bastion.services.directory import Directory, GatewayView, Mounted
-from bastion.services.guard import Guard, as_json
+from bastion.services.guard import Guard
 from bastion.upstream import relay
 from bastion.upstream.pool import UpstreamPool, UpstreamUnavailable
 from bastion.upstream.transports import Credential
@@ -287,11 +287,10 @@ class Proxy:
             ruleset = await guard.admit(principal, mounted.alias, tool)
             await guard.count(ruleset, principal, name)
             if ruleset.content:
-                scanned = guard.scan(ruleset, principal, dict(arguments or {}), "arguments")
-                arguments = scanned if isinstance(scanned, dict) else arguments
+                arguments = cast("dict[str, Any]", guard.scan(ruleset, principal, arguments or {}, "arguments"))
                 if round_trip is not None and round_trip.input_responses is not None:
                     # The caller's answers to an earlier input request are arguments too.
-                    answers = guard.scan(ruleset, principal, _plain(round_trip.input_responses), "arguments")
+                    answers = guard.scan(ruleset, principal, round_trip.input_responses, "arguments")
                     round_trip = RoundTrip(answers, round_trip.request_state)
 
         async def call(client: Client) -> Any:
@@ -310,9 +309,7 @@ class Proxy:
         result = await self._call(principal, mounted, call)
         if guard is not None and ruleset is not None and ruleset.content and isinstance(result, BaseModel):
             # Any result, an input-required one included: what reaches the caller passes the rules.
-            scanned = guard.scan(ruleset, principal, as_json(result), "results")
-            if scanned is not None:
-                result = type(result).model_validate(scanned)
+            result = type(result).model_validate(guard.scan(ruleset, principal, result, "results"))
         return result
 
     async def get_prompt(
@@ -435,18 +432,6 @@ async def _all_pages(fetch: Callable[[str | None], Awaitable[Any]], items: Calla
         if not cursor:
             break
     return out
-
-
-def _plain(value: Any) -> Any:
-    """Models as their JSON (wire names), for the content scan; plain JSON as it is."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if isinstance(value, dict):
-        items = cast("dict[Any, Any]", value)
-        return {str(k): _plain(v) for k, v in items.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in cast("list[Any]", value)]
-    return value
 
 
 def _item_name(item: Any) -> str:
