@@ -74,18 +74,34 @@ def install_sqlite_transactions(engine: sa.Engine) -> None:
     event.listen(engine, "begin", _begin)
 
 
+def _options(url: str, pool_size: int) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"hide_parameters": True}
+    return {
+        "hide_parameters": True,
+        "pool_size": pool_size,
+        "max_overflow": pool_size,
+        "pool_pre_ping": True,
+        "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S},
+    }
+
+
+def _prepare(engine: sa.Engine) -> None:
+    if engine.dialect.name == "sqlite":
+        install_sqlite_pragmas(engine)
+        install_sqlite_transactions(engine)
+
+
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     url = normalise_url(url)
-    if url.startswith("sqlite"):
-        engine = create_async_engine(url, hide_parameters=True)
-        install_sqlite_pragmas(engine.sync_engine)
-        install_sqlite_transactions(engine.sync_engine)
-        return engine
-    return create_async_engine(
-        url,
-        hide_parameters=True,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
-    )
+    engine = create_async_engine(url, **_options(url, pool_size))
+    _prepare(engine.sync_engine)
+    return engine
+
+
+def create_sync_engine(url: str, *, pool_size: int = 4) -> sa.Engine:
+    """The same database through the synchronous driver, set up as ``create_engine`` sets up its own."""
+    url = normalise_url(url)
+    engine = sa.create_engine(sync_url(url), **_options(url, pool_size))
+    _prepare(engine)
+    return engine

@@ -16,13 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.db import migrate
 from bastion.db.audit import ChainKeys, seal_into_chain, take_recorded
-from bastion.db.engine import (
-    PG_CONNECT_TIMEOUT_S,
-    create_engine,
-    install_sqlite_pragmas,
-    install_sqlite_transactions,
-    sync_url,
-)
+from bastion.db.engine import create_engine, create_sync_engine
 from bastion.errors import Unavailable
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
 
@@ -131,19 +125,7 @@ class Store:
 
     def _write_sync(self, fn: Callable[[sa.Connection], T]) -> T:
         if self._sync is None:
-            url = sync_url(self.engine.url.render_as_string(hide_password=False))
-            if self.dialect == "sqlite":
-                self._sync = sa.create_engine(url, hide_parameters=True)
-                install_sqlite_pragmas(self._sync)
-                install_sqlite_transactions(self._sync)
-            else:
-                self._sync = sa.create_engine(
-                    url,
-                    hide_parameters=True,
-                    pool_size=4,
-                    pool_pre_ping=True,
-                    connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
-                )
+            self._sync = create_sync_engine(self.engine.url.render_as_string(hide_password=False))
         with self._sync.begin() as conn:
             return fn(conn)
 
