@@ -374,3 +374,126 @@ audit_checkpoints: Final = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("signature", sa.String(64), nullable=False),
 )
+
+# --- Enrollment: web sign-in, OAuth clients and states, enrollment drafts ----------------------------------------
+
+member_passwords: Final = sa.Table(
+    "member_passwords",
+    metadata,
+    sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), primary_key=True),
+    _workspace(),
+    sa.Column("hash", sa.String(255), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# Invitations and admin-issued password reset links: single use, short lived, stored as digests.
+member_tickets: Final = sa.Table(
+    "member_tickets",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("used_at", UTCDateTime(), nullable=True),
+    sa.Column("created_by", sa.String(ID), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_member_tickets_member_id", "member_id"),
+)
+
+web_sessions: Final = sa.Table(
+    "web_sessions",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("method", sa.String(16), nullable=False),
+    sa.Column("user_agent", sa.String(200), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("last_seen_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_web_sessions_member_id", "member_id"),
+)
+
+# One registration of Bastion as an OAuth client per (server, authorization server issuer).
+oauth_clients: Final = sa.Table(
+    "oauth_clients",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("server_id", sa.String(ID), sa.ForeignKey("servers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("issuer", sa.String(2048), nullable=False),
+    sa.Column("registration", sa.String(32), nullable=False),
+    sa.Column("client_id", sa.String(2048), nullable=False),
+    sa.Column("auth_method", sa.String(32), nullable=False),
+    sa.Column("redirect_uri", sa.String(2048), nullable=False),
+    sa.Column("details", sa.JSON, nullable=False),
+    sa.Column("kek_id", sa.String(64), nullable=True),
+    sa.Column("dek_wrapped", sa.LargeBinary, nullable=True),
+    sa.Column("secret_sealed", sa.LargeBinary, nullable=True),
+    *_stamps(),
+    sa.UniqueConstraint("server_id", "issuer"),
+    sa.Index("ix_oauth_clients_kek_id", "kek_id"),
+)
+
+# Pending authorization requests (connecting an upstream, or signing in with SSO): single use, <= 10 minutes,
+# bound to the browser that started them, and in the database so the callback may land on any replica.
+oauth_states: Final = sa.Table(
+    "oauth_states",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("purpose", sa.String(16), nullable=False),
+    sa.Column("browser", sa.String(64), nullable=False),
+    sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("server_id", sa.String(ID), sa.ForeignKey("servers.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("client_row_id", sa.String(ID), sa.ForeignKey("oauth_clients.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("issuer", sa.String(2048), nullable=False),
+    sa.Column("redirect_uri", sa.String(2048), nullable=False),
+    sa.Column("code_verifier", sa.String(128), nullable=False),
+    sa.Column("resource", sa.String(2048), nullable=True),
+    sa.Column("scope", sa.String(2048), nullable=True),
+    sa.Column("context", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("used_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_oauth_states_expires_at", "expires_at"),
+)
+
+# A person's enrollment in progress: nothing here is an identity or a connection until they approve.
+enrollment_drafts: Final = sa.Table(
+    "enrollment_drafts",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("link_id", sa.String(ID), sa.ForeignKey("connection_links.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("session_id", sa.String(ID), sa.ForeignKey("web_sessions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_enrollment_drafts_member_id", "member_id"),
+)
+
+draft_identities: Final = sa.Table(
+    "draft_identities",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("draft_id", sa.String(ID), sa.ForeignKey("enrollment_drafts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("alias", sa.String(63), nullable=False),
+    sa.Column("server_id", sa.String(ID), sa.ForeignKey("servers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("identity_id", sa.String(ID), nullable=False),
+    sa.Column("label", sa.String(200), nullable=False),
+    sa.Column("details", sa.JSON, nullable=False),
+    sa.Column("kek_id", sa.String(64), nullable=True),
+    sa.Column("dek_wrapped", sa.LargeBinary, nullable=True),
+    sa.Column("secret_sealed", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("draft_id", "alias"),
+    sa.Index("ix_draft_identities_kek_id", "kek_id"),
+)
