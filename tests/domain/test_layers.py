@@ -28,6 +28,8 @@ FORBIDDEN: Final = {
     "vault": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring", "bastion.db"),
     "events": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring"),
     "web": ("bastion.cli",),
+    "net": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring", "bastion.db", "bastion.oauth"),
+    "oauth": ("bastion.web", "bastion.cli", "bastion.wiring"),
 }  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from bastion.domain.ids import new_id
 from bastion.domain.models import Server, Transport
 from bastion.domain.specs import ServerSpec, apply_changes
 from bastion.events.bus import Changed, Subject
+from bastion.net.outbound import check_url_shape
 from bastion.services.actions import action
 from bastion.types import JSONObject
 
@@ -61,10 +62,17 @@ def _columns(spec: ServerSpec) -> dict[str, Any]:
     return values
 
 
+def _checked(spec: ServerSpec) -> ServerSpec:
+    """Refuse a URL no outbound setting allows; the settings' own policy is applied on every connection."""
+    if spec.url is not None:
+        check_url_shape(spec.url, field="url")
+    return spec
+
+
 async def create(store: Store, actor: Actor, spec: ServerSpec, *, via: str | None = None) -> Server:
     """Add a server; ``via`` (e.g. "import") says in the audit event how it came."""
     actor.require(Capability.SERVERS_MANAGE)
-    spec = spec.validated()
+    spec = _checked(spec.validated())
     now = datetime.now(UTC)
     server_id = new_id()
     async with store.transaction() as conn:
@@ -119,7 +127,7 @@ async def update(
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
         emit(conn, Changed(Subject.SERVER, current.id))
-        spec = apply_changes(spec_of(current), changes).validated()
+        spec = _checked(apply_changes(spec_of(current), changes).validated())
         await crud.update_versioned(
             conn, T, current.id, expected_version, {**_columns(spec), "updated_at": datetime.now(UTC)}, what="server"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -15,6 +16,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 from bastion.domain.identities import IdentitySecret
 from bastion.domain.models import ProtocolEra, Server, Transport
+from bastion.net.outbound import OutboundPolicy
+from bastion.upstream import refusals
 
 USER_AGENT: Final = "bastion-gateway"
 STREAM_READ_TIMEOUT_S: Final = 300.0
@@ -46,32 +49,71 @@ def client_mode(server: Server) -> str:
     return _MODES[server.era]
 
 
-def http_client(server: Server, credential: Credential) -> httpx2.AsyncClient:
-    """A pooled HTTP client whose only credential is the one given; redirects are not followed."""
+def http_client(server: Server, credential: Credential, policy: OutboundPolicy) -> httpx2.AsyncClient:
+    """A pooled HTTP client whose only credential is the one given; redirects are not followed.
+
+    Every request's URL and every connection's resolved address pass ``policy``; connections are pinned to
+    the checked address.
+    """
     headers: Mapping[str, str] = {"User-Agent": USER_AGENT, **credential.headers()}
     timeout = httpx2.Timeout(server.call_timeout_s, connect=server.connect_timeout_s, read=STREAM_READ_TIMEOUT_S)
-    return httpx2.AsyncClient(headers=dict(headers), timeout=timeout, follow_redirects=False)
+    client = policy.client(timeout=timeout, headers=headers)
+    client.event_hooks["response"].append(refusals.note)  # a 401 tells the waiting call to refresh and retry
+    return client
+
+
+async def _check_target(server: Server, policy: OutboundPolicy) -> str:
+    """The server's URL once it and the addresses its host resolves to now pass ``policy`` (a clear early error).
+
+    Raises:
+        UrlRefused: the policy refuses the URL or an address (each connection is checked again anyway).
+    """
+    assert server.url is not None  # noqa: S101  validated on create
+    # A name that does not resolve now is left to the connection, which reports it in the SDK's words.
+    with contextlib.suppress(OSError):
+        await policy.resolve_url(server.url)
+    return server.url
 
 
 @asynccontextmanager
-async def _streamable(server: Server, credential: Credential) -> AsyncGenerator[Any, None]:
-    assert server.url is not None  # noqa: S101  validated on create
-    async with http_client(server, credential) as client, streamable_http_client(server.url, http_client=client) as s:
+async def _streamable(server: Server, credential: Credential, policy: OutboundPolicy) -> AsyncGenerator[Any, None]:
+    url = await _check_target(server, policy)
+    async with http_client(server, credential, policy) as client, streamable_http_client(url, http_client=client) as s:
         yield s
 
 
-def open_transport(server: Server, credential: Credential) -> AbstractAsyncContextManager[Any]:
-    """The SDK transport for ``server`` with ``credential``; stdio gets the credential in its environment."""
+@asynccontextmanager
+async def _sse(server: Server, credential: Credential, policy: OutboundPolicy) -> AsyncGenerator[Any, None]:
+    url = await _check_target(server, policy)
+
+    def factory(
+        headers: dict[str, str] | None = None, timeout: httpx2.Timeout | None = None, auth: httpx2.Auth | None = None
+    ) -> httpx2.AsyncClient:
+        client = policy.client(timeout=timeout or httpx2.Timeout(server.connect_timeout_s), headers=headers)
+        client.event_hooks["response"].append(refusals.note)
+        if auth is not None:
+            client.auth = auth
+        return client
+
+    async with sse_client(
+        url,
+        headers={"User-Agent": USER_AGENT, **credential.headers()},
+        timeout=server.connect_timeout_s,
+        sse_read_timeout=STREAM_READ_TIMEOUT_S,
+        httpx_client_factory=factory,
+    ) as streams:
+        yield streams
+
+
+def open_transport(server: Server, credential: Credential, policy: OutboundPolicy) -> AbstractAsyncContextManager[Any]:
+    """The SDK transport for ``server`` with ``credential``; stdio gets the credential in its environment.
+
+    HTTP transports reach only what ``policy`` allows (stdio servers are commands an admin configured).
+    """
     if server.transport is Transport.STREAMABLE_HTTP:
-        return _streamable(server, credential)
+        return _streamable(server, credential, policy)
     if server.transport is Transport.SSE:
-        assert server.url is not None  # noqa: S101  validated on create
-        return sse_client(
-            server.url,
-            headers={"User-Agent": USER_AGENT, **credential.headers()},
-            timeout=server.connect_timeout_s,
-            sse_read_timeout=STREAM_READ_TIMEOUT_S,
-        )
+        return _sse(server, credential, policy)
     assert server.command is not None  # noqa: S101  validated on create
     params = StdioServerParameters(
         command=server.command, args=list(server.args), env={**server.env, **credential.environment()}

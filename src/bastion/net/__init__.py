@@ -1,0 +1,1 @@
+"""Outbound networking: the policy every URL Bastion fetches on someone's behalf must pass."""
