@@ -15,6 +15,8 @@ from bastion.db.crud import MAX_PAGE_SIZE, Page
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.errors import BastionError
+from bastion.net.outbound import OutboundPolicy
+from bastion.oauth.revocation import Revoker
 from bastion.services import workspace
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings, check_secrets, load_settings
@@ -30,6 +32,10 @@ class CliContext:
     actor: Actor
     hasher: KeyHasher
     vault: Vault
+
+    def revoker(self) -> Revoker:
+        """RFC 7009 revocation at authorization servers, through the outbound policy the settings describe."""
+        return Revoker(self.vault, OutboundPolicy.from_settings(self.settings).client)
 
 
 @asynccontextmanager

@@ -189,7 +189,7 @@ def delete(ref: Ref, json_out: JsonFlag = False) -> None:
 
     async def body(ctx: CliContext) -> dict[str, Any]:
         identity = await identities.get(ctx.store, ctx.actor, ref)
-        await identities.delete(ctx.store, ctx.actor, identity.id)
+        await identities.delete(ctx.store, ctx.actor, identity.id, revoker=ctx.revoker())
         return {"deleted": True, "id": identity.id, "label": identity.label}
 
     doc = run_with(body)

@@ -19,6 +19,7 @@ from bastion.domain.identities import Identity, IdentityKind, IdentitySecret, Id
 from bastion.domain.ids import new_id
 from bastion.errors import ValidationFailed
 from bastion.events.bus import Changed, Subject
+from bastion.oauth.revocation import Outcome, Revoker
 from bastion.services import members, servers, vault_keys
 from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
@@ -207,14 +208,29 @@ async def update(
         return await find(conn, actor.workspace_id, current.id)
 
 
-async def delete(store: Store, actor: Actor, identity_id: str) -> None:
-    """Crypto-shred: the row, its wrapped data key and ciphertext go together."""
+async def delete(store: Store, actor: Actor, identity_id: str, *, revoker: Revoker | None = None) -> None:
+    """Crypto-shred: the row, its wrapped data key and ciphertext go together.
+
+    With a ``revoker``, an OAuth identity's tokens are revoked at its authorization server first (RFC 7009,
+    refresh token then access token), outside any transaction; a server without a revocation endpoint, or one
+    that fails, is logged and the identity is deleted anyway.
+    """
+    outcomes: dict[str, Outcome] = {}
+    if revoker is not None:
+        async with store.transaction() as conn:
+            current = await find(conn, actor.workspace_id, identity_id)
+            _check_access(actor, current.owner_id)
+            pending = await revoker.gather(conn, actor.workspace_id, T.c.id == current.id)
+        outcomes = await revoker.revoke(pending)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, identity_id)
         _check_access(actor, current.owner_id)
         await crud.delete(conn, T, current.id, what="identity")
         emit(conn, Changed(Subject.IDENTITY, current.id))
-        action(conn, actor, "identity.deleted", f"identity:{current.id}", {"server": current.server_id})
+        detail: JSONObject = {"server": current.server_id}
+        if current.id in outcomes:
+            detail["revocation"] = outcomes[current.id].value
+        action(conn, actor, "identity.deleted", f"identity:{current.id}", detail)
 
 
 async def open_secret(store: Store, vault: Vault, workspace_id: str, identity_id: str) -> IdentitySecret:

@@ -19,6 +19,7 @@ from bastion.domain.models import Member, MemberStatus, Role
 from bastion.domain.specs import MemberSpec, apply_changes
 from bastion.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
+from bastion.oauth.revocation import Outcome, Revoker
 from bastion.services import roles
 from bastion.services.actions import action
 from bastion.types import JSONObject
@@ -176,18 +177,37 @@ async def update(
         return await find(conn, actor.workspace_id, current.id)
 
 
-async def delete(store: Store, actor: Actor, ref: str) -> None:
+async def _check_deletable(conn: AsyncConnection, actor: Actor, current: Member) -> None:
+    role = await roles.find(conn, actor.workspace_id, current.role_id)
+    check_can_manage(actor, role)
+    if (
+        role.name == OWNER_ROLE
+        and current.status is MemberStatus.ACTIVE
+        and await _active_owners(conn, actor.workspace_id) <= 1
+    ):
+        raise Conflict("this is the last active owner; make someone else owner first")
+
+
+async def delete(store: Store, actor: Actor, ref: str, *, revoker: Revoker | None = None) -> None:
+    """Remove a member and, with them, their private identities.
+
+    With a ``revoker``, their OAuth identities' tokens are revoked at the authorization servers first (RFC 7009),
+    outside any transaction; the deletion then destroys the sealed rows whatever the servers answered.
+    """
     actor.require(Capability.MEMBERS_MANAGE)
+    outcomes: dict[str, Outcome] = {}
+    if revoker is not None:
+        async with store.transaction() as conn:
+            current = await find(conn, actor.workspace_id, ref)
+            await _check_deletable(conn, actor, current)  # refused deletions revoke nothing
+            pending = await revoker.gather(conn, actor.workspace_id, schema.identities.c.owner_id == current.id)
+        outcomes = await revoker.revoke(pending)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
         emit(conn, Changed(Subject.MEMBER, current.id))
-        role = await roles.find(conn, actor.workspace_id, current.role_id)
-        check_can_manage(actor, role)
-        if (
-            role.name == OWNER_ROLE
-            and current.status is MemberStatus.ACTIVE
-            and await _active_owners(conn, actor.workspace_id) <= 1
-        ):
-            raise Conflict("this is the last active owner; make someone else owner first")
+        await _check_deletable(conn, actor, current)
         await crud.delete(conn, T, current.id, what="member")
-        action(conn, actor, "member.deleted", f"member:{current.id}", {"email": current.email})
+        detail: JSONObject = {"email": current.email}
+        if outcomes:
+            detail["identities_revoked"] = sum(o is Outcome.REVOKED for o in outcomes.values())
+        action(conn, actor, "member.deleted", f"member:{current.id}", detail)

@@ -22,16 +22,17 @@ from pydantic import BaseModel
 from bastion.db.store import Store
 from bastion.domain import routing
 from bastion.domain.connections import Principal
-from bastion.domain.identities import IdentityStatus
 from bastion.domain.models import AuthKind, IdentityScheme, ProvisionMode
 from bastion.errors import BastionError, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
-from bastion.services import identities
+from bastion.oauth.refresh import Refresher
+from bastion.services import step_up
 from bastion.services.audit import AuditUnavailable, before_forwarding, current_record
+from bastion.services.credentials import Credentials, IdentityNeedsReauth, IdentityRequired, generation_of
 from bastion.services.directory import Directory, GatewayView, Mounted
 from bastion.services.guard import Guard
-from bastion.upstream import relay
-from bastion.upstream.pool import UpstreamPool, UpstreamUnavailable
+from bastion.upstream import refusals, relay
+from bastion.upstream.pool import UpstreamPool, UpstreamRefused, UpstreamUnavailable
 from bastion.upstream.transports import Credential
 from bastion.vault.sealer import Vault
 
@@ -39,18 +40,6 @@ logger = logging.getLogger("bastion.proxy")
 T = TypeVar("T")
 MAX_PAGES_PER_SERVER: Final = 100
 ProgressRelay = ProgressFnT
-
-
-class IdentityRequired(BastionError):
-    code = "identity_required"
-    status = 403
-    title = "Identity required"
-
-
-class IdentityNeedsReauth(BastionError):
-    code = "identity_needs_reauth"
-    status = 403
-    title = "Identity needs re-authentication"
 
 
 class UnknownName(ValidationFailed):
@@ -69,9 +58,18 @@ class Proxy:
     """Answers MCP requests for a resolved Principal by fanning out to, or routing into, its gateway's servers."""
 
     def __init__(
-        self, store: Store, vault: Vault, pool: UpstreamPool, directory: Directory, guard: Guard | None = None
+        self,
+        store: Store,
+        vault: Vault,
+        pool: UpstreamPool,
+        directory: Directory,
+        guard: Guard | None = None,
+        *,
+        refresher: Refresher | None = None,
+        public_url: str | None = None,
     ) -> None:
         self._store = store
+        self._credentials = Credentials(store, vault, refresher, public_url)
         self._guard = guard
         self._vault = vault
         self._pool = pool
@@ -89,12 +87,14 @@ class Proxy:
 
     def _on_change(self, event: Changed) -> None:
         if event.subject is Subject.IDENTITY:
+            self._credentials.forget(event.id)
             self._pool.discard(identity_id=event.id)
         elif event.subject is Subject.SERVER:
             self._pool.discard(server_id=event.id)
         elif event.subject is Subject.ALL:
             # Events may have been missed: no cached schema or open session can be trusted to be current.
             self._schemas.clear()
+            self._credentials.forget()
             self._pool.discard_all()
 
     def input_schema(self, principal: Principal | None, name: str) -> dict[str, Any] | None:
@@ -127,31 +127,52 @@ class Proxy:
         return identity_id
 
     async def credential(self, principal: Principal, identity_id: str | None) -> Credential:
-        if identity_id is None:
-            return Credential(None)
-        async with self._store.transaction() as conn:
-            identity = await identities.find(conn, principal.workspace_id, identity_id)
-        if identity.status is IdentityStatus.NEEDS_REAUTH:
-            raise IdentityNeedsReauth("your identity for this server needs to be connected again")
-        if identity.status is IdentityStatus.DISABLED:
-            raise IdentityRequired("your identity for this server is disabled")
-        secret = await identities.open_secret(self._store, self._vault, principal.workspace_id, identity_id)
-        return Credential(identity_id, secret)
+        """The credential to open an upstream session with (an OAuth identity's refreshed first if due)."""
+        return await self._credentials.open(principal.workspace_id, identity_id)
+
+    async def generation(self, principal: Principal, identity_id: str | None) -> str | None:
+        """Which access token calls for this identity carry now (renewed first if about to expire)."""
+        return await self._credentials.generation(principal.workspace_id, identity_id)
+
+    async def renew(self, principal: Principal, identity_id: str | None, rejected: str | None) -> bool:
+        """Refresh an OAuth identity whose token ``rejected`` an upstream refused; False: nothing to renew."""
+        return await self._credentials.renew(principal.workspace_id, identity_id, rejected)
 
     async def _client(self, principal: Principal, mounted: Mounted) -> Client:
         identity_id = self.identity_for(principal, mounted)
         caller = relay.downstream.get()
         profile = relay.Profile.of(caller.session.client_capabilities) if caller is not None else relay.NO_PROFILE
-        cached = self._pool.cached(mounted.server, identity_id, profile)
+        current = await self.generation(principal, identity_id)
+        cached = self._pool.cached(mounted.server, identity_id, profile, current)
         if cached is not None:
             return cached
-        return await self._pool.client(mounted.server, await self.credential(principal, identity_id), profile)
+        credential = await self.credential(principal, identity_id)
+        return await self._pool.client(mounted.server, credential, profile, generation=generation_of(credential))
 
     async def _view(self, principal: Principal) -> GatewayView:
         return await self._directory.view(principal.workspace_id, principal.gateway_id)
 
     async def _call(self, principal: Principal, mounted: Mounted, fn: Callable[[Client], Awaitable[T]]) -> T:
         await before_forwarding()  # the request's audit event is durable before anything reaches an upstream
+        rejected: str | None = None
+        with refusals.watching() as refusal:
+            try:
+                return await self._attempt(principal, mounted, fn)
+            except (MCPError, UpstreamUnavailable) as exc:
+                if refusal.forbidden is not None:  # 403: more scope may help (the member reconnects for it)
+                    identity_id = self.identity_for(principal, mounted)
+                    link = self._credentials.reconnect_link(identity_id or "")
+                    await step_up.needs_scope(
+                        self._store, principal.workspace_id, identity_id, refusal.forbidden, reconnect=link
+                    )
+                rejected = exc.generation if isinstance(exc, UpstreamRefused) else refusal.generation
+                if rejected is None or not await self.renew(principal, self.identity_for(principal, mounted), rejected):
+                    raise
+        # The upstream refused the access token (HTTP 401), so it did not act on the call: one retry with the
+        # renewed token is safe. A second refusal is the caller's answer.
+        return await self._attempt(principal, mounted, fn)
+
+    async def _attempt(self, principal: Principal, mounted: Mounted, fn: Callable[[Client], Awaitable[T]]) -> T:
         client = await self._client(principal, mounted)
         record = current_record()
         async with self._pool.slot(mounted.server.id):

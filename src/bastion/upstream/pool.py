@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import mcp_types as types
@@ -21,8 +21,9 @@ from mcp import Client
 
 from bastion import __version__
 from bastion.domain.models import Server, Transport
-from bastion.errors import Unavailable
-from bastion.upstream import relay
+from bastion.errors import BastionError, Unavailable
+from bastion.net.outbound import OutboundPolicy
+from bastion.upstream import refusals, relay
 from bastion.upstream.relay import NO_PROFILE, Profile
 from bastion.upstream.transports import Credential, client_mode, open_transport
 
@@ -50,12 +51,26 @@ class UpstreamBusy(UpstreamUnavailable):
     retry_after_s = BUSY_RETRY_AFTER_S
 
 
+class UpstreamRefused(UpstreamUnavailable):
+    """The upstream answered HTTP 401 to the credential a session was opening with (expired or revoked)."""
+
+    code = "upstream_refused_credential"
+    title = "Upstream refused the credential"
+
+    def __init__(self, detail: str, *, generation: str | None) -> None:
+        super().__init__(detail)
+        self.generation = generation  # which access token was refused (refusals.generation), never the token
+
+
 @dataclass(frozen=True, slots=True)
 class SessionKey:
     server_id: str
     server_version: int
     identity_id: str | None
     profile: Profile = NO_PROFILE
+    # Which access token of an OAuth identity the session carries: a refreshed token opens a new session,
+    # and the old one closes when idle, so calls in flight on it are not cut off.
+    generation: str | None = None
 
 
 @dataclass(slots=True)
@@ -82,8 +97,11 @@ class UpstreamPool:
         idle_s: float = DEFAULT_IDLE_S,
         per_server_concurrency: int = DEFAULT_PER_SERVER_CONCURRENCY,
         per_server_queue: int = DEFAULT_PER_SERVER_QUEUE,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         self._max = max_sessions
+        # What HTTP upstreams may be reached; strict unless the settings opt in (wiring passes them).
+        self.outbound = outbound or OutboundPolicy()
         self._idle_s = idle_s
         self._per_server = per_server_concurrency
         self._queue = per_server_queue
@@ -131,13 +149,16 @@ class UpstreamPool:
         async with limiter:
             yield
 
-    async def client(self, server: Server, credential: Credential, profile: Profile = NO_PROFILE) -> Client:
+    async def client(
+        self, server: Server, credential: Credential, profile: Profile = NO_PROFILE, *, generation: str | None = None
+    ) -> Client:
         """An open session for ``server`` as ``credential``, opening one if needed.
 
         Raises:
+            UpstreamRefused: the upstream answered 401 to the credential.
             UpstreamUnavailable: the upstream could not be reached or refused the handshake.
         """
-        key = SessionKey(server.id, server.version, credential.identity_id, profile)
+        key = SessionKey(server.id, server.version, credential.identity_id, profile, generation)
         session = self._sessions.get(key)
         if session is None:
             session = self._open(key, server, credential)
@@ -149,13 +170,17 @@ class UpstreamPool:
             raise UpstreamUnavailable(f"upstream {server.name!r} did not answer within {server.connect_timeout_s:g} s")
         if session.error is not None or session.client is None:
             self._sessions.pop(key, None)
+            if isinstance(session.error, UpstreamRefused):  # a new exception per waiter: each raises its own
+                raise UpstreamRefused(str(session.error), generation=session.error.generation)
             raise UpstreamUnavailable(f"upstream {server.name!r} is unavailable: {_describe(session.error)}")
         session.last_used = time.monotonic()
         return session.client
 
-    def cached(self, server: Server, identity_id: str | None, profile: Profile = NO_PROFILE) -> Client | None:
+    def cached(
+        self, server: Server, identity_id: str | None, profile: Profile = NO_PROFILE, generation: str | None = None
+    ) -> Client | None:
         """The open session for (server, identity, profile) if there is one: the hot path needs no credential lookup."""
-        session = self._sessions.get(SessionKey(server.id, server.version, identity_id, profile))
+        session = self._sessions.get(SessionKey(server.id, server.version, identity_id, profile, generation))
         if session is None or session.client is None:
             return None
         session.last_used = time.monotonic()
@@ -208,10 +233,11 @@ class UpstreamPool:
         # This task inherited the context of the call that opened the session; over stdio and SSE the SDK runs
         # callbacks in the reader task started here, so they would talk to that first caller, whoever calls later.
         relay.downstream.set(None)
+        refusal = refusals.watch()  # this session's own requests (the handshake) report a 401 here
         with session.scope:
             try:
                 async with Client(
-                    open_transport(server, credential),
+                    open_transport(server, credential, self.outbound),
                     mode="legacy" if server.transport is Transport.SSE else client_mode(server),  # type: ignore[arg-type]
                     read_timeout_seconds=server.call_timeout_s,
                     client_info=CLIENT_INFO,
@@ -223,6 +249,11 @@ class UpstreamPool:
                     await session.closing.wait()
             except Exception as exc:  # noqa: BLE001  reported to the waiting caller, never raised in the pool task
                 session.error = exc
+                if refusal.seen:
+                    name = server.name
+                    session.error = UpstreamRefused(
+                        f"upstream {name!r} refused the credential (HTTP 401)", generation=refusal.generation
+                    )
                 logger.info(
                     "upstream session ended", extra={"server_id": session.key.server_id, "error": _describe(exc)}
                 )
@@ -245,7 +276,17 @@ class UpstreamPool:
 def _describe(error: BaseException | None) -> str:
     if error is None:
         return "no session"
+    error = _innermost(error)
     if isinstance(error, TimeoutError):
         return "timed out while connecting"
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text[:200]
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """What the SDK's task groups wrapped: one of our own errors (an outbound policy refusal) before any other."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    group = cast("BaseExceptionGroup[BaseException]", error)
+    leaves = [_innermost(inner) for inner in group.exceptions]
+    return next((leaf for leaf in leaves if isinstance(leaf, BastionError)), leaves[0] if leaves else group)

@@ -13,6 +13,7 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.errors import Unauthenticated, ValidationFailed
+from bastion.oauth.revocation import Revoker
 from bastion.services import apikeys
 from bastion.services.apikeys import KeyHasher
 from bastion.vault.sealer import Vault
@@ -27,6 +28,7 @@ class ApiContext:
     store: Store
     hasher: KeyHasher
     vault: Vault
+    revoker: Revoker | None = None  # RFC 7009 revocation when identities and members are deleted
 
 
 def context(request: Request) -> ApiContext:

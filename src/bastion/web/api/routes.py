@@ -171,7 +171,7 @@ async def update_member(
     "/members/{ref}", tags=["members"], openapi_extra=needs(C.MEMBERS_MANAGE), status_code=204, response_class=Response
 )
 async def delete_member(ctx: Ctx, actor: CurrentActor, ref: Ref) -> None:
-    await members.delete(ctx.store, actor, ref)
+    await members.delete(ctx.store, actor, ref, revoker=ctx.revoker)
 
 
 @router.get("/members/{ref}/api-keys", tags=["members"], openapi_extra=needs(C.MEMBERS_MANAGE))

@@ -125,7 +125,7 @@ async def update_identity(
     response_class=Response,
 )
 async def delete_identity(ctx: Ctx, actor: CurrentActor, identity_id: Id) -> None:
-    await identities.delete(ctx.store, actor, identity_id)
+    await identities.delete(ctx.store, actor, identity_id, revoker=ctx.revoker)
 
 
 # --- connections and tokens -----------------------------------------------------------------------------------------

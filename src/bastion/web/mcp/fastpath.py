@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import httpx2
@@ -24,10 +24,13 @@ from starlette.types import Message, Receive, Scope, Send
 from bastion.domain.connections import Principal
 from bastion.domain.models import ProtocolEra, Transport
 from bastion.errors import BastionError
+from bastion.net.outbound import UrlRefused
 from bastion.services.audit import Audit, CallRecord
+from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
 from bastion.services.proxy import Proxy
 from bastion.upstream.pool import UpstreamBusy, UpstreamPool
+from bastion.upstream.refusals import UNAUTHORIZED
 from bastion.upstream.transports import http_client
 from bastion.web.mcp.server import to_jsonrpc
 
@@ -69,7 +72,8 @@ class FastPath:
         self._pool = pool
         self._audit = audit
         self._security = security
-        self._clients: dict[tuple[str, int, str | None], httpx2.AsyncClient] = {}
+        # Per (server, version, identity, access token generation): a refreshed token gets a client of its own.
+        self._clients: dict[tuple[str, int, str | None, str | None], httpx2.AsyncClient] = {}
         pool.on_discard(self._forget)
 
     def _forget(self, server_id: str | None, identity_id: str | None) -> None:
@@ -140,12 +144,19 @@ class FastPath:
         async with self._audit.call(record):
             try:
                 await self._audit.open(record)
-                client = await self._client(principal, mounted)
+                client, current = await self._client(principal, mounted)
             except BastionError as exc:
                 record.outcome, record.reason = "error", exc.code
                 await _jsonrpc_error(send, message["id"], to_jsonrpc(exc).error)
                 return True
             call["name"] = tool
+
+            async def renewed() -> httpx2.AsyncClient | None:
+                """After a 401: the client for the renewed token, or None when there is nothing to renew."""
+                if not await self._proxy.renew(principal, self._proxy.identity_for(principal, mounted), current):
+                    return None
+                return (await self._client(principal, mounted))[0]
+
             await self._forward(
                 scope,
                 json.dumps(message, separators=(",", ":")).encode(),
@@ -155,17 +166,27 @@ class FastPath:
                 send,
                 record,
                 message["id"],
+                renewed,
             )
         return True
 
-    async def _client(self, principal: Principal, mounted: Mounted) -> httpx2.AsyncClient:
+    async def _client(self, principal: Principal, mounted: Mounted) -> tuple[httpx2.AsyncClient, str | None]:
+        """The client carrying this person's credential for the server, and which access token that is."""
         credential_id = self._proxy.identity_for(principal, mounted)
-        key = (mounted.server.id, mounted.server.version, credential_id)
+        server = mounted.server
+        current = await self._proxy.generation(principal, credential_id)
+        client = self._clients.get((server.id, server.version, credential_id, current))
+        if client is not None:
+            return client, current
+        credential = await self._proxy.credential(principal, credential_id)
+        current = generation_of(credential)
+        key = (server.id, server.version, credential_id, current)
         client = self._clients.get(key)
         if client is None:
-            credential = await self._proxy.credential(principal, credential_id)
-            client = self._clients[key] = http_client(mounted.server, credential)
-        return client
+            for old in [k for k in self._clients if k[:3] == key[:3] and k[3] != current]:
+                self._pool.close_later(self._clients.pop(old).aclose)  # an earlier token of this identity: spent
+            client = self._clients[key] = http_client(server, credential, self._pool.outbound)
+        return client, current
 
     async def _forward(
         self,
@@ -177,6 +198,7 @@ class FastPath:
         send: Send,
         record: CallRecord,
         request_id: Any,
+        renewed: Callable[[], Awaitable[httpx2.AsyncClient | None]],
     ) -> None:
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
@@ -190,6 +212,19 @@ class FastPath:
         try:
             async with self._pool.slot(mounted.server.id):
                 response = await client.send(request, stream=True)
+                if response.status_code == UNAUTHORIZED:
+                    # Refused before the upstream acted on the call: renew the token once and send it again.
+                    try:
+                        fresh = await renewed()
+                    except BastionError as exc:
+                        await response.aclose()
+                        record.outcome, record.reason = "error", exc.code
+                        await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
+                        return
+                    if fresh is not None:
+                        await response.aclose()
+                        retry = fresh.build_request("POST", mounted.server.url, content=body, headers=headers)
+                        response = await fresh.send(retry, stream=True)
                 try:
                     await send(
                         {
@@ -213,15 +248,18 @@ class FastPath:
         except UpstreamBusy as exc:
             record.outcome, record.reason = "error", exc.code
             await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
-        except (httpx2.TransportError, OSError) as exc:
+        except (httpx2.TransportError, OSError, UrlRefused) as exc:
             record.outcome, record.reason = "error", "upstream_unavailable"
             logger.info("fast path upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
             self._forget(mounted.server.id, None)
             if started:  # the caller already has a status line: end the stream; its client sees it cut short
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
+            reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
             error = types.ErrorData(
-                code=-32052, message=f"upstream {mounted.alias!r} is unavailable", data={"code": "upstream_unavailable"}
+                code=-32052,
+                message=f"upstream {mounted.alias!r} is unavailable{reason}",
+                data={"code": "upstream_unavailable"},
             )
             await _jsonrpc_error(send, request_id, error)
 

@@ -47,7 +47,10 @@ def to_jsonrpc(error: BaseException) -> MCPError:
     if isinstance(error, IdentityRequired):
         return MCPError(IDENTITY_REQUIRED, error.detail, {"code": error.code})
     if isinstance(error, IdentityNeedsReauth):
-        return MCPError(IDENTITY_NEEDS_REAUTH, error.detail, {"code": error.code})
+        data: dict[str, Any] = {"code": error.code}
+        if error.reconnect is not None:
+            data["reconnect"] = error.reconnect  # where the member connects the identity again
+        return MCPError(IDENTITY_NEEDS_REAUTH, error.detail, data)
     if isinstance(error, AuditUnavailable):
         # The HTTP equivalent is 503 with Retry-After; on the MCP wire the request gets its own error.
         return MCPError(
