@@ -65,3 +65,4 @@ class TokenSet:
     refresh_token: str | None = field(default=None, repr=False)
     expires_at: datetime | None = None
     scope: str | None = None
+    id_token: str | None = field(default=None, repr=False)  # OpenID Connect sign-in only; validated by its caller
