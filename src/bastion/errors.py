@@ -66,3 +66,11 @@ class Unavailable(BastionError):
     code = "unavailable"
     status = 503
     title = "Service unavailable"
+
+
+class Gone(BastionError):
+    """Something that existed and is now over for good: an expired, revoked or used-up link or ticket."""
+
+    code = "gone"
+    status = 410
+    title = "Gone"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 import secrets
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bastion.errors import ConfigError
@@ -122,12 +123,51 @@ class Settings(BaseSettings):
     upstream_queue: int = Field(
         default=256, ge=0, description="Calls that may wait for a slot per upstream server; more are refused at once"
     )
+    outbound_allow_loopback: bool = Field(
+        default=False,
+        description="Tests and local development only: let Bastion fetch http:// URLs and loopback addresses "
+        "(upstreams, OAuth metadata and token endpoints)",
+    )
+    outbound_allowed_networks: list[str] = Field(
+        default_factory=list[str],
+        description="CIDR networks Bastion may fetch from although they are private (internal upstreams)",
+    )
+
+    session_idle_minutes: float = Field(
+        default=120, ge=5, le=7 * 24 * 60, description="A web session unused this long is signed out"
+    )
+    session_max_hours: float = Field(
+        default=24, ge=1, le=30 * 24, description="A web session ends this long after sign-in, used or not"
+    )
+    oidc_issuer: str | None = Field(
+        default=None, description="OpenID Connect provider for single sign-on (its issuer URL); unset: no SSO"
+    )
+    oidc_client_id: str | None = None
+    oidc_client_secret: SecretStr | None = Field(default=None, description="Unset for a public client (PKCE only)")
+    oidc_display_name: str = Field(default="single sign-on", max_length=60)
+    oidc_allowed_domains: list[str] = Field(
+        default_factory=list[str],
+        description="People whose verified email is at one of these domains become members on first SSO sign-in",
+    )
 
     secret_key: SecretStr | None = None
     token_pepper: SecretStr | None = None
     audit_key: SecretStr | None = None
     vault_keys: SecretStr | None = Field(default=None, description="key_id=base64(32 bytes), comma separated")
     vault_primary_key_id: str | None = None
+
+    @field_validator("outbound_allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        networks: list[str] = []
+        for entry in value:
+            try:
+                networks.append(str(ipaddress.ip_network(entry.strip(), strict=True)))
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not a network in CIDR form like 10.0.0.0/8 or fd00::/8 (host bits must be zero)"
+                ) from None
+        return networks
 
     @classmethod
     def settings_customise_sources(
@@ -273,9 +313,32 @@ def check_secrets(settings: Settings) -> None:
         if raw in seen:
             problems.append(f"{_env_name(name)} reuses the value of {_env_name(seen[raw])} (each secret must differ)")
         seen.setdefault(raw, name)
+    problems += _oidc_problems(settings)
     if problems:
         hint = "run `bastion init` to generate them into the data directory, or set them in the environment"
         raise ConfigError("refusing to start: " + "; ".join(problems) + f" ({hint})")
+
+
+def _oidc_problems(settings: Settings) -> list[str]:
+    """Single sign-on is all set or all unset, over https, with a client secret unlike Bastion's own secrets."""
+    if not settings.oidc_issuer:
+        stray = [n for n in ("oidc_client_id", "oidc_client_secret") if getattr(settings, n)]
+        return [f"{_env_name(n)} is set but BASTION_OIDC_ISSUER is not" for n in stray]
+    problems: list[str] = []
+    issuer = urlsplit(settings.oidc_issuer)
+    loopback = issuer.hostname in ("127.0.0.1", "localhost", "::1")
+    if not issuer.hostname or not (issuer.scheme == "https" or (issuer.scheme == "http" and loopback)):
+        problems.append("BASTION_OIDC_ISSUER must be an https URL")
+    if not settings.oidc_client_id:
+        problems.append("BASTION_OIDC_CLIENT_ID is missing (BASTION_OIDC_ISSUER is set)")
+    secret = settings.oidc_client_secret.get_secret_value() if settings.oidc_client_secret else ""
+    if secret:
+        ours = [
+            n for n in SECRET_SETTINGS if (v := getattr(settings, n)) is not None and v.get_secret_value() == secret
+        ]
+        if ours:
+            problems.append(f"BASTION_OIDC_CLIENT_SECRET reuses the value of {_env_name(ours[0])}")
+    return problems
 
 
 def _random_secret() -> str:

@@ -59,6 +59,8 @@ EXAMPLE_BODIES: dict[str, Body | None] = {
     "update_role": lambda n, _: {"description": f"edited {n}"},
     "create_member": lambda n, _: {"email": f"new{n}@example.com", "name": f"New {n}", "role": "member"},
     "update_member": lambda n, _: {"name": f"Renamed {n}"},
+    "invite_member": None,
+    "reset_member_password": None,
     "create_server": lambda n, _: {"name": f"server-{n}", "transport": "streamable_http", "url": "https://m.example/"},
     "update_server": lambda n, _: {"description": f"edited {n}"},
     "create_gateway": lambda n, _: {"slug": f"gateway-{n}", "servers": [{"server": BASE_SERVER}]},

@@ -8,11 +8,12 @@ import typer
 
 from bastion.cli.context import CliContext, all_pages, run_with
 from bastion.cli.options import JsonFlag
-from bastion.cli.output import emit_json, emit_many, emit_one, success
+from bastion.cli.output import console, emit_json, emit_many, emit_one, success, warn
 from bastion.domain.models import Member, MemberStatus
 from bastion.domain.specs import MemberSpec
-from bastion.errors import ValidationFailed
-from bastion.services import members, roles
+from bastion.errors import NotFound, ValidationFailed
+from bastion.services import accounts, members, roles
+from bastion.services.accounts import TicketKind
 from bastion.web.api.schemas import MemberOut
 
 member_app = typer.Typer(help="Members: the people in the workspace.", no_args_is_help=True)
@@ -101,7 +102,7 @@ def delete(ref: Ref, json_out: JsonFlag = False) -> None:
 
     async def body(ctx: CliContext) -> dict[str, Any]:
         member = await members.get(ctx.store, ctx.actor, ref)
-        await members.delete(ctx.store, ctx.actor, member.id)
+        await members.delete(ctx.store, ctx.actor, member.id, revoker=ctx.revoker())
         return {"deleted": True, "id": member.id, "email": member.email}
 
     doc = run_with(body)
@@ -109,3 +110,49 @@ def delete(ref: Ref, json_out: JsonFlag = False) -> None:
         emit_json(doc)
     else:
         success(f"deleted member {doc['email']}")
+
+
+def _ticket_command(ref: str, kind: TicketKind, create: bool, name: str | None, role: str, json_out: bool) -> None:
+    async def body(ctx: CliContext) -> dict[str, Any]:
+        if create and kind is TicketKind.INVITE:
+            try:
+                await members.get(ctx.store, ctx.actor, ref)
+            except NotFound:
+                spec = MemberSpec(ref, name if name is not None else ref.split("@")[0], role)
+                await members.create(ctx.store, ctx.actor, spec)
+        ticket, secret = await accounts.issue_ticket(ctx.store, ctx.hasher, ctx.actor, ref, kind)
+        base = ctx.settings.public_url or f"http://{ctx.settings.host}:{ctx.settings.port}"
+        return {
+            "member": ticket.member_id,
+            "email": ticket.email,
+            "kind": ticket.kind.value,
+            "expires_at": ticket.expires_at.isoformat(),
+            "url": accounts.ticket_url(base, secret),
+        }
+
+    doc = run_with(body)
+    if json_out:
+        emit_json(doc)
+        return
+    what = "an invitation" if kind is TicketKind.INVITE else "a password reset link"
+    success(f"made {what} for {doc['email']}, valid until {doc['expires_at']}; older ones stop working")
+    warn("the link below is shown once and works once; hand it to them now")
+    console.print(doc["url"], markup=False, highlight=False, soft_wrap=True)
+
+
+@member_app.command("invite")
+def invite(
+    ref: Annotated[str, typer.Argument(help="Member email or id.")],
+    create: Annotated[bool, typer.Option(help="Add the member first if the email is not one yet.")] = True,
+    name: Annotated[str | None, typer.Option(help="Display name for a new member (default: before the @).")] = None,
+    role: Annotated[str, typer.Option(help="Role for a new member.")] = "member",
+    json_out: JsonFlag = False,
+) -> None:
+    """Print a link (7 days, single use) through which the member sets their password."""
+    _ticket_command(ref, TicketKind.INVITE, create, name, role, json_out)
+
+
+@member_app.command("reset-link")
+def reset_link(ref: Ref, json_out: JsonFlag = False) -> None:
+    """Print a link (1 hour, single use) through which the member chooses a new password; it signs them out."""
+    _ticket_command(ref, TicketKind.RESET, False, None, "member", json_out)

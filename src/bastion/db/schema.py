@@ -383,6 +383,9 @@ member_passwords: Final = sa.Table(
     sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), primary_key=True),
     _workspace(),
     sa.Column("hash", sa.String(255), nullable=False),
+    # Consecutive wrong passwords, and until when sign-in pauses after too many (shared by every replica).
+    sa.Column("failed_attempts", sa.Integer, nullable=False),
+    sa.Column("locked_until", UTCDateTime(), nullable=True),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
 )
 

@@ -131,54 +131,80 @@ async def create(
     token_expires_at: datetime | None = None,
 ) -> tuple[Connection, AccessToken, str]:
     """Provision a connection and mint its token (returned once). For someone else it needs tokens.manage."""
-    now = datetime.now(UTC)
-    connection_id = new_id()
     async with store.transaction() as conn:
         target = await members.find(conn, actor.workspace_id, member) if member else None
         member_id = target.id if target else actor.member_id
         if member_id is None:
             raise ValidationFailed("name the member this connection is for", field="member")
-        _check_owner_or(actor, member_id, Capability.TOKENS_MANAGE)
-        target_host = await hosts.find(conn, actor.workspace_id, host)
-        target_gateway = await gateways.find(conn, actor.workspace_id, gateway)
-        mapping = await _resolve_identities(conn, actor, member_id, target_gateway.id, identity_choices or {})
+        return await provision(
+            conn,
+            hasher,
+            actor,
+            member_id=member_id,
+            host=host,
+            gateway=gateway,
+            identity_choices=identity_choices,
+            link_id=link_id,
+            token_expires_at=token_expires_at,
+        )
+
+
+async def provision(
+    conn: AsyncConnection,
+    hasher: KeyHasher,
+    actor: Actor,
+    *,
+    member_id: str,
+    host: str,
+    gateway: str,
+    identity_choices: Mapping[str, str] | None = None,
+    link_id: str | None = None,
+    token_expires_at: datetime | None = None,
+) -> tuple[Connection, AccessToken, str]:
+    """``create`` inside the caller's transaction (enrollment approves identities, link and connection at once)."""
+    now = datetime.now(UTC)
+    connection_id = new_id()
+    _check_owner_or(actor, member_id, Capability.TOKENS_MANAGE)
+    target_host = await hosts.find(conn, actor.workspace_id, host)
+    target_gateway = await gateways.find(conn, actor.workspace_id, gateway)
+    mapping = await _resolve_identities(conn, actor, member_id, target_gateway.id, identity_choices or {})
+    await conn.execute(
+        T.insert().values(
+            id=connection_id,
+            workspace_id=actor.workspace_id,
+            member_id=member_id,
+            host_id=target_host.id,
+            gateway_id=target_gateway.id,
+            link_id=link_id,
+            enabled=True,
+            disabled_at=None,
+            disabled_by=None,
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    for alias, identity_id in mapping.items():
         await conn.execute(
-            T.insert().values(
-                id=connection_id,
+            CI.insert().values(
+                id=new_id(),
                 workspace_id=actor.workspace_id,
-                member_id=member_id,
-                host_id=target_host.id,
-                gateway_id=target_gateway.id,
-                link_id=link_id,
-                enabled=True,
-                disabled_at=None,
-                disabled_by=None,
-                version=1,
-                created_at=now,
-                updated_at=now,
+                connection_id=connection_id,
+                alias=alias,
+                identity_id=identity_id,
             )
         )
-        for alias, identity_id in mapping.items():
-            await conn.execute(
-                CI.insert().values(
-                    id=new_id(),
-                    workspace_id=actor.workspace_id,
-                    connection_id=connection_id,
-                    alias=alias,
-                    identity_id=identity_id,
-                )
-            )
-        token, secret = await tokens.mint(conn, hasher, actor.workspace_id, connection_id, token_expires_at)
-        # One event for the whole enrollment: the first token is part of it (its id, never its value).
-        detail: JSONObject = {
-            "member": member_id,
-            "host": target_host.id,
-            "gateway": target_gateway.id,
-            "token": token.id,
-            "link": link_id,
-        }
-        action(conn, actor, "connection.created", f"connection:{connection_id}", detail)
-        return await find(conn, actor.workspace_id, connection_id), token, secret
+    token, secret = await tokens.mint(conn, hasher, actor.workspace_id, connection_id, token_expires_at)
+    # One event for the whole enrollment: the first token is part of it (its id, never its value).
+    detail: JSONObject = {
+        "member": member_id,
+        "host": target_host.id,
+        "gateway": target_gateway.id,
+        "token": token.id,
+        "link": link_id,
+    }
+    action(conn, actor, "connection.created", f"connection:{connection_id}", detail)
+    return await find(conn, actor.workspace_id, connection_id), token, secret
 
 
 async def get(store: Store, actor: Actor, connection_id: str) -> Connection:

@@ -135,6 +135,11 @@ async def revoke(store: Store, actor: Actor, link_id: str) -> ConnectionLink:
         return _row(await crud.fetch_one(conn, T, T.c.id == link_id, what="link"))
 
 
+async def find(conn: AsyncConnection, workspace_id: str, link_id: str) -> ConnectionLink:
+    """A link by id, in any state."""
+    return _row(await crud.fetch_one(conn, T, T.c.workspace_id == workspace_id, T.c.id == link_id, what="link"))
+
+
 async def find_by_secret(conn: AsyncConnection, hasher: KeyHasher, secret: str) -> ConnectionLink:
     """The link behind a URL secret, in any state; malformed secrets never reach the database."""
     if not tokens.well_formed(secret, tokens.LINK_PREFIX):

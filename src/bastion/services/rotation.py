@@ -39,7 +39,14 @@ class SealedColumns:
 
 
 # Every table with sealed values must be listed here (a test checks every LargeBinary column is accounted for).
-REGISTRY: Final = (SealedColumns(schema.identities, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.IDENTITY),)
+# A row whose key id is NULL holds nothing sealed (a draft identity reusing an existing one, a public OAuth client).
+REGISTRY: Final = (
+    SealedColumns(schema.identities, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.IDENTITY),
+    # Draft rows are sealed under their future identity's id, which is also their own id.
+    SealedColumns(schema.draft_identities, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.IDENTITY),
+    # OAuth client secrets, sealed under their oauth_clients row id; nothing caches them.
+    SealedColumns(schema.oauth_clients, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.SERVER),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +64,8 @@ async def usage(store: Store, vault: Vault) -> list[KeyUsage]:
     async with store.transaction() as conn:
         for entry in REGISTRY:
             column = entry.table.c[entry.kek_column]
-            for key_id, count in (await conn.execute(sa.select(column, sa.func.count()).group_by(column))).all():
+            counts = sa.select(column, sa.func.count()).where(column.is_not(None)).group_by(column)
+            for key_id, count in (await conn.execute(counts)).all():
                 rows[key_id] = rows.get(key_id, 0) + int(count)
         seals = await vault_keys.seal_counts(conn)
     key_ids = sorted(set(rows) | set(seals) | set(vault.keyring.key_ids))

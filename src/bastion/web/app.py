@@ -21,9 +21,10 @@ from bastion import __version__, wiring
 from bastion.db.store import Store
 from bastion.events import pg as pg_events
 from bastion.settings import Settings
-from bastion.web import problems
+from bastion.web import problems, ui
 from bastion.web.api.deps import ApiContext
 from bastion.web.api.routes import router
+from bastion.web.api.routes_accounts import router as accounts_router
 from bastion.web.api.routes_audit import router as audit_router
 from bastion.web.api.routes_identity import router as identity_router
 from bastion.web.api.routes_rules import router as rules_router
@@ -32,6 +33,7 @@ from bastion.web.mcp.event_store import BoundedEventStore
 from bastion.web.mcp.fastpath import FastPath
 from bastion.web.mcp.server import build_server
 from bastion.web.middleware import BodyLimit, RequestContext
+from bastion.web.oauth_routes import client_metadata_route
 
 
 @dataclass(slots=True)
@@ -64,6 +66,7 @@ def build_api() -> FastAPI:
     api.include_router(identity_router)
     api.include_router(audit_router)
     api.include_router(rules_router)
+    api.include_router(accounts_router)
     return api
 
 
@@ -73,8 +76,9 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
     api = build_api()
     parts = wiring.build(settings, store)
     lifecycle.store = parts.store
-    api.state.ctx = ApiContext(store=parts.store, hasher=parts.hasher, vault=parts.vault)
+    api.state.ctx = ApiContext(store=parts.store, hasher=parts.hasher, vault=parts.vault, revoker=parts.revoker)
     api.state.public_url = settings.public_url
+    _ui, ui_routes = ui.build(settings, parts.store, parts.hasher, parts.vault)
     # Engines connect lazily, so the app can serve at once, even where no lifespan runs (in-process tests).
     lifecycle.started = True
 
@@ -125,12 +129,15 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            client_metadata_route(settings),
             Mount("/api/v1", app=api),
             Route(
                 "/g/{gateway}/mcp",
                 McpEndpoint(parts.resolver, mcp_manager, parts.audit, fast_path if settings.fast_path else None),
                 methods=["GET", "POST", "DELETE"],
             ),
+            # The pages people use in a browser: sign-in, enrollment (/enroll/…), their connections (/me).
+            *ui_routes,
         ],
         lifespan=lifespan,
     )

@@ -15,6 +15,8 @@ from bastion.web.logs import request_id_var
 logger = logging.getLogger("bastion.http")
 REQUEST_ID_HEADER: Final = b"x-request-id"
 _CLIENT_REQUEST_ID: Final = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+# Enrollment links, invitations and reset links carry their secret in the path (`/enroll/bsl_…`): never log it.
+_SECRET_IN_PATH: Final = re.compile(r"(bs[a-z]_)[A-Za-z0-9]{8,}")
 
 
 class RequestContext:
@@ -50,7 +52,7 @@ class RequestContext:
                 "request",
                 extra={
                     "method": scope["method"],
-                    "path": scope["path"],
+                    "path": _SECRET_IN_PATH.sub(r"\1…", scope["path"]),
                     "status": status,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
