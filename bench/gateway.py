@@ -555,6 +555,7 @@ def main() -> None:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
         env["BASTION_DATA_DIR"] = str(tmp / "data")
+        env["BASTION_OUTBOUND_ALLOW_LOOPBACK"] = "true"  # the echo upstream listens on http://127.0.0.1
         if args.database_url:
             env["BASTION_DATABASE_URL"] = args.database_url
         token = provision(env, upstream_url, tmp)

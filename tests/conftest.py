@@ -110,7 +110,13 @@ async def operator(store: Store) -> Actor:
 
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=db_url, **generate_secrets())  # type: ignore[arg-type]
+    # Test upstreams listen on http://127.0.0.1: the tests opt in to the outbound policy's loopback allowance.
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        outbound_allow_loopback=True,
+        **generate_secrets(),  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture

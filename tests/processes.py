@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Final
 
 import httpx2
 
@@ -21,9 +21,14 @@ START_TIMEOUT_S = 30.0
 POLL_S = 0.05
 
 
+# Test upstreams listen on http://127.0.0.1: a test Bastion opts in to reaching them (never the default).
+TEST_OUTBOUND_ENV: Final = {"BASTION_OUTBOUND_ALLOW_LOOPBACK": "true"}
+
+
 def clean_env(**settings: str) -> dict[str, str]:
-    """This process's environment without any BASTION_ variable, plus ``settings``."""
+    """This process's environment without any BASTION_ variable, plus the loopback opt-in and ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env.update(TEST_OUTBOUND_ENV)
     env.update(settings)
     return env
 
@@ -76,9 +81,9 @@ def wait_until_healthy(process: subprocess.Popen[bytes], base_url: str, *, timeo
 
 
 @contextmanager
-def serving(env: Mapping[str, str], cwd: Path) -> Iterator[Server]:
-    """`bastion serve` on a free 127.0.0.1 port, healthy on entry, killed on exit whatever happened."""
-    port = free_port()
+def serving(env: Mapping[str, str], cwd: Path, *, port: int | None = None) -> Iterator[Server]:
+    """`bastion serve` on ``port`` or a free 127.0.0.1 port, healthy on entry, killed on exit whatever happened."""
+    port = port or free_port()
     stderr_path = cwd / f"serve-{port}.stderr"
     with stderr_path.open("wb") as stderr:
         process = _spawn(["serve", "--host", "127.0.0.1", "--port", str(port)], env, cwd, stderr)

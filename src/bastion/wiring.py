@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from bastion.db.audit import ChainKeys
 from bastion.db.store import Store
+from bastion.net.outbound import OutboundPolicy
+from bastion.oauth.refresh import Refresher
+from bastion.oauth.revocation import Revoker
 from bastion.services.apikeys import KeyHasher
 from bastion.services.audit import Audit, AuditKeys
 from bastion.services.directory import Directory
@@ -82,6 +85,8 @@ class Parts:
     proxy: Proxy
     audit: Audit
     guard: Guard
+    refresher: Refresher
+    revoker: Revoker
 
     async def close(self) -> None:
         self.proxy.close()
@@ -103,8 +108,11 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         idle_s=settings.upstream_idle_s,
         per_server_concurrency=settings.upstream_concurrency,
         per_server_queue=settings.upstream_queue,
+        outbound=OutboundPolicy.from_settings(settings),
     )
     directory = Directory(store)
+    # Token endpoints and revocation endpoints are reached through the same outbound policy as upstreams.
+    refresher = Refresher(store, vault, hasher, pool.outbound.client)
     audit_secret = audit_keys_from(settings)
     guard = Guard(store, RateLimiter(settings.rate_limit_url), audit_secret.content)
     return Parts(
@@ -114,7 +122,7 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         Resolver(store, hasher, cache_ttl_s=settings.token_cache_ttl_s),
         pool,
         directory,
-        Proxy(store, vault, pool, directory, guard),
+        Proxy(store, vault, pool, directory, guard, refresher=refresher, public_url=settings.public_url),
         Audit(
             store,
             audit_secret,
@@ -123,4 +131,6 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
             enabled=settings.audit_mcp_calls,
         ),
         guard,
+        refresher=refresher,
+        revoker=Revoker(vault, pool.outbound.client),
     )

@@ -45,6 +45,7 @@ def cli_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dic
     for name in [n for n in os.environ if n.startswith("BASTION_")]:
         monkeypatch.delenv(name)
     env = {"BASTION_DATA_DIR": str(tmp_path / "data"), "BASTION_DATABASE_URL": db_url}
+    env["BASTION_OUTBOUND_ALLOW_LOOPBACK"] = "true"  # test upstreams listen on http://127.0.0.1
     env.update({f"BASTION_{k.upper()}": v for k, v in generate_secrets().items()})
     for name, value in env.items():
         monkeypatch.setenv(name, value)
