@@ -35,9 +35,9 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncGenerator[str, None]:
-    """Run ``app`` (lifespan included) on a free 127.0.0.1 port; yields the base URL; always stops."""
-    port = free_port()
+async def serving(app: ASGIApp, port: int | None = None) -> AsyncGenerator[str, None]:
+    """Run ``app`` (lifespan included) on ``port`` or a free 127.0.0.1 port; yields the base URL; always stops."""
+    port = port or free_port()
     # A long keep-alive: uvicorn's 5 s default races clients reusing a connection it is just closing.
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False, timeout_keep_alive=120

@@ -14,7 +14,7 @@ import pytest
 
 from bastion.cli import boot
 from bastion.errors import ConfigError
-from bastion.settings import check_secrets, generate_secrets, load_settings
+from bastion.settings import Settings, check_secrets, generate_secrets, load_settings
 from tests.processes import clean_env, run_bastion
 
 
@@ -299,3 +299,21 @@ def test_serve_on_postgres_with_weak_secrets_exits_non_zero_naming_the_variable(
     assert _SHARED not in result.stderr
     # Replicas on PostgreSQL share their secrets: none are invented on the spot.
     assert not (isolated_environment / "bastion.toml").exists()
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"public_url": "https://bastion.example.com/"}, "https://bastion.example.com"),
+        ({"public_url": "https://bastion.example.com/base"}, "https://bastion.example.com/base"),
+        ({}, "http://127.0.0.1:8080"),
+        ({"host": "0.0.0.0", "port": 9000}, "http://127.0.0.1:9000"),  # noqa: S104
+        ({"host": "::", "port": 9000}, "http://127.0.0.1:9000"),
+        ({"host": "::1"}, "http://[::1]:8080"),
+        ({"host": "bastion.internal", "port": 80}, "http://bastion.internal:80"),
+    ],
+)
+def test_the_base_url_is_the_public_url_or_where_bastion_listens(values: dict[str, Any], expected: str) -> None:
+    settings = Settings.model_construct(**values)  # these values alone: nothing from the environment
+    assert settings.base_url == expected
+    assert settings.public_url == values.get("public_url")  # the Host/Origin allowlists still read this alone

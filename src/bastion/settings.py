@@ -139,6 +139,12 @@ class Settings(BaseSettings):
     session_max_hours: float = Field(
         default=24, ge=1, le=30 * 24, description="A web session ends this long after sign-in, used or not"
     )
+    janitor_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=24 * 3600,
+        description="How often each process deletes expired enrollment drafts, OAuth states and web sessions",
+    )
     oidc_issuer: str | None = Field(
         default=None, description="OpenID Connect provider for single sign-on (its issuer URL); unset: no SSO"
     )
@@ -187,6 +193,20 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / SQLITE_FILE_NAME).resolve()}"
+
+    @property
+    def base_url(self) -> str:
+        """Where people and agents reach Bastion, without a trailing slash: the base of every link it hands out.
+
+        ``BASTION_PUBLIC_URL`` when set; otherwise the address ``serve`` listens on (loopback when it listens on
+        every address), so a local Bastion's links and OAuth redirect URI work without configuration.
+        """
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(self.host, self.host)  # noqa: S104
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
+        return f"http://{host}:{self.port}"
 
     def mcp_allowed_hosts(self) -> list[str]:
         hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", *self.allowed_hosts]

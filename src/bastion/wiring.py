@@ -45,8 +45,8 @@ def chain_keys_from(settings: Settings) -> ChainKeys:
 
 
 def store_from(settings: Settings) -> Store:
-    """The database handle, able to seal the audit events of what it commits."""
-    return Store.from_url(settings.resolved_database_url, audit=chain_keys_from(settings))
+    """The database handle, able to seal the audit events of what it commits and the secrets it keeps for later."""
+    return Store.from_url(settings.resolved_database_url, audit=chain_keys_from(settings), vault=vault_from(settings))
 
 
 def vault_from(settings: Settings) -> Vault:
@@ -87,6 +87,8 @@ class Parts:
     guard: Guard
     refresher: Refresher
     revoker: Revoker
+    # Rate-limit counters shared by the gateway's rules and the sign-in pages' throttles (closed with the guard).
+    limiter: RateLimiter
 
     async def close(self) -> None:
         self.proxy.close()
@@ -103,6 +105,8 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         store.audit = chain_keys_from(settings)
     hasher = hasher_from(settings)
     vault = vault_from(settings)
+    if store.vault is None:
+        store.vault = vault  # webhook events seal the tokens they carry in the transaction that mints them
     pool = UpstreamPool(
         max_sessions=settings.upstream_max_sessions,
         idle_s=settings.upstream_idle_s,
@@ -114,7 +118,8 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
     # Token endpoints and revocation endpoints are reached through the same outbound policy as upstreams.
     refresher = Refresher(store, vault, hasher, pool.outbound.client)
     audit_secret = audit_keys_from(settings)
-    guard = Guard(store, RateLimiter(settings.rate_limit_url), audit_secret.content)
+    limiter = RateLimiter(settings.rate_limit_url)
+    guard = Guard(store, limiter, audit_secret.content)
     return Parts(
         store,
         hasher,
@@ -122,7 +127,7 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         Resolver(store, hasher, cache_ttl_s=settings.token_cache_ttl_s),
         pool,
         directory,
-        Proxy(store, vault, pool, directory, guard, refresher=refresher, public_url=settings.public_url),
+        Proxy(store, vault, pool, directory, guard, refresher=refresher, public_url=settings.base_url),
         Audit(
             store,
             audit_secret,
@@ -133,4 +138,5 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         guard,
         refresher=refresher,
         revoker=Revoker(vault, pool.outbound.client),
+        limiter=limiter,
     )

@@ -89,7 +89,8 @@ def world(tmp_path: Path) -> Generator[World]:
         _cli(env, tmp_path, "host", "create", HOST, "--description", "The research team's agent")
         for person in PEOPLE:
             _cli(env, tmp_path, "member", "create", person.email)
-        link = _cli(env, tmp_path, "link", "create", "--host", HOST, "--gateway", GATEWAY, "--note", "Research notes")
+        link = _cli(env, tmp_path, "link", "create", "--host", HOST, "--gateway", GATEWAY, "--note", "Research notes",
+                    "--max-uses", str(len(PEOPLE)))  # fmt: skip
         with serving(env, tmp_path, port=bastion_port) as bastion:
             invitations: dict[str, str] = {}
             with httpx2.Client(base_url=f"{bastion.base_url}/api/v1", timeout=30) as api:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from bastion.db import migrate
+from bastion.db import migrate, schema
 from bastion.db.engine import sync_url
 from bastion.db.schema import metadata
 from bastion.settings import generate_secrets
@@ -172,5 +173,33 @@ def test_replicas_starting_at_once_on_a_fresh_postgres_make_one_workspace(fresh_
     try:
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM workspaces")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_servers_left_on_the_old_dynamic_default_follow_the_specification_s_order(empty_url: str) -> None:
+    """0005 turns "dynamic" (the default nobody chose before it) into "auto"; other settings are kept."""
+    migrate.upgrade(empty_url, "0004")
+    now = datetime.now(UTC)
+    server = {"description": "", "transport": "streamable_http", "url": "https://x.example/mcp", "command": None}
+    server |= {"args": [], "env": {}, "auth_kind": "oauth", "era": "auto", "connect_timeout_s": 5.0}
+    server |= {"call_timeout_s": 30.0, "version": 1, "created_at": now, "updated_at": now, "workspace_id": "w"}
+    engine = sa.create_engine(sync_url(empty_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(schema.workspaces.insert().values(id="w", name="w", created_at=now))
+            for name, oauth in (("a", {"registration": "dynamic", "scopes": ["s"]}), ("b", {"registration": "x"})):
+                conn.execute(schema.servers.insert().values(id=name, name=name, oauth=oauth, **server))
+        migrate.upgrade(empty_url)
+
+        def settings() -> dict[str, object]:
+            with engine.connect() as conn:
+                return {
+                    row.id: row.oauth for row in conn.execute(sa.select(schema.servers.c.id, schema.servers.c.oauth))
+                }
+
+        assert settings() == {"a": {"registration": "auto", "scopes": ["s"]}, "b": {"registration": "x"}}
+        migrate.downgrade(empty_url, "0004")
+        assert settings()["a"] == {"registration": "dynamic", "scopes": ["s"]}
     finally:
         engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from bastion.db import migrate, schema
@@ -166,3 +168,96 @@ async def test_a_database_error_does_not_list_the_parameters_it_was_given(store:
             await conn.execute(sa.insert(schema.vault_keys).values(row))
     assert "[parameters:" not in str(caught.value)
     assert "hidden due to hide_parameters" in str(caught.value)
+
+
+async def test_write_has_threads_of_its_own(bare_store: Store) -> None:
+    """Audit writes (the hot path before every MCP call) never queue behind work on anyio's shared thread pool."""
+    shared = anyio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(shared.total_tokens))]
+    for holder in holders:
+        shared.acquire_on_behalf_of_nowait(holder)
+    now = datetime.now(UTC)
+    try:
+        with anyio.fail_after(60):  # a guard against hanging (the bug), not a measure of speed
+            await bare_store.write(
+                lambda conn: conn.execute(schema.workspaces.insert().values(id="w", name="w", created_at=now))
+            )
+    finally:
+        for holder in holders:
+            shared.release_on_behalf_of(holder)
+    assert await _workspace_count(bare_store) == 1
+
+
+@pytest.mark.parametrize("moment", ["begin", "before_cursor_execute"])
+async def test_a_transaction_cancelled_as_it_begins_or_mid_statement_leaves_the_store_usable_and_closable(
+    db_url: str, moment: str
+) -> None:
+    """A client hanging up as its transaction starts (SQLite's BEGIN IMMEDIATE, PostgreSQL's first statement),
+    or during a statement: nothing is written, no error but the cancellation, and the database and the store
+    work and close afterwards (no MissingGreenlet, no write lock left taken, no hanging close)."""
+    store = Store.from_url(db_url)
+    reached = anyio.Event()
+
+    def arrived(*_args: object) -> None:
+        reached.set()
+
+    event.listen(store.engine.sync_engine, moment, arrived, insert=True)
+    try:
+
+        async def doomed() -> None:
+            async with store.transaction() as conn:
+                await conn.execute(schema.workspaces.insert().values(id="w1", name="W", created_at=datetime.now(UTC)))
+
+        with anyio.fail_after(60):  # a guard against hanging (the bug), not a measure of speed
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(doomed)
+                    await reached.wait()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            event.remove(store.engine.sync_engine, moment, arrived)
+            assert await _workspace_count(store) == 0
+            other = Store.from_url(db_url)  # another process's view: the database is not left locked
+            try:
+                async with other.transaction() as conn:
+                    await conn.execute(
+                        schema.workspaces.insert().values(id="w2", name="W", created_at=datetime.now(UTC))
+                    )
+            finally:
+                await other.close()
+            assert await _workspace_count(store) == 1
+    finally:
+        with anyio.fail_after(60):
+            await store.close()
+
+
+async def test_a_cancelled_exclusive_block_gives_its_lock_back_on_a_connection_kept_for_others(
+    pg_store: Store, pg_migrated_url: str
+) -> None:
+    """An MCP call cancelled mid-refresh must not leave the refresh lock taken (every later refresh of that
+    identity would wait for ever), nor throw its pooled connection away to get rid of it."""
+    name = "bastion.test.cancelled-exclusive"
+    dropped: list[object] = []
+
+    def invalidated(*args: object) -> None:
+        dropped.append(args)
+
+    event.listen(pg_store.engine.sync_engine.pool, "invalidate", invalidated)
+    with anyio.CancelScope() as scope:
+        async with pg_store.exclusive(name):
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    assert dropped == []
+    other = Store.from_url(pg_migrated_url)
+    try:
+        async with other.engine.connect() as conn:
+            key = zlib.crc32(name.encode("utf-8"))
+            free = (await conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": key})).scalar_one()
+            assert free is True
+            await conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        with anyio.fail_after(60):  # a guard against hanging, not a measure of speed
+            async with pg_store.exclusive(name), other.exclusive("bastion.test.another"):
+                pass
+    finally:
+        await other.close()

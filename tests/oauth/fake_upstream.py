@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -53,6 +54,8 @@ class FakeUpstream:
     iss_mode: str = "correct"  # correct | omit | wrong | slash
     authorize_error: str | None = None
     registration_method: str | None = None  # what /register answers; None: as asked
+    # /register answers only once this many registrations have arrived (members connecting at the same time).
+    hold_registrations: int = 0
     token_methods: list[str] = field(default_factory=lambda: ["client_secret_basic", "client_secret_post", "none"])
     clients: dict[str, tuple[str | None, str]] = field(default_factory=dict[str, tuple[str | None, str]])
     seen: list[Seen] = field(default_factory=list[Seen])
@@ -60,6 +63,7 @@ class FakeUpstream:
     pkce_ok: list[bool] = field(default_factory=list[bool])
     issued: dict[str, str] = field(default_factory=dict[str, str])  # access token -> issuer prefix
     _codes: dict[str, dict[str, str]] = field(default_factory=dict[str, dict[str, str]])
+    _registrations_in: anyio.Event = field(default_factory=anyio.Event)
 
     def issuer(self, index: int | None = None) -> str:
         return f"{self.base}{self.issuers[self.current if index is None else index]}"
@@ -191,6 +195,9 @@ class FakeUpstream:
         async def register(request: Request) -> Response:
             body = await request.json()
             self.seen.append(Seen("POST", request.url.path, {"json": json.dumps(body)}, dict(request.headers)))
+            if len([s for s in self.seen if s.path.endswith("/register")]) >= self.hold_registrations:
+                self._registrations_in.set()
+            await self._registrations_in.wait()
             method = self.registration_method or body.get("token_endpoint_auth_method", "client_secret_basic")
             client_id = f"client-{self.issuers[index].strip('/')}-{secrets.token_hex(4)}"
             secret = None if method == "none" else secrets.token_urlsafe(16)

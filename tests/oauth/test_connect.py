@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import pytest
 import sqlalchemy as sa
 import time_machine
@@ -28,9 +29,11 @@ from bastion.services import identities, members, oauth_clients, oauth_connect, 
 from bastion.services.apikeys import KeyHasher
 from bastion.services.oauth_connect import (
     AuthorizationDeclined,
+    AuthorizationFailed,
     IssMismatch,
     IssuerMismatch,
     PkceUnsupported,
+    RegistrationFailed,
     ResourceMismatch,
     StateExpired,
     StateOtherBrowser,
@@ -85,19 +88,27 @@ class World:
 async def world(store: Store, vault: Vault, settings: Settings, operator: Actor) -> AsyncIterator[World]:
     await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
     async with running(FakeUpstream()) as fake:
-        yield await _world(store, vault, settings, operator, fake, OAuthClientSettings(OAuthRegistration.DYNAMIC))
+        yield await _world(store, vault, settings, operator, fake, None)
 
 
 async def _world(
-    store: Store, vault: Vault, settings: Settings, operator: Actor, fake: FakeUpstream, options: OAuthClientSettings
+    store: Store,
+    vault: Vault,
+    settings: Settings,
+    operator: Actor,
+    fake: FakeUpstream,
+    options: OAuthClientSettings | None,
+    *,
+    public_url: str = PUBLIC,
 ) -> World:
+    """An OAuth server in front of ``fake`` (``options`` None: the defaults an admin gets) and a member, Ada."""
     server = await servers.create(
         store,
         operator,
         ServerSpec("crm", Transport.STREAMABLE_HTTP, url=f"{fake.base}/mcp", auth_kind=AuthKind.OAUTH, oauth=options),
     )
     member = await members.get(store, operator, "ada@example.com")
-    public = settings.model_copy(update={"public_url": PUBLIC})
+    public = settings.model_copy(update={"public_url": public_url})
     return World(store, vault, public, operator, fake, server.id, member.id)
 
 
@@ -236,7 +247,7 @@ async def test_registration_is_kept_per_issuer_and_a_new_issuer_gets_a_new_one(
 ) -> None:
     await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
     async with running(FakeUpstream(issuers=("/as1", "/as2"))) as fake:
-        world = await _world(store, vault, settings, operator, fake, OAuthClientSettings(OAuthRegistration.DYNAMIC))
+        world = await _world(store, vault, settings, operator, fake, None)
         first = await world.connect()
         await world.connect()
         assert len(fake.paths("/as1/register")) == 1  # the registration is used again
@@ -286,13 +297,17 @@ async def test_a_pre_registered_client_and_its_secret_are_used_with_basic_authen
     assert "pre-secret" not in repr(credentials)
 
 
-async def test_a_client_id_metadata_document_is_used_where_the_server_supports_it(
+CIMD = {"client_id_metadata_document_supported": True}
+
+
+async def test_by_default_a_client_id_metadata_document_is_used_where_the_server_supports_it(
     store: Store, vault: Vault, settings: Settings, operator: Actor
 ) -> None:
     await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-    async with running(FakeUpstream(metadata={"client_id_metadata_document_supported": True})) as fake:
-        options = OAuthClientSettings(OAuthRegistration.CLIENT_METADATA_DOCUMENT)
-        world = await _world(store, vault, settings, operator, fake, options)
+    async with running(FakeUpstream(metadata=CIMD)) as fake:
+        world = await _world(store, vault, settings, operator, fake, None)
+        server = await servers.get(store, operator, "crm")
+        assert server.oauth is not None and server.oauth.registration is OAuthRegistration.AUTO
         url = await world.begin()
         assert _query(url)["client_id"] == f"{PUBLIC}/oauth/client-metadata.json"
         await world.complete(await authorize(url))
@@ -300,6 +315,208 @@ async def test_a_client_id_metadata_document_is_used_where_the_server_supports_i
     (token_request,) = fake.paths("/as1/token")
     assert token_request.fields["client_id"] == f"{PUBLIC}/oauth/client-metadata.json"
     assert "authorization" not in token_request.headers
+    (client,) = await world.rows(schema.oauth_clients)
+    assert client.registration == OAuthRegistration.CLIENT_METADATA_DOCUMENT.value
+
+
+@pytest.mark.parametrize(
+    ("options", "public_url", "metadata"),
+    [
+        (None, "http://127.0.0.1:8080", CIMD),  # an authorization server cannot fetch a document from plain http
+        (None, PUBLIC, {}),  # the server does not take documents
+        (OAuthClientSettings(OAuthRegistration.DYNAMIC), PUBLIC, CIMD),  # an admin's override
+    ],
+)
+async def test_otherwise_bastion_registers_dynamically(
+    store: Store,
+    vault: Vault,
+    settings: Settings,
+    operator: Actor,
+    options: OAuthClientSettings | None,
+    public_url: str,
+    metadata: dict[str, Any],
+) -> None:
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    async with running(FakeUpstream(metadata=metadata)) as fake:
+        world = await _world(store, vault, settings, operator, fake, options, public_url=public_url)
+        url = await world.begin()
+        (registered,) = fake.paths("/as1/register")
+        assert _query(url)["client_id"].startswith("client-as1-")
+        await world.complete(await authorize(url))
+    assert f'"redirect_uris": ["{public_url}/oauth/callback"]' in registered.fields["json"]
+    (client,) = await world.rows(schema.oauth_clients)
+    assert client.registration == OAuthRegistration.DYNAMIC.value
+
+
+async def test_a_client_id_an_admin_set_comes_first_even_where_documents_work(
+    store: Store, vault: Vault, settings: Settings, operator: Actor
+) -> None:
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    async with running(FakeUpstream(metadata=CIMD)) as fake:
+        options = OAuthClientSettings(OAuthRegistration.AUTO, "admin-client")
+        world = await _world(store, vault, settings, operator, fake, options)
+        fake.clients["admin-client"] = (None, "none")
+        url = await world.begin()
+        assert _query(url)["client_id"] == "admin-client"
+        await world.complete(await authorize(url))
+    assert fake.paths("/as1/register") == []
+    (client,) = await world.rows(schema.oauth_clients)
+    assert (client.registration, client.client_id) == (OAuthRegistration.PRE_REGISTERED.value, "admin-client")
+
+
+@pytest.mark.parametrize(
+    ("options", "public_url", "metadata", "reason"),
+    [
+        (None, PUBLIC, {}, "does not accept client ID metadata documents, and it offers no dynamic"),
+        (None, "http://127.0.0.1:8080", CIMD, "http://127.0.0.1:8080 is not https"),
+        (OAuthClientSettings(OAuthRegistration.CLIENT_METADATA_DOCUMENT), PUBLIC, {}, "set it.* to auto"),
+    ],
+)
+async def test_with_no_way_to_become_a_client_the_admin_is_told_what_to_do(
+    store: Store,
+    vault: Vault,
+    settings: Settings,
+    operator: Actor,
+    options: OAuthClientSettings | None,
+    public_url: str,
+    metadata: dict[str, Any],
+    reason: str,
+) -> None:
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    fake = FakeUpstream(metadata=metadata, drop_metadata=("registration_endpoint",))
+    async with running(fake):
+        world = await _world(store, vault, settings, operator, fake, options, public_url=public_url)
+        with pytest.raises(RegistrationFailed, match=reason) as raised:
+            await world.begin()
+    if options is None:
+        assert f"redirect URI {public_url}/oauth/callback" in str(raised.value)
+        assert "register Bastion there" in str(raised.value)
+    assert fake.paths("/as1/register") == [] and fake.paths("/as1/authorize") == []
+    assert await world.rows(schema.oauth_clients) == [] and await world.rows(schema.oauth_states) == []
+
+
+async def test_a_working_registration_is_kept_until_an_admin_chooses_another_way(
+    store: Store, vault: Vault, settings: Settings, operator: Actor
+) -> None:
+    """Refresh tokens are bound to the client id: a stored dynamic registration is not swapped for a document
+    just because the server now takes documents, only when an admin says so; and then the new way gets a row
+    of its own, while the dynamic registration's row stays as it was for the identities that name it."""
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    async with running(FakeUpstream()) as fake:
+        world = await _world(store, vault, settings, operator, fake, None)
+        first = await world.connect()
+        fake.metadata = CIMD
+        second = await world.connect()
+        assert len(fake.paths("/as1/register")) == 1
+        chosen = OAuthClientSettings(OAuthRegistration.CLIENT_METADATA_DOCUMENT)
+        await servers.update(store, operator, "crm", {"oauth": chosen})
+        third = await world.complete(await authorize(url := await world.begin()))
+        assert _query(url)["client_id"] == f"{PUBLIC}/oauth/client-metadata.json"
+    assert first.details["oauth_client"] == second.details["oauth_client"] != third.details["oauth_client"]
+    old, new = [await _client(world, c.details["oauth_client"]) for c in (first, third)]
+    (registered,) = (cid for cid in fake.clients if cid.startswith("client-as1-"))
+    assert (old.registration, old.client_id, old.superseded) == (OAuthRegistration.DYNAMIC, registered, True)
+    assert old.client_secret == fake.clients[registered][0] is not None  # its refresh tokens still work with it
+    assert (new.registration, new.superseded) == (OAuthRegistration.CLIENT_METADATA_DOCUMENT, False)
+    async with store.transaction() as conn:
+        current = await oauth_clients.find(conn, vault, world.server_id, fake.issuer())
+    assert current is not None and current.id == new.id
+
+
+async def _client(world: World, row_id: object) -> oauth_clients.ClientRow:
+    async with world.store.transaction() as conn:
+        return await oauth_clients.load(conn, world.vault, world.operator.workspace_id, str(row_id))
+
+
+async def test_two_members_connecting_at_once_share_one_registration_and_both_finish(world: World) -> None:
+    """Both register (neither sees a registration yet); the first saved wins, the other uses it, so each code
+    is exchanged as the client its authorization URL named."""
+    await members.create(world.store, world.operator, MemberSpec("bob@example.com", "Bob"))
+    bob = await members.get(world.store, world.operator, "bob@example.com")
+    world.fake.hold_registrations = 2
+    urls: dict[str, str] = {}
+
+    async def begin(member_id: str) -> None:
+        urls[member_id] = await oauth_connect.begin(
+            world.store,
+            world.vault,
+            world.settings,
+            workspace_id=world.operator.workspace_id,
+            member_id=member_id,
+            server_id=world.server_id,
+            browser=member_id,
+            context={},
+        )
+
+    with anyio.fail_after(60):  # a guard against hanging, not a measure of speed
+        async with anyio.create_task_group() as tg:
+            for member_id in (world.member_id, bob.id):
+                tg.start_soon(begin, member_id)
+    assert len(world.fake.paths("/as1/register")) == 2
+    assert _query(urls[world.member_id])["client_id"] == _query(urls[bob.id])["client_id"]
+    callbacks = {member_id: await authorize(url) for member_id, url in urls.items()}
+    done = [await world.complete(callback, browser=member_id) for member_id, callback in callbacks.items()]
+    assert {c.member_id for c in done} == {world.member_id, bob.id}
+    assert all(c.secret.access_token in world.fake.issued for c in done)
+    assert done[0].details["oauth_client"] == done[1].details["oauth_client"]
+    (client,) = await world.rows(schema.oauth_clients)
+    assert client.client_id == _query(urls[bob.id])["client_id"] and client.superseded_at is None
+
+
+async def test_the_code_is_exchanged_only_as_the_client_the_authorization_url_named(world: World) -> None:
+    url = await world.begin()
+    callback = await authorize(url)
+    async with world.store.transaction() as conn:  # not something Bastion does: the check is there regardless
+        await conn.execute(schema.oauth_clients.update().values(client_id="another-client"))
+    with pytest.raises(AuthorizationFailed, match="registration at the authorization server changed"):
+        await world.complete(callback)
+    assert world.fake.paths("/as1/token") == []
+
+
+async def test_a_used_state_keeps_no_verifier(world: World) -> None:
+    await world.connect()
+    world.fake.iss_mode = "wrong"
+    callback = await authorize(await world.begin())
+    with pytest.raises(IssMismatch):
+        await world.complete(callback)
+    states = await world.rows(schema.oauth_states)
+    assert len(states) == 2 and all(row.used_at is not None and row.code_verifier is None for row in states)
+
+
+async def test_a_pre_registered_client_is_bound_to_the_first_issuer_it_is_used_at(
+    store: Store, vault: Vault, settings: Settings, operator: Actor
+) -> None:
+    """No authorization server named: the secret goes to the first issuer discovered, and to no other after
+    that, whatever the upstream's metadata comes to say (checklist 13: credentials keyed by issuer)."""
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    async with running(FakeUpstream(issuers=("/as1", "/as2"), token_methods=["client_secret_post"])) as fake:
+        options = OAuthClientSettings(OAuthRegistration.PRE_REGISTERED, "pre-client")
+        world = await _world(store, vault, settings, operator, fake, options)
+        await oauth_clients.set_client_secret(store, vault, operator, "crm", "as1-secret")
+        fake.clients["pre-client"] = ("as1-secret", "client_secret_post")
+        first = await world.connect()
+        fake.current = 1  # the upstream now names another authorization server
+        with pytest.raises(RegistrationFailed, match=r"authorization server changed.*an admin must re-register"):
+            await world.begin()
+        assert [s for s in fake.seen if s.path.startswith("/as2/") and "metadata" not in s.path] == []
+        (row,) = await world.rows(schema.oauth_clients)
+        assert (row.id, row.issuer) == (first.details["oauth_client"], fake.issuer(0))  # the template, moved
+        assert await oauth_clients.set_client_secret(store, vault, operator, "crm", "as1-rotated") is None
+        with pytest.raises(RegistrationFailed, match="authorization server changed"):
+            await world.begin()
+        # The admin registers Bastion at the new server and says so.
+        moved = OAuthClientSettings(OAuthRegistration.PRE_REGISTERED, "pre-client", authorization_server=fake.issuer(1))
+        await servers.update(store, operator, "crm", {"oauth": moved})
+        await oauth_clients.set_client_secret(store, vault, operator, "crm", "as2-secret")
+        fake.clients["pre-client"] = ("as2-secret", "client_secret_post")
+        second = await world.connect()
+    assert second.details["issuer"] == fake.issuer(1)
+    (token_request,) = fake.paths("/as2/token")
+    assert token_request.fields["client_secret"] == "as2-secret"
+    assert all("as1-" not in value for s in fake.seen if s.path.startswith("/as2/") for value in s.fields.values())
+    as1, as2 = [await _client(world, c.details["oauth_client"]) for c in (first, second)]
+    assert (as1.issuer, as1.client_secret) == (fake.issuer(0), "as1-rotated")  # never given as2's secret
+    assert (as2.issuer, as2.client_secret) == (fake.issuer(1), "as2-secret")
 
 
 @pytest.mark.parametrize(
@@ -360,6 +577,7 @@ async def test_a_403_for_want_of_scope_keeps_the_step_up_scope_for_the_reconnect
     assert raised.value.reconnect == "https://b.example/re" and raised.value.code == "identity_needs_scope"
     stored = await identities.get(world.store, world.operator, identity.id)
     assert stored.details[step_up.STEP_UP_KEY] == "mcp:basic mcp:write"
+    assert stored.version == identity.version + 1  # a change a refresh committing meanwhile notices
     assert stored.status is IdentityStatus.ACTIVE  # what was granted still works
     # Nothing to gain: a challenge for what is granted, another error, or no identity at all.
     for values, target in (

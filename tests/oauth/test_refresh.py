@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import schema
 from bastion.db.store import Store
@@ -23,7 +24,7 @@ from bastion.errors import Unavailable
 from bastion.net.outbound import OutboundPolicy
 from bastion.oauth.model import ClientAuth, TokenSet
 from bastion.oauth.refresh import Live, NeedsReauth, Refresher, RefreshFailed
-from bastion.services import identities, members, servers, workspace
+from bastion.services import identities, members, servers, step_up, workspace
 from bastion.services.apikeys import KeyHasher
 from bastion.services.audit import AuditKeys
 from bastion.upstream.refusals import generation
@@ -327,6 +328,41 @@ async def test_refreshers_on_two_connection_pools_refresh_once(pg_store: Store, 
             assert len(set(got)) == 1
     finally:
         await other.close()
+
+
+class StepUpMeanwhile(Refresher):
+    """A refresher during whose commit, after it read the identity and before it wrote it, an upstream's 403 has
+    a step-up scope noted on that identity (a call on another replica, committed first)."""
+
+    armed = True
+    server: TokenServer
+
+    async def _read_in(self, conn: AsyncConnection, workspace_id: str, identity_id: str) -> Any:
+        state = await super()._read_in(conn, workspace_id, identity_id)  # pyright: ignore[reportPrivateUsage]
+        if self.armed and self.server.refreshes:  # the server answered: this is the commit's read
+            self.armed = False
+            challenge = ['Bearer error="insufficient_scope", scope="admin"']
+            with pytest.raises(step_up.IdentityNeedsScope):
+                await step_up.needs_scope(self._store, workspace_id, identity_id, challenge, reconnect="r")
+        return state
+
+
+async def test_a_step_up_scope_noted_while_a_refresh_commits_is_kept(pg_store: Store) -> None:
+    """Neither writer puts back details it read before the other's write (a PostgreSQL race: SQLite runs
+    transactions one at a time)."""
+    operator = Actor.local_operator((await workspace.default_workspace(pg_store)).id)
+    vault = Vault(Keyring({"k1": secrets.token_bytes(32)}, "k1"))
+    hasher = KeyHasher(secrets.token_bytes(32))
+    async with _world(pg_store, vault, hasher, operator) as world:
+        identity_id, _access, _refresh = await world.identity(expires_in_s=-5)
+        refresher = StepUpMeanwhile(pg_store, vault, hasher, OutboundPolicy(allow_loopback=True).client)
+        refresher.server = world.server
+        live = await refresher.live(operator.workspace_id, identity_id)
+        assert not refresher.armed  # the step-up came between the commit's read and its write
+        stored, row = await world.stored(identity_id)
+    assert row.details[step_up.STEP_UP_KEY] == "tools admin"
+    assert live.expires_at is not None and row.details["expires_at"] == live.expires_at.isoformat()
+    assert stored.access_token == live.secret.access_token and len(world.server.refreshes) == 1
 
 
 def test_tokensets_never_print_their_tokens() -> None:

@@ -117,3 +117,39 @@ def test_a_metadata_document_needs_the_server_s_support_and_an_https_bastion() -
     assert client_metadata("http://127.0.0.1:8080")["application_type"] == "native"
     assert json.dumps(client_metadata("https://b.example/"))  # serialisable, trailing slash tolerated
     assert client_metadata("https://b.example/")["redirect_uris"] == ["https://b.example/oauth/callback"]
+
+
+def _picky_server(bodies: list[dict[str, Any]], *, refuse: str = "invalid_client_metadata") -> Starlette:
+    """Refuses any registration that names a scope (RFC 7591 §3.2.2 allows it), registers the others."""
+
+    async def register(request: Request) -> Response:
+        body = await request.json()
+        bodies.append(body)
+        if "scope" in body:
+            return JSONResponse({"error": refuse, "error_description": "unknown scope"}, status_code=400)
+        return JSONResponse({"client_id": "c1", "token_endpoint_auth_method": "none"}, status_code=201)
+
+    return Starlette(routes=[Route("/register", register, methods=["POST"])])
+
+
+async def test_a_registration_refused_for_its_scope_is_asked_again_once_without_it() -> None:
+    bodies: list[dict[str, Any]] = []
+    async with serving(_picky_server(bodies)) as base, LOOPBACK.client() as http:
+        found = await register_dynamic(http, _meta(base, ["none"]), public_url="https://b.example", scope="mcp:x")
+    first, second = bodies
+    assert first["scope"] == "mcp:x" and "scope" not in second
+    assert {k: v for k, v in first.items() if k != "scope"} == second
+    assert (found.client_id, found.auth_method) == ("c1", ClientAuth.NONE)
+
+
+async def test_other_refusals_and_scopeless_requests_are_not_asked_again() -> None:
+    bodies: list[dict[str, Any]] = []
+    async with serving(_picky_server(bodies, refuse="invalid_redirect_uri")) as base, LOOPBACK.client() as http:
+        with pytest.raises(RegistrationFailed, match="invalid_redirect_uri"):
+            await register_dynamic(http, _meta(base, ["none"]), public_url="https://b.example", scope="mcp:x")
+    assert len(bodies) == 1
+    bodies.clear()
+    async with serving(_server(400, {"error": "invalid_client_metadata"}, bodies)) as base, LOOPBACK.client() as http:
+        with pytest.raises(RegistrationFailed, match="invalid_client_metadata"):
+            await register_dynamic(http, _meta(base, ["none"]), public_url="https://b.example")
+    assert len(bodies) == 1

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import argon2
 import pytest
 import sqlalchemy as sa
+from anyio import wait_all_tasks_blocked
 
 from bastion.db import schema
 from bastion.db.store import Store
@@ -14,7 +18,7 @@ from bastion.domain.actor import Actor
 from bastion.domain.specs import MemberSpec
 from bastion.errors import Forbidden, Gone, ValidationFailed
 from bastion.services import accounts, members
-from bastion.services.accounts import Passwords, SignInFailed, TicketKind
+from bastion.services.accounts import Passwords, PasswordsBusy, SignInFailed, TicketKind
 from bastion.services.apikeys import KeyHasher
 
 pytestmark = pytest.mark.anyio
@@ -108,3 +112,49 @@ async def test_a_disabled_member_can_neither_redeem_nor_sign_in(
         await accounts.check_password(store, CHEAP, operator.workspace_id, "ada@example.com", PASSWORD)
     with pytest.raises(Forbidden, match="disabled"):
         await accounts.read_ticket(store, hasher, secret)
+
+
+async def test_password_hashing_has_threads_of_its_own() -> None:
+    """A burst of sign-ins cannot take the thread pool the audit log writes through, nor wait behind it."""
+    shared = anyio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(shared.total_tokens))]
+    for holder in holders:
+        shared.acquire_on_behalf_of_nowait(holder)
+    try:
+        with anyio.fail_after(60):  # a guard against hanging (the bug), not a measure of speed
+            hashed = await CHEAP.hash(PASSWORD)
+            assert await CHEAP.verify(hashed, PASSWORD)
+    finally:
+        for holder in holders:
+            shared.release_on_behalf_of(holder)
+
+
+async def test_password_checks_beyond_the_queue_are_refused_at_once() -> None:
+    passwords = Passwords(time_cost=1, memory_kib=8 * 1024, parallelism=1, threads=1, max_waiting=1)
+    release = threading.Event()
+    started = threading.Event()
+
+    class Waiting(argon2.PasswordHasher):
+        """Hashes only once the test lets it: checks stay in flight for as long as the test needs."""
+
+        def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+            started.set()
+            release.wait(60)
+            return "not a hash"
+
+    passwords._hasher = Waiting()  # pyright: ignore[reportPrivateUsage]
+    results: list[str] = []
+
+    async def hash_one() -> None:
+        results.append(await passwords.hash(PASSWORD))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(hash_one)  # runs on the one thread
+        tasks.start_soon(hash_one)  # waits for it
+        await anyio.to_thread.run_sync(started.wait, 60)
+        await wait_all_tasks_blocked()
+        with pytest.raises(PasswordsBusy, match="too many passwords"):
+            await passwords.verify(None, PASSWORD)
+        release.set()
+    assert results == ["not a hash", "not a hash"]
+    assert await passwords.verify(None, PASSWORD) is False  # room again once they are done

@@ -243,7 +243,33 @@ def test_a_store_url_other_than_memory_or_redis_is_a_configuration_error() -> No
         RateLimiter("memcached://127.0.0.1:11211")
 
 
+async def test_take_counts_every_key_and_refuses_without_spending_any(
+    limiter: RateLimiter, clock: time_machine.Traveller
+) -> None:
+    address, email = ("ui:t:ip:10.0.0.1", 3, 60), ("ui:t:email:ada", 2, 600)
+    assert await limiter.take([address, email]) is None
+    assert await limiter.take([address, email]) is None
+    clock.shift(15)
+    assert await limiter.take([address, email]) == 585  # the email's window is the one to wait for
+    assert await limiter.take([address]) is None  # the refusal spent nothing under the address: 3 of 3 now
+    assert await limiter.take([address]) == 45
+    assert await limiter.take([]) is None
+
+
 # ---- Redis -------------------------------------------------------------------------------------------------------
+
+
+async def test_take_in_redis_refuses_past_the_amount_and_says_when_to_retry(redis_rule_id: str) -> None:
+    window = _window_far_from_a_boundary()
+    key = ("ui:t:" + redis_rule_id, 2, window)
+    limiter = RateLimiter(REDIS_URL)
+    try:
+        assert await limiter.take([key]) is None
+        assert await limiter.take([key]) is None
+        wait = await limiter.take([key])
+    finally:
+        await limiter.close()
+    assert wait is not None and 1 <= wait <= window
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))

@@ -30,9 +30,9 @@ from bastion.domain.models import MemberStatus, Transport
 from bastion.domain.policy import Effect
 from bastion.domain.ratelimits import LimitPer
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, RoleSpec, ServerSpec
-from bastion.services import apikeys, gateways, hosts, members, roles, rules, servers
+from bastion.services import apikeys, gateways, host_keys, hosts, members, roles, rules, servers, webhooks
 from bastion.services.apikeys import KeyHasher
-from bastion.web.api.deps import ACCESS_KEY, SELF
+from bastion.web.api.deps import ACCESS_KEY, HOST, SELF
 from bastion.web.api.routes import router
 from bastion.web.app import build_api
 from tests.conftest import problem_of
@@ -89,6 +89,15 @@ EXAMPLE_BODIES: dict[str, Body | None] = {
     "create_content_rule": lambda n, _: {"name": f"rule-{n}", "pattern": "sk-[a-z]+", "action": "redact"},
     "update_content_rule": lambda _n, _: {"enabled": False},
     "create_rate_limit": lambda n, _: {"per": "member", "limit": f"{n}/minute"},
+    # Webhook endpoints listen on a closed loopback port: tests and redeliveries are attempted and fail at once.
+    "create_webhook": lambda n, _: {"url": f"https://127.0.0.1:9/hook-{n}"},
+    "update_webhook": lambda n, _: {"description": f"edited {n}"},
+    "rotate_webhook_secret": lambda _n, _: {"overlap_hours": 1},
+    "retire_webhook_secrets": None,
+    "test_webhook": None,
+    "redeliver_webhook_event": None,
+    "create_host_key": lambda n, _: {"name": f"key {n}"},
+    "redeem_claim": lambda _n, _: {"claim_code": tokens.mint(tokens.CLAIM_CODE_PREFIX)},
 }
 
 
@@ -161,6 +170,32 @@ class World:
         }
         return await self.post("/connections", body, headers)
 
+    async def endpoint_of(self, host_id: str) -> tuple[str, str]:
+        """A webhook endpoint of the host and a failed event of it (which a redelivery attempts again)."""
+        assert self.store.vault is not None
+        endpoint, _secret = await webhooks.create_endpoint(
+            self.store, self.store.vault, self.operator, host_id, url="https://127.0.0.1:9/hook"
+        )
+        event_id, now = f"0196f1c2-0000-7000-8000-{self.n():012d}", datetime.now(UTC)
+        async with self.store.transaction() as conn:
+            await conn.execute(
+                schema.webhook_outbox.insert().values(
+                    id=event_id,
+                    workspace_id=self.operator.workspace_id,
+                    endpoint_id=endpoint.id,
+                    event_id=event_id,
+                    event_type="host.disabled",
+                    version=1,
+                    payload={"type": "host.disabled", "data": {"host": "target"}},
+                    status="failed",
+                    attempts=1,
+                    failures=1,
+                    occurred_at=now,
+                    next_attempt_at=now,
+                )
+            )
+        return endpoint.id, event_id
+
     async def path_for(self, op: Operation, caller_id: str, headers: dict[str, str], refs: Refs) -> str:
         """The operation's path with fresh objects behind each parameter, so destructive calls can repeat."""
         n = self.n()
@@ -205,6 +240,12 @@ class World:
             if path.endswith("/enable"):
                 host = await hosts.set_enabled(self.store, self.operator, host.id, False)
             path = path.replace("{ref}", host.id)
+            if "{endpoint_id}" in path:
+                endpoint_id, event_id = await self.endpoint_of(host.id)
+                path = path.replace("{endpoint_id}", endpoint_id).replace("{event_id}", event_id)
+            if "{key_id}" in path:
+                key, _secret = await host_keys.create(self.store, self.hasher, self.operator, host.id, name="target")
+                path = path.replace("{key_id}", key.id)
         elif path.startswith("/policies/"):
             policy = await rules.create_policy(self.store, self.operator, effect=Effect.DENY)
             path = path.replace("{rule_id}", policy.rule.id)
@@ -268,7 +309,7 @@ async def test_every_operation_declares_who_may_call_it(client: httpx2.AsyncClie
     undeclared = [str(op) for op in ops if op.access is None]
     assert undeclared == [], "routes without x-bastion-access (deny by default): " + ", ".join(undeclared)
     for op in ops:
-        if op.access != SELF:
+        if op.access not in (SELF, HOST):
             assert isinstance(op.access, list), op
             assert op.access, f"{op} admits nobody"
             assert set(op.access) <= known, f"{op} names unknown capabilities: {set(op.access) - known}"
@@ -312,7 +353,10 @@ async def test_each_capability_opens_exactly_the_routes_that_declare_it(
             checked += 1
             admitted = op.access == SELF or (capability is not None and capability.value in (op.access or []))
             who = role_name(capability)
-            if admitted and not response.is_success:
+            if op.access == HOST:  # a host's route: no member key is a host key, whatever the member may do
+                if response.status_code != 401:
+                    failures.append(f"{op} as {who}: expected 401, got {response.status_code} {response.text}")
+            elif admitted and not response.is_success:
                 failures.append(f"{op} as {who}: expected success, got {response.status_code} {response.text}")
             elif not admitted and (response.status_code != 403 or problem_of(response).get("code") != "forbidden"):
                 failures.append(f"{op} as {who}: expected 403 forbidden, got {response.status_code} {response.text}")
@@ -394,7 +438,8 @@ async def test_every_route_refuses_revoked_and_expired_keys_and_disabled_members
     live_id, live = await world.member(OWNER_ROLE)
     assert (await client.get(f"{API}/me", headers=live)).json()["member"]["id"] == live_id
 
-    for headers, expected in ((revoked, 401), (expired, 401), (disabled, 403)):
+    for headers, refused in ((revoked, 401), (expired, 401), (disabled, 403)):
         for op, response in await _refusals(client, world, headers):
+            expected = 401 if op.access == HOST else refused  # a member's key, live or not, is never a host key
             assert response.status_code == expected, f"{op}: {response.status_code} {response.text}"
             assert problem_of(response)["code"] == ("unauthenticated" if expected == 401 else "forbidden")

@@ -18,6 +18,7 @@ from bastion.cli.rules import content_rule_app, policy_app, rate_limit_app
 from bastion.cli.servers import server_app
 from bastion.cli.tokens import token_app
 from bastion.cli.vault import vault_app
+from bastion.cli.webhooks import host_key_app, webhook_app
 
 server_app.command("import")(import_)
 app.add_typer(member_app, name="member")
@@ -25,6 +26,8 @@ app.add_typer(role_app, name="role")
 app.add_typer(server_app, name="server")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(host_app, name="host")
+app.add_typer(host_key_app, name="host-key")
+app.add_typer(webhook_app, name="webhook")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(identity_app, name="identity")
 app.add_typer(connection_app, name="connection")

@@ -36,9 +36,17 @@ def parse_duration(value: str) -> timedelta:
 
 
 def enrollment_url(settings: Settings, secret: str) -> str:
-    """BASTION_PUBLIC_URL, or the address the server binds, followed by the enrollment path."""
-    base = settings.public_url or f"http://{settings.host}:{settings.port}"
-    return f"{base.rstrip('/')}/enroll/{secret}"
+    """BASTION_PUBLIC_URL, or the address the server listens on, followed by the enrollment path."""
+    return f"{settings.base_url}/enroll/{secret}"
+
+
+def _uses(max_uses: int | None, *, unlimited: bool) -> int | None:
+    """The link's use limit: ``--max-uses``, none with ``--unlimited-uses``, else one."""
+    if unlimited and max_uses is not None:
+        raise ValidationFailed("give --max-uses or --unlimited-uses, not both", field="max_uses")
+    if unlimited:
+        return None
+    return links.DEFAULT_MAX_USES if max_uses is None else max_uses
 
 
 def record(link: ConnectionLink, names: Names, now: datetime) -> dict[str, Any]:
@@ -54,16 +62,20 @@ def record(link: ConnectionLink, names: Names, now: datetime) -> dict[str, Any]:
 def create(
     host: Annotated[str, typer.Option(help="Host name or id: the agent the enrolled people connect to.")],
     gateway: Annotated[str, typer.Option(help="Gateway slug or id.")],
-    expires_in: Annotated[str, typer.Option(help="Lifetime: 7d, 12h, 30m (5 minutes to 90 days).")] = "7d",
-    max_uses: Annotated[int | None, typer.Option(help="How many people may enroll (default: no limit).")] = None,
+    expires_in: Annotated[str, typer.Option(help="Lifetime: 72h, 7d, 30m (5 minutes to 90 days).")] = "72h",
+    max_uses: Annotated[int | None, typer.Option(help="How many people may enroll (default: 1).")] = None,
+    unlimited_uses: Annotated[
+        bool, typer.Option("--unlimited-uses", help="Let any number of people enroll until it expires.")
+    ] = False,
     allow: Annotated[
         list[str] | None, typer.Option("--allow", metavar="EMAIL", help="Only these people may enroll (repeat).")
     ] = None,
     note: Annotated[str, typer.Option(help="What the link is for.")] = "",
     json_out: JsonFlag = False,
 ) -> None:
-    """Create an enrollment link. Its URL is printed once; share it now."""
+    """Create an enrollment link (single use, 72 hours unless told otherwise). Its URL is printed once."""
     lifetime = guarded(lambda: parse_duration(expires_in))
+    uses = guarded(lambda: _uses(max_uses, unlimited=unlimited_uses))
 
     async def body(ctx: CliContext) -> dict[str, Any]:
         link, secret = await links.create(
@@ -73,7 +85,7 @@ def create(
             host=host,
             gateway=gateway,
             expires_in=lifetime,
-            max_uses=max_uses,
+            max_uses=uses,
             allowed_emails=allow or (),
             note=note,
         )

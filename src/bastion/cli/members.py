@@ -121,7 +121,7 @@ def _ticket_command(ref: str, kind: TicketKind, create: bool, name: str | None, 
                 spec = MemberSpec(ref, name if name is not None else ref.split("@")[0], role)
                 await members.create(ctx.store, ctx.actor, spec)
         ticket, secret = await accounts.issue_ticket(ctx.store, ctx.hasher, ctx.actor, ref, kind)
-        base = ctx.settings.public_url or f"http://{ctx.settings.host}:{ctx.settings.port}"
+        base = ctx.settings.base_url
         return {
             "member": ticket.member_id,
             "email": ticket.email,

@@ -32,7 +32,10 @@ Era = Annotated[ProtocolEra | None, typer.Option(help="MCP protocol era to speak
 ConnectTimeout = Annotated[float | None, typer.Option("--connect-timeout", help="Seconds to connect.")]
 CallTimeout = Annotated[float | None, typer.Option("--call-timeout", help="Seconds a call may take.")]
 Registration = Annotated[
-    OAuthRegistration | None, typer.Option("--oauth-registration", help="How Bastion is known to the OAuth server.")
+    OAuthRegistration | None,
+    typer.Option(
+        "--oauth-registration", help="How Bastion is known to the OAuth server (auto: the MCP specification's order)."
+    ),
 ]
 ClientId = Annotated[str | None, typer.Option("--oauth-client-id", help="Pre-registered OAuth client id.")]
 Scopes = Annotated[list[str] | None, typer.Option("--oauth-scope", help="OAuth scope to request (repeat).")]
@@ -67,7 +70,7 @@ def _oauth(
     """``base`` with the OAuth options given applied; None when there is neither."""
     if registration is None and client_id is None and scopes is None and authorization_server is None:
         return base
-    start = base or OAuthClientSettings(OAuthRegistration.DYNAMIC)
+    start = base or OAuthClientSettings(OAuthRegistration.AUTO)
     return OAuthClientSettings(
         registration or start.registration,
         client_id if client_id is not None else start.client_id,

@@ -170,6 +170,8 @@ hosts: Final = sa.Table(
     sa.Column("webhook_url", sa.String(2048), nullable=True),
     sa.Column("disabled_at", UTCDateTime(), nullable=True),
     sa.Column("disabled_by", sa.String(ID), nullable=True),
+    # The version of the host's own webhook events (host.disabled/enabled): one more per event.
+    sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
     *_stamps(),
     sa.UniqueConstraint("workspace_id", "name"),
 )
@@ -236,6 +238,8 @@ connections: Final = sa.Table(
     sa.Column("enabled", sa.Boolean, nullable=False),
     sa.Column("disabled_at", UTCDateTime(), nullable=True),
     sa.Column("disabled_by", sa.String(ID), nullable=True),
+    # The version webhook events about this connection carry: one more per event, so receivers can order them.
+    sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
     *_stamps(),
     sa.Index("ix_connections_member_id", "member_id"),
     sa.Index("ix_connections_host_id", "host_id"),
@@ -437,8 +441,11 @@ oauth_clients: Final = sa.Table(
     sa.Column("kek_id", sa.String(64), nullable=True),
     sa.Column("dek_wrapped", sa.LargeBinary, nullable=True),
     sa.Column("secret_sealed", sa.LargeBinary, nullable=True),
+    # Set when another registration took this one's place at its issuer. A row never turns into another
+    # client: identities name it (details["oauth_client"]) and keep refreshing with it.
+    sa.Column("superseded_at", UTCDateTime(), nullable=True),
     *_stamps(),
-    sa.UniqueConstraint("server_id", "issuer"),
+    sa.Index("ix_oauth_clients_server_id_issuer", "server_id", "issuer"),
     sa.Index("ix_oauth_clients_kek_id", "kek_id"),
 )
 
@@ -457,7 +464,8 @@ oauth_states: Final = sa.Table(
     sa.Column("client_row_id", sa.String(ID), sa.ForeignKey("oauth_clients.id", ondelete="CASCADE"), nullable=True),
     sa.Column("issuer", sa.String(2048), nullable=False),
     sa.Column("redirect_uri", sa.String(2048), nullable=False),
-    sa.Column("code_verifier", sa.String(128), nullable=False),
+    # Cleared when the state is used: a spent verifier is kept nowhere.
+    sa.Column("code_verifier", sa.String(128), nullable=True),
     sa.Column("resource", sa.String(2048), nullable=True),
     sa.Column("scope", sa.String(2048), nullable=True),
     sa.Column("context", sa.JSON, nullable=False),
@@ -465,6 +473,21 @@ oauth_states: Final = sa.Table(
     sa.Column("expires_at", UTCDateTime(), nullable=False),
     sa.Column("used_at", UTCDateTime(), nullable=True),
     sa.Index("ix_oauth_states_expires_at", "expires_at"),
+)
+
+# The single sign-on account a member is bound to: recorded at their first SSO sign-in (issuer + subject, the
+# provider's stable id for the person); afterwards another subject with the same email is refused.
+member_sso_identities: Final = sa.Table(
+    "member_sso_identities",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("member_id", sa.String(ID), sa.ForeignKey("members.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("issuer", sa.String(2048), nullable=False),
+    sa.Column("subject", sa.String(255), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("member_id", "issuer"),
+    sa.UniqueConstraint("issuer", "subject"),
 )
 
 # A person's enrollment in progress: nothing here is an identity or a connection until they approve.
@@ -478,6 +501,9 @@ enrollment_drafts: Final = sa.Table(
     sa.Column("session_id", sa.String(ID), sa.ForeignKey("web_sessions.id", ondelete="CASCADE"), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("expires_at", UTCDateTime(), nullable=False),
+    # Set by the approval that claims the draft (a conditional update: only one approval can); the row then stays,
+    # without its identities, until it expires, so a second submit is told the enrollment was already approved.
+    sa.Column("approved_at", UTCDateTime(), nullable=True),
     sa.Index("ix_enrollment_drafts_member_id", "member_id"),
 )
 
@@ -499,4 +525,136 @@ draft_identities: Final = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.UniqueConstraint("draft_id", "alias"),
     sa.Index("ix_draft_identities_kek_id", "kek_id"),
+)
+
+# --- Webhooks: endpoints per host, their signing secrets, the outbox, the delivery log; host keys, claim codes -------
+
+webhook_endpoints: Final = sa.Table(
+    "webhook_endpoints",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("host_id", sa.String(ID), sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("description", sa.String(1000), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("event_types", sa.JSON, nullable=False),
+    sa.Column("token_delivery", sa.String(16), nullable=False),
+    # The endpoint the host's own `webhook_url` stands for (kept in step with it).
+    sa.Column("from_host", sa.Boolean, nullable=False),
+    *_stamps(),
+    sa.Index("ix_webhook_endpoints_host_id", "host_id"),
+)
+
+# One or two live `whsec_` secrets per endpoint (two while a rotation overlaps), sealed under their own row id.
+webhook_secrets: Final = sa.Table(
+    "webhook_secrets",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("endpoint_id", sa.String(ID), sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("kek_id", sa.String(64), nullable=False),
+    sa.Column("dek_wrapped", sa.LargeBinary, nullable=False),
+    sa.Column("secret_sealed", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_webhook_secrets_endpoint_id", "endpoint_id"),
+    sa.Index("ix_webhook_secrets_kek_id", "kek_id"),
+)
+
+# A `bsc_` code stands for one token, for one host: stored as a digest, the token sealed until it is redeemed.
+claim_codes: Final = sa.Table(
+    "claim_codes",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("host_id", sa.String(ID), sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("token_id", sa.String(ID), sa.ForeignKey("access_tokens.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("kek_id", sa.String(64), nullable=True),
+    sa.Column("dek_wrapped", sa.LargeBinary, nullable=True),
+    sa.Column("secret_sealed", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("redeemed_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_claim_codes_token_id", "token_id"),
+    sa.Index("ix_claim_codes_kek_id", "kek_id"),
+)
+
+# The durable outbox: one row per event per endpoint, written by the transaction that made the change. The token
+# or claim code an event carries is sealed under the row id until it is delivered.
+webhook_outbox: Final = sa.Table(
+    "webhook_outbox",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("endpoint_id", sa.String(ID), sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("event_id", sa.String(ID), nullable=False),
+    sa.Column("event_type", sa.String(32), nullable=False),
+    # Not a foreign key: an event outlives the connection it speaks of (token.revoked when it is deleted).
+    sa.Column("connection_id", sa.String(ID), nullable=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("payload", sa.JSON, nullable=False),
+    # The token the event hands over (not a foreign key either: revoked and deleted tokens are still spoken of).
+    sa.Column("token_id", sa.String(ID), nullable=True),
+    sa.Column("claim_id", sa.String(ID), sa.ForeignKey("claim_codes.id", ondelete="SET NULL"), nullable=True),
+    # What the sealed column holds until delivery: "token" or "claim_code" (NULL: nothing, or erased).
+    sa.Column("secret_kind", sa.String(16), nullable=True),
+    sa.Column("kek_id", sa.String(64), nullable=True),
+    sa.Column("dek_wrapped", sa.LargeBinary, nullable=True),
+    sa.Column("secret_sealed", sa.LargeBinary, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("occurred_at", UTCDateTime(), nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime(), nullable=False),
+    sa.Column("first_attempt_at", UTCDateTime(), nullable=True),
+    sa.Column("last_attempt_at", UTCDateTime(), nullable=True),
+    sa.Column("delivered_at", UTCDateTime(), nullable=True),
+    sa.Column("last_error", sa.String(200), nullable=True),
+    # A worker's claim on the row while it delivers; another worker may take the row only once the lease ends.
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_until", UTCDateTime(), nullable=True),
+    sa.Index("ix_webhook_outbox_due", "status", "next_attempt_at"),
+    sa.Index("ix_webhook_outbox_endpoint_id", "endpoint_id"),
+    sa.Index("ix_webhook_outbox_claim_id", "claim_id"),
+    sa.Index("ix_webhook_outbox_token_id", "token_id"),
+    sa.Index("ix_webhook_outbox_kek_id", "kek_id"),
+)
+
+# The delivery log: one row per attempt. Never the body (it may carry a token), only what happened.
+webhook_deliveries: Final = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("endpoint_id", sa.String(ID), sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("message_id", sa.String(ID), sa.ForeignKey("webhook_outbox.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("attempted_at", UTCDateTime(), nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.String(200), nullable=True),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Index("ix_webhook_deliveries_endpoint_id", "endpoint_id"),
+    sa.Index("ix_webhook_deliveries_message_id", "message_id"),
+)
+
+# A host's own credential (`bsh_…`), for what the host does itself: redeeming claim codes. Stored as a digest.
+host_keys: Final = sa.Table(
+    "host_keys",
+    metadata,
+    _id(),
+    _workspace(),
+    sa.Column("host_id", sa.String(ID), sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("last4", sa.String(4), nullable=False),
+    sa.Column("created_by", sa.String(ID), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+    sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    sa.Column("last_used_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_host_keys_host_id", "host_id"),
 )

@@ -6,9 +6,10 @@ import zlib
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
@@ -20,9 +21,16 @@ from bastion.db.engine import create_engine, create_sync_engine
 from bastion.errors import Unavailable
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
 
+if TYPE_CHECKING:
+    from bastion.vault.sealer import Vault
+
 T = TypeVar("T")
 _PENDING_EVENTS = "bastion_pending_events"
+_VAULT = "bastion_vault"
 _IN_TRANSACTION: ContextVar[bool] = ContextVar("bastion_in_transaction", default=False)
+# Threads ``write`` may use at once: its own, so the audit writes before every MCP call never queue behind other
+# work on anyio's shared pool (password hashing, DNS look-ups). Within the sync engine's pool (5 + 10 overflow).
+WRITE_THREADS = 10
 
 
 def emit(conn: AsyncConnection, event: Changed) -> None:
@@ -31,23 +39,40 @@ def emit(conn: AsyncConnection, event: Changed) -> None:
     pending.append(event)
 
 
+def sealer(conn: AsyncConnection) -> Vault:
+    """The vault of the store whose transaction ``conn`` is: what a change must keep secret at rest is sealed."""
+    vault: Vault | None = conn.info.get(_VAULT)
+    if vault is None:
+        raise RuntimeError("this store has no vault, so it cannot seal what this transaction keeps")
+    return vault
+
+
 class Store:
     """Owns the engine. ``transaction()`` commits on success and rolls back on any error."""
 
-    def __init__(self, engine: AsyncEngine, bus: EventBus | None = None, audit: ChainKeys | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        bus: EventBus | None = None,
+        audit: ChainKeys | None = None,
+        vault: Vault | None = None,
+    ) -> None:
         self.engine = engine
         self.bus = bus or EventBus()
         # Admin actions record audit events on their transaction (``db.audit.record``); they are sealed into the
         # chain by the same commit, so a change and its audit event exist together or not at all.
         self.audit = audit
+        # Seals what a change writes for later (a webhook event's token): see ``sealer``.
+        self.vault = vault
         self._sync: sa.Engine | None = None
         # SQLite has one writer at a time: queue this process's transactions on an async lock rather than in
         # SQLite's busy handler, where waiting threads starve and time out under load.
         self._writer = anyio.Lock() if engine.dialect.name == "sqlite" else None
+        self._write_threads = anyio.CapacityLimiter(WRITE_THREADS)
 
     @classmethod
-    def from_url(cls, url: str, audit: ChainKeys | None = None) -> Store:
-        return cls(create_engine(url), audit=audit)
+    def from_url(cls, url: str, audit: ChainKeys | None = None, vault: Vault | None = None) -> Store:
+        return cls(create_engine(url), audit=audit, vault=vault)
 
     @property
     def dialect(self) -> str:
@@ -70,23 +95,31 @@ class Store:
     @asynccontextmanager
     async def _transaction(self) -> AsyncGenerator[AsyncConnection, None]:
         pending: list[Changed] = []
+        conn = await self._begin()
+        # Kept, not read again: an invalidated connection's ``info`` would reconnect (outside SQLAlchemy's greenlet).
+        info = conn.info
+        # SQLite: the transaction's statements run shielded. A cancellation landing inside one has SQLAlchemy
+        # force-close the aiosqlite connection, which can strand its sqlite3 connection, transaction open: the
+        # database's write lock then stays taken until garbage collection. A cancellation waits for the
+        # statements (local, short) instead, and lands before the commit.
+        deferred = self.dialect == "sqlite"
         try:
-            conn = await self.engine.connect()
-        except OperationalError as exc:
-            raise Unavailable("the database is unreachable; try again shortly") from exc
-        try:
-            await conn.begin()
-            conn.info[_PENDING_EVENTS] = pending
-            yield conn
-            recorded = take_recorded(conn)
-            if recorded:
-                if self.audit is None:
-                    raise RuntimeError("this store has no audit key, so it cannot record what was done")
-                await seal_into_chain(conn, self.audit, new=recorded)
-            if pending and self.dialect == "postgresql":
-                # Delivered to every replica's listener when (and only if) this transaction commits.
-                for event in pending:
-                    await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, event.encode())))
+            info[_PENDING_EVENTS] = pending
+            info[_VAULT] = self.vault
+            await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation that came during BEGIN lands here
+            with anyio.CancelScope(shield=deferred):
+                yield conn
+                recorded = take_recorded(conn)
+                if recorded:
+                    if self.audit is None:
+                        raise RuntimeError("this store has no audit key, so it cannot record what was done")
+                    await seal_into_chain(conn, self.audit, new=recorded)
+                if pending and self.dialect == "postgresql":
+                    # Delivered to every replica's listener when (and only if) this transaction commits.
+                    for event in pending:
+                        await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, event.encode())))
+            if deferred:
+                await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled meanwhile: rolled back, not committed
             # Shielded: a caller cancelled now (a client hung up) must not leave the transaction, and on SQLite
             # the database's write lock, held by a connection nobody will finish.
             with anyio.CancelScope(shield=True):
@@ -100,12 +133,38 @@ class Store:
                 await conn.rollback()
             raise
         finally:
-            conn.info.pop(_PENDING_EVENTS, None)
-            take_recorded(conn)  # a rolled-back transaction's audit events go with it (the connection is pooled)
+            info.pop(_PENDING_EVENTS, None)
+            info.pop(_VAULT, None)
+            if not conn.invalidated:  # an invalidated connection's info is cleared before the pool reuses it
+                take_recorded(conn)  # a rolled-back transaction's audit events go with it (the connection is pooled)
             with anyio.CancelScope(shield=True):
                 await conn.close()
         for event in pending:
             self.bus.publish(event)
+
+    async def _begin(self) -> AsyncConnection:
+        """A pooled connection with its transaction begun.
+
+        BEGIN is shielded: a cancellation landing inside it (SQLite's BEGIN IMMEDIATE may wait for the write
+        lock) would have SQLAlchemy invalidate the connection half-begun and reconnect it outside its greenlet
+        (MissingGreenlet), leaving the pool's close to hang. So is connecting to SQLite (a local file, and its
+        statements are shielded for the reason ``_transaction`` gives).
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        conn = self.engine.connect()  # not connected until started
+        try:
+            with anyio.CancelScope(shield=self.dialect == "sqlite"):
+                await conn.start()
+            with anyio.CancelScope(shield=True):
+                await conn.begin()
+        except BaseException as exc:
+            if conn.sync_connection is not None:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+            if isinstance(exc, OperationalError):
+                raise Unavailable("the database is unreachable; try again shortly") from exc
+            raise
+        return conn
 
     async def write(self, fn: Callable[[sa.Connection], T]) -> T:
         """Run ``fn`` in one write transaction on a synchronous connection in a worker thread, committed on return.
@@ -116,10 +175,10 @@ class Store:
         """
         try:
             if self._writer is None:
-                return await anyio.to_thread.run_sync(self._write_sync, fn)
+                return await anyio.to_thread.run_sync(self._write_sync, fn, limiter=self._write_threads)
             async with self._writer:
                 # Not abandoned on cancellation: the thread finishes (commits or rolls back) either way.
-                return await anyio.to_thread.run_sync(self._write_sync, fn)
+                return await anyio.to_thread.run_sync(self._write_sync, fn, limiter=self._write_threads)
         except OperationalError as exc:
             raise Unavailable("the database is unreachable; try again shortly") from exc
 
@@ -133,24 +192,32 @@ class Store:
     async def exclusive(self, name: str) -> AsyncGenerator[None, None]:
         """Across every process on this database, one holder of ``name`` at a time.
 
-        PostgreSQL: a session advisory lock on a connection held for the block. SQLite needs none: it is
-        one process, and its write transactions already queue (BEGIN IMMEDIATE).
+        PostgreSQL: a transaction-level advisory lock, on a connection whose transaction stays open for the
+        block. Its rollback gives the lock back, shielded: a block cancelled midway (an MCP call whose client
+        hung up) never returns a connection to the pool still holding the lock, and should the rollback fail,
+        the connection is dropped, which releases the lock as well. SQLite needs none: it is one process, and
+        its write transactions already queue (BEGIN IMMEDIATE).
         """
         if self.dialect != "postgresql":
             yield
             return
         key = zlib.crc32(name.encode("utf-8"))
+        conn = await self._begin()
         try:
-            async with self.engine.connect() as conn:
-                await conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-                await conn.commit()
+            try:
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+            except OperationalError as exc:
+                raise Unavailable("the database is unreachable; try again shortly") from exc
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
                 try:
-                    yield
+                    await conn.rollback()
+                except BaseException:
+                    await conn.invalidate()
+                    raise
                 finally:
-                    await conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                    await conn.commit()
-        except OperationalError as exc:
-            raise Unavailable("the database is unreachable; try again shortly") from exc
+                    await conn.close()
 
     async def ping(self) -> bool:
         try:

@@ -36,6 +36,11 @@ class AuthKind(StrEnum):
 
 
 class OAuthRegistration(StrEnum):
+    """How Bastion becomes known to a server's authorization server. ``auto`` (the default) follows the MCP
+    specification's order: a configured client id, else Bastion's client ID metadata document where the
+    server supports it, else dynamic registration. The others allow only that one way."""
+
+    AUTO = "auto"
     PRE_REGISTERED = "pre_registered"
     CLIENT_METADATA_DOCUMENT = "client_metadata_document"
     DYNAMIC = "dynamic"

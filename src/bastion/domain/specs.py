@@ -135,7 +135,7 @@ class ServerSpec:
                 raise ValidationFailed(f"environment variable {key} is too long", field="env")
         oauth = self.oauth
         if self.auth_kind is AuthKind.OAUTH:
-            oauth = _validated_oauth(oauth or OAuthClientSettings(registration=OAuthRegistration.DYNAMIC))
+            oauth = _validated_oauth(oauth or OAuthClientSettings(registration=OAuthRegistration.AUTO))
         elif oauth is not None:
             raise ValidationFailed("oauth settings need auth_kind 'oauth'", field="oauth")
         for name_, value in (("connect_timeout_s", self.connect_timeout_s), ("call_timeout_s", self.call_timeout_s)):

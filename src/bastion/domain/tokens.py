@@ -18,6 +18,8 @@ CHECKSUM_CHARS: Final = 6
 API_KEY_PREFIX: Final = "bsk_"
 ACCESS_TOKEN_PREFIX: Final = "bst_"  # noqa: S105  a prefix, not a secret
 LINK_PREFIX: Final = "bsl_"
+HOST_KEY_PREFIX: Final = "bsh_"  # a host's own credential (redeeming claim codes)
+CLAIM_CODE_PREFIX: Final = "bsc_"  # one-time code in a webhook event, redeemed for the token it stands for
 _ALPHABET_SET: Final = frozenset(BASE62_ALPHABET)
 # Tokens and keys record their last use at most this often: an audit hint, not a write per request.
 LAST_USED_WRITE_INTERVAL: Final = timedelta(minutes=1)

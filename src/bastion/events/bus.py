@@ -20,6 +20,7 @@ class Subject(StrEnum):
     IDENTITY = "identity"
     SERVER = "server"
     POLICY = "policy"  # policy rules, content rules and rate limits of a workspace (id: the workspace id)
+    WEBHOOK = "webhook"  # webhook events waiting in the outbox (id: the endpoint id): wakes the delivery workers
     ALL = "all"
 
 

@@ -53,6 +53,8 @@ REFRESH_SKEW_S: Final = 60.0
 MAX_CONCURRENT_REFRESHES: Final = 4
 # A changed refresh token after invalid_grant earns one more try; never more.
 MAX_ATTEMPTS: Final = 2
+# Reads of an identity that changed under a commit (each change is another writer's committed update).
+COMMIT_ATTEMPTS: Final = 5
 _ACTOR_LABEL: Final = "bastion (token refresh)"
 T = schema.identities
 CLIENTS = schema.oauth_clients
@@ -298,39 +300,46 @@ class Refresher:
             )
 
     async def _commit(self, state: _State, used: str, answer: TokenSet) -> Live:
-        """Seal the new tokens under a fresh data key, unless the identity was replaced meanwhile."""
+        """Seal the new tokens under a fresh data key, unless the identity was replaced meanwhile.
+
+        The update is conditional on the version read; should the identity change between that read and the
+        write (a step-up scope noted by ``services.step_up``, an admin's edit), it is read again and the new
+        tokens are merged into what it holds now, so nothing written meanwhile is lost.
+        """
         new = IdentitySecret(access_token=answer.access_token, refresh_token=answer.refresh_token or used)
+        sealed = self._vault.seal(state.workspace_id, state.identity_id, new)
         async with self._store.transaction() as conn:
-            current = await self._read_in(conn, state.workspace_id, state.identity_id)
-            if current.secret.refresh_token != used:
-                return current.live  # reconnected while we refreshed: theirs is newer than ours
-            sealed = self._vault.seal(state.workspace_id, state.identity_id, new)
-            await vault_keys.record_seal(conn, sealed.kek_id)
-            details = dict(current.details)
-            details.pop("expires_at", None)
-            if answer.expires_at is not None:
-                details["expires_at"] = answer.expires_at.isoformat()
-            if answer.scope:
-                details["scope"] = answer.scope
-            result = await conn.execute(
-                T.update()
-                .where(T.c.id == state.identity_id, T.c.version == current.version)
-                .values(
-                    kek_id=sealed.kek_id,
-                    dek_wrapped=sealed.dek_wrapped,
-                    secret_sealed=sealed.secret_sealed,
-                    fingerprint=self._hasher.digest(answer.access_token)[:8].hex(),
-                    last4=answer.access_token[-4:] if len(answer.access_token) >= 12 else "…",
-                    details=details,
-                    version=current.version + 1,
-                    updated_at=datetime.now(UTC),
+            for _attempt in range(COMMIT_ATTEMPTS):
+                current = await self._read_in(conn, state.workspace_id, state.identity_id)
+                if current.secret.refresh_token != used:
+                    return current.live  # reconnected while we refreshed: theirs is newer than ours
+                details = dict(current.details)
+                details.pop("expires_at", None)
+                if answer.expires_at is not None:
+                    details["expires_at"] = answer.expires_at.isoformat()
+                if answer.scope:
+                    details["scope"] = answer.scope
+                result = await conn.execute(
+                    T.update()
+                    .where(T.c.id == state.identity_id, T.c.version == current.version)
+                    .values(
+                        kek_id=sealed.kek_id,
+                        dek_wrapped=sealed.dek_wrapped,
+                        secret_sealed=sealed.secret_sealed,
+                        fingerprint=self._hasher.digest(answer.access_token)[:8].hex(),
+                        last4=answer.access_token[-4:] if len(answer.access_token) >= 12 else "…",
+                        details=details,
+                        version=current.version + 1,
+                        updated_at=datetime.now(UTC),
+                    )
                 )
-            )
-            if result.rowcount != 1:
-                raise RefreshFailed("the identity changed while it was being refreshed; try again")
-            # No change event: sessions holding the previous access token keep it until it expires or is refused,
-            # so calls in flight on them are not cut off; new calls pick the new token up by its generation.
-        return Live(new, answer.expires_at)
+                if result.rowcount == 1:
+                    await vault_keys.record_seal(conn, sealed.kek_id)
+                    # No change event: sessions holding the previous access token keep it until it expires or
+                    # is refused, so calls in flight on them are not cut off; new calls pick the new token up by
+                    # its generation.
+                    return Live(new, answer.expires_at)
+            raise RefreshFailed("the identity kept changing while it was being refreshed; try again")
 
     async def _mark(self, state: _State, reason: str) -> Live:
         """Mark the identity ``needs_reauth`` (audited) and raise, unless it was reconnected meanwhile.

@@ -133,6 +133,10 @@ async def register_dynamic(
 ) -> Registration:
     """Register at the server's ``registration_endpoint`` (RFC 7591 §3).
 
+    ``scope`` goes in the registration; a server that refuses it (``invalid_client_metadata``: RFC 7591 lets a
+    server reject a scope it does not know at registration) is asked once more without it, as the scope is
+    asked for again at the authorization endpoint anyway.
+
     Raises:
         RegistrationFailed: no endpoint, the server refused, or its answer is not a registration.
     """
@@ -145,20 +149,37 @@ async def register_dynamic(
     body = client_metadata(public_url, auth_method=asked)
     if scope:
         body["scope"] = scope
-    try:
-        async with http.stream("POST", server.registration_endpoint, json=body, headers=_JSON) as response:
-            status = response.status_code
-            raw = await read_bounded(response, MAX_REGISTRATION_BYTES)
-    except httpx2.HTTPError as exc:
-        raise RegistrationFailed(f"the registration endpoint could not be reached ({type(exc).__name__})") from None
-    doc = _json_object(raw)
+    status, doc = await _post(http, server.registration_endpoint, body)
+    if status == 400 and scope and _error_of(doc) == INVALID_CLIENT_METADATA:
+        del body["scope"]
+        status, doc = await _post(http, server.registration_endpoint, body)
     if status not in (200, 201):
-        error = doc.get("error") if doc is not None else None
-        said = f" ({error})" if isinstance(error, str) and error.isprintable() and len(error) <= 64 else ""
+        error = _error_of(doc)
+        said = f" ({error})" if error is not None else ""
         raise RegistrationFailed(f"the authorization server refused to register Bastion: HTTP {status}{said}")
     if doc is None:
         raise RegistrationFailed("the registration answer is not a JSON object")
     return _registration(doc, asked)
+
+
+INVALID_CLIENT_METADATA: Final = "invalid_client_metadata"
+
+
+async def _post(http: httpx2.AsyncClient, endpoint: str, body: JSONObject) -> tuple[int, dict[str, Any] | None]:
+    """One registration request: the answer's status and JSON object (None when it is not one)."""
+    try:
+        async with http.stream("POST", endpoint, json=body, headers=_JSON) as response:
+            status = response.status_code
+            raw = await read_bounded(response, MAX_REGISTRATION_BYTES)
+    except httpx2.HTTPError as exc:
+        raise RegistrationFailed(f"the registration endpoint could not be reached ({type(exc).__name__})") from None
+    return status, _json_object(raw)
+
+
+def _error_of(doc: dict[str, Any] | None) -> str | None:
+    """The ``error`` code of a refusal, if it is one fit to repeat in a message."""
+    error = doc.get("error") if doc is not None else None
+    return error if isinstance(error, str) and error.isprintable() and len(error) <= 64 else None
 
 
 _JSON: Final = {"Accept": "application/json"}

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import httpx2
 import sqlalchemy as sa
@@ -63,18 +64,23 @@ class Revoker:
     ) -> list[Revocation]:
         """The OAuth identities of ``workspace_id`` matching ``where``, with their tokens opened."""
         query = sa.select(T).where(T.c.workspace_id == workspace_id, T.c.kind == IdentityKind.OAUTH.value, *where)
-        found: list[Revocation] = []
-        for row in (await conn.execute(query.order_by(T.c.id))).all():
+        return await self.gather_rows(conn, (await conn.execute(query.order_by(T.c.id))).all())
+
+    async def gather_rows(self, conn: AsyncConnection, found: Iterable[sa.Row[Any]]) -> list[Revocation]:
+        """Revocations for rows sealed like identities (``id``, ``workspace_id``, ``details``, ``dek_wrapped``,
+        ``secret_sealed``): an identity's, or an enrollment draft's OAuth choice, sealed under its future id."""
+        out: list[Revocation] = []
+        for row in found:
             details = dict(row.details)
             secret = self._vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed)
             client_row = details.get("oauth_client")
             endpoint = details.get("revocation_endpoint")
-            found.append(
+            out.append(
                 Revocation(
                     identity_id=row.id,
                     endpoint=endpoint if isinstance(endpoint, str) and endpoint else None,
                     client=(
-                        await client_credentials(conn, self._vault, workspace_id, client_row)
+                        await client_credentials(conn, self._vault, row.workspace_id, client_row)
                         if isinstance(client_row, str)
                         else None
                     ),
@@ -82,7 +88,7 @@ class Revoker:
                     access_token=secret.access_token,
                 )
             )
-        return found
+        return out
 
     async def revoke(self, revocations: Iterable[Revocation]) -> dict[str, Outcome]:
         """Revoke each identity's refresh token, then its access token; never raises. Outcome per identity id."""

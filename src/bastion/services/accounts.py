@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import anyio.to_thread
 import sqlalchemy as sa
@@ -21,12 +22,13 @@ from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Member, MemberStatus
-from bastion.errors import Forbidden, Gone, NotFound, Unauthenticated, ValidationFailed
+from bastion.errors import Forbidden, Gone, NotFound, Unauthenticated, Unavailable, ValidationFailed
 from bastion.services import members, roles, sessions
 from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
 from bastion.types import JSONObject, MemberId, WorkspaceId
 
+T = TypeVar("T")
 P = schema.member_passwords
 TK = schema.member_tickets
 M = schema.members
@@ -37,6 +39,9 @@ INVITE_LIFETIME: Final = timedelta(days=7)
 RESET_LIFETIME: Final = timedelta(hours=1)
 MAX_FAILED_ATTEMPTS: Final = 10
 LOCKOUT: Final = timedelta(minutes=15)
+# argon2 threads (each holds 46 MiB while it hashes) and how many checks may queue for them before refusals start.
+HASH_THREADS: Final = 2
+HASH_MAX_WAITING: Final = 16
 INVITE_PREFIX: Final = "bsi_"
 RESET_PREFIX: Final = "bsr_"
 # One message for every failure, so it tells nobody whether the email is a member's or the account is paused.
@@ -60,26 +65,61 @@ class SignInFailed(Unauthenticated):
     title = "Sign-in failed"
 
 
+class PasswordsBusy(Unavailable):
+    """Too many password checks are already running or waiting: refused at once rather than queued for long."""
+
+    code = "passwords_busy"
+    title = "Too busy"
+    retry_after_s: Final = 5
+
+
 class Passwords:
     """argon2id with OWASP's first recommended setting (46 MiB, 1 pass, 1 lane): tens of milliseconds per check on
-    a small server, so a burst of sign-ins cannot starve it. Hashing runs off the event loop; a stored hash made
-    with other parameters is upgraded at the next successful sign-in."""
+    a small server. A stored hash made with other parameters is upgraded at the next successful sign-in.
 
-    __slots__ = ("_dummy", "_hasher")
+    Hashing runs off the event loop on threads of its own (``threads`` at a time), never on the thread pool the
+    rest of Bastion shares (audit writes before every MCP call use it): a burst of sign-ins cannot starve the
+    gateway. Beyond ``threads`` running and ``max_waiting`` waiting, a check is refused at once (PasswordsBusy).
+    """
 
-    def __init__(self, *, time_cost: int = 1, memory_kib: int = 46 * 1024, parallelism: int = 1) -> None:
+    __slots__ = ("_dummy", "_hasher", "_limiter", "_max_waiting", "_pending", "_threads")
+
+    def __init__(
+        self,
+        *,
+        time_cost: int = 1,
+        memory_kib: int = 46 * 1024,
+        parallelism: int = 1,
+        threads: int = HASH_THREADS,
+        max_waiting: int = HASH_MAX_WAITING,
+    ) -> None:
         self._hasher = PasswordHasher(
             time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism, type=Type.ID
         )
         # Verified when there is no real hash to check, so an unknown email costs as much as a known one. Made on
         # first use: every app (and test) builds a Passwords, few of them check one.
         self._dummy: str | None = None
+        self._threads = threads
+        self._max_waiting = max_waiting
+        self._limiter: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
+        self._pending = 0  # checks running or waiting for a thread
 
     def __repr__(self) -> str:
         return "Passwords(argon2id)"
 
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._pending >= self._threads + self._max_waiting:
+            raise PasswordsBusy("Bastion is checking too many passwords at once; try again in a few seconds.")
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self._threads)
+        self._pending += 1
+        try:
+            return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+        finally:
+            self._pending -= 1
+
     async def hash(self, password: str) -> str:
-        return await anyio.to_thread.run_sync(self._hasher.hash, password)
+        return await self._run(lambda: self._hasher.hash(password))
 
     async def verify(self, stored: str | None, password: str) -> bool:
         """True when ``password`` matches ``stored``; with no stored hash, spend the same time and say no."""
@@ -92,7 +132,7 @@ class Passwords:
             except (VerifyMismatchError, VerificationError, InvalidHashError):
                 return False
 
-        return await anyio.to_thread.run_sync(check)
+        return await self._run(check)
 
     def needs_rehash(self, stored: str) -> bool:
         return self._hasher.check_needs_rehash(stored)

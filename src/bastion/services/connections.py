@@ -18,9 +18,10 @@ from bastion.domain.connections import AccessToken, Connection
 from bastion.domain.identities import IdentityStatus
 from bastion.domain.ids import new_id
 from bastion.domain.models import AuthKind, IdentityScheme
+from bastion.domain.webhooks import EventType
 from bastion.errors import ValidationFailed
 from bastion.events.bus import Changed, Subject
-from bastion.services import gateways, hosts, identities, members, tokens
+from bastion.services import gateways, hosts, identities, members, outbox, tokens
 from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
 from bastion.types import GatewayId, HostId, JSONObject, MemberId, WorkspaceId
@@ -195,6 +196,9 @@ async def provision(
             )
         )
     token, secret = await tokens.mint(conn, hasher, actor.workspace_id, connection_id, token_expires_at)
+    await outbox.connection_event(
+        conn, EventType.CONNECTION_CREATED, connection_id, token_id=token.id, secret=secret, hasher=hasher
+    )
     # One event for the whole enrollment: the first token is part of it (its id, never its value).
     detail: JSONObject = {
         "member": member_id,
@@ -262,6 +266,8 @@ async def set_enabled(
                 what="connection",
             )
             emit(conn, Changed(Subject.CONNECTION, current.id))
+            event = EventType.CONNECTION_ENABLED if enabled else EventType.CONNECTION_DISABLED
+            await outbox.connection_event(conn, event, current.id)
             name = "connection.enabled" if enabled else "connection.disabled"
             action(conn, actor, name, f"connection:{current.id}", {"member": current.member_id})
         return await find(conn, actor.workspace_id, current.id)
@@ -307,6 +313,9 @@ async def mint_token(
         current = await find(conn, actor.workspace_id, connection_id)
         _check_owner_or(actor, current.member_id, Capability.TOKENS_MANAGE)
         token, secret = await tokens.mint(conn, hasher, actor.workspace_id, current.id, expires_at)
+        await outbox.connection_event(
+            conn, EventType.TOKEN_MINTED, current.id, token_id=token.id, secret=secret, hasher=hasher
+        )
         action(conn, actor, "token.minted", f"token:{token.id}", {"connection": current.id})
         return token, secret
 
@@ -315,6 +324,13 @@ async def delete(store: Store, actor: Actor, connection_id: str) -> None:
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, connection_id)
         _check_owner_or(actor, current.member_id, Capability.TOKENS_MANAGE)
+        # Its tokens go with it: the host hears each one revoked (before the row its events count on is gone).
+        live = sa.select(schema.access_tokens.c.id).where(
+            schema.access_tokens.c.connection_id == current.id, schema.access_tokens.c.revoked_at.is_(None)
+        )
+        for token_id in (await conn.execute(live)).scalars().all():
+            await outbox.forget_token(conn, token_id)
+            await outbox.connection_event(conn, EventType.TOKEN_REVOKED, current.id, token_id=token_id)
         await crud.delete(conn, T, current.id, what="connection")
         emit(conn, Changed(Subject.CONNECTION, current.id))
         action(conn, actor, "connection.deleted", f"connection:{current.id}", {"member": current.member_id})

@@ -17,8 +17,10 @@ from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Host, HostKind
 from bastion.domain.specs import HostSpec, apply_changes
+from bastion.domain.webhooks import EventType
 from bastion.errors import VersionMismatch
 from bastion.events.bus import Changed, Subject
+from bastion.services import endpoints, outbox
 from bastion.services.actions import action
 
 T = schema.hosts
@@ -59,6 +61,8 @@ async def create(store: Store, actor: Actor, spec: HostSpec) -> Host:
             what="host",
             unique_field="name",
         )
+        # The host's webhook URL is its first webhook endpoint (see services/webhooks.py).
+        await endpoints.sync_host_url(conn, actor.workspace_id, host_id, spec.webhook_url)
         action(conn, actor, "host.created", f"host:{host_id}", {"name": spec.name})
         return await find(conn, actor.workspace_id, host_id)
 
@@ -102,6 +106,8 @@ async def update(
             },
             what="host",
         )
+        if spec.webhook_url != current.webhook_url:
+            await endpoints.sync_host_url(conn, actor.workspace_id, current.id, spec.webhook_url)
         action(conn, actor, "host.updated", f"host:{current.id}", {"name": spec.name, "fields": [*sorted(changes)]})
         return await find(conn, actor.workspace_id, current.id)
 
@@ -132,6 +138,7 @@ async def set_enabled(store: Store, actor: Actor, ref: str, enabled: bool, expec
                 },
                 what="host",
             )
+            await outbox.host_event(conn, EventType.HOST_ENABLED if enabled else EventType.HOST_DISABLED, current.id)
             name = "host.enabled" if enabled else "host.disabled"
             action(conn, actor, name, f"host:{current.id}", {"name": current.name})
         return await find(conn, actor.workspace_id, current.id)

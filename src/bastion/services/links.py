@@ -24,7 +24,9 @@ from bastion.services.apikeys import KeyHasher
 from bastion.types import GatewayId, HostId, JSONObject, MemberId, WorkspaceId
 
 T = schema.connection_links
-DEFAULT_LINK_LIFETIME: Final = timedelta(days=7)
+# Single use and three days unless the admin asks for more (an enrollment link is a credential to a connection).
+DEFAULT_LINK_LIFETIME: Final = timedelta(hours=72)
+DEFAULT_MAX_USES: Final = 1
 MIN_LINK_LIFETIME: Final = timedelta(minutes=5)
 MAX_LINK_LIFETIME: Final = timedelta(days=90)
 MAX_ALLOWED_EMAILS: Final = 1000
@@ -55,11 +57,15 @@ async def create(
     host: str,
     gateway: str,
     expires_in: timedelta = DEFAULT_LINK_LIFETIME,
-    max_uses: int | None = None,
+    max_uses: int | None = DEFAULT_MAX_USES,
     allowed_emails: Iterable[str] = (),
     note: str = "",
 ) -> tuple[ConnectionLink, str]:
-    """A new link; its secret (the last part of the URL) is returned once and stored only as a digest."""
+    """A new link; its secret (the last part of the URL) is returned once and stored only as a digest.
+
+    By default one person may enroll through it, within 72 hours; ``max_uses=None`` (no limit) and longer
+    lifetimes (up to 90 days) must be asked for.
+    """
     actor.require(Capability.TOKENS_MANAGE)
     if not MIN_LINK_LIFETIME <= expires_in <= MAX_LINK_LIFETIME:
         raise ValidationFailed("a link lives between 5 minutes and 90 days", field="expires_in")

@@ -31,7 +31,7 @@ from bastion.db.store import Store
 from bastion.domain.identities import IdentitySecret
 from bastion.domain.ids import new_id
 from bastion.domain.models import AuthKind, OAuthClientSettings, OAuthRegistration, Server, Transport
-from bastion.errors import ConfigError, ValidationFailed
+from bastion.errors import ValidationFailed
 from bastion.net.outbound import OutboundPolicy
 from bastion.oauth import discovery, flow, pkce, registration, tokens
 from bastion.oauth.errors import (
@@ -113,9 +113,8 @@ def _browser_tag(browser: str) -> str:
 
 
 def _public_url(settings: Settings) -> str:
-    if not settings.public_url:
-        raise ConfigError("set BASTION_PUBLIC_URL: authorization servers send people back to it")
-    return settings.public_url.rstrip("/")
+    # BASTION_PUBLIC_URL, or the address Bastion listens on: a local Bastion's redirect URI works unconfigured.
+    return settings.base_url
 
 
 async def begin(
@@ -149,7 +148,7 @@ async def begin(
         await _purge(conn, now)
     if server.auth_kind is not AuthKind.OAUTH or server.url is None or server.transport is Transport.STDIO:
         raise ValidationFailed(f"server {server.name!r} does not use OAuth over HTTP", field="server")
-    options = server.oauth or OAuthClientSettings(OAuthRegistration.DYNAMIC)
+    options = server.oauth or OAuthClientSettings(OAuthRegistration.AUTO)
     async with policy.client(timeout=HTTP_TIMEOUT_S) as http:
         found = await discovery.discover(
             http, server.url, transport=server.transport, issuer_hint=options.authorization_server
@@ -173,6 +172,8 @@ async def begin(
     verifier = pkce.new_verifier()
     redirect = registration.redirect_uri(public_url)
     flow_data: JSONObject = {
+        # The client the authorization URL names: the code is exchanged as that client or not at all.
+        "client_id": client_id,
         "token_endpoint": meta.token_endpoint,
         "revocation_endpoint": meta.revocation_endpoint,
         "iss_required": meta.iss_parameter_supported,
@@ -220,28 +221,30 @@ async def _registered(
     public_url: str,
     scope: str | None,
 ) -> tuple[str, str]:
-    """Bastion's client at ``meta``'s issuer for ``server``, registering first if needed: (row id, client id)."""
+    """Bastion's client at ``meta``'s issuer for ``server``, registering first if needed: (row id, client id).
+
+    Two members connecting at once may both register; the first to save wins and the other uses its
+    registration (``oauth_clients.save``), so the authorization URL and the state name the client saved.
+    """
     redirect = registration.redirect_uri(public_url)
     now = datetime.now(UTC)
+    preregistered = options.registration is OAuthRegistration.PRE_REGISTERED or bool(options.client_id)
+    # With no authorization server named, a pre-registered client is bound to the first issuer it is used at.
+    pinned = options.authorization_server is None
     async with store.transaction() as conn:
         current = await oauth_clients.find(conn, vault, server.id, meta.issuer)
-        secret = await oauth_clients.preregistered_secret(conn, vault, server.id, meta.issuer)
-    chosen: registration.Registration | None = None
-    if options.registration is OAuthRegistration.PRE_REGISTERED or options.client_id:
-        chosen = _preregistered(options, meta, secret)
-    elif current is not None and _still_good(current, meta, public_url, now):
-        chosen = registration.Registration(
-            current.registration, current.client_id, current.auth_method, current.client_secret
-        )
-    elif options.registration is OAuthRegistration.CLIENT_METADATA_DOCUMENT and registration.uses_metadata_document(
-        meta, public_url
-    ):
-        url = registration.client_metadata_url(public_url)
-        chosen = registration.Registration(OAuthRegistration.CLIENT_METADATA_DOCUMENT, url, ClientAuth.NONE)
-    else:
-        chosen = await registration.register_dynamic(http, meta, public_url=public_url, scope=scope)
+        secret = None
+        if preregistered and options.client_id:
+            secret = await oauth_clients.preregistered_secret(
+                conn, vault, server.id, options.client_id, meta.issuer, pinned=pinned
+            )
+    chosen = await _choose(http, options, meta, public_url, scope, current, secret, now)
+
+    def fits(row: oauth_clients.ClientRow) -> bool:
+        return not preregistered and _reusable(row, options.registration, meta, public_url, now)
+
     async with store.transaction() as conn:
-        row_id = await oauth_clients.save(
+        saved = await oauth_clients.save(
             conn,
             vault,
             workspace_id=server.workspace_id,
@@ -250,8 +253,65 @@ async def _registered(
             registration=chosen,
             redirect_uri=redirect,
             details=oauth_clients.endpoints_of(meta),
+            seen=current.id if current is not None else None,
+            fits=fits,
+            pinned=pinned,
         )
-    return row_id, chosen.client_id
+    return saved.id, saved.client_id
+
+
+async def _choose(
+    http: httpx2.AsyncClient,
+    options: OAuthClientSettings,
+    meta: AuthServerMetadata,
+    public_url: str,
+    scope: str | None,
+    current: oauth_clients.ClientRow | None,
+    secret: str | None,
+    now: datetime,
+) -> registration.Registration:
+    """The MCP specification's order (``auto``), or the one way an admin chose.
+
+    1. A client id an admin configured (and its secret, if given).
+    2. The registration already stored for this issuer, while it still fits: identities' refresh tokens are
+       bound to its client id, so a working registration is never swapped for another.
+    3. Bastion's client ID metadata document, where the server supports it and Bastion's URL is https.
+    4. Dynamic client registration.
+
+    Raises:
+        RegistrationFailed: none of the allowed ways works here; the message says what an admin can do.
+    """
+    mode = options.registration
+    if mode is OAuthRegistration.PRE_REGISTERED or options.client_id:
+        return _preregistered(options, meta, secret)
+    if current is not None and _reusable(current, mode, meta, public_url, now):
+        return registration.Registration(
+            current.registration, current.client_id, current.auth_method, current.client_secret
+        )
+    if mode in (OAuthRegistration.AUTO, OAuthRegistration.CLIENT_METADATA_DOCUMENT):
+        if registration.uses_metadata_document(meta, public_url):
+            url = registration.client_metadata_url(public_url)
+            return registration.Registration(OAuthRegistration.CLIENT_METADATA_DOCUMENT, url, ClientAuth.NONE)
+        if mode is OAuthRegistration.CLIENT_METADATA_DOCUMENT:
+            raise RegistrationFailed(
+                f"this server is set to use Bastion's client ID metadata document, but {_no_document(meta, public_url)}"
+                "; an admin can set its OAuth registration to auto"
+            )
+        if meta.registration_endpoint is None:
+            raise RegistrationFailed(
+                f"Bastion cannot become a client of {meta.issuer}: no client id is set for this server, "
+                f"{_no_document(meta, public_url)}, and it offers no dynamic client registration. An admin must "
+                f"register Bastion there (redirect URI {registration.redirect_uri(public_url)}) and enter the "
+                "client id (and secret) in the server's OAuth settings"
+            )
+    return await registration.register_dynamic(http, meta, public_url=public_url, scope=scope)
+
+
+def _no_document(meta: AuthServerMetadata, public_url: str) -> str:
+    """Why a client ID metadata document cannot be used (it is not, when this is called)."""
+    if not meta.client_id_metadata_document_supported:
+        return "the authorization server does not accept client ID metadata documents"
+    return f"Bastion's public URL {public_url} is not https, so the authorization server could not fetch its document"
 
 
 def _preregistered(
@@ -266,6 +326,17 @@ def _preregistered(
         )
     method = registration.choose_auth_method(meta.token_endpoint_auth_methods_supported, has_secret=secret is not None)
     return registration.Registration(OAuthRegistration.PRE_REGISTERED, options.client_id, method, secret)
+
+
+def _reusable(
+    current: oauth_clients.ClientRow,
+    mode: OAuthRegistration,
+    meta: AuthServerMetadata,
+    public_url: str,
+    now: datetime,
+) -> bool:
+    """Whether a stored registration may be used as it is in the admin's chosen ``mode``."""
+    return mode in (OAuthRegistration.AUTO, current.registration) and _still_good(current, meta, public_url, now)
 
 
 def _still_good(current: oauth_clients.ClientRow, meta: AuthServerMetadata, public_url: str, now: datetime) -> bool:
@@ -311,10 +382,14 @@ async def complete(
             raise StateUsed("this sign-in attempt was already used; start connecting again")
         if row.expires_at <= now:
             raise StateExpired("this sign-in attempt took longer than 10 minutes; start connecting again")
+        # Used up, and its verifier with it: a spent state keeps nothing that could finish a sign-in.
         used = await conn.execute(
-            T.update().where(T.c.id == row.id, T.c.used_at.is_(None), T.c.expires_at > now).values(used_at=now)
+            T.update()
+            .where(T.c.id == row.id, T.c.used_at.is_(None), T.c.expires_at > now)
+            .values(used_at=now, code_verifier=None)
         )
-        if used.rowcount != 1:
+        verifier = row.code_verifier
+        if used.rowcount != 1 or verifier is None:
             raise StateUsed("this sign-in attempt was already used; start connecting again")
         if row.client_row_id is None or row.member_id is None or row.server_id is None:
             raise StateUnknown("this sign-in attempt is not a connection to an upstream server")
@@ -323,6 +398,13 @@ async def complete(
     stored = cast("dict[str, Any]", row.context)
     flow_data = cast("dict[str, Any]", stored.get("flow", {}))
     code = flow.code_from_callback(params, issuer=row.issuer, iss_required=bool(flow_data.get("iss_required")))
+    if client.client_id != flow_data.get("client_id"):
+        # The code was issued to the client the authorization URL named; another would be refused (or worse,
+        # accepted as someone else). Not expected (registrations are never rewritten), but never risked.
+        raise AuthorizationFailed(
+            "Bastion's registration at the authorization server changed while you were signing in; "
+            "start connecting again"
+        )
     policy = OutboundPolicy.from_settings(settings)
     try:
         async with policy.client(timeout=HTTP_TIMEOUT_S) as http:
@@ -332,7 +414,7 @@ async def complete(
                 client.credentials,
                 code=code,
                 redirect_uri=row.redirect_uri,
-                code_verifier=row.code_verifier,
+                code_verifier=verifier,
                 resource=row.resource,
             )
     except OAuthError as exc:

@@ -31,6 +31,7 @@ STORE_TIMEOUT_S: Final = 2.0
 # Every Redis key Bastion writes for rate limits starts with "bastion:", so they never meet another app's keys.
 KEY_PREFIX: Final = "bastion"
 _NAMESPACE: Final = "ratelimit"
+_THROTTLE: Final = "throttle"
 UNREACHABLE: Final = "the rate-limit store is unreachable; try again shortly"
 
 
@@ -102,6 +103,42 @@ class RateLimiter:
             if not await self._strategy(rule).hit(item, key):
                 return await self._limited(rule, item, key)
         return None
+
+    async def take(self, counters: Sequence[tuple[str, int, int]]) -> int | None:
+        """Count one attempt against each ``(key, amount, window_s)`` counter (fixed windows, ``amount`` attempts per
+        ``window_s`` seconds); None when every counter had room, else the seconds until the fullest one has (and
+        nothing is consumed). For throttling anonymous pages: sign-in, password links, single sign-on.
+
+        Raises:
+            Unavailable: the store did not answer in time or refused the connection (we fail closed).
+        """
+        if not counters:
+            return None
+        try:
+            with anyio.fail_after(self._timeout_s):
+                return await self._take(counters)
+        except TimeoutError as exc:
+            logger.warning("rate-limit store did not answer within %s s", self._timeout_s)
+            raise Unavailable(UNREACHABLE) from exc
+        except self._errors as exc:
+            logger.warning("rate-limit store failed: %s", exc)
+            raise Unavailable(UNREACHABLE) from exc
+
+    async def _take(self, counters: Sequence[tuple[str, int, int]]) -> int | None:
+        items = [
+            (RateLimitItemPerSecond(amount, window_s, namespace=_THROTTLE), key) for key, amount, window_s in counters
+        ]
+        waits = [await self._wait(item, key) for item, key in items if not await self._fixed.test(item, key)]
+        if waits:
+            return max(waits)
+        for item, key in items:
+            if not await self._fixed.hit(item, key):  # another replica took the last slot meanwhile
+                return await self._wait(item, key)
+        return None
+
+    async def _wait(self, item: RateLimitItem, key: str) -> int:
+        stats = await self._fixed.get_window_stats(item, key)
+        return max(1, math.ceil(stats.reset_time - time.time()))
 
     async def close(self) -> None:
         """Drop the connections to Redis (memory storage holds none)."""

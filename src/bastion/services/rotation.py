@@ -46,6 +46,10 @@ REGISTRY: Final = (
     SealedColumns(schema.draft_identities, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.IDENTITY),
     # OAuth client secrets, sealed under their oauth_clients row id; nothing caches them.
     SealedColumns(schema.oauth_clients, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.SERVER),
+    # Webhooks: signing secrets, the token or claim code an event carries until delivered, the token behind a claim.
+    SealedColumns(schema.webhook_secrets, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.WEBHOOK),
+    SealedColumns(schema.webhook_outbox, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.WEBHOOK),
+    SealedColumns(schema.claim_codes, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.WEBHOOK),
 )
 
 

@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 
 import jwt
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from bastion.db import schema
 from bastion.db.store import Store
@@ -33,10 +34,12 @@ from bastion.oauth import pkce, tokens
 from bastion.oauth.metadata import OIDC_WELL_KNOWN
 from bastion.oauth.model import ClientAuth, ClientCredentials, OAuthError
 from bastion.services import accounts, members
+from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
 from bastion.types import WorkspaceId
 
 S = schema.oauth_states
+B = schema.member_sso_identities
 L = schema.connection_links
 
 PURPOSE: Final = "sign_in"
@@ -46,6 +49,7 @@ JWKS_MIN_REFETCH_S: Final = 60.0
 MAX_DOCUMENT_BYTES: Final = 256 * 1024
 CLOCK_SKEW_S: Final = 60
 SCOPE: Final = "openid email profile"
+MAX_SUBJECT_CHARS: Final = 255  # OpenID Connect Core 1.0 §2: sub is at most 255 ASCII characters
 # Asymmetric signatures only: "none" and shared-secret HMAC are never accepted.
 ALLOWED_ALGORITHMS: Final = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -58,6 +62,13 @@ class SsoFailed(BastionError):
     code = "sso_failed"
     status = 502
     title = "Single sign-on failed"
+
+
+class SsoAccountMismatch(Forbidden):
+    """The provider's account (its subject) is not the one the member's Bastion account is bound to."""
+
+    code = "sso_account_mismatch"
+    title = "A different single sign-on account"
 
 
 class SsoStateInvalid(BastionError):
@@ -252,7 +263,10 @@ class Sso:
                 raise SsoStateInvalid(stale)
             if browser is None or not hmac.compare_digest(row.browser.encode(), browser.encode()):
                 raise SsoStateInvalid("this sign-in was started in another browser; sign in again here")
-            taken = await conn.execute(S.update().where(S.c.id == row.id, S.c.used_at.is_(None)).values(used_at=now))
+            # Used up now, and its PKCE verifier with it: the row keeps no secret once the callback has it.
+            taken = await conn.execute(
+                S.update().where(S.c.id == row.id, S.c.used_at.is_(None)).values(used_at=now, code_verifier=None)
+            )
             if taken.rowcount != 1:
                 raise SsoStateInvalid(stale)
         return row
@@ -334,12 +348,27 @@ class Sso:
                 f"{self.config.display_name} did not vouch for your email address, so Bastion cannot tell who you are."
             )
         email = naming.email(raw_email)
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_CHARS:
+            raise SsoFailed(f"{self.config.display_name} identified you with an unusable subject")
         async with self._store.transaction() as conn:
             found = await accounts.find_active_by_email(conn, workspace_id, email)
             invited = found is None and await _invited(conn, workspace_id, email)
+            bound = (
+                await conn.execute(
+                    sa.select(B.c.member_id).where(B.c.issuer == self.config.issuer, B.c.subject == subject)
+                )
+            ).scalar_one_or_none()
+        if bound is not None and (found is None or found.id != bound):
+            # The provider's account signed someone else in before: a changed or reused email must not move it.
+            raise SsoAccountMismatch(
+                f"This {self.config.display_name} account signs in to another Bastion account, not {email}. "
+                "Ask an administrator."
+            )
         if found is not None:
             if found.status is not MemberStatus.ACTIVE:
                 raise Forbidden("this account is disabled; ask an administrator")
+            await self._bind(found, subject, email)
             return found
         domain = email.rpartition("@")[2]
         if domain not in self.config.allowed_domains and not invited:
@@ -348,13 +377,51 @@ class Sso:
         name = claims.get("name")
         display = name.strip()[:200] if isinstance(name, str) and name.strip() else email.split("@")[0]
         try:
-            return await members.create(self._store, actor, MemberSpec(email, display, MEMBER_ROLE))
+            member = await members.create(self._store, actor, MemberSpec(email, display, MEMBER_ROLE))
         except Conflict:  # made by a parallel sign-in a moment ago
             async with self._store.transaction() as conn:
                 again = await accounts.find_active_by_email(conn, workspace_id, email)
             if again is None:
                 raise
-            return again
+            member = again
+        await self._bind(member, subject, email)
+        return member
+
+    async def _bind(self, member: Member, subject: str, email: str) -> None:
+        """Record the provider's account (issuer + subject) at the member's first SSO sign-in; refuse another after."""
+        issuer = self.config.issuer
+        mismatch = SsoAccountMismatch(
+            f"{email} signs in to Bastion with a different {self.config.display_name} account. Sign in with that "
+            "one, or ask an administrator to unlink it."
+        )
+        for _attempt in range(2):
+            try:
+                async with self._store.transaction() as conn:
+                    held = (
+                        await conn.execute(
+                            sa.select(B.c.subject).where(B.c.member_id == member.id, B.c.issuer == issuer)
+                        )
+                    ).scalar_one_or_none()
+                    if held is not None:
+                        if not hmac.compare_digest(held.encode(), subject.encode()):
+                            raise mismatch
+                        return
+                    await conn.execute(
+                        B.insert().values(
+                            id=new_id(),
+                            workspace_id=member.workspace_id,
+                            member_id=member.id,
+                            issuer=issuer,
+                            subject=subject,
+                            created_at=datetime.now(UTC),
+                        )
+                    )
+                    actor = Actor(member.workspace_id, member.id, frozenset(), member.email)
+                    action(conn, actor, "member.sso_bound", f"member:{member.id}", {"issuer": issuer})
+                return
+            except IntegrityError:
+                continue  # a parallel first sign-in bound it a moment ago (or the subject is taken): look again
+        raise mismatch
 
 
 async def _invited(conn: Any, workspace_id: str, email: str) -> bool:
@@ -366,3 +433,10 @@ async def _invited(conn: Any, workspace_id: str, email: str) -> bool:
         )
     )
     return any(email in (allowed or []) for (allowed,) in found.all())
+
+
+async def purge_states(store: Store) -> int:
+    """Delete expired sign-in states (also done in passing by ``Sso.begin``); how many went."""
+    async with store.transaction() as conn:
+        result = await conn.execute(S.delete().where(S.c.purpose == PURPOSE, S.c.expires_at <= datetime.now(UTC)))
+    return result.rowcount

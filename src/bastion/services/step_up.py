@@ -10,6 +10,7 @@ granted, no scope is named), nothing happens: the upstream's refusal is the answ
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -62,20 +63,23 @@ async def needs_scope(
     if identity_id is None:
         return
     async with store.transaction() as conn:
-        row = (
-            await conn.execute(
-                sa.select(IDENTITIES.c.kind, IDENTITIES.c.details).where(
-                    IDENTITIES.c.workspace_id == workspace_id, IDENTITIES.c.id == identity_id
-                )
-            )
-        ).first()
+        # Locked, then written as a new version: a refresh committing at the same time (``oauth.refresh``) sees
+        # the identity changed and keeps this scope, rather than writing the details it read before back.
+        query = sa.select(IDENTITIES.c.kind, IDENTITIES.c.details, IDENTITIES.c.version).where(
+            IDENTITIES.c.workspace_id == workspace_id, IDENTITIES.c.id == identity_id
+        )
+        row = (await conn.execute(query.with_for_update())).first()
         if row is None or row.kind != IdentityKind.OAUTH.value:
             return
         wanted = step_up_scope(row.details, www_authenticate)
         if wanted is None:
             return
         details = {**row.details, STEP_UP_KEY: wanted}
-        await conn.execute(IDENTITIES.update().where(IDENTITIES.c.id == identity_id).values(details=details))
+        await conn.execute(
+            IDENTITIES.update()
+            .where(IDENTITIES.c.id == identity_id, IDENTITIES.c.version == row.version)
+            .values(details=details, version=row.version + 1, updated_at=datetime.now(UTC))
+        )
     raise IdentityNeedsScope(
         f"this server needs more access than your identity was given ({wanted}): connect it again at {reconnect}",
         reconnect=reconnect,

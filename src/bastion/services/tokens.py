@@ -16,9 +16,10 @@ from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.connections import AccessToken
 from bastion.domain.ids import new_id
+from bastion.domain.webhooks import EventType
 from bastion.errors import ValidationFailed
 from bastion.events.bus import Changed, Subject
-from bastion.services import hosts, members
+from bastion.services import hosts, members, outbox
 from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
 from bastion.types import WorkspaceId
@@ -106,5 +107,7 @@ async def revoke(store: Store, actor: Actor, token_id: str) -> AccessToken:
         if row.revoked_at is None:
             await conn.execute(T.update().where(T.c.id == token_id).values(revoked_at=datetime.now(UTC)))
             emit(conn, Changed(Subject.TOKEN, token_id))
+            await outbox.forget_token(conn, token_id)
+            await outbox.connection_event(conn, EventType.TOKEN_REVOKED, row.connection_id, token_id=token_id)
             action(conn, actor, "token.revoked", f"token:{token_id}", {"connection": row.connection_id})
         return row_to_token(await crud.fetch_one(conn, T, T.c.id == token_id, what="token"))

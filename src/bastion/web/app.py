@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 from fastapi import FastAPI
@@ -20,6 +21,8 @@ from starlette.types import ASGIApp
 from bastion import __version__, wiring
 from bastion.db.store import Store
 from bastion.events import pg as pg_events
+from bastion.services import janitor
+from bastion.services.delivery import Sender, Worker
 from bastion.settings import Settings
 from bastion.web import problems, ui
 from bastion.web.api.deps import ApiContext
@@ -28,6 +31,7 @@ from bastion.web.api.routes_accounts import router as accounts_router
 from bastion.web.api.routes_audit import router as audit_router
 from bastion.web.api.routes_identity import router as identity_router
 from bastion.web.api.routes_rules import router as rules_router
+from bastion.web.api.routes_webhooks import router as webhooks_router
 from bastion.web.mcp.endpoint import McpEndpoint
 from bastion.web.mcp.event_store import BoundedEventStore
 from bastion.web.mcp.fastpath import FastPath
@@ -67,6 +71,7 @@ def build_api() -> FastAPI:
     api.include_router(audit_router)
     api.include_router(rules_router)
     api.include_router(accounts_router)
+    api.include_router(webhooks_router)
     return api
 
 
@@ -76,9 +81,16 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
     api = build_api()
     parts = wiring.build(settings, store)
     lifecycle.store = parts.store
-    api.state.ctx = ApiContext(store=parts.store, hasher=parts.hasher, vault=parts.vault, revoker=parts.revoker)
+    # Webhook events go through the same outbound policy as upstreams; the worker drains the outbox while serving.
+    sender = Sender(parts.vault, parts.pool.outbound, settings.public_url)
+    webhook_worker = Worker(parts.store, sender)
+    api.state.ctx = ApiContext(
+        store=parts.store, hasher=parts.hasher, vault=parts.vault, revoker=parts.revoker, webhooks=sender
+    )
     api.state.public_url = settings.public_url
-    _ui, ui_routes = ui.build(settings, parts.store, parts.hasher, parts.vault)
+    ui_ctx, ui_routes = ui.build(
+        settings, parts.store, parts.hasher, parts.vault, limiter=parts.limiter, revoker=parts.revoker
+    )
     # Engines connect lazily, so the app can serve at once, even where no lifespan runs (in-process tests).
     lifecycle.started = True
 
@@ -103,6 +115,17 @@ def create_app(settings: Settings, store: Store | None = None) -> ASGIApp:
             if parts.store.dialect == "postgresql":
                 # Other replicas' changes (revoked tokens, disabled hosts) reach this process's caches.
                 tasks.start_soon(pg_events.listen, settings.resolved_database_url, parts.store.bus)
+            # Expired drafts, OAuth states and sessions are deleted on a schedule, not only in passing.
+            tasks.start_soon(
+                partial(
+                    janitor.run,
+                    parts.store,
+                    ui_ctx.lifetimes,
+                    interval_s=settings.janitor_interval_s,
+                    revoker=parts.revoker,
+                )
+            )
+            tasks.start_soon(webhook_worker.run)
             try:
                 yield
             finally:

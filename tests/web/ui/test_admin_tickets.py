@@ -12,6 +12,8 @@ from bastion.services import members
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
+from bastion.web.ui import throttle
+from bastion.web.ui.throttle import Limit
 from tests.cli.conftest import Cli, cli, cli_env  # noqa: F401  fixtures of the CLI tests
 from tests.conftest import member_with_key, problem_of
 from tests.web.ui.support import PASSWORD, Browser
@@ -104,3 +106,19 @@ def test_the_cli_prints_an_invitation_and_a_reset_link_once(cli: Cli) -> None:  
     assert "/reset-password/bsr_" in shown.stdout
     assert "shown once" in shown.stderr
     cli("member", "invite", "ghost@example.com", "--no-create", code=3)
+
+
+@pytest.mark.anyio
+async def test_setting_a_password_through_a_link_is_throttled(
+    browser: Browser, store: Store, operator: Actor, owner_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle, "TICKET_PER_EMAIL", Limit("ticket:email", 2, 600))
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    path = await _issue(browser, owner_headers, "ada@example.com", "invitation")
+    await browser.get(path)
+    for _ in range(2):
+        assert (await browser.post(path, {"password": "too short", "password_again": "too short"})).status_code == 422
+    refused = await browser.post(path, {"password": PASSWORD, "password_again": PASSWORD})
+    assert refused.status_code == 429
+    assert "Too many attempts" in refused.text and int(refused.headers["retry-after"]) >= 1
+    assert (await browser.get(path)).status_code == 200  # the link was not used up by the refusal

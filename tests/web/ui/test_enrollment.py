@@ -33,6 +33,14 @@ async def _count(store: Store, table: sa.Table) -> int:
         return int((await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one())
 
 
+async def _open_drafts(store: Store) -> int:
+    """Drafts not approved (an approved one stays, emptied, until it expires: a second submit is told about it)."""
+    drafts = schema.enrollment_drafts
+    async with store.transaction() as conn:
+        found = await conn.execute(sa.select(sa.func.count()).select_from(drafts).where(drafts.c.approved_at.is_(None)))
+        return int(found.scalar_one())
+
+
 async def _start(browser: Browser, secret: str, email: str) -> str:
     """Sign in from the link's page and start the enrollment; the draft's path."""
     landing = await browser.get(f"/enroll/{secret}")
@@ -116,10 +124,13 @@ async def test_a_person_enrolls_by_pasting_a_token_and_the_token_calls_the_upstr
             again = await browser.get(f"/enroll/{secret}")
             assert again.status_code == 410
             assert "used as many times as it allows" in again.text
-            assert (await browser.post(f"{draft}/approve")).status_code == 404
+            twice = await browser.post(f"{draft}/approve")
+            assert twice.status_code == 409
+            assert "already approved" in twice.text and 'href="/me"' in twice.text
+            assert token not in twice.text
             me = await browser.get("/me")
             assert "agent" in me.text and "crm (token)" in me.text
-    assert await _count(store, schema.enrollment_drafts) == 0
+    assert await _open_drafts(store) == 0
     assert await _count(store, schema.draft_identities) == 0
     assert recorder.authorizations.count("Bearer ada-own-upstream-credential") >= 1
 
@@ -245,6 +256,37 @@ async def test_a_link_used_up_while_someone_enrolls_discards_their_draft(
     late = await browser.post(f"{ada_draft}/approve")
     assert late.status_code == 410
     assert "used as many times as it allows" in late.text
-    assert await _count(store, schema.enrollment_drafts) == 0
+    assert await _open_drafts(store) == 0
     assert await _count(store, schema.draft_identities) == 0
     assert await _count(store, schema.identities) == 1  # Bob's only
+
+
+async def test_approving_twice_makes_one_connection_and_a_used_link_ends_on_a_clear_page(
+    settings: Settings, store: Store, hasher: KeyHasher, operator: Actor, browser: Browser
+) -> None:
+    owner = await build_world(store, operator, "http://127.0.0.1:9/mcp")
+    secret = await new_link(store, hasher, owner)  # the default: single use
+    await member_with_password(store, hasher, operator, "ada@example.com")
+    await member_with_password(store, hasher, operator, "bob@example.com")
+    draft = await _start(browser, secret, "ada@example.com")
+    await _paste(browser, draft, "crm", "ada-token-0001")
+    await browser.get(f"{draft}/review")
+    first = await browser.post(f"{draft}/approve")
+    assert first.status_code == 200, first.text
+    second = await browser.post(f"{draft}/approve")  # the button pressed again, or the form sent from another tab
+    assert second.status_code == 409
+    assert "Already approved" in second.text and "already approved" in second.text
+    for table in (schema.connections, schema.access_tokens, schema.identities):
+        assert await _count(store, table) == 1, table.name
+    # The link was for one person: the next one to open it is told so, on the landing page and on starting.
+    async with httpx2.AsyncClient(
+        transport=httpx2.ASGITransport(app=create_app(settings, store)), base_url="http://bastion.test"
+    ) as other:
+        bob = Browser(other)
+        landing = await bob.get(f"/enroll/{secret}")
+        assert landing.status_code == 410 and "used as many times as it allows" in landing.text
+        signed_in = await bob.sign_in("bob@example.com", next_path=f"/enroll/{secret}")
+        assert (await bob.follow(signed_in)).status_code == 410
+        started = await bob.post(f"/enroll/{secret}/start")
+        assert started.status_code == 410 and "used as many times as it allows" in started.text
+    assert await _open_drafts(store) == 0

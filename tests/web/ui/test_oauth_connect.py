@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx2
 import pytest
@@ -14,7 +15,7 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import IdentityKind, IdentityStatus
 from bastion.domain.models import AuthKind
-from bastion.services import identities
+from bastion.services import identities, step_up
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
@@ -132,6 +133,8 @@ async def test_an_identity_that_needs_it_is_reconnected_from_my_connections(
     assert now.status is IdentityStatus.ACTIVE
     after = await _secret_of(store, vault, identity_id)
     assert after.access_token != before.access_token and after.access_token in fake.issued
+    # The grant it replaced was revoked (RFC 7009): its refresh token, then its access token.
+    assert fake.requested.count("/as1/revoke") == 2
 
 
 async def test_someone_elses_identity_cannot_be_reconnected(
@@ -156,3 +159,62 @@ async def test_someone_elses_identity_cannot_be_reconnected(
     assert (await browser.get(f"/me/identities/{bobs.id}/reconnect")).status_code == 404
     await browser.get("/me")
     assert (await browser.post(f"/me/identities/{bobs.id}/reconnect")).status_code == 404
+
+
+async def test_reconnecting_after_a_403_for_want_of_scope_asks_for_the_step_up_scope(
+    browser: Browser, store: Store, hasher: KeyHasher, operator: Actor, fake: FakeUpstream
+) -> None:
+    fake.challenge_scope = "mcp:read"
+    draft = await _draft(browser, store, hasher, operator, fake)
+    first = await browser.post(f"{draft}/servers/crm/oauth")
+    assert parse_qs(urlsplit(first.headers["location"]).query)["scope"] == ["mcp:read"]
+    await _through_the_authorization_server(browser, first)
+    await browser.get(draft)
+    assert (await browser.post(f"{draft}/approve")).status_code == 200
+    async with store.transaction() as conn:
+        (identity_id,) = (await conn.execute(sa.select(schema.identities.c.id))).scalars().all()
+    with pytest.raises(step_up.IdentityNeedsScope):
+        challenge = ['Bearer error="insufficient_scope", scope="mcp:write"']
+        await step_up.needs_scope(store, operator.workspace_id, identity_id, challenge, reconnect="r")
+
+    assert "needs more access" in (await browser.get("/me")).text
+    path = f"/me/identities/{identity_id}/reconnect"
+    assert "<code>mcp:read mcp:write</code>" in (await browser.get(path)).text
+    started = await browser.post(path)
+    assert parse_qs(urlsplit(started.headers["location"]).query)["scope"] == ["mcp:read mcp:write"]
+    done = await _through_the_authorization_server(browser, started)
+    assert "Reconnected" in done.text
+    async with store.transaction() as conn:
+        now = await identities.find(conn, operator.workspace_id, identity_id)
+    assert now.details["scope"] == "mcp:read mcp:write" and step_up.STEP_UP_KEY not in now.details
+    assert "needs more access" not in (await browser.get("/me")).text
+
+
+async def test_cancelling_a_draft_revokes_the_oauth_grant_it_held(
+    browser: Browser, store: Store, hasher: KeyHasher, operator: Actor, fake: FakeUpstream
+) -> None:
+    draft = await _draft(browser, store, hasher, operator, fake)
+    await _through_the_authorization_server(browser, await browser.post(f"{draft}/servers/crm/oauth"))
+    await browser.get(draft)
+    assert "/as1/revoke" not in fake.requested
+    cancelled = await browser.post(f"{draft}/cancel")
+    assert cancelled.status_code == 200 and "Nothing was saved" in cancelled.text
+    assert fake.requested.count("/as1/revoke") == 2
+
+
+async def test_without_a_public_url_oauth_redirects_to_the_address_bastion_listens_on(
+    settings: Settings, store: Store, hasher: KeyHasher, operator: Actor, fake: FakeUpstream
+) -> None:
+    local = settings.model_copy(update={"public_url": None, "host": "0.0.0.0", "port": 8123})  # noqa: S104
+    assert local.base_url == "http://127.0.0.1:8123"
+    app = create_app(local, store)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url=local.base_url) as client:
+        browser = Browser(client)
+        draft = await _draft(browser, store, hasher, operator, fake)
+        started = await browser.post(f"{draft}/servers/crm/oauth")
+        assert started.status_code == 303, started.text
+        asked = parse_qs(urlsplit(started.headers["location"]).query)
+        assert asked["redirect_uri"] == ["http://127.0.0.1:8123/oauth/callback"]
+        back = await _through_the_authorization_server(browser, started)
+        assert back.status_code == 303, back.text
+        assert "signed in with OAuth" in (await browser.follow(back)).text

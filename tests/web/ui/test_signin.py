@@ -11,10 +11,12 @@ import time_machine
 
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
-from bastion.services.accounts import MAX_FAILED_ATTEMPTS, WRONG_CREDENTIALS
+from bastion.services.accounts import MAX_FAILED_ATTEMPTS, WRONG_CREDENTIALS, Passwords, PasswordsBusy
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
+from bastion.web.ui import throttle
+from bastion.web.ui.throttle import Limit
 from tests.web.ui.support import PASSWORD, Browser, member_with_password
 
 pytestmark = pytest.mark.anyio
@@ -41,6 +43,8 @@ async def test_the_right_password_signs_in_and_signing_out_ends_the_session(brow
     out = await browser.post("/signout")
     assert out.status_code == 200
     assert "You are signed out" in out.text
+    # The page that says so no longer shows the person, nor a form to sign out again.
+    assert ada not in out.text and 'action="/signout"' not in out.text and 'href="/signin"' in out.text
     after = await browser.get("/me")
     assert after.status_code == 303
     assert after.headers["location"] == "/signin?next=/me"
@@ -147,3 +151,36 @@ async def test_a_session_ends_after_idling_and_after_its_lifetime(browser: Brows
             assert (await browser.get("/me")).status_code == 200
         clock.move_to(start + timedelta(minutes=221) + timedelta(hours=24, minutes=1))
         assert (await browser.get("/me")).status_code == 303  # used all along, but a day old
+
+
+async def test_sign_in_is_throttled_per_email_and_per_address(
+    browser: Browser, ada: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle, "SIGN_IN_PER_EMAIL", Limit("sign_in:email", 3, 600))
+    monkeypatch.setattr(throttle, "SIGN_IN_PER_ADDRESS", Limit("sign_in:ip", 5, 60))
+    for _ in range(3):
+        assert (await browser.sign_in(ada, "a wrong guess, again")).status_code == 401
+    refused = await browser.sign_in(ada, PASSWORD)  # even the right password waits: no password is checked
+    assert refused.status_code == 429
+    assert "Too many attempts" in refused.text and "try again" in refused.text
+    assert 1 <= int(refused.headers["retry-after"]) <= 600
+    assert "bastion=" not in refused.headers.get("set-cookie", "")
+    # Another email from this address has room until the address's allowance (5) is spent; refusals cost none.
+    for _ in range(2):
+        assert (await browser.sign_in("bob@example.com", "some guess or other")).status_code == 401
+    assert (await browser.sign_in("carol@example.com", "some guess or other")).status_code == 429
+    with time_machine.travel(datetime.now(UTC) + timedelta(minutes=11), tick=True):
+        assert (await browser.sign_in(ada, PASSWORD)).status_code == 303
+
+
+async def test_when_passwords_are_busy_sign_in_says_so_at_once_with_retry_after(
+    browser: Browser, ada: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def busy(_self: Passwords, _stored: str | None, _password: str) -> bool:
+        raise PasswordsBusy("Bastion is checking too many passwords at once; try again in a few seconds.")
+
+    monkeypatch.setattr(Passwords, "verify", busy)
+    refused = await browser.sign_in(ada, PASSWORD)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == str(PasswordsBusy.retry_after_s)
+    assert "too many passwords at once" in refused.text

@@ -17,6 +17,7 @@ from bastion.services import members
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
+from bastion.web.ui.throttle import SSO_START_PER_ADDRESS
 from tests.mcp_support import serving
 from tests.web.ui.oidc_provider import CLIENT_ID, CLIENT_SECRET, OidcProvider
 from tests.web.ui.support import Browser
@@ -100,6 +101,7 @@ async def test_an_existing_member_signs_in_with_sso_using_pkce_state_and_nonce(
         state = (await conn.execute(sa.select(schema.oauth_states))).one()
     assert state.purpose == "sign_in" and state.used_at is not None
     assert asked["state"].encode() not in state.digest  # stored as a digest only
+    assert state.code_verifier is None  # spent with the state: no verifier outlives its use
 
 
 async def test_sso_makes_members_for_allowed_domains_and_invited_emails_only(
@@ -181,3 +183,55 @@ async def test_declining_at_the_provider_ends_on_a_clear_page(browser: Browser, 
     done = await _sso(browser)
     assert done.status_code == 403
     assert "You did not allow Example SSO to sign you in" in done.text
+
+
+async def test_a_member_is_bound_to_the_sso_account_of_their_first_sign_in(
+    app_settings: Settings, browser: Browser, provider: OidcProvider, store: Store, operator: Actor
+) -> None:
+    ada = await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    bob = await members.create(store, operator, MemberSpec("bob@example.com", "Bob"))
+    assert (await _sso(browser)).status_code == 303
+    async with store.transaction() as conn:
+        bound = (await conn.execute(sa.select(schema.member_sso_identities))).one()
+    assert (bound.member_id, bound.issuer, bound.subject) == (ada.id, provider.issuer, "u-1")
+
+    # Another account at the provider that says it is ada@example.com (a reused or re-assigned address).
+    provider.user = {"sub": "u-2", "email": "ada@example.com", "email_verified": True, "name": "Not Ada"}
+    async with await _browser(app_settings, store) as client:
+        other = await _sso(Browser(client))
+        assert other.status_code == 403
+        assert "different Example SSO account" in other.text
+        assert "bastion=" not in other.headers.get("set-cookie", "")
+        assert (await Browser(client).get("/me")).status_code == 303
+
+    # Ada's own provider account, now claiming Bob's email: it signs in as nobody.
+    provider.user = {"sub": "u-1", "email": "bob@example.com", "email_verified": True, "name": "Ada L"}
+    async with await _browser(app_settings, store) as client:
+        moved = await _sso(Browser(client))
+        assert moved.status_code == 403
+        assert "signs in to another Bastion account" in moved.text
+
+    # Bob's first sign-in binds his own account; Ada's still works.
+    provider.user = {"sub": "u-3", "email": "bob@example.com", "email_verified": True, "name": "Bob"}
+    async with await _browser(app_settings, store) as client:
+        assert (await _sso(Browser(client))).status_code == 303
+    provider.user = {"sub": "u-1", "email": "ada@example.com", "email_verified": True, "name": "Ada L"}
+    async with await _browser(app_settings, store) as client:
+        assert (await _sso(Browser(client))).status_code == 303
+    async with store.transaction() as conn:
+        rows = (await conn.execute(sa.select(schema.member_sso_identities))).all()
+    assert sorted((r.member_id, r.subject) for r in rows) == sorted([(ada.id, "u-1"), (bob.id, "u-3")])
+
+
+async def test_starting_sso_is_throttled_per_address(browser: Browser, provider: OidcProvider, store: Store) -> None:
+    await browser.get("/signin")
+    allowed = SSO_START_PER_ADDRESS.amount
+    for _ in range(allowed):
+        assert (await browser.get("/signin/sso")).status_code == 303
+    refused = await browser.get("/signin/sso")
+    assert refused.status_code == 429
+    assert "Too many attempts" in refused.text
+    assert 1 <= int(refused.headers["retry-after"]) <= SSO_START_PER_ADDRESS.window_s
+    async with store.transaction() as conn:
+        states = (await conn.execute(sa.select(sa.func.count()).select_from(schema.oauth_states))).scalar_one()
+    assert states == allowed  # the refused start stored nothing

@@ -40,9 +40,9 @@ async def new_link(
     hasher: KeyHasher,
     owner: Actor,
     *,
-    max_uses: int | None = None,
+    max_uses: int | None = links.DEFAULT_MAX_USES,
     allowed: Iterable[str] = (),
-    expires_in: timedelta = timedelta(days=7),
+    expires_in: timedelta = links.DEFAULT_LINK_LIFETIME,
 ) -> str:
     _link, secret = await links.create(
         store,

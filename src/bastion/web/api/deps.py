@@ -12,14 +12,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
-from bastion.errors import Unauthenticated, ValidationFailed
+from bastion.domain.webhooks import HostCaller
+from bastion.errors import Unauthenticated, Unavailable, ValidationFailed
 from bastion.oauth.revocation import Revoker
-from bastion.services import apikeys
+from bastion.services import apikeys, host_keys
 from bastion.services.apikeys import KeyHasher
+from bastion.services.delivery import Sender
 from bastion.vault.sealer import Vault
 
 ACCESS_KEY: Final = "x-bastion-access"
 SELF: Final = "self"
+HOST: Final = "host"  # routes a host calls with its own key (`bsh_…`), never a member
 _IF_MATCH: Final = re.compile(r'^(?:W/)?"(\d{1,9})"$')
 
 
@@ -29,6 +32,12 @@ class ApiContext:
     hasher: KeyHasher
     vault: Vault
     revoker: Revoker | None = None  # RFC 7009 revocation when identities and members are deleted
+    webhooks: Sender | None = None  # webhook test events and redeliveries, attempted while the caller waits
+
+    def sender(self) -> Sender:
+        if self.webhooks is None:
+            raise Unavailable("webhook delivery is not set up in this process")
+        return self.webhooks
 
 
 def context(request: Request) -> ApiContext:
@@ -48,8 +57,22 @@ async def authenticated(
     return await apikeys.authenticate(ctx.store, ctx.hasher, credentials.credentials)
 
 
+_host_bearer = HTTPBearer(auto_error=False, scheme_name="HostKey", description="A host key (`bsh_…`)")
+
+
+async def authenticated_host(
+    ctx: Annotated[ApiContext, Depends(context)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_host_bearer)],
+) -> HostCaller:
+    """The host presenting its own key. A member's API key is not one: members never act as a host."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthenticated("send a host key as `Authorization: Bearer bsh_…`")
+    return await host_keys.authenticate(ctx.store, ctx.hasher, credentials.credentials)
+
+
 Ctx = Annotated[ApiContext, Depends(context)]
 CurrentActor = Annotated[Actor, Depends(authenticated)]
+CurrentHost = Annotated[HostCaller, Depends(authenticated_host)]
 
 
 Cursor = Annotated[str | None, Query(max_length=200, description="From the previous page's next_cursor")]
@@ -64,6 +87,11 @@ def needs(*capabilities: Capability) -> dict[str, Any]:
 def self_service() -> dict[str, Any]:
     """A route any signed-in member may call, acting on their own things."""
     return {ACCESS_KEY: SELF}
+
+
+def host_only() -> dict[str, Any]:
+    """A route for hosts, authenticated by a host key; every member API key is refused (401)."""
+    return {ACCESS_KEY: HOST}
 
 
 def if_match(request: Request) -> int | None:

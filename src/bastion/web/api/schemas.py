@@ -149,7 +149,7 @@ class MeOut(Out):
 
 
 class OAuthSettingsIn(Body):
-    registration: OAuthRegistration = OAuthRegistration.DYNAMIC
+    registration: OAuthRegistration = OAuthRegistration.AUTO
     client_id: Annotated[str, Field(min_length=1, max_length=512)] | None = None
     scopes: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=50)] = []
     authorization_server: Url | None = None

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr
 
 from bastion.domain.connections import AccessToken, ConnectionLink
 from bastion.domain.identities import Identity, IdentityKind, IdentityStatus
-from bastion.services.links import DEFAULT_LINK_LIFETIME, MAX_LINK_LIFETIME, MIN_LINK_LIFETIME
+from bastion.services.links import DEFAULT_LINK_LIFETIME, DEFAULT_MAX_USES, MAX_LINK_LIFETIME, MIN_LINK_LIFETIME
 from bastion.services.rotation import KeyUsage
 from bastion.web.api.schemas import Body, Out, Patch
 
@@ -148,7 +148,10 @@ class LinkCreate(Body):
     expires_in_hours: Annotated[float, Field(ge=MIN_LINK_LIFETIME / _HOUR, le=MAX_LINK_LIFETIME / _HOUR)] = (
         DEFAULT_LINK_LIFETIME / _HOUR
     )
-    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        default=DEFAULT_MAX_USES,
+        description="How many people may enroll through the link (default 1); null for no limit",
+    )
     allowed_emails: Annotated[list[Annotated[str, Field(max_length=254)]], Field(max_length=1000)] = Field(
         default_factory=list
     )

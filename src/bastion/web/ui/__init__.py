@@ -14,8 +14,10 @@ from starlette.routing import BaseRoute, Route
 
 from bastion.db.store import Store
 from bastion.net.outbound import OutboundPolicy
+from bastion.oauth.revocation import Revoker
 from bastion.services.accounts import Passwords
 from bastion.services.apikeys import KeyHasher
+from bastion.services.ratelimits import RateLimiter
 from bastion.services.sessions import Lifetimes, SessionKeys
 from bastion.services.sso import OidcConfig, Sso
 from bastion.settings import Settings
@@ -24,6 +26,7 @@ from bastion.web.ui import pages_account, pages_enroll, pages_me
 from bastion.web.ui.connect import Connector
 from bastion.web.ui.context import UiContext
 from bastion.web.ui.security import secure
+from bastion.web.ui.throttle import Throttle
 
 __all__ = ["UiContext", "build"]
 
@@ -50,8 +53,14 @@ def build(
     vault: Vault,
     *,
     passwords: Passwords | None = None,
+    limiter: RateLimiter | None = None,
+    revoker: Revoker | None = None,
 ) -> tuple[UiContext, list[BaseRoute]]:
-    """The pages' context and routes."""
+    """The pages' context and routes.
+
+    ``limiter``: the rate-limit store the sign-in throttles count in (the app's, shared with the gateway's rules);
+    ``revoker``: revokes the OAuth grants a discarded enrollment held. Made here from the settings when not given.
+    """
     if settings.secret_key is None:
         raise ValueError("settings were not checked: secret_key is missing")
     policy = OutboundPolicy.from_settings(settings)
@@ -67,6 +76,8 @@ def build(
         public_url=settings.public_url,
         sso=_sso(store, hasher, settings, policy),
         connector=Connector(store, vault, settings),
+        throttle=Throttle(limiter or RateLimiter(settings.rate_limit_url), hasher),
+        revoker=revoker or Revoker(vault, policy.client),
     )
 
     async def static(request: Request) -> Response:

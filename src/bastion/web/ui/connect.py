@@ -20,9 +20,19 @@ class Connector:
     settings: Settings
 
     async def begin(
-        self, *, workspace_id: str, member_id: str, server_id: str, browser: str, context: JSONObject
+        self,
+        *,
+        workspace_id: str,
+        member_id: str,
+        server_id: str,
+        browser: str,
+        context: JSONObject,
+        scope: str | None = None,
     ) -> str:
-        """The authorization server's URL to send the browser to; the state is bound to ``browser``."""
+        """The authorization server's URL to send the browser to; the state is bound to ``browser``.
+
+        ``scope``: ask for exactly this (a step-up); by default it comes from the server's challenge and metadata.
+        """
         return await oauth_connect.begin(
             self.store,
             self.vault,
@@ -32,6 +42,7 @@ class Connector:
             server_id=server_id,
             browser=browser,
             context=context,
+            scope=scope,
         )
 
     async def complete(self, *, browser: str, params: Mapping[str, str]) -> Connected:

@@ -20,14 +20,16 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from bastion.db.store import Store
 from bastion.errors import BastionError
+from bastion.oauth.revocation import Revoker
 from bastion.services import sessions
-from bastion.services.accounts import Passwords
+from bastion.services.accounts import Passwords, PasswordsBusy
 from bastion.services.apikeys import KeyHasher
 from bastion.services.sessions import Lifetimes, SessionKeys, SignedIn
 from bastion.services.sso import Sso
 from bastion.vault.sealer import Vault
 from bastion.web.ui.connect import Connector
 from bastion.web.ui.security import CSRF_FIELD, CSRF_HEADER, safe_next, secure
+from bastion.web.ui.throttle import Throttle, Throttled
 
 logger = logging.getLogger("bastion.ui")
 
@@ -73,6 +75,8 @@ class UiContext:
     keys: SessionKeys
     lifetimes: Lifetimes
     public_url: str | None
+    throttle: Throttle
+    revoker: Revoker
     sso: Sso | None = None
     connector: Connector | None = None
     templates: jinja2.Environment = field(init=False)
@@ -130,6 +134,10 @@ class UiContext:
             request.scope["state"][_STATE_SIGNED_IN] = found
         who: SignedIn | None = request.scope["state"][_STATE_SIGNED_IN]
         return who
+
+    def forget(self, request: Request) -> None:
+        """After signing out: the rest of this request (the page it renders) sees nobody signed in."""
+        request.scope.setdefault("state", {})[_STATE_SIGNED_IN] = None
 
     async def require(self, request: Request) -> SignedIn:
         who = await self.signed_in(request)
@@ -211,6 +219,9 @@ class UiContext:
                 if error.status >= 500:
                     logger.error("page failed: %s", error.code, extra={"code": error.code})
                 response = await self.message(request, error.title, error.detail, status=error.status)
+                retry_after = _retry_after(error)
+                if retry_after is not None:
+                    response.headers["Retry-After"] = str(retry_after)
             except Exception:
                 logger.exception("page failed")
                 response = await self.message(
@@ -221,6 +232,15 @@ class UiContext:
         wrapped.__name__ = handler.__name__
         wrapped.__doc__ = handler.__doc__
         return wrapped
+
+
+def _retry_after(error: BastionError) -> int | None:
+    """Seconds to wait before trying again, for refusals that say (too many attempts, too busy)."""
+    if isinstance(error, Throttled):
+        return error.retry_after_s
+    if isinstance(error, PasswordsBusy):
+        return error.retry_after_s
+    return None
 
 
 def redirect(path: str) -> RedirectResponse:

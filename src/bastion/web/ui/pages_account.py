@@ -11,9 +11,10 @@ from starlette.routing import BaseRoute, Route
 
 from bastion.domain.models import Member
 from bastion.errors import NotFound, ValidationFailed
-from bastion.services import accounts, sessions, workspace
+from bastion.services import accounts, enrollment, sessions, workspace
 from bastion.services.accounts import SignInFailed, TicketKind
 from bastion.services.sso import Sso
+from bastion.web.ui import throttle
 from bastion.web.ui.context import UiContext, redirect
 from bastion.web.ui.security import safe_next
 
@@ -28,6 +29,8 @@ def field(form: FormData, name: str) -> str:
 
 async def _start_session(ctx: UiContext, request: Request, member: Member, method: str, next_path: str) -> Response:
     """A fresh session (a new secret on every sign-in), its cookie, and on to where the person was going."""
+    # Drafts of sessions that are over first: deleting the sessions would take them, OAuth grants unrevoked.
+    await enrollment.sweep(ctx.store, ctx.revoker, ctx.lifetimes)
     await sessions.sweep(ctx.store, ctx.lifetimes)
     _session, secret = await sessions.start(
         ctx.store,
@@ -63,6 +66,8 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
         form = await request.form()
         email, password = field(form, "email"), field(form, "password")
         next_path = safe_next(field(form, "next"))
+        # Before any password work: a flood is refused here, not queued for argon2.
+        await ctx.throttle.check(request, throttle.SIGN_IN_PER_ADDRESS, throttle.SIGN_IN_PER_EMAIL, email[:254])
         try:
             ws = await workspace.default_workspace(ctx.store)
             member = await accounts.check_password(ctx.store, ctx.passwords, ws.id, email, password)
@@ -76,6 +81,7 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
         who = await ctx.signed_in(request)
         if who is not None:
             await sessions.end(ctx.store, who)
+            ctx.forget(request)
         response = await ctx.message(
             request, "Signed out", "You are signed out of Bastion.", links={"Sign in again": "/signin"}
         )
@@ -84,6 +90,8 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
 
     async def sso_start(request: Request) -> Response:
         provider = sso()
+        # Each start stores a state row: anonymous requests may not make them without bound.
+        await ctx.throttle.check(request, throttle.SSO_START_PER_ADDRESS)
         next_path = safe_next(request.query_params.get("next"))
         browser = ctx.browser_secret(request)
         fresh = browser is None
@@ -114,6 +122,9 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
 
     async def ticket_redeem(request: Request) -> Response:
         secret = request.path_params["secret"]
+        await ctx.throttle.check(request, throttle.TICKET_PER_ADDRESS)
+        live = await accounts.read_ticket(ctx.store, ctx.hasher, secret)
+        await ctx.throttle.check(request, None, throttle.TICKET_PER_EMAIL, live.email)
         form = await request.form()
         password, again = field(form, "password"), field(form, "password_again")
         try:

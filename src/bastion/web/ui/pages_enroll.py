@@ -12,7 +12,7 @@ from starlette.routing import BaseRoute, Route
 from bastion.domain.identities import bearer_secret
 from bastion.errors import Gone, NotFound, ValidationFailed
 from bastion.services import enrollment
-from bastion.services.enrollment import DraftView
+from bastion.services.enrollment import AlreadyApproved, DraftView
 from bastion.web.ui.context import UiContext, redirect
 from bastion.web.ui.pages_account import field
 
@@ -38,12 +38,12 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
 
     async def start(request: Request) -> Response:
         who = await ctx.require(request)
-        draft = await enrollment.start(ctx.store, ctx.hasher, who, request.path_params["secret"])
+        draft = await enrollment.start(ctx.store, ctx.hasher, who, request.path_params["secret"], revoker=ctx.revoker)
         return redirect(f"/enroll/drafts/{draft.id}")
 
     async def draft(request: Request) -> Response:
         who = await ctx.require(request)
-        view = await enrollment.load(ctx.store, who, request.path_params["draft_id"])
+        view = await enrollment.load(ctx.store, who, request.path_params["draft_id"], revoker=ctx.revoker)
         focus = request.query_params.get("changed")
         return await ctx.render(request, "draft.html", view=view, errors={}, focus=focus, oauth=ctx.connector)
 
@@ -52,7 +52,7 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
         if error is None:
             return redirect(f"/enroll/drafts/{draft_id}?changed={quote(alias)}#server-{quote(alias)}")
         who = await ctx.require(request)
-        view = await enrollment.load(ctx.store, who, draft_id)
+        view = await enrollment.load(ctx.store, who, draft_id, revoker=ctx.revoker)
         return await ctx.render(
             request, "draft.html", status=422, view=view, errors={alias: error}, focus=alias, oauth=ctx.connector
         )
@@ -63,7 +63,9 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
         form = await request.form()
         try:
             secret = bearer_secret(field(form, "token"))
-            await enrollment.set_token(ctx.store, ctx.vault, ctx.hasher, who, draft_id, alias, secret)
+            await enrollment.set_token(
+                ctx.store, ctx.vault, ctx.hasher, who, draft_id, alias, secret, revoker=ctx.revoker
+            )
         except ValidationFailed as invalid:
             return await after_change(request, draft_id, alias, invalid.detail)
         return await after_change(request, draft_id, alias, None)
@@ -73,7 +75,7 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
         draft_id, alias = request.path_params["draft_id"], request.path_params["alias"]
         form = await request.form()
         try:
-            await enrollment.set_existing(ctx.store, who, draft_id, alias, field(form, "identity"))
+            await enrollment.set_existing(ctx.store, who, draft_id, alias, field(form, "identity"), revoker=ctx.revoker)
         except ValidationFailed as invalid:
             return await after_change(request, draft_id, alias, invalid.detail)
         return await after_change(request, draft_id, alias, None)
@@ -81,7 +83,7 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
     async def clear(request: Request) -> Response:
         who = await ctx.require(request)
         draft_id, alias = request.path_params["draft_id"], request.path_params["alias"]
-        await enrollment.clear(ctx.store, who, draft_id, alias)
+        await enrollment.clear(ctx.store, who, draft_id, alias, revoker=ctx.revoker)
         return await after_change(request, draft_id, alias, None)
 
     async def connect_oauth(request: Request) -> Response:
@@ -89,7 +91,7 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
         if ctx.connector is None:
             raise NotFound("connecting with OAuth is not available on this Bastion")
         draft_id, alias = request.path_params["draft_id"], request.path_params["alias"]
-        view = await enrollment.load(ctx.store, who, draft_id)
+        view = await enrollment.load(ctx.store, who, draft_id, revoker=ctx.revoker)
         slot = view.slot(alias)
         url = await ctx.connector.begin(
             workspace_id=who.member.workspace_id,
@@ -105,16 +107,20 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
 
     async def review(request: Request) -> Response:
         who = await ctx.require(request)
-        view = await enrollment.load(ctx.store, who, request.path_params["draft_id"])
+        view = await enrollment.load(ctx.store, who, request.path_params["draft_id"], revoker=ctx.revoker)
         return await ctx.render(request, "review.html", view=view, error=None, mcp_url=_mcp_url(request, view))
 
     async def approve(request: Request) -> Response:
         who = await ctx.require(request)
         draft_id = request.path_params["draft_id"]
         try:
-            enrolled = await enrollment.approve(ctx.store, ctx.hasher, who, draft_id)
+            enrolled = await enrollment.approve(ctx.store, ctx.hasher, who, draft_id, revoker=ctx.revoker)
+        except AlreadyApproved as approved:
+            return await ctx.message(
+                request, approved.title, approved.detail, status=approved.status, links={"My connections": "/me"}
+            )
         except ValidationFailed as invalid:
-            view = await enrollment.load(ctx.store, who, draft_id)
+            view = await enrollment.load(ctx.store, who, draft_id, revoker=ctx.revoker)
             return await ctx.render(
                 request, "review.html", status=422, view=view, error=invalid.detail, mcp_url=_mcp_url(request, view)
             )
@@ -134,14 +140,14 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
         """A draft whose link stopped working can never be approved: nothing of it is kept."""
         who = await ctx.require(request)
         try:
-            await enrollment.cancel(ctx.store, who, draft_id)
+            await enrollment.cancel(ctx.store, who, draft_id, revoker=ctx.revoker)
         except (NotFound, Gone):
             return
 
     async def cancel(request: Request) -> Response:
         who = await ctx.require(request)
         with contextlib.suppress(Gone):  # expired: already discarded
-            await enrollment.cancel(ctx.store, who, request.path_params["draft_id"])
+            await enrollment.cancel(ctx.store, who, request.path_params["draft_id"], revoker=ctx.revoker)
         return await ctx.message(
             request,
             "Enrollment cancelled",

@@ -11,7 +11,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bastion.errors import BastionError, Forbidden, NotFound
-from bastion.services import enrollment
+from bastion.services import enrollment, step_up
 from bastion.web.ui.connect import Connector
 from bastion.web.ui.context import UiContext, redirect
 
@@ -42,12 +42,15 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
     async def reconnect(request: Request) -> Response:
         who = await ctx.require(request)
         identity, server = await enrollment.reconnectable(ctx.store, who, request.path_params["identity_id"])
+        # After a 403 insufficient_scope the identity keeps the scope to ask for (step-up); else the default.
+        wanted = identity.details.get(step_up.STEP_UP_KEY)
         url = await connector().begin(
             workspace_id=who.member.workspace_id,
             member_id=who.member.id,
             server_id=server.id,
             browser=ctx.session_browser(who),
             context={"reconnect": identity.id},
+            scope=wanted if isinstance(wanted, str) and wanted else None,
         )
         return RedirectResponse(url, status_code=303)
 
@@ -85,6 +88,7 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
                 secret=connected.secret,
                 details=connected.details,
                 label=connected.label,
+                revoker=ctx.revoker,
             )
             return redirect(f"/enroll/drafts/{quote(draft_id)}?changed={quote(alias)}#server-{quote(alias)}")
         if isinstance(identity_id, str):
@@ -97,6 +101,7 @@ def routes(ctx: UiContext) -> list[BaseRoute]:
                 server_id=connected.server_id,
                 secret=connected.secret,
                 details=connected.details,
+                revoker=ctx.revoker,
             )
             return await ctx.message(
                 request,

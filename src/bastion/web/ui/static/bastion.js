@@ -34,6 +34,34 @@
     if (wanted) { wanted.focus(); }
   }
 
+  // A form marked data-submit-once is sent once: a double click on "Approve" is one approval. Its buttons are
+  // disabled while it goes; coming back to the page (the back button) makes them usable again.
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (!form || !form.hasAttribute || !form.hasAttribute("data-submit-once")) { return; }
+    if (form.getAttribute("data-submitting") === "true") { event.preventDefault(); return; }
+    form.setAttribute("data-submitting", "true");
+    var buttons = form.querySelectorAll("button, input[type=submit]");
+    for (var i = 0; i < buttons.length; i++) {
+      buttons[i].disabled = true;
+      buttons[i].setAttribute("aria-disabled", "true");
+      if (buttons[i].hasAttribute("data-busy-text")) { buttons[i].textContent = buttons[i].getAttribute("data-busy-text"); }
+    }
+  });
+  window.addEventListener("pageshow", function (event) {
+    if (!event.persisted) { return; }
+    var sent = document.querySelectorAll("form[data-submitting]");
+    for (var i = 0; i < sent.length; i++) {
+      sent[i].removeAttribute("data-submitting");
+      var buttons = sent[i].querySelectorAll("button, input[type=submit]");
+      for (var j = 0; j < buttons.length; j++) {
+        buttons[j].disabled = false;
+        buttons[j].removeAttribute("aria-disabled");
+        if (buttons[j].hasAttribute("data-idle-text")) { buttons[j].textContent = buttons[j].getAttribute("data-idle-text"); }
+      }
+    }
+  });
+
   document.addEventListener("click", function (event) {
     var button = event.target.closest ? event.target.closest("[data-copy]") : null;
     if (button) { event.preventDefault(); copy(button); }
