@@ -14,7 +14,7 @@ from bastion.domain import tokens as token_format
 from bastion.domain.actor import Actor
 from bastion.domain.specs import HostSpec
 from bastion.domain.webhooks import TokenDelivery
-from bastion.services import connections, endpoints, hosts, outbox, rotation, tokens, webhooks
+from bastion.services import connections, endpoints, hosts, members, outbox, rotation, tokens, webhooks
 from bastion.services.apikeys import KeyHasher
 from tests.webhooks.support import ADA, GATEWAY, World, build_world
 
@@ -131,6 +131,16 @@ async def test_deleting_a_connection_tells_the_host_each_live_token_is_revoked(w
     await connections.delete(world.store, world.operator, connection.id)
     revoked = [(r.token_id, r.version) for r in await world.outbox() if r.event_type == "token.revoked"]
     assert revoked == [(first.id, 3), (second.id, 4)]
+
+
+async def test_deleting_a_member_tells_the_host_each_of_their_live_tokens_is_revoked(world: World) -> None:
+    await world.endpoint("https://a.example.com")
+    connection, first, _ = await world.connect()
+    second, _ = await connections.mint_token(world.store, world.hasher, world.operator, connection.id)
+    await members.delete(world.store, world.operator, ADA)
+    revoked = [(r.token_id, r.connection_id) for r in await world.outbox() if r.event_type == "token.revoked"]
+    assert revoked == [(first.id, connection.id), (second.id, connection.id)]
+    assert await world.rows(schema.connections) == []
 
 
 async def test_a_host_s_webhook_url_is_its_first_endpoint_and_waits_for_a_secret(world: World) -> None:

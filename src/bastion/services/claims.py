@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -28,9 +29,11 @@ from bastion.domain.webhooks import CLAIM_CODE_LIFETIME, HostCaller
 from bastion.errors import NotFound
 from bastion.services import vault_keys
 from bastion.services.actions import action
-from bastion.services.apikeys import KeyHasher
 from bastion.types import JSONObject, WorkspaceId
 from bastion.vault.sealer import Vault
+
+if TYPE_CHECKING:  # apikeys imports members, whose deletion writes to the outbox
+    from bastion.services.apikeys import KeyHasher
 
 C = schema.claim_codes
 TOKENS = schema.access_tokens

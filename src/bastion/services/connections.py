@@ -325,12 +325,7 @@ async def delete(store: Store, actor: Actor, connection_id: str) -> None:
         current = await find(conn, actor.workspace_id, connection_id)
         _check_owner_or(actor, current.member_id, Capability.TOKENS_MANAGE)
         # Its tokens go with it: the host hears each one revoked (before the row its events count on is gone).
-        live = sa.select(schema.access_tokens.c.id).where(
-            schema.access_tokens.c.connection_id == current.id, schema.access_tokens.c.revoked_at.is_(None)
-        )
-        for token_id in (await conn.execute(live)).scalars().all():
-            await outbox.forget_token(conn, token_id)
-            await outbox.connection_event(conn, EventType.TOKEN_REVOKED, current.id, token_id=token_id)
+        await outbox.announce_revoked(conn, T.c.id == current.id)
         await crud.delete(conn, T, current.id, what="connection")
         emit(conn, Changed(Subject.CONNECTION, current.id))
         action(conn, actor, "connection.deleted", f"connection:{current.id}", {"member": current.member_id})

@@ -20,7 +20,7 @@ from bastion.domain.specs import MemberSpec, apply_changes
 from bastion.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.oauth.revocation import Outcome, Revoker
-from bastion.services import roles
+from bastion.services import outbox, roles
 from bastion.services.actions import action
 from bastion.types import JSONObject
 
@@ -206,6 +206,8 @@ async def delete(store: Store, actor: Actor, ref: str, *, revoker: Revoker | Non
         current = await find(conn, actor.workspace_id, ref)
         emit(conn, Changed(Subject.MEMBER, current.id))
         await _check_deletable(conn, actor, current)
+        # Their connections go with them: each host hears their tokens revoked, as when a connection is deleted.
+        await outbox.announce_revoked(conn, schema.connections.c.member_id == current.id)
         await crud.delete(conn, T, current.id, what="member")
         detail: JSONObject = {"email": current.email}
         if outcomes:

@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -35,8 +35,10 @@ from bastion.domain.webhooks import (
 )
 from bastion.events.bus import Changed, Subject
 from bastion.services import claims, endpoints, vault_keys
-from bastion.services.apikeys import KeyHasher
 from bastion.types import JSONObject
+
+if TYPE_CHECKING:  # apikeys imports members, whose deletion writes to the outbox
+    from bastion.services.apikeys import KeyHasher
 
 OB = schema.webhook_outbox
 D = schema.webhook_deliveries
@@ -206,6 +208,19 @@ async def insert_test(
     subject = EventSubject(host=host_name)
     await _insert(conn, row_id, workspace_id, endpoint_id, event_id, EventType.TEST, subject, 0, body, now, values)
     return row_id
+
+
+async def announce_revoked(conn: AsyncConnection, *where: sa.ColumnElement[bool]) -> None:
+    """Queue token.revoked for every live token of the connections matching ``where``, before those rows go."""
+    a, c = schema.access_tokens, schema.connections
+    live = (
+        sa.select(a.c.id, a.c.connection_id)
+        .join(c, c.c.id == a.c.connection_id)
+        .where(a.c.revoked_at.is_(None), *where)
+    )
+    for token_id, connection_id in (await conn.execute(live)).all():
+        await forget_token(conn, token_id)
+        await connection_event(conn, EventType.TOKEN_REVOKED, connection_id, token_id=token_id)
 
 
 async def forget_token(conn: AsyncConnection, token_id: str) -> None:
