@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from examples.agent.app import Config, create_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.settings import generate_secrets
-from bastion_agent import Applied, Event, TokenMap, generate_key
+from bastion_agent import Applied, Event, TokenMap, generate_key, sign
 from tests.mcp_support import Recorder, recording_upstream, serving
 from tests.processes import Server, clean_env, free_port, run_bastion
 from tests.processes import serving as bastion_serving
@@ -260,10 +261,11 @@ async def test_a_member_enrolls_and_the_agent_calls_as_them_until_the_host_is_di
         assert again.json()["answer"] == ADA.credential
 
 
-def refuse_first(kind: str, refused: list[str]) -> Callable[[ASGIApp], ASGIApp]:
+def refuse_first(kind: str, refused: list[bytes]) -> Callable[[ASGIApp], ASGIApp]:
     """In front of the agent: answer the first delivery of a ``kind`` event with a 409, as a glitch would.
 
-    A 4xx fails that event alone: Bastion goes on with the later ones and retries it afterwards, out of order.
+    A 4xx fails that event alone: Bastion goes on with the later ones and retries it afterwards. The refused body is
+    kept in ``refused``, so the test can deliver it once more, late, as a retry that lost every race would arrive.
     """
 
     def wrap(app: ASGIApp) -> ASGIApp:
@@ -279,7 +281,7 @@ def refuse_first(kind: str, refused: list[str]) -> Callable[[ASGIApp], ASGIApp]:
                     break
             body = b"".join(m.get("body", b"") for m in messages)
             if json.loads(body).get("type") == kind:
-                refused.append(kind)
+                refused.append(body)
                 await send({"type": "http.response.start", "status": 409, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
                 return
@@ -317,14 +319,28 @@ async def test_events_produced_while_the_agent_is_down_all_arrive_and_end_in_the
     produced = {"connection.disabled", "token.minted", "token.revoked", "connection.enabled"}
 
     # Back up, behind a glitch that fails the first delivery of connection.disabled: it arrives last.
-    refused: list[str] = []
+    refused: list[bytes] = []
     async with running_agent(world, inbox, wrap=refuse_first("connection.disabled", refused)) as agent:
         await inbox.wait_for("Ada's events", _about(ADA, *produced))
         await inbox.wait_for("Bob's connection", _about(BOB, "connection.created"))
         await inbox.wait_for("the host's events", _host_event("host.enabled"))
-        assert refused == ["connection.disabled"]
-        kinds = inbox.types()
-        assert kinds.index("connection.disabled") > kinds.index("connection.enabled")  # retried out of order
+        assert [json.loads(body)["type"] for body in refused] == ["connection.disabled"]
+        applied = len(inbox.events)
+        # However Bastion's retries interleaved, an older event arriving after a newer one must not win: deliver the
+        # refused connection.disabled once more (a new webhook-id, as a redelivery from elsewhere would carry).
+        late_id, now = "msg_late_redelivery", int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": late_id,
+            "webhook-timestamp": str(now),
+            "webhook-signature": sign(world.config.webhook_secrets[0], late_id, now, refused[0]),
+        }
+        async with httpx2.AsyncClient() as http:
+            late = await http.post(
+                f"http://127.0.0.1:{world.agent_port}/webhooks/bastion", content=refused[0], headers=headers
+            )
+        assert late.status_code == 200, late.text
+        assert "connection.enabled" in inbox.types()[:applied]
 
         # Ada: enabled (the late disable is older than the enable), the new token live, the revoked one gone.
         (after,) = await agent.token_map.enrollments(ADA.email)
@@ -341,7 +357,7 @@ async def test_events_produced_while_the_agent_is_down_all_arrive_and_end_in_the
     endpoint = f"/hosts/{HOST}/webhooks/{world.endpoint_id}"
     listed = await _ok(await world.admin.get(f"{endpoint}/events", params={"limit": 100}))
     assert {m["status"] for m in listed["items"]} == {"delivered"}
-    assert sorted(m["event_id"] for m in listed["items"]) == sorted(e.event_id for e in inbox.events)
+    assert sorted(m["event_id"] for m in listed["items"]) == sorted(e.event_id for e in inbox.events[:applied])
     # Bastion's delivery log shows the outage (refused connections) and the glitch (the 409), then the deliveries.
     log = await _ok(await world.admin.get(f"{endpoint}/deliveries", params={"limit": 100}))
     outcomes = [(d["status_code"], d["outcome"]) for d in log["items"]]
