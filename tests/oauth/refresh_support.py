@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,10 +12,14 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import Identity, IdentityKind, IdentitySecret
 from bastion.domain.ids import new_id
+from bastion.domain.models import AuthKind, Transport
+from bastion.domain.specs import MemberSpec, ServerSpec
 from bastion.oauth.model import ClientAuth
-from bastion.services import identities, servers, vault_keys
+from bastion.services import identities, members, servers, vault_keys
 from bastion.services.apikeys import KeyHasher
 from bastion.vault.sealer import Vault
+from tests.fixtures.token_server import TokenServer
+from tests.mcp_support import serving
 
 
 async def oauth_client(
@@ -93,3 +99,29 @@ async def oauth_identity(
         shared=owner is None,
         details=details,
     )
+
+
+@asynccontextmanager
+async def crm_with_token_server(
+    store: Store, vault: Vault, operator: Actor, resource: str, auth: ClientAuth
+) -> AsyncIterator[tuple[TokenServer, str, Any]]:
+    """A served token server knowing Bastion's client, an OAuth server "crm" at ``resource``, member Ada, and the
+    client row: (token server, its URL, the oauth_clients row)."""
+    server = TokenServer()
+    server.register("bastion-client", auth.value, "client-secret-value")
+    await servers.create(
+        store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url=resource, auth_kind=AuthKind.OAUTH)
+    )
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    async with serving(server.app()) as url:
+        row = await oauth_client(
+            store,
+            vault,
+            operator,
+            server="crm",
+            issuer=url,
+            client_id="bastion-client",
+            auth_method=auth,
+            secret="client-secret-value",
+        )
+        yield server, url, row

@@ -18,21 +18,18 @@ from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import IdentitySecret, IdentityStatus
-from bastion.domain.models import AuthKind, Transport
-from bastion.domain.specs import MemberSpec, ServerSpec
 from bastion.errors import Unavailable
 from bastion.net.outbound import OutboundPolicy
 from bastion.oauth.model import ClientAuth, TokenSet
 from bastion.oauth.refresh import Live, NeedsReauth, Refresher, RefreshFailed
-from bastion.services import identities, members, servers, step_up, workspace
+from bastion.services import identities, step_up, workspace
 from bastion.services.apikeys import KeyHasher
 from bastion.services.audit import AuditKeys
 from bastion.upstream.refusals import generation
 from bastion.vault.crypto import Keyring
 from bastion.vault.sealer import Vault
 from tests.fixtures.token_server import TokenServer
-from tests.mcp_support import serving
-from tests.oauth.refresh_support import oauth_client, oauth_identity
+from tests.oauth.refresh_support import crm_with_token_server, oauth_identity
 
 pytestmark = pytest.mark.anyio
 RESOURCE = "https://crm.example.com/mcp"
@@ -86,23 +83,7 @@ class World:
 
 @asynccontextmanager
 async def _world(store: Store, vault: Vault, hasher: KeyHasher, operator: Actor) -> AsyncGenerator[World]:
-    server = TokenServer()
-    server.register("bastion-client", "client_secret_post", "client-secret-value")
-    await servers.create(
-        store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url=RESOURCE, auth_kind=AuthKind.OAUTH)
-    )
-    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-    async with serving(server.app()) as url:
-        row = await oauth_client(
-            store,
-            vault,
-            operator,
-            server="crm",
-            issuer=url,
-            client_id="bastion-client",
-            auth_method=ClientAuth.POST,
-            secret="client-secret-value",
-        )
+    async with crm_with_token_server(store, vault, operator, RESOURCE, ClientAuth.POST) as (server, url, row):
         yield World(store, vault, hasher, operator, server, url, row)
 
 

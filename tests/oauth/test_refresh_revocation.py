@@ -16,18 +16,16 @@ from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import OWNER_ROLE
-from bastion.domain.models import AuthKind, Transport
-from bastion.domain.specs import MemberSpec, ServerSpec
+from bastion.domain.specs import MemberSpec
 from bastion.errors import Conflict
 from bastion.net.outbound import OutboundPolicy
 from bastion.oauth.model import ClientAuth
 from bastion.oauth.revocation import Revoker
-from bastion.services import identities, members, servers
+from bastion.services import identities, members
 from bastion.services.apikeys import KeyHasher
 from bastion.vault.sealer import Vault
 from tests.fixtures.token_server import TokenServer
-from tests.mcp_support import serving
-from tests.oauth.refresh_support import oauth_client, oauth_identity
+from tests.oauth.refresh_support import crm_with_token_server, oauth_identity
 
 pytestmark = pytest.mark.anyio
 RESOURCE = "https://crm.example.com/mcp"
@@ -77,23 +75,7 @@ class World:
 
 @pytest.fixture
 async def world(store: Store, vault: Vault, hasher: KeyHasher, operator: Actor) -> AsyncIterator[World]:
-    server = TokenServer()
-    server.register("bastion-client", "client_secret_basic", "client-secret-value")
-    await servers.create(
-        store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url=RESOURCE, auth_kind=AuthKind.OAUTH)
-    )
-    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-    async with serving(server.app()) as url:
-        row = await oauth_client(
-            store,
-            vault,
-            operator,
-            server="crm",
-            issuer=url,
-            client_id="bastion-client",
-            auth_method=ClientAuth.BASIC,
-            secret="client-secret-value",
-        )
+    async with crm_with_token_server(store, vault, operator, RESOURCE, ClientAuth.BASIC) as (server, url, row):
         revoker = Revoker(vault, OutboundPolicy(allow_loopback=True).client)
         yield World(store, vault, hasher, operator, server, url, row, revoker)
 
