@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     )
     token_cache_ttl_s: float = Field(default=30.0, ge=0, le=3600)
     fast_path: bool = Field(
-        default=False,
-        description="Experimental: forward 2026-era tools/call to 2026-era upstreams as bytes. Off until the "
-        "isolation property test passes with it (it found late duplicate deliveries under concurrency).",
+        default=True,
+        description="Forward a 2026-era tools/call to a 2026-era Streamable HTTP upstream as bytes (same checks, "
+        "same audit event) instead of through the SDK's server and client; `false` sends every call the full way",
     )
     upstream_idle_s: float = Field(default=300.0, gt=0)
     audit_mcp_calls: bool = Field(

@@ -14,12 +14,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import anyio
 import httpx2
 import mcp_types as types
 import pytest
@@ -34,6 +35,7 @@ from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, Membe
 from bastion.services import connections, gateways, hosts, identities, members, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
+from bastion.upstream.pool import Lease, UpstreamPool
 from bastion.web.app import create_app
 from tests.mcp_support import gateway_client, serving
 from tests.processes import free_port
@@ -254,15 +256,8 @@ async def test_server_everything_works_behind_bastion_on_postgresql(
     await _exercise(settings, store, token, "2026-07-28")
 
 
-_NO_CORRELATION: Final = (
-    "stdio and HTTP+SSE carry every server->client request on one stream with nothing naming the call it belongs "
-    "to; Bastion cannot yet tell which caller a pooled session's sampling request is for, so it refuses"
-)
-SAMPLING_ROUTES: Final = (
-    pytest.param(ROUTES[0], id=ROUTES[0].id),
-    pytest.param(ROUTES[2], id=ROUTES[2].id, marks=pytest.mark.xfail(reason=_NO_CORRELATION, strict=True)),
-    pytest.param(ROUTES[3], id=ROUTES[3].id, marks=pytest.mark.xfail(reason=_NO_CORRELATION, strict=True)),
-)
+# stdio and HTTP+SSE name no call in a server->client request: Bastion has such sessions take turns.
+SAMPLING_ROUTES: Final = tuple(pytest.param(route, id=route.id) for route in (ROUTES[0], ROUTES[2], ROUTES[3]))
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -304,3 +299,79 @@ async def test_server_everything_sampling_requests_reach_a_legacy_agent_through_
     assert "sampled by the agent" in _text(result)
     assert len(asked) == 1
     assert "capital of Portugal?" in asked[0].messages[0].content.text  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("route", (ROUTES[2], ROUTES[3]), ids=lambda r: r.id)
+async def test_two_agents_sharing_a_stdio_or_sse_session_each_get_only_their_own_sampling_request(
+    route: Route,
+    everything_urls: dict[Transport, str],
+    everything_entry: Path,
+    settings: Settings,
+    store: Store,
+    vault: Any,
+    hasher: KeyHasher,
+    operator: Actor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    token = await _mount(store, vault, hasher, operator, route, everything_urls, everything_entry)
+    # A second agent of the same person: same identity and capability profile, so the same pooled session.
+    await hosts.create(store, operator, HostSpec("agent-2"))
+    _c, _t, token_2 = await connections.create(
+        store, hasher, operator, host="agent-2", gateway="lab", member="ada@example.com"
+    )
+    # Signals when a second call reaches the shared session while the first is being asked to sample.
+    second_waits = anyio.Event()
+    turn = UpstreamPool.turn
+
+    @asynccontextmanager
+    async def observed(pool: UpstreamPool, lease: Lease) -> AsyncGenerator[None]:
+        if lease.turns is not None and lease.turns.lock.locked():
+            second_waits.set()
+        async with turn(pool, lease):
+            yield
+
+    monkeypatch.setattr(UpstreamPool, "turn", observed)
+    asked: dict[str, list[str]] = {"first": [], "second": []}
+    first_asked = anyio.Event()
+
+    def sampler(agent: str) -> Any:
+        async def sample(_ctx: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+            asked[agent].append(params.messages[0].content.text)  # type: ignore[union-attr]
+            if agent == "first":
+                first_asked.set()  # the first call holds the session: now the second agent calls
+                with anyio.fail_after(10):
+                    await second_waits.wait()  # the second call is at Bastion while this request is open
+            return types.CreateMessageResult(
+                role="assistant", content=types.TextContent(type="text", text=f"{agent} answers"), model="m"
+            )
+
+        return sample
+
+    results: dict[str, str] = {}
+
+    async def agent(bastion: str, name: str, bearer: str, prompt: str) -> None:
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {bearer}"}, timeout=30) as http,
+            Client(
+                streamable_http_client(f"{bastion}/g/lab/mcp", http_client=http),
+                mode="legacy",
+                cache=None,
+                sampling_callback=sampler(name),
+            ) as client,
+        ):
+            if name == "second":
+                with anyio.fail_after(10):
+                    await first_asked.wait()
+            result = await client.call_tool("ev__trigger-sampling-request", {"prompt": prompt})
+            assert not result.is_error, result
+            results[name] = _text(result)
+
+    async with serving(create_app(settings, store)) as bastion, anyio.create_task_group() as tg:
+        tg.start_soon(agent, bastion, "first", token, "first prompt")
+        tg.start_soon(agent, bastion, "second", token_2, "second prompt")
+    assert second_waits.is_set()
+    assert len(asked["first"]) == 1 and "first prompt" in asked["first"][0], asked
+    assert len(asked["second"]) == 1 and "second prompt" in asked["second"][0], asked
+    assert "first answers" in results["first"] and "second" not in results["first"], results
+    assert "second answers" in results["second"] and "first" not in results["second"], results

@@ -153,3 +153,34 @@ async def test_recovery_seals_a_forged_pending_row_as_tampered_not_as_a_real_cal
     events = await _outcomes(store)
     assert [(o, n) for _s, o, n in events] == [("ok", "real"), ("tampered", "drop_everything")]
     assert (await audit_query.verify(store, _secret(settings))).ok
+
+
+async def test_seals_are_written_while_requests_keep_coming_not_only_in_a_lull(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Requests' own commits leave fresh seals to the background drain; but under steady load the drain's turn at
+    # the lock always comes after another request's, so seals older than the delay must ride with a request.
+    monkeypatch.setattr("bastion.services.audit.SEAL_DELAY_S", 0.0)
+    sealed_under_load = 0
+    loading = True
+
+    class Counting(Audit):
+        def _write(self, conn: sa.Connection, batch: Any) -> None:
+            nonlocal sealed_under_load
+            if loading:
+                sealed_under_load += len(batch.finished) + len(batch.new)
+            super()._write(conn, batch)
+
+    log = Counting(store, _keys(settings))
+
+    async def client(index: int) -> None:
+        for call in range(25):
+            await _request(log, f"c{index}-{call}")
+
+    async with log.running():
+        async with anyio.create_task_group() as tg:
+            for index in range(16):
+                tg.start_soon(client, index)
+        loading = False
+    assert sealed_under_load > 0
+    assert len(await _outcomes(store)) == 16 * 25

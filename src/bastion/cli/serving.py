@@ -63,7 +63,7 @@ def serve(*, host: str | None, port: int | None) -> None:
     except BastionError as error:
         fail(error)
     app = create_app(settings)
-    lifecycle: Lifecycle = app.app.app.state.lifecycle  # type: ignore[attr-defined]
+    lifecycle: Lifecycle = app.state.lifecycle
     config = uvicorn.Config(
         app,
         host=settings.host,

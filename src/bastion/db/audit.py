@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -35,7 +35,8 @@ class ChainKeys:
 
 
 def _values(event: AuditEvent) -> dict[str, Any]:
-    return asdict(event)
+    # Not dataclasses.asdict: its deep copy of every value cost more than the insert itself.
+    return {name: getattr(event, name) for name in EVENT_FIELDS}
 
 
 _LIMITS: Final = {
@@ -122,8 +123,12 @@ def append(
     new = [e for e in wanted.values() if e.id not in found]
     if not finished and not new:
         return []
-    ordered = [fit(e) for e in (*finished, *new)]
+    # In the order the requests started (a refusal sealed with later calls' outcomes still comes first).
+    pending_ids = {e.id for e in finished}
+    ordered = [fit(e) for e in sorted((*finished, *new), key=lambda e: e.occurred_at)]
     sealed = seal(keys.chain, prev_seq, prev_hash, ordered)
+    completing = [s for s in sealed if s.event.id in pending_ids]
+    inserting = [s for s in sealed if s.event.id not in pending_ids]
     chained: dict[str, Any] = {
         "seq": sa.bindparam("b_seq"),
         "prev_hash": sa.bindparam("b_prev"),
@@ -144,16 +149,13 @@ def append(
                 "b_hash": s.hash,
                 **{f"b_{f}": getattr(s.event, f) for f in changing},
             }
-            for s in sealed[: len(finished)]
+            for s in completing
         ]
         conn.execute(update, params)
     if new:
         conn.execute(
             sa.insert(E),
-            [
-                {**_values(s.event), "seq": s.seq, "prev_hash": s.prev_hash, "hash": s.hash}
-                for s in sealed[len(finished) :]
-            ],
+            [{**_values(s.event), "seq": s.seq, "prev_hash": s.prev_hash, "hash": s.hash} for s in inserting],
         )
     last = sealed[-1]
     now = datetime.now(UTC)

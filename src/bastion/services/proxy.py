@@ -17,6 +17,7 @@ import mcp_types as types
 from mcp import Client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp.shared.subscriptions import PromptsListChanged, ServerEvent, ToolsListChanged
 from pydantic import BaseModel
 
 from bastion.db.store import Store
@@ -24,7 +25,7 @@ from bastion.domain import routing
 from bastion.domain.connections import Principal
 from bastion.domain.models import AuthKind, IdentityScheme, ProvisionMode
 from bastion.errors import BastionError, NotFound, ValidationFailed
-from bastion.events.bus import Changed, Subject
+from bastion.events.bus import Changed, EventBus, Subject
 from bastion.oauth.refresh import Refresher
 from bastion.services import step_up
 from bastion.services.audit import AuditUnavailable, before_forwarding, current_record
@@ -32,7 +33,8 @@ from bastion.services.credentials import Credentials, IdentityNeedsReauth, Ident
 from bastion.services.directory import Directory, GatewayView, Mounted
 from bastion.services.guard import Guard
 from bastion.upstream import refusals, relay
-from bastion.upstream.pool import UpstreamPool, UpstreamRefused, UpstreamUnavailable
+from bastion.upstream.notifications import Notice, UpstreamNotices
+from bastion.upstream.pool import Lease, SessionRetired, UpstreamPool, UpstreamRefused, UpstreamUnavailable
 from bastion.upstream.transports import Credential
 from bastion.vault.sealer import Vault
 
@@ -75,8 +77,11 @@ class Proxy:
         self._pool = pool
         self._directory = directory
         self._unsubscribe = store.bus.subscribe(self._on_change)
+        self._unsubscribe_notices = pool.notices.subscribe(self._on_notice)
         # Input schemas from the last listing per (connection, tool), so tools/call needs no fresh listing.
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
+        # Which of those keys each server's listing filled, so an upstream's tools/list_changed drops its own.
+        self._schema_keys: dict[str, set[tuple[str, str]]] = {}
 
     @property
     def guard(self) -> Guard | None:
@@ -84,18 +89,59 @@ class Proxy:
 
     def close(self) -> None:
         self._unsubscribe()
+        self._unsubscribe_notices()
+
+    @property
+    def notices(self) -> UpstreamNotices:
+        """What upstream sessions announce (list_changed), tagged with their (server, identity)."""
+        return self._pool.notices
+
+    @property
+    def bus(self) -> EventBus:
+        return self._store.bus
 
     def _on_change(self, event: Changed) -> None:
         if event.subject is Subject.IDENTITY:
             self._credentials.forget(event.id)
             self._pool.discard(identity_id=event.id)
         elif event.subject is Subject.SERVER:
+            self._forget_schemas(event.id)
             self._pool.discard(server_id=event.id)
         elif event.subject is Subject.ALL:
             # Events may have been missed: no cached schema or open session can be trusted to be current.
             self._schemas.clear()
+            self._schema_keys.clear()
             self._credentials.forget()
             self._pool.discard_all()
+
+    def _on_notice(self, notice: Notice) -> None:
+        if isinstance(notice.event, ToolsListChanged):
+            self._forget_schemas(notice.server_id)  # the next listing fills them again
+
+    def _forget_schemas(self, server_id: str) -> None:
+        for key in self._schema_keys.pop(server_id, set()):
+            self._schemas.pop(key, None)
+
+    async def reaches(self, principal: Principal, notice: Notice) -> bool:
+        """Whether ``notice`` concerns what ``principal`` sees: a server their gateway mounts, heard with the very
+        identity that serves them there (a per-user identity's news is never another member's)."""
+        try:
+            view = await self._view(principal)
+        except BastionError:
+            return False  # the gateway is gone: its sessions are refused at their next request anyway
+        kind = _kind_of(notice.event)
+        for mounted in view.mounted:
+            if mounted.server.id != notice.server_id or _provisioning(mounted, kind).mode is ProvisionMode.BLOCK_ALL:
+                continue
+            if mounted.server.auth_kind is AuthKind.NONE:
+                if notice.identity_id is None:
+                    return True
+            elif mounted.entry.identity_scheme is IdentityScheme.SHARED:
+                if notice.identity_id is not None and notice.identity_id == mounted.entry.shared_identity_id:
+                    return True
+            elif notice.identity_id is not None and principal.identities.get(mounted.alias) == notice.identity_id:
+                return True
+        return False
 
     def input_schema(self, principal: Principal | None, name: str) -> dict[str, Any] | None:
         if principal is None:
@@ -138,19 +184,29 @@ class Proxy:
         """Refresh an OAuth identity whose token ``rejected`` an upstream refused; False: nothing to renew."""
         return await self._credentials.renew(principal.workspace_id, identity_id, rejected)
 
-    async def _client(self, principal: Principal, mounted: Mounted) -> Client:
+    async def _client(self, principal: Principal, mounted: Mounted) -> Lease:
         identity_id = self.identity_for(principal, mounted)
         caller = relay.downstream.get()
         profile = relay.Profile.of(caller.session.client_capabilities) if caller is not None else relay.NO_PROFILE
         current = await self.generation(principal, identity_id)
-        cached = self._pool.cached(mounted.server, identity_id, profile, current)
+        cached = self._pool.cached_lease(mounted.server, identity_id, profile, current)
         if cached is not None:
             return cached
         credential = await self.credential(principal, identity_id)
-        return await self._pool.client(mounted.server, credential, profile, generation=generation_of(credential))
+        return await self._pool.lease(mounted.server, credential, profile, generation=generation_of(credential))
 
     async def _view(self, principal: Principal) -> GatewayView:
         return await self._directory.view(principal.workspace_id, principal.gateway_id)
+
+    async def step_up(self, principal: Principal, mounted: Mounted, www_authenticate: Sequence[str]) -> None:
+        """After an upstream's 403: if more scope would help an OAuth identity, say so (with the reconnect link).
+
+        Raises:
+            IdentityNeedsScope: the member reconnects with the scope the upstream asked for.
+        """
+        identity_id = self.identity_for(principal, mounted)
+        link = self._credentials.reconnect_link(identity_id or "")
+        await step_up.needs_scope(self._store, principal.workspace_id, identity_id, www_authenticate, reconnect=link)
 
     async def _call(self, principal: Principal, mounted: Mounted, fn: Callable[[Client], Awaitable[T]]) -> T:
         await before_forwarding()  # the request's audit event is durable before anything reaches an upstream
@@ -160,11 +216,7 @@ class Proxy:
                 return await self._attempt(principal, mounted, fn)
             except (MCPError, UpstreamUnavailable) as exc:
                 if refusal.forbidden is not None:  # 403: more scope may help (the member reconnects for it)
-                    identity_id = self.identity_for(principal, mounted)
-                    link = self._credentials.reconnect_link(identity_id or "")
-                    await step_up.needs_scope(
-                        self._store, principal.workspace_id, identity_id, refusal.forbidden, reconnect=link
-                    )
+                    await self.step_up(principal, mounted, refusal.forbidden)
                 rejected = exc.generation if isinstance(exc, UpstreamRefused) else refusal.generation
                 if rejected is None or not await self.renew(principal, self.identity_for(principal, mounted), rejected):
                     raise
@@ -173,9 +225,20 @@ class Proxy:
         return await self._attempt(principal, mounted, fn)
 
     async def _attempt(self, principal: Principal, mounted: Mounted, fn: Callable[[Client], Awaitable[T]]) -> T:
-        client = await self._client(principal, mounted)
+        try:
+            return await self._attempt_on(await self._client(principal, mounted), principal, mounted, fn)
+        except SessionRetired:
+            # The call never reached the upstream: the session it waited for was closed under it. The retired
+            # session is out of the pool, so this opens (or joins) a fresh one.
+            return await self._attempt_on(await self._client(principal, mounted), principal, mounted, fn)
+
+    async def _attempt_on(
+        self, lease: Lease, principal: Principal, mounted: Mounted, fn: Callable[[Client], Awaitable[T]]
+    ) -> T:
+        client = lease.client
         record = current_record()
-        async with self._pool.slot(mounted.server.id):
+        # Turn before slot: a call waiting for its session's turn must not hold one of the server's slots.
+        async with self._pool.turn(lease), self._pool.slot(mounted.server.id):
             try:
                 result = await fn(client)
             except MCPError as exc:
@@ -217,8 +280,16 @@ class Proxy:
         async def one(index: int, mounted: Mounted) -> None:
             if _provisioning(mounted, kind).mode is ProvisionMode.BLOCK_ALL:
                 return
+
+            async def fetch_and_watch(client: Client) -> list[T]:
+                # A 2026-era upstream announces changes only on a listen stream: keep one open per session.
+                self.notices.watch(
+                    client, mounted.server.id, self.identity_for(principal, mounted), self._pool.close_later
+                )
+                return await fetch(mounted, client)
+
             try:
-                items = await self._call(principal, mounted, lambda client: fetch(mounted, client))
+                items = await self._call(principal, mounted, fetch_and_watch)
             except (BastionError, MCPError, TimeoutError) as exc:
                 logger.info(
                     "left a server out of a listing",
@@ -248,6 +319,7 @@ class Proxy:
                 continue
             name = _exposed(mounted, tool.name)
             self._schemas[(principal.connection_id, name)] = dict(tool.input_schema)
+            self._schema_keys.setdefault(mounted.server.id, set()).add((principal.connection_id, name))
             tools.append(tool if name == tool.name else tool.model_copy(update={"name": name}))
         return tools
 
@@ -432,6 +504,14 @@ class Proxy:
 
 def _exposed(mounted: Mounted, name: str) -> str:
     return routing.namespaced(mounted.alias, name) if mounted.entry.namespaced else name
+
+
+def _kind_of(event: ServerEvent) -> str:
+    if isinstance(event, ToolsListChanged):
+        return "tools"
+    if isinstance(event, PromptsListChanged):
+        return "prompts"
+    return "resources"
 
 
 def _provisioning(mounted: Mounted, kind: str) -> Any:

@@ -2,7 +2,9 @@
 
 Each session lives in its own task (anyio requires a context to be exited by the task that entered it);
 callers borrow the open ``mcp.Client``. Sessions close when idle, when their identity or server
-changes, or when the pool is full and they are the least recently used.
+changes, or when the pool is full and they are the least recently used. A stdio or HTTP+SSE session whose
+caller profile declares sampling, elicitation or roots takes its calls in turns (``turn``), so a request
+from the upstream reaches the caller whose call is waiting (see ``relay``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import anyio
 import mcp_types as types
 from anyio.abc import TaskGroup
 from mcp import Client
+from mcp.shared.exceptions import MCPError
 
 from bastion import __version__
 from bastion.domain.models import Server, Transport
 from bastion.errors import BastionError, Unavailable
 from bastion.net.outbound import OutboundPolicy
 from bastion.upstream import refusals, relay
+from bastion.upstream.notifications import UpstreamNotices
 from bastion.upstream.relay import NO_PROFILE, Profile
 from bastion.upstream.transports import Credential, client_mode, open_transport
 
@@ -82,6 +86,26 @@ class _Session:
     error: BaseException | None = None
     last_used: float = field(default_factory=time.monotonic)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    turns: relay.Turns | None = None  # set when the session's calls take turns
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An open session's client, and its turns when calls on it must run one at a time (``UpstreamPool.turn``)."""
+
+    client: Client
+    key: SessionKey
+    turns: relay.Turns | None = None
+
+
+# Codes the SDK raises itself when a call ends without the upstream's answer.
+_UNANSWERED: Final = frozenset({types.REQUEST_TIMEOUT, types.CONNECTION_CLOSED})
+
+
+class SessionRetired(UpstreamUnavailable):
+    """A call waited for its turn on a session that an unanswered call retired; a fresh session is safe to use."""
+
+    code = "upstream_session_retired"
 
 
 SessionFactory = Callable[[], Client]
@@ -98,10 +122,13 @@ class UpstreamPool:
         per_server_concurrency: int = DEFAULT_PER_SERVER_CONCURRENCY,
         per_server_queue: int = DEFAULT_PER_SERVER_QUEUE,
         outbound: OutboundPolicy | None = None,
+        notices: UpstreamNotices | None = None,
     ) -> None:
         self._max = max_sessions
         # What HTTP upstreams may be reached; strict unless the settings opt in (wiring passes them).
         self.outbound = outbound or OutboundPolicy()
+        # Where sessions' list_changed notifications go, tagged with the (server, identity) they came from.
+        self.notices = notices or UpstreamNotices()
         self._idle_s = idle_s
         self._per_server = per_server_concurrency
         self._queue = per_server_queue
@@ -152,6 +179,12 @@ class UpstreamPool:
     async def client(
         self, server: Server, credential: Credential, profile: Profile = NO_PROFILE, *, generation: str | None = None
     ) -> Client:
+        """An open session's client for ``server`` as ``credential``, opening one if needed (see ``lease``)."""
+        return (await self.lease(server, credential, profile, generation=generation)).client
+
+    async def lease(
+        self, server: Server, credential: Credential, profile: Profile = NO_PROFILE, *, generation: str | None = None
+    ) -> Lease:
         """An open session for ``server`` as ``credential``, opening one if needed.
 
         Raises:
@@ -174,17 +207,68 @@ class UpstreamPool:
                 raise UpstreamRefused(str(session.error), generation=session.error.generation)
             raise UpstreamUnavailable(f"upstream {server.name!r} is unavailable: {_describe(session.error)}")
         session.last_used = time.monotonic()
-        return session.client
+        return Lease(session.client, key, session.turns)
 
     def cached(
         self, server: Server, identity_id: str | None, profile: Profile = NO_PROFILE, generation: str | None = None
     ) -> Client | None:
+        """The open session's client for (server, identity, profile) if there is one (see ``cached_lease``)."""
+        lease = self.cached_lease(server, identity_id, profile, generation)
+        return lease.client if lease is not None else None
+
+    def cached_lease(
+        self, server: Server, identity_id: str | None, profile: Profile = NO_PROFILE, generation: str | None = None
+    ) -> Lease | None:
         """The open session for (server, identity, profile) if there is one: the hot path needs no credential lookup."""
-        session = self._sessions.get(SessionKey(server.id, server.version, identity_id, profile, generation))
+        key = SessionKey(server.id, server.version, identity_id, profile, generation)
+        session = self._sessions.get(key)
         if session is None or session.client is None:
             return None
         session.last_used = time.monotonic()
-        return session.client
+        return Lease(session.client, key, session.turns)
+
+    @asynccontextmanager
+    async def turn(self, lease: Lease) -> AsyncGenerator[None]:
+        """Hold ``lease``'s session for one call of the current downstream request, if its calls take turns.
+
+        The caller waiting here is the one the upstream's requests are relayed to until the call ends. A call
+        that ends unanswered retires the session: the upstream may still ask on its behalf.
+
+        Raises:
+            UpstreamBusy: as many calls as the per-server queue allows already wait for this session.
+            SessionRetired: the session was retired while this call waited for its turn.
+        """
+        turns = lease.turns
+        if turns is None:
+            yield
+            return
+        if turns.lock.locked() and turns.lock.statistics().tasks_waiting >= self._queue:
+            raise UpstreamBusy("this upstream session is at its limit of waiting calls; retry shortly")
+        async with turns.lock:
+            if turns.retired:
+                raise SessionRetired("the upstream session was closed after an unanswered call; retry")
+            turns.caller = relay.downstream.get()
+            answered = False
+            try:
+                yield
+                answered = True
+            except MCPError as exc:
+                answered = exc.code not in _UNANSWERED
+                raise
+            except UpstreamBusy:
+                answered = True  # refused before anything reached the upstream
+                raise
+            finally:
+                turns.caller = None
+                if not answered:
+                    self._retire(lease.key, turns)
+
+    def _retire(self, key: SessionKey, turns: relay.Turns) -> None:
+        turns.retired = True
+        session = self._sessions.get(key)
+        if session is not None and session.turns is turns:
+            self._sessions.pop(key, None)
+            session.closing.set()
 
     def cached_any(self, server: Server) -> Client | None:
         """Any open session to this server version, to learn what the upstream negotiated."""
@@ -225,6 +309,8 @@ class UpstreamPool:
             self._sessions.pop(oldest.key, None)
             oldest.closing.set()
         session = _Session(key)
+        if relay.serializes(server.transport, key.profile):
+            session.turns = relay.Turns()
         self._sessions[key] = session
         self._tasks.start_soon(self._hold, session, server, credential)
         return session
@@ -232,16 +318,21 @@ class UpstreamPool:
     async def _hold(self, session: _Session, server: Server, credential: Credential) -> None:
         # This task inherited the context of the call that opened the session; over stdio and SSE the SDK runs
         # callbacks in the reader task started here, so they would talk to that first caller, whoever calls later.
+        # A session whose calls take turns tags each message it reads with the caller whose turn it is instead.
         relay.downstream.set(None)
+        transport = open_transport(server, credential, self.outbound)
+        if session.turns is not None:
+            transport = relay.tagged(transport, session.turns)
         refusal = refusals.watch()  # this session's own requests (the handshake) report a 401 here
         with session.scope:
             try:
                 async with Client(
-                    open_transport(server, credential, self.outbound),
+                    transport,
                     mode="legacy" if server.transport is Transport.SSE else client_mode(server),  # type: ignore[arg-type]
                     read_timeout_seconds=server.call_timeout_s,
                     client_info=CLIENT_INFO,
                     cache=None,
+                    message_handler=self.notices.handler(session.key.server_id, session.key.identity_id),
                     **relay.callbacks(session.key.profile),
                 ) as client:
                     session.client = client

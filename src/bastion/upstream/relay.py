@@ -1,21 +1,32 @@
 """Relaying what an upstream asks of the caller (sampling, elicitation, roots) and what it reports (logs).
 
 An upstream session is shared by the calls of one person, so its callbacks find *which* downstream
-request to talk to through a context variable: the SDK runs client callbacks in the context of the
-call that is waiting on the upstream, so each call sees its own downstream request.
+request to talk to through a context variable. Over Streamable HTTP the SDK runs client callbacks in the
+context of the call that is waiting on the upstream, so each call sees its own downstream request.
+
+Over stdio and HTTP+SSE every upstream message arrives on one stream that names no call, so a session that
+may be asked anything (its profile declares a capability) takes its calls one at a time (``Turns``), and
+its read stream (``tagged``) hands each message on in the context of the call waiting when it was read.
 """
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Final
 
+import anyio
 import mcp_types as types
 from mcp.client.session import ClientRequestContext
 from mcp.server import ServerRequestContext
 from mcp.shared.exceptions import MCPError, NoBackChannelError
 from mcp.shared.message import ServerMessageMetadata
+
+from bastion.domain.models import Transport
 
 downstream: ContextVar[ServerRequestContext[Any, Any] | None] = ContextVar("bastion_downstream", default=None)
 HANDSHAKE_VERSIONS: Final = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
@@ -44,6 +55,75 @@ class Profile:
 
 
 NO_PROFILE: Final = Profile()
+# Transports on which a server request carries nothing that names the call it belongs to.
+UNCORRELATED: Final = frozenset({Transport.STDIO, Transport.SSE})
+
+
+def serializes(transport: Transport, profile: Profile) -> bool:
+    """Whether calls on a session must take turns so that upstream requests reach the right caller."""
+    return transport in UNCORRELATED and profile != NO_PROFILE
+
+
+@dataclass(slots=True, eq=False)
+class Turns:
+    """One call at a time on a session, and whose downstream request that call serves.
+
+    ``retired`` is set when a call ended without the upstream answering it (timeout, cancellation, dropped
+    connection): the upstream may still ask on its behalf, so no later call may run on the session.
+    """
+
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    caller: ServerRequestContext[Any, Any] | None = None
+    retired: bool = False
+
+
+class _TaggedReads:
+    """An upstream read stream whose messages carry, as the SDK's ``last_context``, the waiting call's context.
+
+    The SDK spawns the handler of each received message in ``last_context`` (the same hook Streamable HTTP
+    uses to carry the POSTing caller's context), so callbacks see ``downstream`` as it was when the message
+    was read, in wire order: a request read before a call's response belongs to that call.
+    """
+
+    def __init__(self, inner: Any, turns: Turns) -> None:
+        self._inner = inner
+        self._turns = turns
+        self.last_context: contextvars.Context | None = None
+
+    async def receive(self) -> Any:
+        item = await self._inner.receive()
+        sender: contextvars.Context | None = getattr(self._inner, "last_context", None)
+        context = (sender if sender is not None else contextvars.copy_context()).copy()
+        context.run(downstream.set, self._turns.caller)
+        self.last_context = context
+        return item
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def __aiter__(self) -> _TaggedReads:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> _TaggedReads:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+@asynccontextmanager
+async def tagged(transport: AbstractAsyncContextManager[Any], turns: Turns) -> AsyncGenerator[Any, None]:
+    """``transport`` whose read stream tags each message with the call ``turns`` says is waiting."""
+    async with transport as (read, write):
+        yield _TaggedReads(read, turns), write
 
 
 def is_legacy(ctx: ServerRequestContext[Any, Any]) -> bool:

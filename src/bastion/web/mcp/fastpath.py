@@ -10,11 +10,14 @@ upstream whose era is not yet known — takes the full path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Final
 
+import anyio
 import httpx2
 import mcp_types as types
 from mcp.server.transport_security import TransportSecurityMiddleware
@@ -30,8 +33,9 @@ from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
 from bastion.services.proxy import Proxy
 from bastion.upstream.pool import UpstreamBusy, UpstreamPool
-from bastion.upstream.refusals import UNAUTHORIZED
-from bastion.upstream.transports import http_client
+from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
+from bastion.upstream.transports import USER_AGENT
+from bastion.upstream.wire import WirePool
 from bastion.web.mcp.server import to_jsonrpc
 
 logger = logging.getLogger("bastion.fastpath")
@@ -39,7 +43,9 @@ MODERN: Final = "2026-07-28"
 # Request headers that travel to the upstream; everything else (Authorization, cookies, …) stays behind.
 _FORWARDED: Final = (b"accept", b"content-type", b"mcp-protocol-version", b"mcp-method")
 _PARAM_PREFIX: Final = b"mcp-param-"
-_HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"})
+_HOP_BY_HOP: Final = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
+)
 
 
 async def read_body(receive: Receive) -> tuple[bytes, list[Message]]:
@@ -66,27 +72,41 @@ def replaying(messages: list[Message], receive: Receive) -> Receive:
     return replay
 
 
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a call goes and the only credential it carries there."""
+
+    wire: WirePool
+    headers: list[tuple[str, str]] = field(repr=False)
+
+
 class FastPath:
     def __init__(self, proxy: Proxy, pool: UpstreamPool, audit: Audit, security: TransportSecurityMiddleware) -> None:
         self._proxy = proxy
         self._pool = pool
         self._audit = audit
         self._security = security
-        # Per (server, version, identity, access token generation): a refreshed token gets a client of its own.
-        self._clients: dict[tuple[str, int, str | None, str | None], httpx2.AsyncClient] = {}
+        # Connections per (server, version): they carry no identity, each request carries its own credential.
+        self._wires: dict[tuple[str, int], WirePool] = {}
+        # The headers each (server, version, identity, access token generation) sends; a refreshed token has its own.
+        self._headers: dict[tuple[str, int, str | None, str | None], list[tuple[str, str]]] = {}
+        # The same trust as every other outbound client (httpx2's certifi bundle, no environment overrides).
+        self._tls = httpx2.create_ssl_context(trust_env=False)
         pool.on_discard(self._forget)
 
     def _forget(self, server_id: str | None, identity_id: str | None) -> None:
         for key in [
-            k for k in self._clients if (server_id and k[0] == server_id) or (identity_id and k[2] == identity_id)
+            k for k in self._headers if (server_id and k[0] == server_id) or (identity_id and k[2] == identity_id)
         ]:
-            client = self._clients.pop(key)
-            self._pool.close_later(client.aclose)
+            del self._headers[key]
+        for key in [k for k in self._wires if server_id and k[0] == server_id]:
+            self._pool.close_later(self._wires.pop(key).aclose)
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
-        self._clients.clear()
+        for wire in self._wires.values():
+            await wire.aclose()
+        self._wires.clear()
+        self._headers.clear()
 
     def eligible(self, scope: Scope) -> bool:
         if scope["method"] != "POST":
@@ -109,7 +129,7 @@ class FastPath:
         """Forward the call and return True, or return False (nothing sent) for the full path to take it."""
         try:
             decoded: Any = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # the full path answers these with the JSON-RPC parse error
             return False
         if not isinstance(decoded, dict):
             return False
@@ -119,7 +139,11 @@ class FastPath:
             return False
         call: dict[str, Any] = params  # pyright: ignore[reportUnknownVariableType]
         name = call.get("name")
-        if not isinstance(name, str) or not _routing_headers_match(scope, name):
+        if (
+            not isinstance(name, str)
+            or not (name.isascii() and name.isprintable())
+            or not _routing_headers_match(scope, name)
+        ):
             return False  # the full path rejects mismatched or duplicated routing headers as the spec requires
         try:
             mounted, tool = await self._proxy.route_tool(principal, name)
@@ -143,16 +167,20 @@ class FastPath:
         record.arguments = dict(arguments) if isinstance(arguments, dict) else None  # pyright: ignore[reportUnknownArgumentType]
         async with self._audit.call(record):
             try:
+                if guard is not None:  # no policy applies here: this records the decision and its reason as usual
+                    await guard.admit(principal, mounted.alias, tool)
+                else:
+                    record.server, record.decision = mounted.alias, "allow"
                 await self._audit.open(record)
-                client, current = await self._client(principal, mounted)
+                upstream, current = await self._client(principal, mounted)
             except BastionError as exc:
                 record.outcome, record.reason = "error", exc.code
                 await _jsonrpc_error(send, message["id"], to_jsonrpc(exc).error)
                 return True
             call["name"] = tool
 
-            async def renewed() -> httpx2.AsyncClient | None:
-                """After a 401: the client for the renewed token, or None when there is nothing to renew."""
+            async def renewed() -> Upstream | None:
+                """After a 401: the renewed token's headers, or None when there is nothing to renew."""
                 if not await self._proxy.renew(principal, self._proxy.identity_for(principal, mounted), current):
                     return None
                 return (await self._client(principal, mounted))[0]
@@ -161,8 +189,9 @@ class FastPath:
                 scope,
                 json.dumps(message, separators=(",", ":")).encode(),
                 tool,
+                principal,
                 mounted,
-                client,
+                upstream,
                 send,
                 record,
                 message["id"],
@@ -170,110 +199,149 @@ class FastPath:
             )
         return True
 
-    async def _client(self, principal: Principal, mounted: Mounted) -> tuple[httpx2.AsyncClient, str | None]:
-        """The client carrying this person's credential for the server, and which access token that is."""
+    def _wire(self, mounted: Mounted) -> WirePool:
+        server = mounted.server
+        wire = self._wires.get((server.id, server.version))
+        if wire is None:
+            assert server.url is not None  # noqa: S101  streamable HTTP servers always have one
+            wire = self._wires[(server.id, server.version)] = WirePool(
+                server.url, self._pool.outbound, connect_timeout_s=server.connect_timeout_s, ssl_context=self._tls
+            )
+        return wire
+
+    async def _client(self, principal: Principal, mounted: Mounted) -> tuple[Upstream, str | None]:
+        """The connections to the server and this person's credential for it, and which access token that is."""
         credential_id = self._proxy.identity_for(principal, mounted)
         server = mounted.server
         current = await self._proxy.generation(principal, credential_id)
-        client = self._clients.get((server.id, server.version, credential_id, current))
-        if client is not None:
-            return client, current
-        credential = await self._proxy.credential(principal, credential_id)
-        current = generation_of(credential)
-        key = (server.id, server.version, credential_id, current)
-        client = self._clients.get(key)
-        if client is None:
-            for old in [k for k in self._clients if k[:3] == key[:3] and k[3] != current]:
-                self._pool.close_later(self._clients.pop(old).aclose)  # an earlier token of this identity: spent
-            client = self._clients[key] = http_client(server, credential, self._pool.outbound)
-        return client, current
+        headers = self._headers.get((server.id, server.version, credential_id, current))
+        if headers is None:
+            credential = await self._proxy.credential(principal, credential_id)
+            current = generation_of(credential)
+            for old in [k for k in self._headers if k[:3] == (server.id, server.version, credential_id)]:
+                del self._headers[old]  # an earlier token of this identity: spent
+            headers = [("user-agent", USER_AGENT), *((k.lower(), v) for k, v in credential.headers().items())]
+            self._headers[(server.id, server.version, credential_id, current)] = headers
+        return Upstream(self._wire(mounted), headers), current
 
     async def _forward(
         self,
         scope: Scope,
         body: bytes,
         tool: str,
+        principal: Principal,
         mounted: Mounted,
-        client: httpx2.AsyncClient,
+        upstream: Upstream,
         send: Send,
         record: CallRecord,
         request_id: Any,
-        renewed: Callable[[], Awaitable[httpx2.AsyncClient | None]],
+        renewed: Callable[[], Awaitable[Upstream | None]],
     ) -> None:
-        headers = [
+        passed = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
             if k in _FORWARDED or k.startswith(_PARAM_PREFIX)
         ]
-        headers.append(("mcp-name", tool))
-        assert mounted.server.url is not None  # noqa: S101  streamable HTTP servers always have one
-        request = client.build_request("POST", mounted.server.url, content=body, headers=headers)
+        passed.append(("mcp-name", tool))
+        timeout = mounted.server.call_timeout_s
         started = False
         try:
             async with self._pool.slot(mounted.server.id):
-                response = await client.send(request, stream=True)
-                if response.status_code == UNAUTHORIZED:
-                    # Refused before the upstream acted on the call: renew the token once and send it again.
-                    try:
-                        fresh = await renewed()
-                    except BastionError as exc:
-                        await response.aclose()
-                        record.outcome, record.reason = "error", exc.code
-                        await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
-                        return
-                    if fresh is not None:
-                        await response.aclose()
-                        retry = fresh.build_request("POST", mounted.server.url, content=body, headers=headers)
-                        response = await fresh.send(retry, stream=True)
-                try:
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": response.status_code,
-                            "headers": [
-                                (k.encode("latin-1"), v.encode("latin-1"))
-                                for k, v in response.headers.items()
-                                if k.lower() not in _HOP_BY_HOP
-                            ],
-                        }
+                with anyio.fail_after(timeout):  # the whole call, streamed answer included
+                    response = await upstream.wire.post(
+                        [*upstream.headers, *passed], body, first_byte_timeout_s=timeout
                     )
-                    started = True
-                    async for chunk in _chunks(response):
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                finally:
-                    await response.aclose()
+                    if response.status_code == UNAUTHORIZED:
+                        # Refused before the upstream acted on the call: renew the token once and send it again.
+                        await response.aclose()
+                        try:
+                            fresh = await renewed()
+                        except BastionError as exc:
+                            record.outcome, record.reason = "error", exc.code
+                            await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
+                            return
+                        if fresh is None:
+                            record.outcome, record.reason = "error", "http_401"
+                            record.upstream_status = str(UNAUTHORIZED)
+                            await _jsonrpc_error(send, request_id, _refused(mounted))
+                            return
+                        response = await fresh.wire.post([*fresh.headers, *passed], body, first_byte_timeout_s=timeout)
+                    if response.status_code in (UNAUTHORIZED, FORBIDDEN):
+                        # As on the full path: the agent gets a JSON-RPC error, never the upstream's challenge (which
+                        # would send it after the upstream's authorization server with its Bastion token).
+                        challenges = [v.decode("latin-1") for k, v in response.headers if k == b"www-authenticate"]
+                        await response.aclose()
+                        record.outcome, record.reason = "error", f"http_{response.status_code}"
+                        record.upstream_status = str(response.status_code)
+                        if response.status_code == FORBIDDEN:
+                            try:
+                                await self._proxy.step_up(principal, mounted, challenges)
+                            except BastionError as exc:
+                                record.reason = exc.code
+                                await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
+                                return
+                        await _jsonrpc_error(send, request_id, _refused(mounted, response.status_code))
+                        return
+                    try:
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": response.status_code,
+                                "headers": [(k, v) for k, v in response.headers if k not in _HOP_BY_HOP],
+                            }
+                        )
+                        started = True
+                        async for chunk in response.chunks():
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    finally:
+                        await response.aclose()
             if response.status_code >= 400:
                 record.outcome, record.reason = "error", f"http_{response.status_code}"
         except UpstreamBusy as exc:
             record.outcome, record.reason = "error", exc.code
             await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
-        except (httpx2.TransportError, OSError, UrlRefused) as exc:
-            record.outcome, record.reason = "error", "upstream_unavailable"
+        except (OSError, UrlRefused, TimeoutError) as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            record.outcome, record.reason = "error", "upstream_timeout" if timed_out else "upstream_unavailable"
+            record.upstream_status = "timeout" if timed_out else "unavailable"
             logger.info("fast path upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
-            self._forget(mounted.server.id, None)
             if started:  # the caller already has a status line: end the stream; its client sees it cut short
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                with contextlib.suppress(OSError):  # the caller itself may be what went away
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
-            error = types.ErrorData(
-                code=-32052,
-                message=f"upstream {mounted.alias!r} is unavailable{reason}",
-                data={"code": "upstream_unavailable"},
-            )
+            if timed_out:
+                error = types.ErrorData(code=-32001, message="the upstream server did not answer in time")
+            else:
+                reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
+                error = types.ErrorData(
+                    code=-32052,
+                    message=f"upstream {mounted.alias!r} is unavailable{reason}",
+                    data={"code": "upstream_unavailable"},
+                )
             await _jsonrpc_error(send, request_id, error)
+        else:
+            if record.upstream_status is None:
+                record.upstream_status = "ok" if response.status_code < 400 else f"http_{response.status_code}"
+
+
+def _refused(mounted: Mounted, status: int = UNAUTHORIZED) -> types.ErrorData:
+    what = "the credential" if status == UNAUTHORIZED else "the call"
+    return types.ErrorData(
+        code=-32052,
+        message=f"upstream {mounted.alias!r} refused {what} (HTTP {status})",
+        data={"code": "upstream_refused_credential" if status == UNAUTHORIZED else "upstream_forbidden"},
+    )
 
 
 def _routing_headers_match(scope: Scope, name: str) -> bool:
     routing = [(k, v) for k, v in scope["headers"] if k in (b"mcp-name", b"mcp-method", b"mcp-protocol-version")]
     names = [k for k, _ in routing]
-    return len(names) == len(set(names)) == 3 and (b"mcp-name", name.encode()) in routing
-
-
-async def _chunks(response: httpx2.Response) -> AsyncIterator[bytes]:
-    async for chunk in response.aiter_raw():
-        if chunk:
-            yield chunk
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:  # a lone surrogate: the full path answers it
+        return False
+    return len(names) == len(set(names)) == 3 and (b"mcp-name", encoded) in routing
 
 
 async def _no_body() -> Message:

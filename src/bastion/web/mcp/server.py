@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from functools import wraps
 from typing import Any, Final, TypeVar, cast
 
 import mcp_types as types
-from mcp.server import Server, ServerRequestContext
+from mcp.server import NotificationOptions, Server, ServerRequestContext
+from mcp.server.models import InitializationOptions
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from bastion import __version__
 from bastion.domain.connections import Principal
@@ -22,6 +25,7 @@ from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy,
 from bastion.types import JSONValue
 from bastion.upstream import relay
 from bastion.upstream.pool import UpstreamBusy, UpstreamUnavailable
+from bastion.web.mcp.listeners import Listeners, ListenStreams, join
 
 logger = logging.getLogger("bastion.mcp")
 current_principal: ContextVar[Principal | None] = ContextVar("bastion_principal", default=None)
@@ -92,13 +96,18 @@ def _principal() -> Principal:
 Handler = Callable[[ServerRequestContext[Any, Any], Any], Awaitable[R]]
 
 
-def _audited(audit: Audit, method: str) -> Callable[[Handler[R]], Handler[R]]:
-    """One audit record per request, and Bastion errors mapped to JSON-RPC, around a handler."""
+def _audited(audit: Audit, method: str, listeners: Listeners | None = None) -> Callable[[Handler[R]], Handler[R]]:
+    """One audit record per request, and Bastion errors mapped to JSON-RPC, around a handler.
+
+    With ``listeners``, the request's handshake-era session also joins the sessions told about list changes.
+    """
 
     def decorate(fn: Handler[R]) -> Handler[R]:
         @wraps(fn)
         async def wrapper(ctx: ServerRequestContext[Any, Any], params: Any) -> R:
             principal = _principal()
+            if listeners is not None:
+                join(listeners, ctx, principal)
             name = getattr(params, "name", None) or (str(params.uri) if hasattr(params, "uri") else None)
             record = CallRecord(method=method, gateway=principal.gateway_slug, principal=principal, name=name)
             arguments: Any = getattr(params, "arguments", None)
@@ -125,8 +134,45 @@ def _audited(audit: Audit, method: str) -> Callable[[Handler[R]], Handler[R]]:
     return decorate
 
 
+class _GatewayServer(Server[Any]):
+    """Declares what Bastion relays: list changes in both eras; resource updates in the handshake era only."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        relayed = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+        return super().create_initialization_options(
+            notification_options or relayed, experimental_capabilities, extensions
+        )
+
+    def get_capabilities(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+        *,
+        protocol_version: str | None = None,
+    ) -> types.ServerCapabilities:
+        capabilities = super().get_capabilities(
+            notification_options, experimental_capabilities, extensions, protocol_version=protocol_version
+        )
+        if protocol_version in MODERN_PROTOCOL_VERSIONS and capabilities.resources is not None:
+            # Listen streams carry list changes; resource subscriptions on them are not relayed upstream.
+            capabilities.resources = capabilities.resources.model_copy(update={"subscribe": False})
+        return capabilities
+
+
 def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
     """A Server whose handlers read the Principal the endpoint attached to this request."""
+    listeners = Listeners(proxy)
+
+    @asynccontextmanager
+    async def lifespan(_server: Server[Any]) -> AsyncGenerator[dict[str, Any]]:
+        async with listeners.running():
+            yield {}
 
     def round_trip(ctx: ServerRequestContext[Any, Any], params: Any) -> RoundTrip | None:
         # 2026-era callers get input-required results passed through; handshake-era callers are asked mid-call.
@@ -134,11 +180,11 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
             return None
         return RoundTrip(getattr(params, "input_responses", None), getattr(params, "request_state", None))
 
-    @_audited(audit, "tools/list")
+    @_audited(audit, "tools/list", listeners)
     async def list_tools(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=await proxy.list_tools(_principal()))
 
-    @_audited(audit, "tools/call")
+    @_audited(audit, "tools/call", listeners)
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
         async def progress(progress: float, total: float | None, message: str | None) -> None:
             await ctx.session.report_progress(progress, total, message)
@@ -146,37 +192,46 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
         arguments = dict(params.arguments or {})
         return await proxy.call_tool(_principal(), params.name, arguments, progress, round_trip(ctx, params))
 
-    @_audited(audit, "prompts/list")
+    @_audited(audit, "prompts/list", listeners)
     async def list_prompts(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListPromptsResult:
         return types.ListPromptsResult(prompts=await proxy.list_prompts(_principal()))
 
-    @_audited(audit, "prompts/get")
+    @_audited(audit, "prompts/get", listeners)
     async def get_prompt(ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams) -> Any:
         return await proxy.get_prompt(_principal(), params.name, params.arguments, round_trip(ctx, params))
 
-    @_audited(audit, "resources/list")
+    @_audited(audit, "resources/list", listeners)
     async def list_resources(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListResourcesResult:
         return types.ListResourcesResult(resources=await proxy.list_resources(_principal()))
 
-    @_audited(audit, "resources/templates/list")
+    @_audited(audit, "resources/templates/list", listeners)
     async def list_templates(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListResourceTemplatesResult:
         return types.ListResourceTemplatesResult(resource_templates=await proxy.list_resource_templates(_principal()))
 
-    @_audited(audit, "resources/read")
+    @_audited(audit, "resources/read", listeners)
     async def read_resource(ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams) -> Any:
         return await proxy.read_resource(_principal(), str(params.uri), round_trip(ctx, params))
 
     @_audited(audit, "resources/subscribe")
-    async def subscribe(_ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams) -> Any:
+    async def subscribe(ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams) -> Any:
         await proxy.subscribe(_principal(), str(params.uri), on=True)
+        listener = join(listeners, ctx, _principal())
+        if listener is not None:  # upstream resources/updated for this URI now reach this session
+            listener.uris.add(str(params.uri))
         return types.EmptyResult()
 
     @_audited(audit, "resources/unsubscribe")
-    async def unsubscribe(_ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams) -> Any:
+    async def unsubscribe(ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams) -> Any:
         await proxy.subscribe(_principal(), str(params.uri), on=False)
+        listener = join(listeners, ctx, _principal())
+        if listener is not None:
+            listener.uris.discard(str(params.uri))
         return types.EmptyResult()
 
-    @_audited(audit, "completion/complete")
+    async def initialized(ctx: ServerRequestContext[Any, Any], _params: types.NotificationParams) -> None:
+        join(listeners, ctx, current_principal.get())  # from the start of the session, before any listing
+
+    @_audited(audit, "completion/complete", listeners)
     async def complete(
         _ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams
     ) -> types.CompleteResult:
@@ -195,8 +250,9 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MCPDeprecationWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        server: Server[Any] = Server(  # pyright: ignore[reportDeprecated]
+        server: Server[Any] = _GatewayServer(  # pyright: ignore[reportDeprecated]
             "bastion",
+            lifespan=lifespan,
             version=__version__,
             instructions="Bastion gateway: tools run with your own credentials for each server.",
             on_list_tools=list_tools,
@@ -208,10 +264,12 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
             on_read_resource=read_resource,
             on_subscribe_resource=subscribe,
             on_unsubscribe_resource=unsubscribe,
+            on_subscriptions_listen=ListenStreams(listeners, _principal),
             on_completion=complete,
             on_set_logging_level=set_logging_level,
             get_tool_input_schema=input_schema,
         )
+    server.add_notification_handler("notifications/initialized", types.NotificationParams, initialized)
     # The SDK's default OpenTelemetry middleware costs a span per request even with no exporter configured.
     server.middleware.clear()
     return server
