@@ -158,8 +158,8 @@ async def test_recovery_seals_a_forged_pending_row_as_tampered_not_as_a_real_cal
 async def test_seals_are_written_while_requests_keep_coming_not_only_in_a_lull(
     store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Requests' own commits leave fresh seals to the background drain; but under steady load the drain's turn at
-    # the lock always comes after another request's, so seals older than the delay must ride with a request.
+    # Under steady load the background drain's turn at the lock always comes after another request's: seals
+    # must ride with the requests' own commits, or they wait for a lull that never comes.
     monkeypatch.setattr("bastion.services.audit.SEAL_DELAY_S", 0.0)
     sealed_under_load = 0
     loading = True

@@ -110,7 +110,6 @@ class _Batch:
     new: list[AuditEvent] = field(default_factory=list[AuditEvent])
     done: anyio.Event = field(default_factory=anyio.Event)
     error: BaseException | None = None
-    decided_since: float | None = None  # when the oldest seal or refusal in this batch was queued (monotonic)
 
     def __len__(self) -> int:
         return len(self.pending) + len(self.finished) + len(self.new)
@@ -211,7 +210,7 @@ class Audit:
             # A stalled database must not hold the caller: it is refused (the write, if it lands later, is
             # completed by the request's outcome all the same, by event id).
             with anyio.fail_after(OPEN_TIMEOUT_S):
-                await self._commit(batch, seals=False)
+                await self._commit(batch)
         except (AuditUnavailable, TimeoutError) as exc:
             batch.pending[:] = [e for e in batch.pending if e.id != record.id]
             if isinstance(exc, TimeoutError):
@@ -229,11 +228,6 @@ class Audit:
             logger.error("audit queue full: an event was dropped", extra={"audit_id": event.id})
             return
         (batch.finished if finished else batch.new).append(event)
-        if batch.decided_since is None:
-            batch.decided_since = time.monotonic()
-        self._schedule_drain()
-
-    def _schedule_drain(self) -> None:
         if self._tg is not None and not self._draining:
             self._draining = True
             self._tg.start_soon(self._drain)
@@ -245,34 +239,18 @@ class Audit:
         finally:
             self._draining = False
 
-    async def _commit(self, batch: _Batch, *, seals: bool = True) -> None:
-        """Commit ``batch`` (and whatever joined it), or wait for the commit that carries it.
-
-        A request waiting to forward (``seals=False``) commits only pending rows: sealing (the chain head, the
-        hashes) is the background drain's, so a lone caller waits for one small insert, not for the chain.
-        """
+    async def _commit(self, batch: _Batch) -> None:
+        """Commit ``batch`` (and whatever joined it), or wait for the commit that carries it."""
         async with self._lock:
             if batch.done.is_set():
                 if batch.error is not None:
                     raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from batch.error
                 return
             self._batch = _Batch()
-            if not seals and (batch.decided_since is None or time.monotonic() - batch.decided_since < SEAL_DELAY_S):
-                # Seals younger than the drain's delay are left to it. Older ones ride along: under steady load
-                # the drain's turn at the lock may always come after another request's, and seals must not wait
-                # for a lull that never comes.
-                self._batch.finished, batch.finished = batch.finished, []
-                self._batch.new, batch.new = batch.new, []
-                self._batch.decided_since = batch.decided_since
-                if self._batch.finished or self._batch.new:
-                    self._schedule_drain()
-            else:
-                # Decided events beyond one batch's worth (a backlog after an outage) wait for the next commit.
-                keep = max(MAX_BATCH - len(batch.finished), 0)
-                self._batch.finished, batch.finished = batch.finished[MAX_BATCH:], batch.finished[:MAX_BATCH]
-                self._batch.new, batch.new = batch.new[keep:], batch.new[:keep]
-                if self._batch.finished or self._batch.new:
-                    self._batch.decided_since = batch.decided_since
+            # Decided events beyond one batch's worth (a backlog after an outage) wait for the next commit.
+            keep = max(MAX_BATCH - len(batch.finished), 0)
+            self._batch.finished, batch.finished = batch.finished[MAX_BATCH:], batch.finished[:MAX_BATCH]
+            self._batch.new, batch.new = batch.new[keep:], batch.new[:keep]
             try:
                 with anyio.CancelScope(shield=True):
                     await self._store.write(lambda conn: self._write(conn, batch))
@@ -285,8 +263,6 @@ class Audit:
                 carry: Callable[[AuditEvent], AuditEvent] = _reduced if _refused_data(exc) else _same
                 self._batch.finished.extend(carry(e) for e in batch.finished)
                 self._batch.new.extend(carry(e) for e in batch.new)
-                if self._batch.decided_since is None and (self._batch.finished or self._batch.new):
-                    self._batch.decided_since = batch.decided_since or time.monotonic()
                 batch.done.set()
                 raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from exc
             batch.done.set()
