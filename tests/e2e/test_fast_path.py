@@ -124,3 +124,51 @@ async def test_modern_calls_are_forwarded_as_bytes_and_legacy_calls_take_the_ful
     # The 2026 caller's own request envelope reached the upstream (bytes forwarded); a handshake-era caller's call
     # was rebuilt by Bastion's upstream client.
     assert seen[0]["client"] == ("mcp" if mode == "2026-07-28" else "bastion")
+
+
+def refusing(inner: ASGIApp, status: int, seen: list[bytes]) -> ASGIApp:
+    """``inner``, except that every tools/call is refused with ``status`` and an OAuth challenge."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers", []))
+        if scope["type"] != "http" or headers.get(b"mcp-method") != b"tools/call":
+            await inner(scope, receive, send)
+            return
+        seen.append(headers.get(b"authorization", b""))
+        challenge = b'Bearer error="insufficient_scope", scope="calc:write", resource_metadata="https://as.example/x"'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"www-authenticate", challenge), (b"content-length", b"0")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+@pytest.mark.parametrize(("status", "code"), [(401, "upstream_refused_credential"), (403, "upstream_forbidden")])
+async def test_an_upstream_refusal_reaches_the_agent_as_a_jsonrpc_error_never_as_the_upstreams_challenge(
+    status: int, code: str, settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    seen: list[dict[str, Any]] = []
+    refused: list[bytes] = []
+    async with serving(refusing(upstream(seen), status, refused)) as up:
+        token = await _token(store, vault, hasher, operator, f"{up}/mcp")
+        async with (
+            serving(create_app(settings, store)) as bastion,
+            gateway_client(f"{bastion}/g/g/mcp", token, "2026-07-28") as client,
+        ):
+            await client.list_tools()
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("calc__add", {"n": 1})
+            # The agent keeps its Bastion token: it is told the upstream refused, not challenged to re-authenticate.
+            assert caught.value.code == -32052
+            assert caught.value.data == {"code": code}
+            assert f"HTTP {status}" in caught.value.message
+            assert "as.example" not in caught.value.message
+            # The gateway goes on serving the same agent.
+            assert [t.name for t in (await client.list_tools()).tools] == ["calc__add"]
+    # A pasted bearer credential has nothing to renew: the call was sent once, with the member's credential.
+    assert refused == [b"Bearer ada-calc-credential"]

@@ -89,13 +89,39 @@ def write_pending(conn: sa.Connection, keys: ChainKeys, events: Sequence[AuditEv
     if events:
         fitted = [fit(e) for e in events]
         rows = [{**_values(e), "seq": None, "prev_hash": None, "hash": pending_mac(keys, e)} for e in fitted]
-        conn.execute(sa.insert(E), rows)
+        conn.execute(_INSERT, rows)
+
+
+# Built once: constructing these (two dozen bind parameters each) cost more than executing them.
+_INSERT: Final = sa.insert(E)
+_HEAD: Final = sa.select(H.c.seq, H.c.hash).where(H.c.id == HEAD_ID)
+_HEAD_LOCKED: Final = _HEAD.with_for_update()
+_FOUND: Final = sa.select(E.c.id, E.c.seq).where(E.c.id.in_(sa.bindparam("ids", expanding=True)))
+_CHANGING: Final = tuple(f for f in EVENT_FIELDS if f != "id")  # every field as hashed, so row and hash agree
+_COMPLETE: Final = (
+    sa.update(E)
+    .where(E.c.id == sa.bindparam("b_id"), E.c.seq.is_(None))
+    .values(
+        seq=sa.bindparam("b_seq"),
+        prev_hash=sa.bindparam("b_prev"),
+        hash=sa.bindparam("b_hash"),
+        **{f: sa.bindparam(f"b_{f}") for f in _CHANGING},
+    )
+)
+_MOVE_HEAD: Final = (
+    sa.update(H)
+    .where(H.c.id == HEAD_ID)
+    .values(
+        seq=sa.bindparam("h_seq"),
+        hash=sa.bindparam("h_hash"),
+        mac=sa.bindparam("h_mac"),
+        updated_at=sa.bindparam("h_at"),
+    )
+)
 
 
 def _lock_head(conn: sa.Connection, keys: ChainKeys) -> tuple[int, str]:
-    query = sa.select(H.c.seq, H.c.hash).where(H.c.id == HEAD_ID)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update()
+    query = _HEAD_LOCKED if conn.dialect.name == "postgresql" else _HEAD
     row = conn.execute(query).first()
     if row is not None:
         return int(row.seq), str(row.hash)
@@ -118,7 +144,7 @@ def append(
     # (another replica's recovery sealed it as interrupted) stays as it is; a pending row is completed, even when
     # the request that wrote it was cancelled before it learnt so; only events with no row are inserted.
     wanted = {e.id: e for e in (*finished, *new)}
-    found = {row.id: row.seq for row in conn.execute(sa.select(E.c.id, E.c.seq).where(E.c.id.in_(list(wanted))))}
+    found = {row.id: row.seq for row in conn.execute(_FOUND, {"ids": list(wanted)})}
     finished = [e for e in wanted.values() if e.id in found and found[e.id] is None]
     new = [e for e in wanted.values() if e.id not in found]
     if not finished and not new:
@@ -129,40 +155,27 @@ def append(
     sealed = seal(keys.chain, prev_seq, prev_hash, ordered)
     completing = [s for s in sealed if s.event.id in pending_ids]
     inserting = [s for s in sealed if s.event.id not in pending_ids]
-    chained: dict[str, Any] = {
-        "seq": sa.bindparam("b_seq"),
-        "prev_hash": sa.bindparam("b_prev"),
-        "hash": sa.bindparam("b_hash"),
-    }
-    if finished:
-        changing = [f for f in EVENT_FIELDS if f != "id"]  # every field as hashed, so row and hash agree
-        update = (
-            sa.update(E)
-            .where(E.c.id == sa.bindparam("b_id"), E.c.seq.is_(None))
-            .values(**chained, **{f: sa.bindparam(f"b_{f}") for f in changing})
-        )
+    if completing:
         params = [
             {
                 "b_id": s.event.id,
                 "b_seq": s.seq,
                 "b_prev": s.prev_hash,
                 "b_hash": s.hash,
-                **{f"b_{f}": getattr(s.event, f) for f in changing},
+                **{f"b_{f}": getattr(s.event, f) for f in _CHANGING},
             }
             for s in completing
         ]
-        conn.execute(update, params)
-    if new:
+        conn.execute(_COMPLETE, params)
+    if inserting:
         conn.execute(
-            sa.insert(E),
-            [{**_values(s.event), "seq": s.seq, "prev_hash": s.prev_hash, "hash": s.hash} for s in inserting],
+            _INSERT, [{**_values(s.event), "seq": s.seq, "prev_hash": s.prev_hash, "hash": s.hash} for s in inserting]
         )
     last = sealed[-1]
     now = datetime.now(UTC)
     conn.execute(
-        sa.update(H)
-        .where(H.c.id == HEAD_ID)
-        .values(seq=last.seq, hash=last.hash, mac=head_mac(keys.chain, last.seq, last.hash), updated_at=now)
+        _MOVE_HEAD,
+        {"h_seq": last.seq, "h_hash": last.hash, "h_mac": head_mac(keys.chain, last.seq, last.hash), "h_at": now},
     )
     if keys.checkpoint_every and last.seq // keys.checkpoint_every > prev_seq // keys.checkpoint_every:
         checkpoint = sign_checkpoint(keys.checkpoint, last.seq, last.hash, now)
