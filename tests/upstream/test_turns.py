@@ -23,7 +23,7 @@ from mcp.shared.message import SessionMessage
 from bastion.domain.models import AuthKind, ProtocolEra, Server, Transport
 from bastion.types import ServerId, WorkspaceId
 from bastion.upstream import relay
-from bastion.upstream.pool import Lease, SessionRetired, UpstreamPool
+from bastion.upstream.pool import Lease, SessionRetired, UpstreamBusy, UpstreamPool
 from bastion.upstream.relay import NO_PROFILE, Profile
 from bastion.upstream.transports import Credential
 
@@ -199,3 +199,30 @@ def test_only_stdio_and_sse_sessions_with_a_declared_capability_take_turns() -> 
     assert not relay.serializes(Transport.STDIO, NO_PROFILE)
     assert not relay.serializes(Transport.SSE, NO_PROFILE)
     assert not relay.serializes(Transport.STREAMABLE_HTTP, SAMPLING)
+
+
+async def test_a_call_whose_turn_does_not_come_in_time_is_refused_as_busy_and_the_session_stays() -> None:
+    # Ada's agent, asked to sample, calls the same server again before answering: that second call must not wait
+    # for the first one (which waits for it) until the first times out.
+    pool = UpstreamPool()
+    ada = _Agent("ada")
+    async with pool.running():
+        lease = await pool.lease(_stdio_server(), Credential(None), SAMPLING)
+        assert lease.turns is not None
+        async with anyio.create_task_group() as tg:
+            first: list[str] = []
+
+            async def ask_first() -> None:
+                first.append(await _ask(pool, lease, _Caller(ada), "first"))
+
+            tg.start_soon(ask_first)
+            with anyio.fail_after(20):
+                await ada.arrived.wait()
+            relay.downstream.set(_Caller(ada))  # type: ignore[arg-type]
+            with pytest.raises(UpstreamBusy, match="still running"):
+                async with pool.turn(lease, wait_s=0.01):
+                    pytest.fail("the second call got a turn while the first held it")
+            ada.release.set()
+        assert first == ["answer: ada's answer"]
+        assert not lease.turns.retired  # a refused wait is not an unanswered call
+        assert await pool.lease(_stdio_server(), Credential(None), SAMPLING) == lease

@@ -238,7 +238,7 @@ class Proxy:
         client = lease.client
         record = current_record()
         # Turn before slot: a call waiting for its session's turn must not hold one of the server's slots.
-        async with self._pool.turn(lease), self._pool.slot(mounted.server.id):
+        async with self._pool.turn(lease, mounted.server.call_timeout_s), self._pool.slot(mounted.server.id):
             try:
                 result = await fn(client)
             except MCPError as exc:

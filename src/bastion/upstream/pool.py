@@ -36,6 +36,7 @@ DEFAULT_MAX_SESSIONS: Final = 512
 DEFAULT_IDLE_S: Final = 300.0
 DEFAULT_PER_SERVER_CONCURRENCY: Final = 64
 DEFAULT_PER_SERVER_QUEUE: Final = 256
+DEFAULT_TURN_WAIT_S: Final = 60.0  # longest a call waits for a turn on a session whose calls take turns
 BUSY_RETRY_AFTER_S: Final = 1
 CLIENT_INFO: Final = types.Implementation(name="bastion", version=__version__)
 
@@ -228,14 +229,16 @@ class UpstreamPool:
         return Lease(session.client, key, session.turns)
 
     @asynccontextmanager
-    async def turn(self, lease: Lease) -> AsyncGenerator[None]:
+    async def turn(self, lease: Lease, wait_s: float = DEFAULT_TURN_WAIT_S) -> AsyncGenerator[None]:
         """Hold ``lease``'s session for one call of the current downstream request, if its calls take turns.
 
         The caller waiting here is the one the upstream's requests are relayed to until the call ends. A call
         that ends unanswered retires the session: the upstream may still ask on its behalf.
 
         Raises:
-            UpstreamBusy: as many calls as the per-server queue allows already wait for this session.
+            UpstreamBusy: as many calls as the per-server queue allows already wait for this session, or the
+                turn did not come within ``wait_s`` (an agent answering a sampling request by calling the same
+                server again would otherwise wait for its own call).
             SessionRetired: the session was retired while this call waited for its turn.
         """
         turns = lease.turns
@@ -244,7 +247,13 @@ class UpstreamPool:
             return
         if turns.lock.locked() and turns.lock.statistics().tasks_waiting >= self._queue:
             raise UpstreamBusy("this upstream session is at its limit of waiting calls; retry shortly")
-        async with turns.lock:
+        acquired = False
+        with anyio.move_on_after(wait_s):
+            await turns.lock.acquire()
+            acquired = True
+        if not acquired:
+            raise UpstreamBusy("another call on this upstream session is still running; retry shortly")
+        try:
             if turns.retired:
                 raise SessionRetired("the upstream session was closed after an unanswered call; retry")
             turns.caller = relay.downstream.get()
@@ -262,6 +271,8 @@ class UpstreamPool:
                 turns.caller = None
                 if not answered:
                     self._retire(lease.key, turns)
+        finally:
+            turns.lock.release()
 
     def _retire(self, key: SessionKey, turns: relay.Turns) -> None:
         turns.retired = True
