@@ -325,10 +325,10 @@ async def test_two_agents_sharing_a_stdio_or_sse_session_each_get_only_their_own
     turn = UpstreamPool.turn
 
     @asynccontextmanager
-    async def observed(pool: UpstreamPool, lease: Lease) -> AsyncGenerator[None]:
+    async def observed(pool: UpstreamPool, lease: Lease, wait_s: float) -> AsyncGenerator[None]:
         if lease.turns is not None and lease.turns.lock.locked():
             second_waits.set()
-        async with turn(pool, lease):
+        async with turn(pool, lease, wait_s):
             yield
 
     monkeypatch.setattr(UpstreamPool, "turn", observed)

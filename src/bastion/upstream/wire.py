@@ -291,8 +291,12 @@ class WirePool:
             raise connection.error or WireError("the upstream closed the connection before answering")
         return WireResponse(self, connection)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close idle connections now; those in use close when their answer is done."""
         self._closed = True
         for connection in self._idle:
             connection._close()  # pyright: ignore[reportPrivateUsage]
         self._idle.clear()
+
+    async def aclose(self) -> None:
+        self.close()

@@ -100,11 +100,11 @@ class FastPath:
         ]:
             del self._headers[key]
         for key in [k for k in self._wires if server_id and k[0] == server_id]:
-            self._pool.close_later(self._wires.pop(key).aclose)
+            self._wires.pop(key).close()  # at once: a pool already stopping would never run a later close
 
     async def close(self) -> None:
         for wire in self._wires.values():
-            await wire.aclose()
+            wire.close()
         self._wires.clear()
         self._headers.clear()
 
