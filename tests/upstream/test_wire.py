@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
@@ -174,6 +175,16 @@ def pool_for(url: str, policy: OutboundPolicy = LOOPBACK, **kwargs: int) -> Wire
     return WirePool(url, policy, connect_timeout_s=5, **kwargs)
 
 
+@asynccontextmanager
+async def pooled(url: str, policy: OutboundPolicy = LOOPBACK, **kwargs: int) -> AsyncGenerator[WirePool]:
+    """A pool for the test's upstream, closed however the test ends."""
+    pool = pool_for(url, policy, **kwargs)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
 # --- answers and reuse ----------------------------------------------------------------------------------------------
 
 
@@ -181,8 +192,7 @@ async def test_a_json_answer_comes_back_whole_with_lower_cased_header_names_and_
     None
 ):
     async with upstream(answer_all) as server:
-        pool = pool_for(server.url)
-        try:
+        async with pooled(server.url) as pool:
             first, body = await fetch(pool, b'{"n":1}')
             assert first.status_code == 200
             assert first.headers == [(b"content-type", b"application/json"), (b"content-length", b"36")]
@@ -190,8 +200,6 @@ async def test_a_json_answer_comes_back_whole_with_lower_cased_header_names_and_
             second, body = await fetch(pool, b'{"n":2}')
             assert (second.status_code, body) == (200, JSON_ANSWER)
             assert repr(pool) == f"WirePool({server.url.removesuffix('/mcp')}, idle=1)"
-        finally:
-            await pool.aclose()
         await server.next_eof()
     assert len(server.connections) == 1
     assert [r.body for r in server.connections[0].requests] == [b'{"n":1}', b'{"n":2}']
@@ -211,8 +219,7 @@ async def test_a_chunked_event_stream_is_handed_over_chunk_by_chunk_while_the_se
         await answer_all(conn)  # the connection is kept: a chunked answer ends cleanly
 
     async with upstream(stream) as server:
-        pool = pool_for(server.url)
-        try:
+        async with pooled(server.url) as pool:
             with anyio.fail_after(5):
                 response = await post(pool)
                 assert response.status_code == 200
@@ -224,8 +231,6 @@ async def test_a_chunked_event_stream_is_handed_over_chunk_by_chunk_while_the_se
                 await response.aclose()
             _, body = await fetch(pool)
             assert body == JSON_ANSWER
-        finally:
-            await pool.aclose()
         await server.next_eof()
     assert len(server.connections) == 1
     assert len(server.requests) == 2
@@ -250,24 +255,20 @@ async def test_a_real_uvicorn_upstream_streams_its_events_and_keeps_one_connecti
         return JSONResponse({"echo": message}, headers={"Mcp-Session": "S1"})
 
     app = Starlette(routes=[Route("/mcp", mcp, methods=["POST"])])
-    async with serving(app) as base:
-        pool = pool_for(f"{base}/mcp")
-        try:
-            with anyio.fail_after(5):
-                response = await post(pool, b'{"stream":true}')
-                assert response.status_code == 200
-                assert (b"transfer-encoding", b"chunked") in response.headers
-                chunks = response.chunks()
-                assert await anext(chunks) == b"event: message\ndata: first\n\n"
-                release.set()
-                assert b"".join([chunk async for chunk in chunks]) == b"event: message\ndata: second\n\n"
-                await response.aclose()
-            response, body = await fetch(pool, b'{"stream":false}')
+    async with serving(app) as base, pooled(f"{base}/mcp") as pool:
+        with anyio.fail_after(5):
+            response = await post(pool, b'{"stream":true}')
             assert response.status_code == 200
-            assert (b"mcp-session", b"S1") in response.headers
-            assert body == b'{"echo":{"stream":false}}'
-        finally:
-            await pool.aclose()
+            assert (b"transfer-encoding", b"chunked") in response.headers
+            chunks = response.chunks()
+            assert await anext(chunks) == b"event: message\ndata: first\n\n"
+            release.set()
+            assert b"".join([chunk async for chunk in chunks]) == b"event: message\ndata: second\n\n"
+            await response.aclose()
+        response, body = await fetch(pool, b'{"stream":false}')
+        assert response.status_code == 200
+        assert (b"mcp-session", b"S1") in response.headers
+        assert body == b'{"echo":{"stream":false}}'
     assert len(clients) == 2
     assert clients[0] == clients[1]  # the same client port: one connection carried both requests
 
@@ -278,14 +279,10 @@ async def test_a_body_that_ends_with_the_connection_is_whole_and_that_connection
         await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nthe whole ")
         await conn.send(b"body, then EOF")
 
-    async with upstream(close_delimited) as server:
-        pool = pool_for(server.url)
-        try:
-            for _ in range(2):
-                response, body = await fetch(pool)
-                assert (response.status_code, body) == (200, b"the whole body, then EOF")
-        finally:
-            await pool.aclose()
+    async with upstream(close_delimited) as server, pooled(server.url) as pool:
+        for _ in range(2):
+            response, body = await fetch(pool)
+            assert (response.status_code, body) == (200, b"the whole body, then EOF")
     assert [len(c.requests) for c in server.connections] == [1, 1]
 
 
@@ -298,8 +295,7 @@ async def test_interim_1xx_answers_are_skipped_for_the_real_one() -> None:
         await answer_all(conn)
 
     async with upstream(interim) as server:
-        pool = pool_for(server.url)
-        try:
+        async with pooled(server.url) as pool:
             response, body = await fetch(pool)
             assert response.status_code == 200
             assert response.headers == [
@@ -310,8 +306,6 @@ async def test_interim_1xx_answers_are_skipped_for_the_real_one() -> None:
             assert body == b"final"
             _, body = await fetch(pool)
             assert body == JSON_ANSWER
-        finally:
-            await pool.aclose()
         await server.next_eof()
     assert len(server.connections) == 1
 
@@ -322,15 +316,11 @@ async def test_an_answer_with_connection_close_is_not_followed_by_another_reques
         await conn.send(answer(extra=b"Connection: close\r\n"))
         await conn.until_eof()  # the server keeps it open: only the client's own choice can close it
 
-    async with upstream(closing) as server:
-        pool = pool_for(server.url)
-        try:
-            for _ in range(2):
-                response, body = await fetch(pool)
-                assert (response.status_code, body) == (200, JSON_ANSWER)
-                await server.next_eof()
-        finally:
-            await pool.aclose()
+    async with upstream(closing) as server, pooled(server.url) as pool:
+        for _ in range(2):
+            response, body = await fetch(pool)
+            assert (response.status_code, body) == (200, JSON_ANSWER)
+            await server.next_eof()
     assert [len(c.requests) for c in server.connections] == [1, 1]
 
 
@@ -343,50 +333,38 @@ async def test_an_answer_abandoned_before_its_end_closes_its_connection() -> Non
         else:
             await answer_all(conn)
 
-    async with upstream(first_unread) as server:
-        pool = pool_for(server.url)
-        try:
-            with anyio.fail_after(5):
-                response = await post(pool)
-                await response.aclose()  # the body was never read
-            await server.next_eof()
-            _, body = await fetch(pool)
-            assert body == JSON_ANSWER
-        finally:
-            await pool.aclose()
+    async with upstream(first_unread) as server, pooled(server.url) as pool:
+        with anyio.fail_after(5):
+            response = await post(pool)
+            await response.aclose()  # the body was never read
+        await server.next_eof()
+        _, body = await fetch(pool)
+        assert body == JSON_ANSWER
     assert len(server.connections) == 2
 
 
 async def test_an_idle_connection_older_than_the_keep_alive_window_is_closed_instead_of_reused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async with upstream(answer_all) as server:
-        pool = pool_for(server.url)
-        try:
-            await fetch(pool)
-            monkeypatch.setattr(wire, "IDLE_KEEPALIVE_S", 0.0)  # every idle connection is now too old
-            await fetch(pool)
-            await server.next_eof()  # the stale one was closed, not left behind
-            assert server.eofs == 1
-        finally:
-            await pool.aclose()
+    async with upstream(answer_all) as server, pooled(server.url) as pool:
+        await fetch(pool)
+        monkeypatch.setattr(wire, "IDLE_KEEPALIVE_S", 0.0)  # every idle connection is now too old
+        await fetch(pool)
+        await server.next_eof()  # the stale one was closed, not left behind
+        assert server.eofs == 1
     assert [len(c.requests) for c in server.connections] == [1, 1]
 
 
 async def test_idle_connections_beyond_the_limit_are_closed() -> None:
-    async with upstream(answer_all) as server:
-        pool = pool_for(server.url, max_idle=1)
-        try:
-            with anyio.fail_after(5):
-                both = [await post(pool), await post(pool)]  # the second cannot share the first's connection
-                for response in both:
-                    assert await response.read() == JSON_ANSWER
-                    await response.aclose()
-            await server.next_eof()
-            assert server.eofs == 1
-            await fetch(pool)
-        finally:
-            await pool.aclose()
+    async with upstream(answer_all) as server, pooled(server.url, max_idle=1) as pool:
+        with anyio.fail_after(5):
+            both = [await post(pool), await post(pool)]  # the second cannot share the first's connection
+            for response in both:
+                assert await response.read() == JSON_ANSWER
+                await response.aclose()
+        await server.next_eof()
+        assert server.eofs == 1
+        await fetch(pool)
     assert sorted(len(c.requests) for c in server.connections) == [1, 2]
 
 
@@ -405,20 +383,16 @@ async def test_a_connection_lost_mid_body_is_an_error_after_the_bytes_that_did_a
         assert await conn.request() is not None
         await conn.send(partial)
 
-    async with upstream(cut) as server:
-        pool = pool_for(server.url)
-        try:
-            with anyio.fail_after(5):
-                response = await post(pool)
-                assert response.status_code == 200
-                received: list[bytes] = []
-                with pytest.raises(WireError, match="closed the connection"):
-                    async for chunk in response.chunks():
-                        received.append(chunk)  # noqa: PERF401  kept up to the error
-                await response.aclose()
-            assert b"".join(received) == b"x" * 10
-        finally:
-            await pool.aclose()
+    async with upstream(cut) as server, pooled(server.url) as pool:
+        with anyio.fail_after(5):
+            response = await post(pool)
+            assert response.status_code == 200
+            received: list[bytes] = []
+            with pytest.raises(WireError, match="closed the connection"):
+                async for chunk in response.chunks():
+                    received.append(chunk)  # noqa: PERF401  kept up to the error
+            await response.aclose()
+        assert b"".join(received) == b"x" * 10
     assert len(server.requests) == 1
 
 
@@ -437,13 +411,9 @@ async def test_a_connection_closed_before_the_whole_head_is_an_error_and_the_req
         assert await conn.request() is not None
         await conn.send(partial)
 
-    async with upstream(drop) as server:
-        pool = pool_for(server.url)
-        try:
-            with anyio.fail_after(5), pytest.raises(WireError):
-                await post(pool)
-        finally:
-            await pool.aclose()
+    async with upstream(drop) as server, pooled(server.url) as pool:
+        with anyio.fail_after(5), pytest.raises(WireError):
+            await post(pool)
     assert len(server.connections) == 1
     assert len(server.requests) == 1
 
@@ -454,14 +424,10 @@ async def test_a_reused_connection_dropped_after_the_request_is_an_error_and_the
         await conn.send(answer())
         assert await conn.request() is not None  # read, then gone without a word
 
-    async with upstream(drop_second) as server:
-        pool = pool_for(server.url)
-        try:
-            await fetch(pool)
-            with anyio.fail_after(5), pytest.raises(WireError, match="before answering"):
-                await post(pool, b'{"n":2}')
-        finally:
-            await pool.aclose()
+    async with upstream(drop_second) as server, pooled(server.url) as pool:
+        await fetch(pool)
+        with anyio.fail_after(5), pytest.raises(WireError, match="before answering"):
+            await post(pool, b'{"n":2}')
     assert len(server.connections) == 1  # no second connection: nothing was retried
     assert [r.body for r in server.requests] == [b"{}", b'{"n":2}']
 
@@ -477,15 +443,11 @@ async def test_a_kept_connection_the_server_closed_while_idle_is_not_used_and_no
         else:
             await answer_all(conn)
 
-    async with upstream(close_when_idle) as server:
-        pool = pool_for(server.url)
-        try:
-            await fetch(pool)
-            await server.next_eof()
-            _, body = await fetch(pool, b'{"n":2}')
-            assert body == JSON_ANSWER
-        finally:
-            await pool.aclose()
+    async with upstream(close_when_idle) as server, pooled(server.url) as pool:
+        await fetch(pool)
+        await server.next_eof()
+        _, body = await fetch(pool, b'{"n":2}')
+        assert body == JSON_ANSWER
     assert [[r.body for r in c.requests] for c in server.connections] == [[b"{}"], [b'{"n":2}']]
 
 
@@ -505,16 +467,12 @@ async def test_bytes_arriving_on_an_idle_connection_make_it_unusable(unasked: by
         else:
             await answer_all(conn)
 
-    async with upstream(chatter) as server:
-        pool = pool_for(server.url)
-        try:
-            await fetch(pool)
-            released.set()
-            await server.next_eof()
-            _, body = await fetch(pool)
-            assert body == JSON_ANSWER
-        finally:
-            await pool.aclose()
+    async with upstream(chatter) as server, pooled(server.url) as pool:
+        await fetch(pool)
+        released.set()
+        await server.next_eof()
+        _, body = await fetch(pool)
+        assert body == JSON_ANSWER
     assert [len(c.requests) for c in server.connections] == [1, 1]
 
 
@@ -537,17 +495,13 @@ async def test_bytes_after_a_whole_answer_neither_join_it_nor_spoil_it_and_the_c
         else:
             await answer_all(conn)
 
-    async with upstream(overlong) as server:
-        pool = pool_for(server.url)
-        try:
-            response, body = await fetch(pool)
-            assert body == b"first answer"
-            assert [k for k, _ in response.headers].count(b"content-length") == 1
-            await server.next_eof()
-            _, body = await fetch(pool)
-            assert body == JSON_ANSWER
-        finally:
-            await pool.aclose()
+    async with upstream(overlong) as server, pooled(server.url) as pool:
+        response, body = await fetch(pool)
+        assert body == b"first answer"
+        assert [k for k, _ in response.headers].count(b"content-length") == 1
+        await server.next_eof()
+        _, body = await fetch(pool)
+        assert body == JSON_ANSWER
     assert [len(c.requests) for c in server.connections] == [1, 1]
 
 
@@ -566,26 +520,19 @@ async def test_a_malformed_answer_is_an_error_and_its_connection_is_closed(head:
         await conn.send(head)
         await conn.until_eof()
 
-    async with upstream(malformed) as server:
-        pool = pool_for(server.url)
-        try:
-            with anyio.fail_after(5), pytest.raises(WireError, match="malformed"):
-                await post(pool)
-            await server.next_eof()
-        finally:
-            await pool.aclose()
+    async with upstream(malformed) as server, pooled(server.url) as pool:
+        with anyio.fail_after(5), pytest.raises(WireError, match="malformed"):
+            await post(pool)
+        await server.next_eof()
     assert len(server.requests) == 1
 
 
 async def test_a_refused_connection_is_a_wire_error() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bound:  # bound, never listening: connects are refused
         bound.bind(("127.0.0.1", 0))
-        pool = pool_for(f"http://127.0.0.1:{bound.getsockname()[1]}/mcp")
-        try:
+        async with pooled(f"http://127.0.0.1:{bound.getsockname()[1]}/mcp") as pool:
             with anyio.fail_after(5), pytest.raises(WireError, match="cannot connect"):
                 await post(pool)
-        finally:
-            await pool.aclose()
 
 
 async def test_connecting_for_longer_than_the_connect_timeout_is_a_wire_error() -> None:
@@ -602,7 +549,7 @@ async def test_connecting_for_longer_than_the_connect_timeout_is_a_wire_error() 
         with anyio.fail_after(5), pytest.raises(WireError, match="timed out"):
             await post(pool)
     finally:
-        await pool.aclose()
+        pool.close()
 
 
 async def test_no_head_within_the_first_byte_timeout_is_a_timeout_and_that_connection_is_closed() -> None:
@@ -613,23 +560,19 @@ async def test_no_head_within_the_first_byte_timeout_is_a_timeout_and_that_conne
         else:
             await answer_all(conn)
 
-    async with upstream(silent_first) as server:
-        pool = pool_for(server.url)
-        try:
-            with anyio.fail_after(5), pytest.raises(TimeoutError):
-                await post(pool, first_byte_timeout_s=0.05)
-            await server.next_eof()
-            _, body = await fetch(pool)
-            assert body == JSON_ANSWER
-        finally:
-            await pool.aclose()
+    async with upstream(silent_first) as server, pooled(server.url) as pool:
+        with anyio.fail_after(5), pytest.raises(TimeoutError):
+            await post(pool, first_byte_timeout_s=0.05)
+        await server.next_eof()
+        _, body = await fetch(pool)
+        assert body == JSON_ANSWER
     assert [len(c.requests) for c in server.connections] == [1, 1]
 
 
 async def test_a_closed_pool_refuses_to_post() -> None:
     async with upstream(answer_all) as server:
         pool = pool_for(server.url)
-        await pool.aclose()
+        pool.close()
         with pytest.raises(WireError, match="closed"):
             await post(pool)
     assert server.connections == []
@@ -651,13 +594,10 @@ async def test_a_name_that_resolves_to_loopback_is_refused_at_post_without_conne
 
     async with upstream(answer_all) as server:
         port = server.url.split(":")[2].split("/")[0]
-        pool = pool_for(f"https://upstream.example:{port}/mcp", OutboundPolicy(resolver=to_loopback))
-        try:
+        async with pooled(f"https://upstream.example:{port}/mcp", OutboundPolicy(resolver=to_loopback)) as pool:
             with anyio.fail_after(5), pytest.raises(UrlRefused) as refused:
                 await post(pool)
             assert refused.value.rule == "loopback"
-        finally:
-            await pool.aclose()
     assert server.connections == []
 
 
@@ -667,19 +607,15 @@ async def test_a_name_that_resolves_to_loopback_is_refused_at_post_without_conne
 @pytest.mark.parametrize("size", [100, 16383, 16384, 40_000], ids=lambda n: f"{n}-bytes")
 async def test_the_request_is_sent_exactly_as_given_with_its_host_and_length_and_nothing_else(size: int) -> None:
     body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
-    async with upstream(answer_all, path="/mcp/v1?tenant=a%20b") as server:
-        pool = pool_for(server.url)
-        try:
-            with anyio.fail_after(5):
-                response = await pool.post(
-                    [("user-agent", "bastion/test"), ("authorization", "Bearer member-token"), ("mcp-name", "echo")],
-                    body,
-                    first_byte_timeout_s=5,
-                )
-                await response.read()
-                await response.aclose()
-        finally:
-            await pool.aclose()
+    async with upstream(answer_all, path="/mcp/v1?tenant=a%20b") as server, pooled(server.url) as pool:
+        with anyio.fail_after(5):
+            response = await pool.post(
+                [("user-agent", "bastion/test"), ("authorization", "Bearer member-token"), ("mcp-name", "echo")],
+                body,
+                first_byte_timeout_s=5,
+            )
+            await response.read()
+            await response.aclose()
     port = server.url.split(":")[2].split("/")[0]
     [received] = server.requests
     assert received.line == b"POST /mcp/v1?tenant=a%20b HTTP/1.1"
@@ -702,11 +638,8 @@ async def test_a_host_name_goes_in_the_host_header_while_the_connection_goes_to_
 
     async with upstream(answer_all, path="/") as server:
         port = int(server.url.split(":")[2].split("/")[0])
-        pool = pool_for(f"http://localhost:{port}", OutboundPolicy(allow_loopback=True, resolver=resolver))
-        try:
+        async with pooled(f"http://localhost:{port}", OutboundPolicy(allow_loopback=True, resolver=resolver)) as pool:
             await fetch(pool)
-        finally:
-            await pool.aclose()
     [received] = server.requests
     assert received.line == b"POST / HTTP/1.1"
     assert received.headers[0] == (b"host", f"localhost:{port}".encode())
@@ -725,26 +658,22 @@ async def test_a_large_answer_pauses_the_upstream_while_unread_and_arrives_whole
         await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(size).encode() + b"\r\n\r\n" + payload)
         await answer_all(conn)
 
-    async with upstream(big) as server:
-        pool = pool_for(server.url)
-        try:
-            with anyio.fail_after(10):
-                response = await post(pool)
-                transport = response._connection.transport  # pyright: ignore[reportPrivateUsage]
-                assert transport is not None
-                while transport.is_reading():  # nobody reads: the client stops taking bytes from the socket
-                    await anyio.lowlevel.checkpoint()
-                buffered = response._connection.buffered  # pyright: ignore[reportPrivateUsage]
-                assert wire.HIGH_WATER_BYTES < buffered < size
-                body = await response.read()
-                assert transport.is_reading()
-                await response.aclose()
-            assert len(body) == size
-            assert body == payload
-            _, after = await fetch(pool)  # the connection is whole afterwards
-            assert after == JSON_ANSWER
-        finally:
-            await pool.aclose()
+    async with upstream(big) as server, pooled(server.url) as pool:
+        with anyio.fail_after(10):
+            response = await post(pool)
+            transport = response._connection.transport  # pyright: ignore[reportPrivateUsage]
+            assert transport is not None
+            while transport.is_reading():  # nobody reads: the client stops taking bytes from the socket
+                await anyio.lowlevel.checkpoint()
+            buffered = response._connection.buffered  # pyright: ignore[reportPrivateUsage]
+            assert wire.HIGH_WATER_BYTES < buffered < size
+            body = await response.read()
+            assert transport.is_reading()
+            await response.aclose()
+        assert len(body) == size
+        assert body == payload
+        _, after = await fetch(pool)  # the connection is whole afterwards
+        assert after == JSON_ANSWER
     assert len(server.connections) == 1
 
 
@@ -758,7 +687,7 @@ async def test_closing_the_pool_closes_its_idle_connections_and_one_still_in_use
             idle, in_use = await post(pool), await post(pool)  # two connections
             assert await idle.read() == JSON_ANSWER
             await idle.aclose()
-        await pool.aclose()
+        pool.close()
         await server.next_eof()  # the idle one
         assert server.eofs == 1
         assert await in_use.read() == JSON_ANSWER

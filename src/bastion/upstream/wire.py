@@ -297,6 +297,3 @@ class WirePool:
         for connection in self._idle:
             connection._close()  # pyright: ignore[reportPrivateUsage]
         self._idle.clear()
-
-    async def aclose(self) -> None:
-        self.close()

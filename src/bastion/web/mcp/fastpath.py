@@ -114,7 +114,7 @@ class FastPath:
         headers = dict(scope["headers"])
         return headers.get(b"mcp-protocol-version") == MODERN.encode() and headers.get(b"mcp-method") == b"tools/call"
 
-    async def _modern_upstream(self, principal: Principal, mounted: Mounted) -> bool:
+    def _modern_upstream(self, mounted: Mounted) -> bool:
         server = mounted.server
         if server.transport is not Transport.STREAMABLE_HTTP:
             return False
@@ -141,7 +141,7 @@ class FastPath:
         name = call.get("name")
         if (
             not isinstance(name, str)
-            or not (name.isascii() and name.isprintable())
+            or not (name.isascii() and name.isprintable())  # lone surrogates and non-ASCII: the full path's
             or not _routing_headers_match(scope, name)
         ):
             return False  # the full path rejects mismatched or duplicated routing headers as the spec requires
@@ -149,7 +149,7 @@ class FastPath:
             mounted, tool = await self._proxy.route_tool(principal, name)
         except BastionError:
             return False  # the full path gives the same refusal, worded by the SDK
-        if not await self._modern_upstream(principal, mounted):
+        if not self._modern_upstream(mounted):
             return False
         guard = self._proxy.guard
         if guard is not None:
@@ -337,11 +337,7 @@ def _refused(mounted: Mounted, status: int = UNAUTHORIZED) -> types.ErrorData:
 def _routing_headers_match(scope: Scope, name: str) -> bool:
     routing = [(k, v) for k, v in scope["headers"] if k in (b"mcp-name", b"mcp-method", b"mcp-protocol-version")]
     names = [k for k, _ in routing]
-    try:
-        encoded = name.encode()
-    except UnicodeEncodeError:  # a lone surrogate: the full path answers it
-        return False
-    return len(names) == len(set(names)) == 3 and (b"mcp-name", encoded) in routing
+    return len(names) == len(set(names)) == 3 and (b"mcp-name", name.encode("ascii")) in routing
 
 
 async def _no_body() -> Message:
