@@ -37,9 +37,11 @@ async def _sealed(store: Store) -> tuple[list[SealedEvent], tuple[int, str, str]
 
 async def test_oversized_values_are_cut_before_hashing_so_the_stored_chain_verifies(store: Store) -> None:
     assert store.audit is not None
+    keys = store.audit
     long_name = "x" * 5000
     async with store.transaction() as conn:
-        await conn.run_sync(rows.write_pending, store.audit, [pending := _event(name=long_name, outcome="pending")])
+        pending = _event(name=long_name, outcome="pending")
+        await conn.run_sync(lambda sync: rows.write_pending(rows.Journal.on(sync), keys, [pending]))
     async with store.transaction() as conn:
         await rows.seal_into_chain(
             conn,
@@ -57,9 +59,10 @@ async def test_oversized_values_are_cut_before_hashing_so_the_stored_chain_verif
 
 async def test_an_outcome_for_an_event_already_sealed_as_interrupted_does_not_break_the_chain(store: Store) -> None:
     assert store.audit is not None
+    keys = store.audit
     pending = _event(outcome="pending")
     async with store.transaction() as conn:
-        await conn.run_sync(rows.write_pending, store.audit, [pending])
+        await conn.run_sync(lambda sync: rows.write_pending(rows.Journal.on(sync), keys, [pending]))
     async with store.transaction() as conn:
         await rows.seal_into_chain(conn, store.audit, finished=[_event(id=pending.id, outcome="interrupted")])
     async with store.transaction() as conn:
@@ -87,9 +90,10 @@ async def test_an_event_whose_pending_row_was_written_unbeknown_to_its_request_i
     # A request cancelled while another committed its pending row never learnt it was written: its outcome then
     # arrives as a new event with the same id, and must complete that row rather than fail the whole batch.
     assert store.audit is not None
+    keys = store.audit
     pending = _event(outcome="pending")
     async with store.transaction() as conn:
-        await conn.run_sync(rows.write_pending, store.audit, [pending])
+        await conn.run_sync(lambda sync: rows.write_pending(rows.Journal.on(sync), keys, [pending]))
     other = _event()
     async with store.transaction() as conn:
         await rows.seal_into_chain(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import zlib
 from collections.abc import AsyncIterator
@@ -14,11 +15,15 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, StatementError
 
+from bastion.db import audit as audit_rows
 from bastion.db import migrate, schema
 from bastion.db.engine import SQLITE_BUSY_TIMEOUT_MS
 from bastion.db.store import Store, emit
+from bastion.domain.audit import AuditEvent
+from bastion.domain.ids import new_id
 from bastion.errors import Unavailable
 from bastion.events.bus import Changed, Subject
+from bastion.services.audit import AuditKeys
 from tests.processes import free_port
 
 pytestmark = pytest.mark.anyio
@@ -132,6 +137,8 @@ async def test_an_unreachable_database_is_not_ready_and_transactions_raise_unava
                 pass
         assert caught.value.status == 503
         assert caught.value.code == "unavailable"
+        with pytest.raises(Unavailable):
+            await store.journal(lambda journal: journal.cursor.execute("SELECT 1"))
     finally:
         await store.close()
         await _join_aiosqlite_workers()
@@ -186,6 +193,80 @@ async def test_write_has_threads_of_its_own(bare_store: Store) -> None:
         for holder in holders:
             shared.release_on_behalf_of(holder)
     assert await _workspace_count(bare_store) == 1
+
+
+def _pending(name: str) -> AuditEvent:
+    return AuditEvent(
+        id=new_id(), occurred_at=datetime.now(UTC), kind="mcp", method="tools/call", outcome="pending", name=name
+    )
+
+
+async def _names(store: Store) -> list[str]:
+    async with store.transaction() as conn:
+        query = sa.select(schema.audit_events.c.name).order_by(schema.audit_events.c.occurred_at)
+        return list((await conn.execute(query)).scalars())
+
+
+async def test_a_journal_error_comes_out_as_sqlalchemys_without_its_values_and_the_journal_goes_on(
+    store: Store,
+) -> None:
+    assert store.audit is not None
+    keys = store.audit
+    canary = _pending("canary-secret-value-7f3a")
+    await store.journal(lambda journal: audit_rows.write_pending(journal, keys, [canary]))
+    with pytest.raises(IntegrityError) as caught:  # the same event id twice
+        await store.journal(lambda journal: audit_rows.write_pending(journal, keys, [_pending("lost"), canary]))
+    assert "canary-secret-value-7f3a" not in str(caught.value)
+    assert "[parameters" not in str(caught.value)
+    await store.journal(lambda journal: audit_rows.write_pending(journal, keys, [_pending("after")]))
+    assert await _names(store) == ["canary-secret-value-7f3a", "after"]  # the failed transaction left nothing
+
+
+async def test_the_journal_replaces_a_connection_the_database_dropped_while_it_was_idle(pg_store: Store) -> None:
+    assert pg_store.audit is not None
+    keys = pg_store.audit
+
+    def first(journal: audit_rows.Journal) -> int:
+        audit_rows.write_pending(journal, keys, [_pending("before")])
+        journal.cursor.execute("SELECT pg_backend_pid()")
+        return int(journal.cursor.fetchone()[0])
+
+    pid = await pg_store.journal(first)
+    async with pg_store.transaction() as conn:  # as a database restart or an idle-connection reaper would
+        assert (await conn.execute(sa.select(sa.func.pg_terminate_backend(pid)))).scalar() is True
+    await pg_store.journal(lambda journal: audit_rows.write_pending(journal, keys, [_pending("after")]))
+    assert await _names(pg_store) == ["before", "after"]
+
+
+async def test_a_journal_write_waiting_for_another_processs_sqlite_lock_waits_off_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bastion.db"
+    migrate.upgrade(f"sqlite:///{path}")
+    store = Store.from_url(f"sqlite:///{path}", audit=AuditKeys.from_secret(b"k" * 32).chain_keys())
+    assert store.audit is not None
+    keys = store.audit
+    holder = sqlite3.connect(path, isolation_level=None)  # as a CLI command in another process would
+    done = anyio.Event()
+
+    async def write() -> None:
+        await store.journal(lambda journal: audit_rows.write_pending(journal, keys, [_pending("waited")]))
+        done.set()
+
+    try:
+        await store.journal(lambda journal: audit_rows.write_pending(journal, keys, [_pending("first")]))
+        holder.execute("BEGIN IMMEDIATE")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            # Were the write waiting on the loop, this sleep would only end once it had given up (busy_timeout).
+            await anyio.sleep(0.2)
+            assert not done.is_set()
+            holder.execute("COMMIT")
+        assert done.is_set()
+        assert await _names(store) == ["first", "waited"]
+    finally:
+        holder.close()
+        await store.close()
 
 
 @pytest.mark.parametrize("moment", ["begin", "before_cursor_execute"])

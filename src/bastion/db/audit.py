@@ -7,14 +7,17 @@ transactions are already exclusive), so replicas append to one chain in turn.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from bastion.db import schema
 from bastion.domain.audit import GENESIS, AuditEvent, SealedEvent, chain_hash, head_mac, seal, sign_checkpoint
@@ -84,19 +87,21 @@ def take_recorded(conn: AsyncConnection) -> list[AuditEvent]:
     return conn.info.pop(_PENDING_AUDIT, [])
 
 
-def write_pending(conn: sa.Connection, keys: ChainKeys, events: Sequence[AuditEvent]) -> None:
+def write_pending(journal: Journal, keys: ChainKeys, events: Sequence[AuditEvent]) -> None:
     """Write events that are not in the chain yet (their call is about to be forwarded)."""
     if events:
         fitted = [fit(e) for e in events]
         rows = [{**_values(e), "seq": None, "prev_hash": None, "hash": pending_mac(keys, e)} for e in fitted]
-        conn.execute(_INSERT, rows)
+        journal.run(journal.statements.insert, rows)
 
 
-# Built once: constructing these (two dozen bind parameters each) cost more than executing them.
+# The chain's statements run on the driver's own cursor: SQLAlchemy's per-statement work (compiled-cache look-up,
+# parameter construction, events, a result object) cost several times what SQLite takes to run them, and an
+# audit write precedes every forwarded call. They are still built with SQLAlchemy, once per dialect, so the table
+# definition stays the one source of their SQL and of how each value is bound (times, JSON).
 _INSERT: Final = sa.insert(E)
-_HEAD: Final = sa.select(H.c.seq, H.c.hash).where(H.c.id == HEAD_ID)
-_HEAD_LOCKED: Final = _HEAD.with_for_update()
-_FOUND: Final = sa.select(E.c.id, E.c.seq).where(E.c.id.in_(sa.bindparam("ids", expanding=True)))
+_INSERT_KEYS: Final = tuple(c.name for c in E.columns)
+_HEAD: Final = sa.select(H.c.seq, H.c.hash).where(H.c.id == sa.bindparam("h_id"))
 _CHANGING: Final = tuple(f for f in EVENT_FIELDS if f != "id")  # every field as hashed, so row and hash agree
 _COMPLETE: Final = (
     sa.update(E)
@@ -110,7 +115,7 @@ _COMPLETE: Final = (
 )
 _MOVE_HEAD: Final = (
     sa.update(H)
-    .where(H.c.id == HEAD_ID)
+    .where(H.c.id == sa.bindparam("h_id"))
     .values(
         seq=sa.bindparam("h_seq"),
         hash=sa.bindparam("h_hash"),
@@ -120,31 +125,136 @@ _MOVE_HEAD: Final = (
 )
 
 
-def _lock_head(conn: sa.Connection, keys: ChainKeys) -> tuple[int, str]:
-    query = _HEAD_LOCKED if conn.dialect.name == "postgresql" else _HEAD
-    row = conn.execute(query).first()
-    if row is not None:
-        return int(row.seq), str(row.hash)
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """One statement compiled for one driver: its SQL, and how each named value becomes a driver parameter."""
+
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+    positional: bool
+
+    @classmethod
+    def of(cls, statement: sa.ClauseElement, dialect: Dialect, keys: Sequence[str] | None = None) -> _Prepared:
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=list(keys) if keys else None))
+        names = tuple(compiled.positiontup or ()) if dialect.positional else tuple(compiled.binds)
+        processors = tuple(compiled.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names)
+        return cls(compiled.string, names, processors, dialect.positional)
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        converted = [
+            values[n] if p is None or values[n] is None else p(values[n])
+            for n, p in zip(self.names, self.processors, strict=True)
+        ]
+        return tuple(converted) if self.positional else dict(zip(self.names, converted, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """The chain's statements as one driver takes them."""
+
+    insert: _Prepared
+    head: _Prepared
+    head_locked: _Prepared
+    complete: _Prepared
+    move_head: _Prepared
+    found_prefix: str
+    placeholder: str
+
+    @classmethod
+    def of(cls, dialect: Dialect) -> Statements:
+        head_locked = _HEAD.with_for_update() if dialect.name == "postgresql" else _HEAD
+        found = sa.select(E.c.id, E.c.seq).compile(dialect=dialect).string
+        return cls(
+            insert=_Prepared.of(_INSERT, dialect, _INSERT_KEYS),
+            head=_Prepared.of(_HEAD, dialect),
+            head_locked=_Prepared.of(head_locked, dialect),
+            complete=_Prepared.of(_COMPLETE, dialect),
+            move_head=_Prepared.of(_MOVE_HEAD, dialect),
+            found_prefix=f"{found} WHERE {E.name}.id IN ",
+            placeholder="?" if dialect.paramstyle == "qmark" else "%s",
+        )
+
+    def found(self, count: int) -> str:
+        return self.found_prefix + "(" + ", ".join([self.placeholder] * count) + ")"
+
+
+_STATEMENTS: dict[tuple[str, str], Statements] = {}
+
+
+def statements_for(dialect: Dialect) -> Statements:
+    key = (dialect.name, dialect.driver)
+    if (found := _STATEMENTS.get(key)) is None:
+        found = _STATEMENTS[key] = Statements.of(dialect)
+    return found
+
+
+@dataclass(slots=True)
+class Journal:
+    """A driver cursor inside an open write transaction, and the statements its driver takes.
+
+    Driver errors come out as SQLAlchemy's (``IntegrityError``, ``OperationalError`` …), parameters hidden."""
+
+    cursor: Any
+    dialect: Dialect
+    statements: Statements = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.statements = statements_for(self.dialect)
+
+    @classmethod
+    def on(cls, conn: sa.Connection) -> Journal:
+        """The journal of a SQLAlchemy connection's transaction (admin actions seal on their own transaction)."""
+        return cls(conn.connection.cursor(), conn.dialect)
+
+    def run(self, statement: _Prepared, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._call(statement.sql, [statement.parameters(r) for r in rows], many=True)
+
+    def rows(self, statement: _Prepared, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        self._call(statement.sql, statement.parameters(values), many=False)
+        return list(self.cursor.fetchall())
+
+    def found(self, ids: Sequence[str]) -> dict[str, int | None]:
+        self._call(self.statements.found(len(ids)), tuple(ids), many=False)
+        return {row[0]: row[1] for row in self.cursor.fetchall()}
+
+    def _call(self, sql: str, parameters: Any, *, many: bool) -> None:
+        dbapi = self.dialect.loaded_dbapi
+        try:
+            if many:
+                self.cursor.executemany(sql, parameters)
+            else:
+                self.cursor.execute(sql, parameters)
+        except dbapi.Error as exc:
+            raise DBAPIError.instance(sql, None, exc, dbapi.Error, hide_parameters=True, dialect=self.dialect) from exc
+
+
+def _lock_head(journal: Journal, keys: ChainKeys) -> tuple[int, str]:
+    found = journal.rows(journal.statements.head_locked, {"h_id": HEAD_ID})
+    if found:
+        return int(found[0][0]), str(found[0][1])
+    # The first event of an install: the head starts at genesis (whichever replica gets there first).
     now = datetime.now(UTC)
     values = {"id": HEAD_ID, "seq": 0, "hash": GENESIS, "mac": head_mac(keys.chain, 0, GENESIS), "updated_at": now}
-    insert = (postgresql.insert(H) if conn.dialect.name == "postgresql" else sqlite.insert(H)).values(values)
-    conn.execute(insert.on_conflict_do_nothing(index_elements=[H.c.id]))
-    row = conn.execute(query).one()
-    return int(row.seq), str(row.hash)
+    insert = postgresql.insert(H) if journal.dialect.name == "postgresql" else sqlite.insert(H)
+    create = _Prepared.of(insert.on_conflict_do_nothing(index_elements=[H.c.id]), journal.dialect, list(values))
+    journal.run(create, [values])
+    seq, head = journal.rows(journal.statements.head_locked, {"h_id": HEAD_ID})[0]
+    return int(seq), str(head)
 
 
 def append(
-    conn: sa.Connection, keys: ChainKeys, *, new: Sequence[AuditEvent] = (), finished: Sequence[AuditEvent] = ()
+    journal: Journal, keys: ChainKeys, *, new: Sequence[AuditEvent] = (), finished: Sequence[AuditEvent] = ()
 ) -> list[SealedEvent]:
     """Append events to the chain: ``new`` ones are inserted, ``finished`` ones are pending rows now complete."""
     if not new and not finished:
         return []
-    prev_seq, prev_hash = _lock_head(conn, keys)
+    prev_seq, prev_hash = _lock_head(journal, keys)
     # Under the head lock, each event by what its row is now, whatever the caller believed: a row already sealed
     # (another replica's recovery sealed it as interrupted) stays as it is; a pending row is completed, even when
     # the request that wrote it was cancelled before it learnt so; only events with no row are inserted.
     wanted = {e.id: e for e in (*finished, *new)}
-    found = {row.id: row.seq for row in conn.execute(_FOUND, {"ids": list(wanted)})}
+    found = journal.found(list(wanted))
     finished = [e for e in wanted.values() if e.id in found and found[e.id] is None]
     new = [e for e in wanted.values() if e.id not in found]
     if not finished and not new:
@@ -155,6 +265,7 @@ def append(
     sealed = seal(keys.chain, prev_seq, prev_hash, ordered)
     completing = [s for s in sealed if s.event.id in pending_ids]
     inserting = [s for s in sealed if s.event.id not in pending_ids]
+    statements = journal.statements
     if completing:
         params = [
             {
@@ -166,31 +277,31 @@ def append(
             }
             for s in completing
         ]
-        conn.execute(_COMPLETE, params)
+        journal.run(statements.complete, params)
     if inserting:
-        conn.execute(
-            _INSERT, [{**_values(s.event), "seq": s.seq, "prev_hash": s.prev_hash, "hash": s.hash} for s in inserting]
+        journal.run(
+            statements.insert,
+            [{**_values(s.event), "seq": s.seq, "prev_hash": s.prev_hash, "hash": s.hash} for s in inserting],
         )
     last = sealed[-1]
     now = datetime.now(UTC)
-    conn.execute(
-        _MOVE_HEAD,
-        {"h_seq": last.seq, "h_hash": last.hash, "h_mac": head_mac(keys.chain, last.seq, last.hash), "h_at": now},
+    mac = head_mac(keys.chain, last.seq, last.hash)
+    journal.run(
+        statements.move_head, [{"h_id": HEAD_ID, "h_seq": last.seq, "h_hash": last.hash, "h_mac": mac, "h_at": now}]
     )
     if keys.checkpoint_every and last.seq // keys.checkpoint_every > prev_seq // keys.checkpoint_every:
         checkpoint = sign_checkpoint(keys.checkpoint, last.seq, last.hash, now)
-        conn.execute(
-            sa.insert(C).values(
-                seq=checkpoint.seq,
-                hash=checkpoint.hash,
-                created_at=checkpoint.created_at,
-                signature=checkpoint.signature,
-            )
-        )
+        values = {
+            "seq": checkpoint.seq,
+            "hash": checkpoint.hash,
+            "created_at": checkpoint.created_at,
+            "signature": checkpoint.signature,
+        }
+        journal.run(_Prepared.of(sa.insert(C), journal.dialect, list(values)), [values])
     return sealed
 
 
-# Synchronous on purpose: the audit writer runs them in one worker-thread hop per transaction (``Store.write``);
+# Synchronous on purpose: the audit writer runs them in one worker-thread hop per transaction (``Store.journal``);
 # the async wrapper below serves a transaction already open on an AsyncConnection (admin actions).
 
 
@@ -198,7 +309,7 @@ async def seal_into_chain(
     conn: AsyncConnection, keys: ChainKeys, *, new: Sequence[AuditEvent] = (), finished: Sequence[AuditEvent] = ()
 ) -> list[SealedEvent]:
     """Append events to the chain: ``new`` ones are inserted, ``finished`` ones are pending rows now complete."""
-    return await conn.run_sync(lambda sync: append(sync, keys, new=new, finished=finished))
+    return await conn.run_sync(lambda sync: append(Journal.on(sync), keys, new=new, finished=finished))
 
 
 def stale_pending(conn: sa.Connection, keys: ChainKeys, before: datetime, limit: int) -> list[tuple[AuditEvent, bool]]:

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import sqlalchemy as sa
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
 
 from bastion.db import migrate
-from bastion.db.audit import ChainKeys, seal_into_chain, take_recorded
-from bastion.db.engine import create_engine, create_sync_engine
+from bastion.db.audit import ChainKeys, Journal, seal_into_chain, take_recorded
+from bastion.db.engine import SQLITE_BUSY_TIMEOUT_MS, create_engine, create_sync_engine
 from bastion.errors import Unavailable
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
 
@@ -25,6 +27,13 @@ if TYPE_CHECKING:
     from bastion.vault.sealer import Vault
 
 T = TypeVar("T")
+SQLITE_BUSY = 5  # SQLite's result code when another connection holds the lock asked for
+
+
+class _Busy(Exception):
+    """SQLite's write lock is held elsewhere, and this attempt was not to wait for it."""
+
+
 _PENDING_EVENTS = "bastion_pending_events"
 _VAULT = "bastion_vault"
 _IN_TRANSACTION: ContextVar[bool] = ContextVar("bastion_in_transaction", default=False)
@@ -65,6 +74,9 @@ class Store:
         # Seals what a change writes for later (a webhook event's token): see ``sealer``.
         self.vault = vault
         self._sync: sa.Engine | None = None
+        # ``journal``'s own connection, checked out for good: its transactions run back to back, one at a time.
+        self._journal_conn: PoolProxiedConnection | None = None
+        self._journal_lock = anyio.Lock()
         # SQLite has one writer at a time: queue this process's transactions on an async lock rather than in
         # SQLite's busy handler, where waiting threads starve and time out under load.
         self._writer = anyio.Lock() if engine.dialect.name == "sqlite" else None
@@ -183,10 +195,86 @@ class Store:
             raise Unavailable("the database is unreachable; try again shortly") from exc
 
     def _write_sync(self, fn: Callable[[sa.Connection], T]) -> T:
+        with self._sync_engine().begin() as conn:
+            return fn(conn)
+
+    def _sync_engine(self) -> sa.Engine:
         if self._sync is None:
             self._sync = create_sync_engine(self.engine.url.render_as_string(hide_password=False))
-        with self._sync.begin() as conn:
-            return fn(conn)
+        return self._sync
+
+    async def journal(self, fn: Callable[[Journal], T]) -> T:
+        """Run ``fn`` in one write transaction on the driver's own cursor, committed on return.
+
+        The audit log's path: a write precedes every forwarded call, so it skips what ``write`` spends per
+        statement in SQLAlchemy (see ``db.audit.Journal``) and per transaction checking a connection out of the
+        pool and back. One connection, kept, takes these transactions one after the other.
+        """
+        try:
+            async with self._journal_lock:
+                if self._writer is None:
+                    return await anyio.to_thread.run_sync(self._journal_sync, fn, True, limiter=self._write_threads)
+                async with self._writer:
+                    # SQLite, a local file: on the event loop when the database's write lock is free at once (the
+                    # transaction takes less than the hop to a thread and back), in a thread when another process
+                    # holds it (the loop never waits on a lock).
+                    try:
+                        return self._journal_sync(fn, False)
+                    except _Busy:
+                        return await anyio.to_thread.run_sync(self._journal_sync, fn, True, limiter=self._write_threads)
+        except OperationalError as exc:
+            raise Unavailable("the database is unreachable; try again shortly") from exc
+
+    def _journal_sync(self, fn: Callable[[Journal], T], wait: bool) -> T:
+        engine = self._sync_engine()
+        dialect = engine.dialect
+        while True:
+            reused = self._journal_conn is not None
+            if self._journal_conn is None:
+                try:
+                    self._journal_conn = engine.raw_connection()
+                except dialect.loaded_dbapi.Error as exc:
+                    raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+            conn = self._journal_conn
+            committing = False
+            try:
+                cursor = conn.cursor()
+                try:
+                    if dialect.name == "sqlite":
+                        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS if wait else 0}")
+                        try:
+                            cursor.execute("BEGIN IMMEDIATE")  # the connection is in autocommit (``db.engine``)
+                        except dialect.loaded_dbapi.OperationalError as exc:
+                            if not wait and getattr(exc, "sqlite_errorcode", None) == SQLITE_BUSY:
+                                raise _Busy from exc
+                            raise
+                    result = fn(Journal(cursor, dialect))
+                    committing = True
+                    conn.commit()
+                finally:
+                    cursor.close()
+                return result
+            except (DBAPIError, dialect.loaded_dbapi.Error) as exc:
+                original: Any = exc.orig if isinstance(exc, DBAPIError) else exc
+                lost = dialect.is_disconnect(original, conn.dbapi_connection, None)
+                try:
+                    conn.rollback()
+                except dialect.loaded_dbapi.Error:
+                    lost = True
+                if lost:
+                    self._journal_conn = None
+                    conn.invalidate(original)
+                # A connection that went away while idle (the database restarted) is replaced, and the
+                # transaction, which never reached its commit, runs again on the new one: once.
+                if lost and reused and not committing:
+                    continue
+                if isinstance(exc, DBAPIError):
+                    raise
+                raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True) from exc
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.rollback()
+                raise
 
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncGenerator[None, None]:
@@ -236,6 +324,9 @@ class Store:
         return revision == migrate.head()
 
     async def close(self) -> None:
+        if self._journal_conn is not None:
+            self._journal_conn.close()
+            self._journal_conn = None
         if self._sync is not None:
             self._sync.dispose()
         await self.engine.dispose()

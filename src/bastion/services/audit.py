@@ -253,7 +253,7 @@ class Audit:
             self._batch.new, batch.new = batch.new[keep:], batch.new[:keep]
             try:
                 with anyio.CancelScope(shield=True):
-                    await self._store.write(lambda conn: self._write(conn, batch))
+                    await self._store.journal(lambda journal: self._write(journal, batch))
             except Exception as exc:
                 logger.exception("audit write failed", extra={"events": len(batch)})
                 batch.error = exc
@@ -267,9 +267,9 @@ class Audit:
                 raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from exc
             batch.done.set()
 
-    def _write(self, conn: sa.Connection, batch: _Batch) -> None:
-        rows.write_pending(conn, self._chain, batch.pending)
-        rows.append(conn, self._chain, new=batch.new, finished=batch.finished)
+    def _write(self, journal: rows.Journal, batch: _Batch) -> None:
+        rows.write_pending(journal, self._chain, batch.pending)
+        rows.append(journal, self._chain, new=batch.new, finished=batch.finished)
 
     async def flush(self) -> None:
         """Until everything queued so far is committed (retrying while the database is away)."""
@@ -298,7 +298,7 @@ class Audit:
             else replace(e, outcome="tampered", reason="this pending row was altered or forged in the database")
             for e, intact in stale
         ]
-        rows.append(conn, self._chain, finished=interrupted)
+        rows.append(rows.Journal.on(conn), self._chain, finished=interrupted)
         return len(stale)
 
     @asynccontextmanager
