@@ -76,10 +76,10 @@ class Store:
         self._sync: sa.Engine | None = None
         # ``journal``'s own connection, checked out for good: its transactions run back to back, one at a time.
         self._journal_conn: PoolProxiedConnection | None = None
-        self._journal_lock = anyio.Lock()
+        self._journal_lock = anyio.Lock(fast_acquire=True)
         # SQLite has one writer at a time: queue this process's transactions on an async lock rather than in
         # SQLite's busy handler, where waiting threads starve and time out under load.
-        self._writer = anyio.Lock() if engine.dialect.name == "sqlite" else None
+        self._writer = anyio.Lock(fast_acquire=True) if engine.dialect.name == "sqlite" else None
         self._write_threads = anyio.CapacityLimiter(WRITE_THREADS)
 
     @classmethod

@@ -133,7 +133,7 @@ class Audit:
         self._chain = keys.chain_keys(checkpoint_every)
         self._stale_after = timedelta(seconds=stale_after_s)
         self._batch = _Batch()
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # no trip through the event loop when it is free
         self._tg: TaskGroup | None = None
         self._draining = False
 

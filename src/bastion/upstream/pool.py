@@ -134,7 +134,7 @@ class UpstreamPool:
         self._per_server = per_server_concurrency
         self._queue = per_server_queue
         self._sessions: dict[SessionKey, _Session] = {}
-        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._limiters: dict[str, anyio.Semaphore] = {}
         self._tasks: TaskGroup | None = None
         self._discard_listeners: list[Callable[[str | None, str | None], None]] = []
 
@@ -158,10 +158,11 @@ class UpstreamPool:
                     session.closing.set()
                 tasks.cancel_scope.cancel()
 
-    def limiter(self, server_id: str) -> anyio.CapacityLimiter:
+    def limiter(self, server_id: str) -> anyio.Semaphore:
         limiter = self._limiters.get(server_id)
         if limiter is None:
-            limiter = self._limiters[server_id] = anyio.CapacityLimiter(self._per_server)
+            # Taken without a trip through the event loop while a slot is free: a call's every microsecond counts.
+            limiter = self._limiters[server_id] = anyio.Semaphore(self._per_server, fast_acquire=True)
         return limiter
 
     @asynccontextmanager
@@ -172,7 +173,7 @@ class UpstreamPool:
             UpstreamBusy: every slot is taken and the queue is full (a slow upstream cannot pile up callers).
         """
         limiter = self.limiter(server_id)
-        if limiter.available_tokens < 1 and limiter.statistics().tasks_waiting >= self._queue:
+        if limiter.value < 1 and limiter.statistics().tasks_waiting >= self._queue:
             raise UpstreamBusy("this upstream server is at its limit of concurrent calls; retry shortly")
         async with limiter:
             yield

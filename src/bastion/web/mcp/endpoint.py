@@ -87,10 +87,6 @@ class McpEndpoint:
         except Unavailable as exc:
             await self._refuse(send, gateway, 503, exc.code, exc.detail, [(b"retry-after", b"5")])
             return
-        # The SDK binds each legacy session to this user: another token presenting the session id gets 404.
-        user = AuthenticatedUser(
-            AccessToken(token=principal.token_id, client_id=principal.host_id, scopes=[], subject=principal.member_id)
-        )
         # httptools keeps blanks around header values; the SDK compares Mcp-* headers to the body exactly.
         scope["headers"] = [(name, value.strip()) for name, value in scope["headers"]]
         if self._fast is not None and self._fast.eligible(scope):
@@ -98,6 +94,10 @@ class McpEndpoint:
             if await self._fast.handle(scope, body, send, principal):
                 return
             receive = replaying(messages, receive)
+        # The SDK binds each legacy session to this user: another token presenting the session id gets 404.
+        user = AuthenticatedUser(
+            AccessToken(token=principal.token_id, client_id=principal.host_id, scopes=[], subject=principal.member_id)
+        )
         scope["user"] = user
         scope.setdefault("state", {})["principal"] = principal
         principal_token = current_principal.set(principal)
