@@ -25,6 +25,7 @@ from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
 from bastion.web.mcp.server import AUDIT_UNAVAILABLE, CONTENT_BLOCKED, POLICY_DENIED, RATE_LIMITED
+from tests.conftest import member_with_key
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -66,6 +67,34 @@ async def _verified(store: Store, settings: Settings) -> None:
 
     verdict = await audit_query.verify(store, settings.audit_key.get_secret_value().encode("utf-8"))
     assert verdict.broken is None, verdict.broken
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_audit_api_shows_a_call_sealed_as_soon_as_it_has_answered(
+    mode: str,
+    settings: Settings,
+    store: Store,
+    vault: Any,
+    hasher: KeyHasher,
+    operator: Actor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Seals are written in the background (after the delay, or woken by the next call): a reader on this
+    # process must not see the call it just made as pending meanwhile. The delay is put out of reach.
+    monkeypatch.setattr("bastion.services.audit.SEAL_DELAY_S", 3600.0)
+    admin = await member_with_key(store, hasher, operator, "auditor@example.com", "admin")
+    async with serving(recording_upstream(Recorder())) as upstream:
+        tokens = await _world(store, vault, hasher, operator, f"{upstream}/mcp")
+        async with serving(create_app(settings, store)) as bastion:
+            async with gateway_client(f"{bastion}/g/sales/mcp", tokens["ada"], mode) as client:
+                await client.list_tools()
+                for text in ("one", "two"):
+                    await client.call_tool("crm__echo", {"text": text})
+            async with httpx2.AsyncClient(base_url=f"{bastion}/api/v1", headers=admin) as api:
+                listed = (await api.get("/audit/events", params={"method": "tools/call"})).json()["items"]
+                assert [(e["actor"], e["outcome"], e["seq"] is not None) for e in listed] == [
+                    ("ada@example.com", "ok", True)
+                ] * 2
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -158,18 +158,18 @@ async def test_recovery_seals_a_forged_pending_row_as_tampered_not_as_a_real_cal
 async def test_seals_are_written_while_requests_keep_coming_not_only_in_a_lull(
     store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Under steady load the background drain's turn at the lock always comes after another request's: seals
-    # must ride with the requests' own commits, or they wait for a lull that never comes.
+    # Under steady load another request's commit always comes before the drain's turn at the lock: the drain
+    # must take whatever seals are queued when its turn comes, or they wait for a lull that never comes.
     monkeypatch.setattr("bastion.services.audit.SEAL_DELAY_S", 0.0)
     sealed_under_load = 0
     loading = True
 
     class Counting(Audit):
-        def _write(self, conn: sa.Connection, batch: Any) -> None:
+        def _write(self, journal: Any, batch: Any) -> None:
             nonlocal sealed_under_load
             if loading:
                 sealed_under_load += len(batch.finished) + len(batch.new)
-            super()._write(conn, batch)
+            super()._write(journal, batch)
 
     log = Counting(store, _keys(settings))
 
@@ -184,3 +184,51 @@ async def test_seals_are_written_while_requests_keep_coming_not_only_in_a_lull(
         loading = False
     assert sealed_under_load > 0
     assert len(await _outcomes(store)) == 16 * 25
+
+
+async def _pending_names(store: Store) -> list[str]:
+    async with store.transaction() as conn:
+        query = sa.select(schema.audit_events.c.name).where(schema.audit_events.c.seq.is_(None))
+        return sorted((await conn.execute(query)).scalars())
+
+
+async def test_a_requests_commit_leaves_earlier_seals_to_the_drain_which_it_wakes_at_once(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The drain's own delay is out of reach here: the first call's seal can only come from the second call's wake.
+    monkeypatch.setattr("bastion.services.audit.SEAL_DELAY_S", 3600.0)
+    written: list[tuple[list[str | None], list[str | None]]] = []
+    sealed = anyio.Event()
+
+    class Recording(Audit):
+        def _write(self, journal: Any, batch: Any) -> None:
+            written.append(([e.name for e in batch.pending], [e.name for e in batch.finished]))
+            super()._write(journal, batch)
+
+        async def _seal(self) -> None:
+            await super()._seal()
+            sealed.set()
+
+    log = Recording(store, _keys(settings))
+    async with log.running():
+        await _request(log, "first")
+        async with log.call(CallRecord(method="tools/call", gateway="g", principal=None, name="second")):
+            await before_forwarding()
+            with anyio.fail_after(10):  # a guard against hanging, not a measure of speed
+                await sealed.wait()
+            assert await _pending_names(store) == ["second"]  # sealed while the second call is still out
+        assert written[:3] == [(["first"], []), (["second"], []), ([], ["first"])]
+    assert [(o, n) for _s, o, n in await _outcomes(store)] == [("ok", "first"), ("ok", "second")]
+
+
+async def test_settle_seals_what_was_decided_without_waiting_for_the_drain(
+    store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bastion.services.audit.SEAL_DELAY_S", 3600.0)
+    log = Audit(store, _keys(settings))
+    async with log.running():
+        await _request(log, "answered")
+        assert await _pending_names(store) == ["answered"]
+        await log.settle()
+        assert await _pending_names(store) == []
+        assert [(o, n) for _s, o, n in await _outcomes(store)] == [("ok", "answered")]

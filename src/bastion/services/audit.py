@@ -8,6 +8,7 @@ events share a commit. Refusals at the door and admin actions have no upstream c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -136,6 +137,7 @@ class Audit:
         self._lock = anyio.Lock(fast_acquire=True)  # no trip through the event loop when it is free
         self._tg: TaskGroup | None = None
         self._draining = False
+        self._wake = anyio.Event()  # set when seals should be written at once rather than after the delay
 
     # --- building events ------------------------------------------------------------------------------------------
 
@@ -199,6 +201,9 @@ class Audit:
     async def open(self, record: CallRecord) -> None:
         """Make the request's event durable before anything is forwarded.
 
+        Its commit carries pending rows only (and those of requests opening meanwhile): earlier calls' seals are
+        the drain's, which this wakes to write them while the request is out at its upstream.
+
         Raises:
             AuditUnavailable: the event could not be written; nothing may be forwarded.
         """
@@ -210,15 +215,26 @@ class Audit:
             # A stalled database must not hold the caller: it is refused (the write, if it lands later, is
             # completed by the request's outcome all the same, by event id).
             with anyio.fail_after(OPEN_TIMEOUT_S):
-                await self._commit(batch)
+                await self._commit(batch, seals=False)
         except (AuditUnavailable, TimeoutError) as exc:
             batch.pending[:] = [e for e in batch.pending if e.id != record.id]
             if isinstance(exc, TimeoutError):
                 raise AuditUnavailable("the audit log did not answer in time; nothing was forwarded") from exc
             raise
         record.opened = True
+        if self._decided():
+            self._schedule_drain(now=True)
+
+    async def settle(self) -> None:
+        """Seal what this process has decided so far, now (one attempt): a reader sees the calls it just made."""
+        if self._enabled and self._decided():
+            with contextlib.suppress(AuditUnavailable):
+                await self._seal()
 
     # --- grouped commits ------------------------------------------------------------------------------------------
+
+    def _decided(self) -> bool:
+        return bool(self._batch.finished or self._batch.new)
 
     def _enqueue(self, event: AuditEvent, *, finished: bool) -> None:
         if not self._enabled:
@@ -228,44 +244,84 @@ class Audit:
             logger.error("audit queue full: an event was dropped", extra={"audit_id": event.id})
             return
         (batch.finished if finished else batch.new).append(event)
+        self._schedule_drain(now=False)
+
+    def _schedule_drain(self, *, now: bool) -> None:
+        """Seal decided events in the background: ``now``, or after the delay that lets a lull's seals group."""
+        if now:
+            self._wake.set()
         if self._tg is not None and not self._draining:
             self._draining = True
             self._tg.start_soon(self._drain)
 
     async def _drain(self) -> None:
         try:
-            await anyio.sleep(SEAL_DELAY_S)
-            await self.flush()
+            if not self._wake.is_set():
+                with anyio.move_on_after(SEAL_DELAY_S):
+                    await self._wake.wait()
+            self._wake = anyio.Event()
+            # Until nothing decided is left (more may be decided meanwhile): no flag reset can slip in between.
+            while self._decided():
+                try:
+                    await self._seal()
+                except AuditUnavailable:
+                    await anyio.sleep(RETRY_DELAY_S)
         finally:
             self._draining = False
 
-    async def _commit(self, batch: _Batch) -> None:
-        """Commit ``batch`` (and whatever joined it), or wait for the commit that carries it."""
+    async def _seal(self) -> None:
+        """Commit the decided events queued so far (a batch's worth), leaving pending rows to their requests.
+
+        It takes whatever is queued once it holds the lock, so requests committing before it (under steady load,
+        always some) cannot leave it with nothing while seals wait for a lull.
+        """
+        async with self._lock:
+            queued = self._batch
+            sealing = _Batch()
+            sealing.finished, queued.finished = queued.finished[:MAX_BATCH], queued.finished[MAX_BATCH:]
+            keep = max(MAX_BATCH - len(sealing.finished), 0)
+            sealing.new, queued.new = queued.new[:keep], queued.new[keep:]
+            if len(sealing):
+                await self._write_batch(sealing)
+
+    async def _commit(self, batch: _Batch, *, seals: bool = True) -> None:
+        """Commit ``batch`` (and whatever joined it), or wait for the commit that carries it.
+
+        Without ``seals``, only its pending rows: its decided events move to the next batch, for the drain.
+        """
         async with self._lock:
             if batch.done.is_set():
                 if batch.error is not None:
                     raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from batch.error
                 return
             self._batch = _Batch()
-            # Decided events beyond one batch's worth (a backlog after an outage) wait for the next commit.
-            keep = max(MAX_BATCH - len(batch.finished), 0)
-            self._batch.finished, batch.finished = batch.finished[MAX_BATCH:], batch.finished[:MAX_BATCH]
-            self._batch.new, batch.new = batch.new[keep:], batch.new[:keep]
-            try:
-                with anyio.CancelScope(shield=True):
-                    await self._store.journal(lambda journal: self._write(journal, batch))
-            except Exception as exc:
-                logger.exception("audit write failed", extra={"events": len(batch)})
-                batch.error = exc
-                # Decided events (seals, refusals) are kept for the next commit; pending ones fail their callers.
-                # When the database is up but refused the data, they are kept in a reduced form that any
-                # database stores, so one unstorable event cannot block every later one.
-                carry: Callable[[AuditEvent], AuditEvent] = _reduced if _refused_data(exc) else _same
-                self._batch.finished.extend(carry(e) for e in batch.finished)
-                self._batch.new.extend(carry(e) for e in batch.new)
-                batch.done.set()
-                raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from exc
+            if seals:
+                # Decided events beyond one batch's worth (a backlog after an outage) wait for the next commit.
+                keep = max(MAX_BATCH - len(batch.finished), 0)
+                self._batch.finished, batch.finished = batch.finished[MAX_BATCH:], batch.finished[:MAX_BATCH]
+                self._batch.new, batch.new = batch.new[keep:], batch.new[:keep]
+            else:
+                self._batch.finished, batch.finished = batch.finished, []
+                self._batch.new, batch.new = batch.new, []
+            await self._write_batch(batch)
+
+    async def _write_batch(self, batch: _Batch) -> None:
+        """Write ``batch`` (the lock held) and mark it done; on failure its decided events are queued again."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._store.journal(lambda journal: self._write(journal, batch))
+        except Exception as exc:
+            logger.exception("audit write failed", extra={"events": len(batch)})
+            batch.error = exc
+            # Decided events (seals, refusals) are kept for the next commit; pending ones fail their callers.
+            # When the database is up but refused the data, they are kept in a reduced form that any
+            # database stores, so one unstorable event cannot block every later one.
+            carry: Callable[[AuditEvent], AuditEvent] = _reduced if _refused_data(exc) else _same
+            self._batch.finished.extend(carry(e) for e in batch.finished)
+            self._batch.new.extend(carry(e) for e in batch.new)
             batch.done.set()
+            raise AuditUnavailable("the audit log cannot be written; nothing was forwarded") from exc
+        batch.done.set()
 
     def _write(self, journal: rows.Journal, batch: _Batch) -> None:
         rows.write_pending(journal, self._chain, batch.pending)

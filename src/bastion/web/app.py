@@ -88,7 +88,12 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
     sender = Sender(parts.vault, parts.pool.outbound, settings.public_url)
     webhook_worker = Worker(parts.store, sender)
     api.state.ctx = ApiContext(
-        store=parts.store, hasher=parts.hasher, vault=parts.vault, revoker=parts.revoker, webhooks=sender
+        store=parts.store,
+        hasher=parts.hasher,
+        vault=parts.vault,
+        revoker=parts.revoker,
+        webhooks=sender,
+        audit=parts.audit,
     )
     api.state.public_url = settings.public_url
     ui_ctx, ui_routes = ui.build(

@@ -17,6 +17,7 @@ from bastion.errors import Unauthenticated, Unavailable, ValidationFailed
 from bastion.oauth.revocation import Revoker
 from bastion.services import apikeys, host_keys
 from bastion.services.apikeys import KeyHasher
+from bastion.services.audit import Audit
 from bastion.services.delivery import Sender
 from bastion.vault.sealer import Vault
 
@@ -33,6 +34,13 @@ class ApiContext:
     vault: Vault
     revoker: Revoker | None = None  # RFC 7009 revocation when identities and members are deleted
     webhooks: Sender | None = None  # webhook test events and redeliveries, attempted while the caller waits
+    audit: Audit | None = None  # this process's audit writer: reads seal what it has decided first
+
+    async def settled(self) -> Store:
+        """The store, once this process's decided audit events are sealed: a reader sees the calls it just made."""
+        if self.audit is not None:
+            await self.audit.settle()
+        return self.store
 
     def sender(self) -> Sender:
         if self.webhooks is None:

@@ -45,13 +45,13 @@ async def list_audit_events(
     ctx: Ctx, actor: CurrentActor, flt: Filter, cursor: Cursor = None, limit: Limit = None
 ) -> PageOut[AuditEventOut]:
     """The workspace's audit events, newest first; pending ones (no seq yet) included."""
-    page = await audit_query.list_page(ctx.store, actor, flt, cursor, limit)
+    page = await audit_query.list_page(await ctx.settled(), actor, flt, cursor, limit)
     return PageOut(items=[AuditEventOut.of(r) for r in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/audit/events/{event_id}", tags=["audit"], openapi_extra=_VIEW)
 async def get_audit_event(ctx: Ctx, actor: CurrentActor, event_id: EventId) -> AuditEventOut:
-    return AuditEventOut.of(await audit_query.get(ctx.store, actor, event_id))
+    return AuditEventOut.of(await audit_query.get(await ctx.settled(), actor, event_id))
 
 
 _EXPORT_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
@@ -76,7 +76,7 @@ async def export_audit_events(
     fmt: Annotated[ExportFormat, Query(alias="format", description="jsonl or csv")] = "jsonl",
 ) -> StreamingResponse:
     """The workspace's audit events, streamed: JSON Lines keep every stored value, CSV is for spreadsheets."""
-    chunks = audit_query.export(ctx.store, actor, flt, fmt)
+    chunks = audit_query.export(await ctx.settled(), actor, flt, fmt)
     # The first chunk is read here, so a refusal is still a problem+json answer rather than a broken stream.
     first = await anext(chunks, None)
 
