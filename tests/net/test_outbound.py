@@ -643,3 +643,76 @@ async def test_fetch_sends_credentials_to_the_first_origin_only(tls: Tls, tmp_pa
         ("pinned.test", "/cross", True),
         ("evil.test", "/ok", False),
     ]
+
+
+class _SseOrigin:
+    """A plain HTTP/1.1 origin answering every POST with a chunked SSE body in two parts, counting connections.
+
+    The body's end comes ``end_after`` seconds after its event (never, when None), as a server closing a
+    request's stream once it has answered."""
+
+    def __init__(self, end_after: float | None) -> None:
+        self.end_after = end_after
+        self.connections = 0
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        buffer += await stream.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        return
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
+                while len(buffer) < length:
+                    buffer += await stream.receive()
+                buffer = buffer[length:]
+                event = b"event: message\r\ndata: {}\r\n\r\n"
+                await stream.send(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                    + b"%x\r\n%s\r\n" % (len(event), event)
+                )
+                end_after = self.end_after
+                if end_after is None:
+                    await anyio.sleep_forever()
+                    return
+                await anyio.sleep(end_after)
+                await stream.send(b"0\r\n\r\n")
+
+
+async def _first_events(origin: _SseOrigin, requests: int) -> None:
+    policy = OutboundPolicy(allow_loopback=True)
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, origin.handle)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610  anyio typed attribute, not Django
+        async with policy.client() as client:
+            for _ in range(requests):
+                with anyio.fail_after(10):  # a guard against hanging, not a measure of speed
+                    async with client.stream("POST", f"http://127.0.0.1:{port}/mcp", content=b"{}") as response:
+                        async for line in response.aiter_lines():
+                            if line.startswith("data:"):
+                                break  # as an MCP client does once its response has arrived
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_answer_closed_just_before_its_end_is_read_to_it_and_its_connection_reused() -> None:
+    origin = _SseOrigin(end_after=0.001)
+    await _first_events(origin, 3)
+    assert origin.connections == 1
+
+
+@pytest.mark.anyio
+async def test_an_answer_that_does_not_end_is_closed_with_its_connection_after_a_short_wait() -> None:
+    origin = _SseOrigin(end_after=None)
+    await _first_events(origin, 2)
+    assert origin.connections == 2

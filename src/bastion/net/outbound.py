@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address, ip_network
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
@@ -292,7 +292,57 @@ class PolicyTransport(httpx2.AsyncHTTPTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         self._policy.check_url(str(request.url))
-        return await super().handle_async_request(request)
+        response = await super().handle_async_request(request)
+        response.stream = _ReadToEndOnClose(cast(httpx2.AsyncByteStream, response.stream))
+        return response
+
+
+# How long, and how much, a response closed before its end is still read so that its connection stays open.
+CLOSE_DRAIN_S: Final = 0.05
+CLOSE_DRAIN_BYTES: Final = 64 * 1024
+
+
+class _ReadToEndOnClose(httpx2.AsyncByteStream):
+    """A response body that, closed before its end, is first read to its end (briefly, and not much of it).
+
+    An MCP client closes an SSE answer as soon as its JSON-RPC response has arrived, a few bytes before the
+    stream's end: the connection would be dropped, and every call would open a new one. Read to the end, the
+    connection goes back to the pool. A body that does not end at once is not waited for: it is closed as before.
+    """
+
+    def __init__(self, inner: httpx2.AsyncByteStream) -> None:
+        self._inner = inner
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._ended = False
+
+    def _iterator(self) -> AsyncIterator[bytes]:
+        if self._chunks is None:
+            self._chunks = aiter(self._inner)
+        return self._chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = self._iterator()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                self._ended = True
+                return
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            if not self._ended and self._chunks is not None:
+                read = 0
+                with anyio.move_on_after(CLOSE_DRAIN_S):
+                    while read <= CLOSE_DRAIN_BYTES:
+                        try:
+                            read += len(await anext(self._chunks))
+                        except StopAsyncIteration:
+                            self._ended = True
+                            break
+        finally:
+            await self._inner.aclose()
 
 
 async def fetch(
