@@ -651,8 +651,9 @@ class _SseOrigin:
     The body's end comes ``end_after`` seconds after its event (never, when None), as a server closing a
     request's stream once it has answered."""
 
-    def __init__(self, end_after: float | None) -> None:
+    def __init__(self, end_after: float | None, *, cut: bool = False) -> None:
         self.end_after = end_after
+        self.cut = cut  # drop the connection instead of ending the body
         self.connections = 0
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
@@ -686,6 +687,8 @@ class _SseOrigin:
                     await anyio.sleep_forever()
                     return
                 await anyio.sleep(end_after)
+                if self.cut:
+                    return
                 await stream.send(b"0\r\n\r\n")
 
 
@@ -714,5 +717,14 @@ async def test_an_answer_closed_just_before_its_end_is_read_to_it_and_its_connec
 @pytest.mark.anyio
 async def test_an_answer_that_does_not_end_is_closed_with_its_connection_after_a_short_wait() -> None:
     origin = _SseOrigin(end_after=None)
+    await _first_events(origin, 2)
+    assert origin.connections == 2
+
+
+@pytest.mark.anyio
+async def test_an_answer_cut_off_while_being_read_to_its_end_closes_quietly() -> None:
+    # The caller is done with the body: a broken end is not its error (an MCP client would take it for a
+    # lost stream and answer a call that was already answered).
+    origin = _SseOrigin(end_after=0.001, cut=True)
     await _first_events(origin, 2)
     assert origin.connections == 2

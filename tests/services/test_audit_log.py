@@ -6,6 +6,7 @@ import secrets
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import sqlalchemy as sa
 
@@ -175,7 +176,9 @@ async def test_seals_are_written_while_requests_keep_coming_not_only_in_a_lull(
 
     async def client(index: int) -> None:
         for call in range(25):
-            await _request(log, f"c{index}-{call}")
+            async with log.call(CallRecord(method="tools/call", gateway="g", principal=None, name=f"c{index}-{call}")):
+                await before_forwarding()  # on SQLite with free locks this need not give the loop a turn...
+                await anyio.lowlevel.checkpoint()  # ...but waiting for the upstream's answer always does
 
     async with log.running():
         async with anyio.create_task_group() as tg:
@@ -232,3 +235,28 @@ async def test_settle_seals_what_was_decided_without_waiting_for_the_drain(
         await log.settle()
         assert await _pending_names(store) == []
         assert [(o, n) for _s, o, n in await _outcomes(store)] == [("ok", "answered")]
+
+
+async def test_a_request_cancelled_while_its_event_waits_to_be_written_leaves_no_row_to_clash_later(
+    store: Store, settings: Settings
+) -> None:
+    # The caller hangs up while its pending row waits for the writer: its outcome is sealed on its own, and no
+    # late pending row with the same id may reach the database afterwards (it would fail the next commit).
+    log = Audit(store, _keys(settings))
+    scopes: list[anyio.CancelScope] = []
+
+    async def hung_up() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await _request(log, "hung-up")
+
+    async with log.running():
+        await log._lock.acquire()  # pyright: ignore[reportPrivateUsage]  the writer is busy
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hung_up)
+            await anyio.wait_all_tasks_blocked()
+            scopes[0].cancel()
+        log._lock.release()  # pyright: ignore[reportPrivateUsage]
+        await log.settle()
+        await _request(log, "next")  # its commit would fail on the hung-up call's late pending row
+    assert [(o, n) for _s, o, n in await _outcomes(store)] == [("error", "hung-up"), ("ok", "next")]

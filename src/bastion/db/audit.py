@@ -142,10 +142,8 @@ class _Prepared:
         return cls(compiled.string, names, processors, dialect.positional)
 
     def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        converted = [
-            values[n] if p is None or values[n] is None else p(values[n])
-            for n, p in zip(self.names, self.processors, strict=True)
-        ]
+        # None goes through its processor too: JSON stores it as JSON null, as SQLAlchemy's own execution does.
+        converted = [values[n] if p is None else p(values[n]) for n, p in zip(self.names, self.processors, strict=True)]
         return tuple(converted) if self.positional else dict(zip(self.names, converted, strict=True))
 
 
@@ -154,7 +152,6 @@ class Statements:
     """The chain's statements as one driver takes them."""
 
     insert: _Prepared
-    head: _Prepared
     head_locked: _Prepared
     complete: _Prepared
     move_head: _Prepared
@@ -167,7 +164,6 @@ class Statements:
         found = sa.select(E.c.id, E.c.seq).compile(dialect=dialect).string
         return cls(
             insert=_Prepared.of(_INSERT, dialect, _INSERT_KEYS),
-            head=_Prepared.of(_HEAD, dialect),
             head_locked=_Prepared.of(head_locked, dialect),
             complete=_Prepared.of(_COMPLETE, dialect),
             move_head=_Prepared.of(_MOVE_HEAD, dialect),
@@ -204,8 +200,16 @@ class Journal:
 
     @classmethod
     def on(cls, conn: sa.Connection) -> Journal:
-        """The journal of a SQLAlchemy connection's transaction (admin actions seal on their own transaction)."""
+        """The journal of a SQLAlchemy connection's transaction (admin actions seal on their own transaction).
+
+        Use it as a context manager: its cursor is closed on the way out."""
         return cls(conn.connection.cursor(), conn.dialect)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.cursor.close()
 
     def run(self, statement: _Prepared, rows: Sequence[Mapping[str, Any]]) -> None:
         self._call(statement.sql, [statement.parameters(r) for r in rows], many=True)
@@ -309,7 +313,12 @@ async def seal_into_chain(
     conn: AsyncConnection, keys: ChainKeys, *, new: Sequence[AuditEvent] = (), finished: Sequence[AuditEvent] = ()
 ) -> list[SealedEvent]:
     """Append events to the chain: ``new`` ones are inserted, ``finished`` ones are pending rows now complete."""
-    return await conn.run_sync(lambda sync: append(Journal.on(sync), keys, new=new, finished=finished))
+
+    def sealed(sync: sa.Connection) -> list[SealedEvent]:
+        with Journal.on(sync) as journal:
+            return append(journal, keys, new=new, finished=finished)
+
+    return await conn.run_sync(sealed)
 
 
 def stale_pending(conn: sa.Connection, keys: ChainKeys, before: datetime, limit: int) -> list[tuple[AuditEvent, bool]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
@@ -203,12 +202,13 @@ class Store:
             self._sync = create_sync_engine(self.engine.url.render_as_string(hide_password=False))
         return self._sync
 
-    async def journal(self, fn: Callable[[Journal], T]) -> T:
+    async def journal(self, fn: Callable[[Journal], T], *, inline: bool = True) -> T:
         """Run ``fn`` in one write transaction on the driver's own cursor, committed on return.
 
         The audit log's path: a write precedes every forwarded call, so it skips what ``write`` spends per
         statement in SQLAlchemy (see ``db.audit.Journal``) and per transaction checking a connection out of the
-        pool and back. One connection, kept, takes these transactions one after the other.
+        pool and back. One connection, kept, takes these transactions one after the other. ``inline=False``
+        keeps a long transaction (a backlog's batch) off the event loop on SQLite too.
         """
         try:
             async with self._journal_lock:
@@ -219,6 +219,8 @@ class Store:
                     # transaction takes less than the hop to a thread and back), in a thread when another process
                     # holds it (the loop never waits on a lock).
                     try:
+                        if not inline:
+                            raise _Busy
                         return self._journal_sync(fn, False)
                     except _Busy:
                         return await anyio.to_thread.run_sync(self._journal_sync, fn, True, limiter=self._write_threads)
@@ -245,7 +247,8 @@ class Store:
                         try:
                             cursor.execute("BEGIN IMMEDIATE")  # the connection is in autocommit (``db.engine``)
                         except dialect.loaded_dbapi.OperationalError as exc:
-                            if not wait and getattr(exc, "sqlite_errorcode", None) == SQLITE_BUSY:
+                            # The primary code: extended ones (SQLITE_BUSY_RECOVERY …) are busy too.
+                            if not wait and getattr(exc, "sqlite_errorcode", 0) & 0xFF == SQLITE_BUSY:
                                 raise _Busy from exc
                             raise
                     result = fn(Journal(cursor, dialect))
@@ -272,8 +275,11 @@ class Store:
                     raise
                 raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True) from exc
             except BaseException:
-                with contextlib.suppress(Exception):
+                try:
                     conn.rollback()
+                except Exception:  # noqa: BLE001  a connection that cannot roll back is not used again
+                    self._journal_conn = None
+                    conn.invalidate()
                 raise
 
     @asynccontextmanager

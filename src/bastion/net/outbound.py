@@ -12,9 +12,10 @@ Two checks, and both are needed:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address, ip_network
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
@@ -334,15 +335,21 @@ class _ReadToEndOnClose(httpx2.AsyncByteStream):
         try:
             if not self._ended and self._chunks is not None:
                 read = 0
-                with anyio.move_on_after(CLOSE_DRAIN_S):
-                    while read <= CLOSE_DRAIN_BYTES:
+                # A failure here is not the caller's: it closed a body it was done with (the connection goes).
+                with anyio.move_on_after(CLOSE_DRAIN_S), contextlib.suppress(httpx2.HTTPError, RuntimeError, OSError):
+                    while read < CLOSE_DRAIN_BYTES:
                         try:
                             read += len(await anext(self._chunks))
                         except StopAsyncIteration:
                             self._ended = True
                             break
         finally:
-            await self._inner.aclose()
+            try:
+                if self._chunks is not None and hasattr(self._chunks, "aclose"):
+                    with contextlib.suppress(httpx2.HTTPError, RuntimeError, OSError):
+                        await cast(AsyncGenerator[bytes], self._chunks).aclose()
+            finally:
+                await self._inner.aclose()
 
 
 async def fetch(

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 import sqlalchemy as sa
 from anyio.abc import TaskGroup
 from sqlalchemy.exc import DataError, IntegrityError
@@ -37,6 +38,7 @@ from bastion.types import JSONValue
 logger = logging.getLogger("bastion.audit")
 
 MAX_BATCH: Final = 500  # events per grouped commit
+INLINE_MAX: Final = 32  # events a commit may write on the event loop (SQLite); a bigger one goes to a thread
 # Seals and refusals wait this long for a request's pending write to carry them in the same commit; under load
 # they always find one, and an idle gateway writes them on their own after the delay.
 SEAL_DELAY_S: Final = 0.05
@@ -216,7 +218,9 @@ class Audit:
             # completed by the request's outcome all the same, by event id).
             with anyio.fail_after(OPEN_TIMEOUT_S):
                 await self._commit(batch, seals=False)
-        except (AuditUnavailable, TimeoutError) as exc:
+        except BaseException as exc:
+            # Refused, timed out or cancelled (the caller hung up): a row not written yet never will be, or the
+            # drain could seal the request's outcome first and this late pending row then clash with it.
             batch.pending[:] = [e for e in batch.pending if e.id != record.id]
             if isinstance(exc, TimeoutError):
                 raise AuditUnavailable("the audit log did not answer in time; nothing was forwarded") from exc
@@ -226,9 +230,15 @@ class Audit:
             self._schedule_drain(now=True)
 
     async def settle(self) -> None:
-        """Seal what this process has decided so far, now (one attempt): a reader sees the calls it just made."""
-        if self._enabled and self._decided():
-            with contextlib.suppress(AuditUnavailable):
+        """Seal what this process has decided so far, now (one attempt): a reader sees the calls it just made.
+
+        Through the lock even when nothing is queued: a seal already on its way (taken out of the queue, not yet
+        committed) is waited for too."""
+        if not self._enabled:
+            return
+        with contextlib.suppress(AuditUnavailable):
+            await self._seal()
+            while self._decided():  # more than a batch's worth
                 await self._seal()
 
     # --- grouped commits ------------------------------------------------------------------------------------------
@@ -266,6 +276,7 @@ class Audit:
                     await self._seal()
                 except AuditUnavailable:
                     await anyio.sleep(RETRY_DELAY_S)
+                await anyio.lowlevel.checkpoint()  # a backlog's batches must not hold the event loop end to end
         finally:
             self._draining = False
 
@@ -281,8 +292,15 @@ class Audit:
             sealing.finished, queued.finished = queued.finished[:MAX_BATCH], queued.finished[MAX_BATCH:]
             keep = max(MAX_BATCH - len(sealing.finished), 0)
             sealing.new, queued.new = queued.new[:keep], queued.new[keep:]
-            if len(sealing):
-                await self._write_batch(sealing)
+            if not len(sealing):
+                return
+            # A pending row still queued for an event sealed now is written first, in the same transaction
+            # (its outcome then completes it): written after the seal, it would clash with the sealed row.
+            ids = {e.id for e in (*sealing.finished, *sealing.new)}
+            if any(e.id in ids for e in queued.pending):
+                sealing.pending = [e for e in queued.pending if e.id in ids]
+                queued.pending[:] = [e for e in queued.pending if e.id not in ids]
+            await self._write_batch(sealing)
 
     async def _commit(self, batch: _Batch, *, seals: bool = True) -> None:
         """Commit ``batch`` (and whatever joined it), or wait for the commit that carries it.
@@ -309,7 +327,7 @@ class Audit:
         """Write ``batch`` (the lock held) and mark it done; on failure its decided events are queued again."""
         try:
             with anyio.CancelScope(shield=True):
-                await self._store.journal(lambda journal: self._write(journal, batch))
+                await self._store.journal(lambda journal: self._write(journal, batch), inline=len(batch) <= INLINE_MAX)
         except Exception as exc:
             logger.exception("audit write failed", extra={"events": len(batch)})
             batch.error = exc
@@ -329,7 +347,11 @@ class Audit:
 
     async def flush(self) -> None:
         """Until everything queued so far is committed (retrying while the database is away)."""
-        while len(self._batch):
+        while True:
+            async with self._lock:  # a write on its way (the drain's) ends first: what it fails is queued again
+                pass
+            if not len(self._batch):
+                return
             try:
                 await self._commit(self._batch)
             except AuditUnavailable:
@@ -354,7 +376,8 @@ class Audit:
             else replace(e, outcome="tampered", reason="this pending row was altered or forged in the database")
             for e, intact in stale
         ]
-        rows.append(rows.Journal.on(conn), self._chain, finished=interrupted)
+        with rows.Journal.on(conn) as journal:
+            rows.append(journal, self._chain, finished=interrupted)
         return len(stale)
 
     @asynccontextmanager
