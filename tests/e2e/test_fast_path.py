@@ -8,6 +8,7 @@ from typing import Any
 
 import mcp_types as types
 import pytest
+import sqlalchemy as sa
 from mcp.server import Server, ServerRequestContext
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import bearer_secret
@@ -24,6 +26,7 @@ from bastion.services import connections, gateways, hosts, identities, members, 
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
+from bastion.web.mcp.fastpath import _answer_status  # pyright: ignore[reportPrivateUsage]
 from tests.mcp_support import gateway_client, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -172,3 +175,101 @@ async def test_an_upstream_refusal_reaches_the_agent_as_a_jsonrpc_error_never_as
             assert [t.name for t in (await client.list_tools()).tools] == ["calc__add"]
     # A pasted bearer credential has nothing to renew: the call was sent once, with the member's credential.
     assert refused == [b"Bearer ada-calc-credential"]
+
+
+def outcomes_upstream() -> ASGIApp:
+    """A 2026-era upstream whose tools answer, answer with a tool error, or fail with a JSON-RPC error."""
+
+    async def list_tools(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListToolsResult:
+        schema = {"type": "object"}
+        return types.ListToolsResult(
+            tools=[types.Tool(name=name, description=name, input_schema=schema) for name in ("fine", "fail", "boom")]
+        )
+
+    async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
+        if params.name == "boom":
+            raise MCPError(-32099, "the upstream gave up")
+        await ctx.session.report_progress(1, 1)  # an SSE answer, as soon as anything is sent before the result
+        text = types.TextContent(type="text", text='an "error" in the text is not an error')
+        return types.CallToolResult(content=[text], is_error=params.name == "fail")
+
+    server: Server[Any] = Server("outcomes", version="1", on_list_tools=list_tools, on_call_tool=call_tool)
+    manager = StreamableHTTPSessionManager(app=server)
+
+    class Endpoint:
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await manager.handle_request(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
+        async with manager.run():
+            yield
+
+    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
+
+
+@pytest.mark.parametrize("mode", ["2026-07-28", "legacy"])
+async def test_the_audit_log_records_a_calls_outcome_alike_on_the_fast_and_the_full_path(
+    mode: str, settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    async with serving(outcomes_upstream()) as up:
+        await servers.create(
+            store,
+            operator,
+            ServerSpec(
+                "calc", Transport.STREAMABLE_HTTP, url=f"{up}/mcp", auth_kind=AuthKind.NONE, era=ProtocolEra.MODERN
+            ),
+        )
+        await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("calc"),)))
+        await hosts.create(store, operator, HostSpec("agent"))
+        await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+        _c, _t, token = await connections.create(
+            store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
+        )
+        async with (
+            serving(create_app(settings, store)) as bastion,
+            gateway_client(f"{bastion}/g/g/mcp", token, mode) as client,
+        ):
+            await client.list_tools()
+            assert not (await client.call_tool("calc__fine", {})).is_error
+            assert (await client.call_tool("calc__fail", {})).is_error
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("calc__boom", {})
+            assert caught.value.code == -32099
+    async with store.transaction() as conn:
+        query = sa.select(schema.audit_events).where(schema.audit_events.c.method == "tools/call")
+        events = {row.name: (row.outcome, row.upstream_status) for row in (await conn.execute(query)).all()}
+    assert events == {
+        "calc__fine": ("ok", "ok"),
+        "calc__fail": ("ok", "error"),
+        "calc__boom": ("error", "-32099"),
+    }
+
+
+_SSE = b"text/event-stream"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b'{"jsonrpc":"2.0","id":7,"result":{"content":[]}}', b"application/json", "ok"),
+        (b'{"jsonrpc":"2.0","id":7,"result":{"content":[],"isError":true}}', b"application/json", "error"),
+        (b'{"jsonrpc":"2.0","id":7,"error":{"code":-32602,"message":"bad"}}', b"application/json", "-32602"),
+        # Another message's error, or an error-looking text, is not this answer's.
+        (b'{"jsonrpc":"2.0","id":8,"error":{"code":-32602,"message":"bad"}}', b"application/json", "ok"),
+        (
+            b'event: message\r\ndata: {"jsonrpc":"2.0","method":"notifications/message",'
+            b'"params":{"level":"error","data":"x"}}\r\n\r\n'
+            b'event: message\r\ndata: {"jsonrpc":"2.0","id":7,"result":{"isError":true,"content":[]}}\r\n\r\n',
+            b"text/event-stream; charset=utf-8",
+            "error",
+        ),
+        (b'data: {"jsonrpc":"2.0","id":7,\ndata: "error":{"code":-1,"message":"m"}}\n\n', _SSE, "-1"),
+        (b'{"jsonrpc":"2.0","id":7,"result":{"isError":tru', b"application/json", "ok"),  # unreadable: as it came
+        (None, b"application/json", "ok"),  # too big to keep
+    ],
+)
+def test_an_answers_outcome_is_read_from_the_bytes_the_caller_got(
+    body: bytes | None, content_type: bytes, status: str
+) -> None:
+    assert _answer_status(body, content_type, 7) == status

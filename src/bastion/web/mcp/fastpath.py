@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import httpx2
@@ -42,6 +42,7 @@ logger = logging.getLogger("bastion.fastpath")
 MODERN: Final = "2026-07-28"
 # Request headers that travel to the upstream; everything else (Authorization, cookies, …) stays behind.
 _FORWARDED: Final = (b"accept", b"content-type", b"mcp-protocol-version", b"mcp-method")
+MAX_READ_ANSWER_BYTES: Final = 1024 * 1024  # answers up to this size are read for the audit log's outcome
 _PARAM_PREFIX: Final = b"mcp-param-"
 _HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
@@ -291,7 +292,9 @@ class FastPath:
                             }
                         )
                         started = True
+                        kept = _Kept()
                         async for chunk in response.chunks():
+                            kept.add(chunk)
                             await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                     finally:
@@ -321,8 +324,68 @@ class FastPath:
                 )
             await _jsonrpc_error(send, request_id, error)
         else:
-            if record.upstream_status is None:
-                record.upstream_status = "ok" if response.status_code < 400 else f"http_{response.status_code}"
+            if record.upstream_status is None and response.status_code >= 400:
+                record.upstream_status = f"http_{response.status_code}"
+            elif record.upstream_status is None:
+                # As the full path records it: a tool's error result, or the upstream's JSON-RPC error code.
+                content_type = next((v for k, v in response.headers if k == b"content-type"), b"")
+                answer = _answer_status(kept.body(), content_type, request_id)
+                record.upstream_status = answer
+                if answer not in ("ok", "error"):
+                    record.outcome, record.reason = "error", answer
+
+
+class _Kept:
+    """The answer's bytes as they pass, up to a bound, to read its outcome afterwards (None beyond the bound)."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] | None = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self._chunks is None:
+            return
+        self._size += len(chunk)
+        if self._size > MAX_READ_ANSWER_BYTES:
+            self._chunks = None
+        else:
+            self._chunks.append(chunk)
+
+    def body(self) -> bytes | None:
+        return b"".join(self._chunks) if self._chunks is not None else None
+
+
+def _answer_status(body: bytes | None, content_type: bytes, request_id: Any) -> str:
+    """``ok``, ``error`` (a tool's error result) or the JSON-RPC error code of the upstream's answer.
+
+    Parsed only when the bytes could hold either (most answers hold neither); an answer too big to keep, or
+    one that cannot be read, is recorded as ``ok``: the caller got it as it came.
+    """
+    if body is None or (b'"error"' not in body and b'"isError"' not in body):
+        return "ok"
+    payloads = [body]
+    if content_type.split(b";")[0].strip().lower() == b"text/event-stream":
+        events = body.replace(b"\r\n", b"\n").split(b"\n\n")
+        payloads = [
+            b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+            for event in events
+        ]
+    for payload in payloads:
+        try:
+            message: Any = json.loads(payload)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(message, dict):
+            continue
+        fields = cast("dict[str, Any]", message)
+        if fields.get("id") != request_id:
+            continue
+        error = fields.get("error")
+        if isinstance(error, dict):
+            return str(cast("dict[str, Any]", error).get("code"))
+        result = fields.get("result")
+        return "error" if isinstance(result, dict) and cast("dict[str, Any]", result).get("isError") is True else "ok"
+    return "ok"
 
 
 def _refused(mounted: Mounted, status: int = UNAUTHORIZED) -> types.ErrorData:
