@@ -18,6 +18,7 @@ import anyio
 import httpx2
 import mcp_types as types
 import pytest
+import sqlalchemy as sa
 from mcp import Client
 from mcp.client.session import IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
@@ -30,6 +31,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import bearer_secret
@@ -214,6 +216,11 @@ async def test_an_upstream_tool_change_reaches_the_agent_as_tools_list_changed(
             await ada.client.call_tool("crm__grow", {})
             await ada.wait_for("notifications/tools/list_changed")
             assert await _tool_names(ada.client) == ["crm__extra1", "crm__grow"]
+    if mode != "legacy":  # the listen stream is audited like any request: opened, then sealed when it ended
+        async with store.transaction() as conn:
+            query = sa.select(schema.audit_events).where(schema.audit_events.c.method == "subscriptions/listen")
+            listened = [(row.actor, row.outcome, row.seq is not None) for row in (await conn.execute(query)).all()]
+        assert listened == [("ada@example.com", "closed", True)]
 
 
 @pytest.mark.parametrize("mode", AGENT_MODES)

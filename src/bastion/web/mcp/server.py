@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from functools import wraps
 from typing import Any, Final, TypeVar, cast
 
+import anyio
 import mcp_types as types
 from mcp.server import NotificationOptions, Server, ServerRequestContext
 from mcp.server.models import InitializationOptions
@@ -19,7 +20,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from bastion import __version__
 from bastion.domain.connections import Principal
 from bastion.errors import BastionError, NotFound, ValidationFailed
-from bastion.services.audit import Audit, AuditUnavailable, CallRecord
+from bastion.services.audit import Audit, AuditUnavailable, CallRecord, before_forwarding, current_record
 from bastion.services.guard import ContentBlocked, PolicyDenied, RateLimited
 from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy, RoundTrip
 from bastion.types import JSONValue
@@ -228,6 +229,23 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
             listener.uris.discard(str(params.uri))
         return types.EmptyResult()
 
+    listen = ListenStreams(listeners, _principal)
+
+    @_audited(audit, "subscriptions/listen")
+    async def subscriptions_listen(
+        ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
+    ) -> types.SubscriptionsListenResult:
+        # Written down as the stream opens (a stream still open shows as pending), sealed when it ends.
+        await before_forwarding()
+        try:
+            return await listen(ctx, params)
+        except anyio.get_cancelled_exc_class():
+            # The usual end of a listen stream: its caller closed it (or the gateway stopped). Not an error.
+            record = current_record()
+            if record is not None and record.outcome == "ok":
+                record.outcome, record.reason = "closed", "the stream was closed"
+            raise
+
     async def initialized(ctx: ServerRequestContext[Any, Any], _params: types.NotificationParams) -> None:
         join(listeners, ctx, current_principal.get())  # from the start of the session, before any listing
 
@@ -264,7 +282,7 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
             on_read_resource=read_resource,
             on_subscribe_resource=subscribe,
             on_unsubscribe_resource=unsubscribe,
-            on_subscriptions_listen=ListenStreams(listeners, _principal),
+            on_subscriptions_listen=subscriptions_listen,
             on_completion=complete,
             on_set_logging_level=set_logging_level,
             get_tool_input_schema=input_schema,
