@@ -184,6 +184,22 @@ def recording_upstream(recorder: Recorder) -> ASGIApp:
     return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
 
 
+def mcp_app(server: Server[Any]) -> Starlette:
+    """``server`` (the official SDK's low-level Server) at ``/mcp`` over Streamable HTTP, both eras."""
+    manager = StreamableHTTPSessionManager(app=server)
+
+    class Endpoint:
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await manager.handle_request(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
+        async with manager.run():
+            yield
+
+    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
+
+
 @contextlib.asynccontextmanager
 async def gateway_client(url: str, token: str, mode: str) -> AsyncGenerator[Client, None]:
     """The official SDK client talking to a Bastion gateway with a member's access token."""

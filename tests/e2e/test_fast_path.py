@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import mcp_types as types
 import pytest
 import sqlalchemy as sa
 from mcp.server import Server, ServerRequestContext
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
-from starlette.applications import Starlette
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.db import schema
@@ -27,7 +22,7 @@ from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
 from bastion.web.mcp.fastpath import _answer_status  # pyright: ignore[reportPrivateUsage]
-from tests.mcp_support import gateway_client, serving
+from tests.mcp_support import gateway_client, mcp_app, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
@@ -60,18 +55,7 @@ def upstream(seen: list[dict[str, Any]]) -> ASGIApp:
         return types.CallToolResult(content=[types.TextContent(type="text", text=str(n + 1))])
 
     server: Server[Any] = Server("modern-upstream", version="1", on_list_tools=list_tools, on_call_tool=call_tool)
-    manager = StreamableHTTPSessionManager(app=server)
-
-    class Endpoint:
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            await manager.handle_request(scope, receive, send)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
-        async with manager.run():
-            yield
-
-    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
+    return mcp_app(server)
 
 
 async def _token(store: Store, vault: Any, hasher: KeyHasher, operator: Actor, url: str) -> str:
@@ -194,18 +178,7 @@ def outcomes_upstream() -> ASGIApp:
         return types.CallToolResult(content=[text], is_error=params.name == "fail")
 
     server: Server[Any] = Server("outcomes", version="1", on_list_tools=list_tools, on_call_tool=call_tool)
-    manager = StreamableHTTPSessionManager(app=server)
-
-    class Endpoint:
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            await manager.handle_request(scope, receive, send)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
-        async with manager.run():
-            yield
-
-    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
+    return mcp_app(server)
 
 
 @pytest.mark.parametrize("mode", ["2026-07-28", "legacy"])
