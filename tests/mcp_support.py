@@ -165,23 +165,18 @@ def recording_upstream(recorder: Recorder) -> ASGIApp:
         on_list_resources=list_resources,
         on_read_resource=read_resource,
     )
-    manager = StreamableHTTPSessionManager(app=server)
+    app = mcp_app(server)
 
-    class Endpoint:
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def recorded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/mcp" and scope["method"] in ("GET", "POST", "DELETE"):
             lines = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
             recorder.header_lines.extend(lines)
             headers = dict(lines)
             recorder.authorizations.append(headers.get("authorization"))
             recorder.other_headers.append(headers)
-            await manager.handle_request(scope, receive, send)
+        await app(scope, receive, send)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
-        async with manager.run():
-            yield
-
-    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
+    return recorded
 
 
 def mcp_app(server: Server[Any]) -> Starlette:

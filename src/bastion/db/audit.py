@@ -230,7 +230,13 @@ class Journal:
             else:
                 self.cursor.execute(sql, parameters)
         except dbapi.Error as exc:
-            raise DBAPIError.instance(sql, None, exc, dbapi.Error, hide_parameters=True, dialect=self.dialect) from exc
+            raise driver_error(self.dialect, exc, sql) from exc
+
+
+def driver_error(dialect: Dialect, error: BaseException, statement: str | None = None) -> BaseException:
+    """A driver's error as SQLAlchemy raises it (``IntegrityError``, ``OperationalError`` …), parameters hidden."""
+    dbapi_error = dialect.loaded_dbapi.Error
+    return DBAPIError.instance(statement, None, error, dbapi_error, hide_parameters=True, dialect=dialect)
 
 
 def _lock_head(journal: Journal, keys: ChainKeys) -> tuple[int, str]:

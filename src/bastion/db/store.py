@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
 
 from bastion.db import migrate
-from bastion.db.audit import ChainKeys, Journal, seal_into_chain, take_recorded
+from bastion.db.audit import ChainKeys, Journal, driver_error, seal_into_chain, take_recorded
 from bastion.db.engine import SQLITE_BUSY_TIMEOUT_MS, create_engine, create_sync_engine
 from bastion.errors import Unavailable
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
@@ -218,12 +219,10 @@ class Store:
                     # SQLite, a local file: on the event loop when the database's write lock is free at once (the
                     # transaction takes less than the hop to a thread and back), in a thread when another process
                     # holds it (the loop never waits on a lock).
-                    try:
-                        if not inline:
-                            raise _Busy
-                        return self._journal_sync(fn, False)
-                    except _Busy:
-                        return await anyio.to_thread.run_sync(self._journal_sync, fn, True, limiter=self._write_threads)
+                    if inline:
+                        with contextlib.suppress(_Busy):
+                            return self._journal_sync(fn, False)
+                    return await anyio.to_thread.run_sync(self._journal_sync, fn, True, limiter=self._write_threads)
         except OperationalError as exc:
             raise Unavailable("the database is unreachable; try again shortly") from exc
 
@@ -236,7 +235,7 @@ class Store:
                 try:
                     self._journal_conn = engine.raw_connection()
                 except dialect.loaded_dbapi.Error as exc:
-                    raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error) from exc
+                    raise driver_error(dialect, exc) from exc
             conn = self._journal_conn
             committing = False
             try:
@@ -273,7 +272,7 @@ class Store:
                     continue
                 if isinstance(exc, DBAPIError):
                     raise
-                raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True) from exc
+                raise driver_error(dialect, exc) from exc
             except BaseException:
                 try:
                     conn.rollback()

@@ -292,15 +292,8 @@ class Audit:
             sealing.finished, queued.finished = queued.finished[:MAX_BATCH], queued.finished[MAX_BATCH:]
             keep = max(MAX_BATCH - len(sealing.finished), 0)
             sealing.new, queued.new = queued.new[:keep], queued.new[keep:]
-            if not len(sealing):
-                return
-            # A pending row still queued for an event sealed now is written first, in the same transaction
-            # (its outcome then completes it): written after the seal, it would clash with the sealed row.
-            ids = {e.id for e in (*sealing.finished, *sealing.new)}
-            if any(e.id in ids for e in queued.pending):
-                sealing.pending = [e for e in queued.pending if e.id in ids]
-                queued.pending[:] = [e for e in queued.pending if e.id not in ids]
-            await self._write_batch(sealing)
+            if len(sealing):
+                await self._write_batch(sealing)
 
     async def _commit(self, batch: _Batch, *, seals: bool = True) -> None:
         """Commit ``batch`` (and whatever joined it), or wait for the commit that carries it.
