@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     token_cache_ttl_s: float = Field(default=30.0, ge=0, le=3600)
     fast_path: bool = Field(
         default=True,
-        description="Forward a 2026-era tools/call to a 2026-era Streamable HTTP upstream as bytes (same checks, "
+        description="Forward a tools/call to a Streamable HTTP upstream of the same era directly (same checks, "
         "same audit event) instead of through the SDK's server and client; `false` sends every call the full way",
     )
     upstream_idle_s: float = Field(default=300.0, gt=0)

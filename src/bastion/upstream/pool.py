@@ -88,6 +88,10 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     turns: relay.Turns | None = None  # set when the session's calls take turns
+    session_id: str | None = None  # the Mcp-Session-Id a Streamable HTTP upstream gave it
+
+    def lease(self, client: Client) -> Lease:
+        return Lease(client, self.key, self.turns, self.session_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,7 @@ class Lease:
     client: Client
     key: SessionKey
     turns: relay.Turns | None = None
+    session_id: str | None = None  # the upstream's Mcp-Session-Id (Streamable HTTP, handshake era)
 
 
 # Codes the SDK raises itself when a call ends without the upstream's answer.
@@ -209,7 +214,7 @@ class UpstreamPool:
                 raise UpstreamRefused(str(session.error), generation=session.error.generation)
             raise UpstreamUnavailable(f"upstream {server.name!r} is unavailable: {_describe(session.error)}")
         session.last_used = time.monotonic()
-        return Lease(session.client, key, session.turns)
+        return session.lease(session.client)
 
     def cached(
         self, server: Server, identity_id: str | None, profile: Profile = NO_PROFILE, generation: str | None = None
@@ -227,7 +232,14 @@ class UpstreamPool:
         if session is None or session.client is None:
             return None
         session.last_used = time.monotonic()
-        return Lease(session.client, key, session.turns)
+        return session.lease(session.client)
+
+    def forget(self, lease: Lease) -> None:
+        """Close ``lease``'s session (its upstream no longer knows it); the next call opens a fresh one."""
+        session = self._sessions.get(lease.key)
+        if session is not None and session.client is lease.client:
+            self._sessions.pop(lease.key, None)
+            session.closing.set()
 
     @asynccontextmanager
     async def turn(self, lease: Lease, wait_s: float = DEFAULT_TURN_WAIT_S) -> AsyncGenerator[None]:
@@ -332,7 +344,11 @@ class UpstreamPool:
         # callbacks in the reader task started here, so they would talk to that first caller, whoever calls later.
         # A session whose calls take turns tags each message it reads with the caller whose turn it is instead.
         relay.downstream.set(None)
-        transport = open_transport(server, credential, self.outbound)
+
+        def seen(session_id: str) -> None:
+            session.session_id = session.session_id or session_id
+
+        transport = open_transport(server, credential, self.outbound, seen)
         if session.turns is not None:
             transport = relay.tagged(transport, session.turns)
         refusal = refusals.watch()  # this session's own requests (the handshake) report a 401 here

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -75,10 +75,24 @@ async def _check_target(server: Server, policy: OutboundPolicy) -> str:
     return server.url
 
 
+SessionIdSink = Callable[[str], None]
+
+
 @asynccontextmanager
-async def _streamable(server: Server, credential: Credential, policy: OutboundPolicy) -> AsyncGenerator[Any, None]:
+async def _streamable(
+    server: Server, credential: Credential, policy: OutboundPolicy, on_session_id: SessionIdSink | None
+) -> AsyncGenerator[Any, None]:
     url = await _check_target(server, policy)
     async with http_client(server, credential, policy) as client, streamable_http_client(url, http_client=client) as s:
+        if on_session_id is not None:
+
+            async def seen(response: httpx2.Response) -> None:
+                # The upstream session a handshake-era server opened: the hot path posts calls into it too.
+                session_id = response.headers.get("mcp-session-id")
+                if session_id:
+                    on_session_id(session_id)
+
+            client.event_hooks["response"].append(seen)
         yield s
 
 
@@ -105,13 +119,16 @@ async def _sse(server: Server, credential: Credential, policy: OutboundPolicy) -
         yield streams
 
 
-def open_transport(server: Server, credential: Credential, policy: OutboundPolicy) -> AbstractAsyncContextManager[Any]:
+def open_transport(
+    server: Server, credential: Credential, policy: OutboundPolicy, on_session_id: SessionIdSink | None = None
+) -> AbstractAsyncContextManager[Any]:
     """The SDK transport for ``server`` with ``credential``; stdio gets the credential in its environment.
 
     HTTP transports reach only what ``policy`` allows (stdio servers are commands an admin configured).
+    ``on_session_id`` hears the ``Mcp-Session-Id`` a Streamable HTTP server gives the session.
     """
     if server.transport is Transport.STREAMABLE_HTTP:
-        return _streamable(server, credential, policy)
+        return _streamable(server, credential, policy, on_session_id)
     if server.transport is Transport.SSE:
         return _sse(server, credential, policy)
     assert server.command is not None  # noqa: S101  validated on create

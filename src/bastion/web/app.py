@@ -39,6 +39,8 @@ from bastion.web.mcp.endpoint import McpEndpoint
 from bastion.web.mcp.event_store import BoundedEventStore
 from bastion.web.mcp.fastpath import FastPath
 from bastion.web.mcp.server import build_server
+from bastion.web.mcp.session_path import HandshakePath
+from bastion.web.mcp.sessions import Handshakes
 from bastion.web.middleware import BodyLimit, RequestContext
 from bastion.web.oauth_routes import client_metadata_route
 
@@ -107,16 +109,24 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
         allowed_hosts=settings.mcp_allowed_hosts(),
         allowed_origins=settings.mcp_allowed_origins(),
     )
+    handshakes = Handshakes()
     mcp_manager = StreamableHTTPSessionManager(
-        app=build_server(parts.proxy, parts.audit),
+        app=build_server(parts.proxy, parts.audit, handshakes),
         stateless=False,
         event_store=BoundedEventStore(),
         security_settings=security,
         max_request_body_size=settings.max_request_body_bytes,
     )
+    handshakes.bind(mcp_manager)
     fast_path = FastPath(parts.proxy, parts.pool, parts.audit, TransportSecurityMiddleware(security))
-
-    mcp_endpoint = McpEndpoint(parts.resolver, mcp_manager, parts.audit, fast_path if settings.fast_path else None)
+    handshake_path = HandshakePath(fast_path, parts.proxy, parts.pool, parts.audit, handshakes)
+    mcp_endpoint = McpEndpoint(
+        parts.resolver,
+        mcp_manager,
+        parts.audit,
+        fast_path if settings.fast_path else None,
+        handshake_path if settings.fast_path else None,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:

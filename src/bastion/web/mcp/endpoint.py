@@ -16,6 +16,7 @@ from bastion.services.audit import Audit, CallRecord
 from bastion.services.principals import Refused, Resolver
 from bastion.web.mcp.fastpath import FastPath, read_body, replaying
 from bastion.web.mcp.server import current_principal
+from bastion.web.mcp.session_path import HandshakePath
 
 _BEARER: Final = b"bearer "
 
@@ -36,12 +37,18 @@ class McpEndpoint:
     """An ASGI app (a class instance, so Starlette routes it as raw ASGI without a trailing-slash redirect)."""
 
     def __init__(
-        self, resolver: Resolver, manager: StreamableHTTPSessionManager, audit: Audit, fast: FastPath | None = None
+        self,
+        resolver: Resolver,
+        manager: StreamableHTTPSessionManager,
+        audit: Audit,
+        fast: FastPath | None = None,
+        handshake: HandshakePath | None = None,
     ) -> None:
         self._resolver = resolver
         self._manager = manager
         self._audit = audit
         self._fast = fast
+        self._handshake = handshake
 
     async def _refuse(
         self,
@@ -92,6 +99,11 @@ class McpEndpoint:
         if self._fast is not None and self._fast.eligible(scope):
             body, messages = await read_body(receive)
             if await self._fast.handle(scope, body, send, principal):
+                return
+            receive = replaying(messages, receive)
+        elif self._handshake is not None and self._handshake.eligible(scope):
+            body, messages = await read_body(receive)
+            if await self._handshake.handle(scope, body, send, principal):
                 return
             receive = replaying(messages, receive)
         # The SDK binds each legacy session to this user: another token presenting the session id gets 404.

@@ -35,8 +35,8 @@ from bastion.services.proxy import Proxy
 from bastion.upstream.pool import UpstreamBusy, UpstreamPool
 from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.transports import USER_AGENT
-from bastion.upstream.wire import WirePool
-from bastion.web.mcp.server import to_jsonrpc
+from bastion.upstream.wire import WirePool, WireResponse
+from bastion.web.mcp.server import REQUEST_TIMEOUT, UPSTREAM_UNAVAILABLE, to_jsonrpc
 
 logger = logging.getLogger("bastion.fastpath")
 MODERN: Final = "2026-07-28"
@@ -146,37 +146,20 @@ class FastPath:
             or not _routing_headers_match(scope, name)
         ):
             return False  # the full path rejects mismatched or duplicated routing headers as the spec requires
-        try:
-            mounted, tool = await self._proxy.route_tool(principal, name)
-        except BastionError:
-            return False  # the full path gives the same refusal, worded by the SDK
-        if not self._modern_upstream(mounted):
+        routed = await self.route(principal, name)
+        if routed is None or not self._modern_upstream(routed[0]):
             return False
-        guard = self._proxy.guard
-        if guard is not None:
-            ruleset = await guard.rules(principal.workspace_id)
-            if ruleset.policies or ruleset.content or ruleset.limits:
-                return (
-                    False  # policy, limits and content rules are the full path's (results must be read to be scanned)
-                )
-        rejection = await self._security.validate_request(Request(scope), is_post=True)
-        if rejection is not None:
-            await rejection(scope, _no_body, send)
+        mounted, tool = routed
+        if await self.rejected(scope, send):
             return True
-        record = CallRecord(method="tools/call", gateway=principal.gateway_slug, principal=principal, name=name)
-        arguments = call.get("arguments")
-        record.arguments = dict(arguments) if isinstance(arguments, dict) else None  # pyright: ignore[reportUnknownArgumentType]
+        record = call_record(principal, name, call)
         async with self._audit.call(record):
             try:
-                if guard is not None:  # no policy applies here: this records the decision and its reason as usual
-                    await guard.admit(principal, mounted.alias, tool)
-                else:
-                    record.server, record.decision = mounted.alias, "allow"
-                await self._audit.open(record)
-                upstream, current = await self._client(principal, mounted)
+                await self.admit(principal, mounted, tool, record)
+                upstream, current = await self.upstream(principal, mounted)
             except BastionError as exc:
                 record.outcome, record.reason = "error", exc.code
-                await _jsonrpc_error(send, message["id"], to_jsonrpc(exc).error)
+                await jsonrpc_error(send, message["id"], to_jsonrpc(exc).error)
                 return True
             call["name"] = tool
 
@@ -184,7 +167,7 @@ class FastPath:
                 """After a 401: the renewed token's headers, or None when there is nothing to renew."""
                 if not await self._proxy.renew(principal, self._proxy.identity_for(principal, mounted), current):
                     return None
-                return (await self._client(principal, mounted))[0]
+                return (await self.upstream(principal, mounted))[0]
 
             await self._forward(
                 scope,
@@ -200,6 +183,41 @@ class FastPath:
             )
         return True
 
+    async def route(self, principal: Principal, name: str) -> tuple[Mounted, str] | None:
+        """The server and its own tool name for a call the hot path may take, or None for the full path.
+
+        None when routing refuses the name (the full path gives the same refusal, worded by the SDK) or when the
+        workspace has policy, limit or content rules (those are the full path's: results must be read to be
+        scanned).
+        """
+        try:
+            mounted, tool = await self._proxy.route_tool(principal, name)
+        except BastionError:
+            return None
+        guard = self._proxy.guard
+        if guard is not None:
+            ruleset = await guard.rules(principal.workspace_id)
+            if ruleset.policies or ruleset.content or ruleset.limits:
+                return None
+        return mounted, tool
+
+    async def rejected(self, scope: Scope, send: Send) -> bool:
+        """Answer a request whose Host or Origin is not allowed (as the SDK would) and say so."""
+        rejection = await self._security.validate_request(Request(scope), is_post=True)
+        if rejection is None:
+            return False
+        await rejection(scope, _no_body, send)
+        return True
+
+    async def admit(self, principal: Principal, mounted: Mounted, tool: str, record: CallRecord) -> None:
+        """Record the decision (no policy applies here, see ``route``) and make the call's event durable."""
+        guard = self._proxy.guard
+        if guard is not None:
+            await guard.admit(principal, mounted.alias, tool)
+        else:
+            record.server, record.decision = mounted.alias, "allow"
+        await self._audit.open(record)
+
     def _wire(self, mounted: Mounted) -> WirePool:
         server = mounted.server
         wire = self._wires.get((server.id, server.version))
@@ -210,7 +228,7 @@ class FastPath:
             )
         return wire
 
-    async def _client(self, principal: Principal, mounted: Mounted) -> tuple[Upstream, str | None]:
+    async def upstream(self, principal: Principal, mounted: Mounted) -> tuple[Upstream, str | None]:
         """The connections to the server and this person's credential for it, and which access token that is."""
         credential_id = self._proxy.identity_for(principal, mounted)
         server = mounted.server
@@ -259,29 +277,16 @@ class FastPath:
                             fresh = await renewed()
                         except BastionError as exc:
                             record.outcome, record.reason = "error", exc.code
-                            await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
+                            await jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
                             return
                         if fresh is None:
                             record.outcome, record.reason = "error", "http_401"
                             record.upstream_status = str(UNAUTHORIZED)
-                            await _jsonrpc_error(send, request_id, _refused(mounted))
+                            await jsonrpc_error(send, request_id, refused(mounted))
                             return
                         response = await fresh.wire.post([*fresh.headers, *passed], body, first_byte_timeout_s=timeout)
                     if response.status_code in (UNAUTHORIZED, FORBIDDEN):
-                        # As on the full path: the agent gets a JSON-RPC error, never the upstream's challenge (which
-                        # would send it after the upstream's authorization server with its Bastion token).
-                        challenges = [v.decode("latin-1") for k, v in response.headers if k == b"www-authenticate"]
-                        await response.aclose()
-                        record.outcome, record.reason = "error", f"http_{response.status_code}"
-                        record.upstream_status = str(response.status_code)
-                        if response.status_code == FORBIDDEN:
-                            try:
-                                await self._proxy.step_up(principal, mounted, challenges)
-                            except BastionError as exc:
-                                record.reason = exc.code
-                                await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
-                                return
-                        await _jsonrpc_error(send, request_id, _refused(mounted, response.status_code))
+                        await self.refusal(response, principal, mounted, record, send, request_id)
                         return
                     try:
                         await send(
@@ -303,26 +308,14 @@ class FastPath:
                 record.outcome, record.reason = "error", f"http_{response.status_code}"
         except UpstreamBusy as exc:
             record.outcome, record.reason = "error", exc.code
-            await _jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
+            await jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
         except (OSError, UrlRefused, TimeoutError) as exc:
-            timed_out = isinstance(exc, TimeoutError)
-            record.outcome, record.reason = "error", "upstream_timeout" if timed_out else "upstream_unavailable"
-            record.upstream_status = "timeout" if timed_out else "unavailable"
-            logger.info("fast path upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
+            error = upstream_failure(exc, mounted, record)
             if started:  # the caller already has a status line: end the stream; its client sees it cut short
                 with contextlib.suppress(OSError):  # the caller itself may be what went away
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            if timed_out:
-                error = types.ErrorData(code=-32001, message="the upstream server did not answer in time")
-            else:
-                reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
-                error = types.ErrorData(
-                    code=-32052,
-                    message=f"upstream {mounted.alias!r} is unavailable{reason}",
-                    data={"code": "upstream_unavailable"},
-                )
-            await _jsonrpc_error(send, request_id, error)
+            await jsonrpc_error(send, request_id, error)
         else:
             if record.upstream_status is None and response.status_code >= 400:
                 record.upstream_status = f"http_{response.status_code}"
@@ -333,6 +326,57 @@ class FastPath:
                 record.upstream_status = answer
                 if answer not in ("ok", "error"):
                     record.outcome, record.reason = "error", answer
+
+    async def refusal(
+        self,
+        response: WireResponse,
+        principal: Principal,
+        mounted: Mounted,
+        record: CallRecord,
+        send: Send,
+        request_id: Any,
+    ) -> None:
+        """The upstream refused the call (401 after a renewal, or 403): answer the caller with a JSON-RPC error.
+
+        As on the full path, never the upstream's challenge (which would send the agent after the upstream's
+        authorization server with its Bastion token); a 403 may instead say that more scope would help.
+        """
+        challenges = [v.decode("latin-1") for k, v in response.headers if k == b"www-authenticate"]
+        await response.aclose()
+        record.outcome, record.reason = "error", f"http_{response.status_code}"
+        record.upstream_status = str(response.status_code)
+        if response.status_code == FORBIDDEN:
+            try:
+                await self._proxy.step_up(principal, mounted, challenges)
+            except BastionError as exc:
+                record.reason = exc.code
+                await jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
+                return
+        await jsonrpc_error(send, request_id, refused(mounted, response.status_code))
+
+
+def upstream_failure(exc: OSError | UrlRefused | TimeoutError, mounted: Mounted, record: CallRecord) -> types.ErrorData:
+    """Record an unreachable or too slow upstream on ``record``; the JSON-RPC error the caller gets for it."""
+    timed_out = isinstance(exc, TimeoutError)
+    record.outcome, record.reason = "error", "upstream_timeout" if timed_out else "upstream_unavailable"
+    record.upstream_status = "timeout" if timed_out else "unavailable"
+    logger.info("fast path upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
+    if timed_out:
+        return types.ErrorData(code=REQUEST_TIMEOUT, message="the upstream server did not answer in time")
+    reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
+    return types.ErrorData(
+        code=UPSTREAM_UNAVAILABLE,
+        message=f"upstream {mounted.alias!r} is unavailable{reason}",
+        data={"code": "upstream_unavailable"},
+    )
+
+
+def call_record(principal: Principal, name: str, call: dict[str, Any]) -> CallRecord:
+    """The audit record of a `tools/call` of ``name`` with ``call``'s arguments."""
+    record = CallRecord(method="tools/call", gateway=principal.gateway_slug, principal=principal, name=name)
+    arguments = call.get("arguments")
+    record.arguments = dict(arguments) if isinstance(arguments, dict) else None  # pyright: ignore[reportUnknownArgumentType]
+    return record
 
 
 class _Kept:
@@ -380,18 +424,23 @@ def _answer_status(body: bytes | None, content_type: bytes, request_id: Any) -> 
         fields = cast("dict[str, Any]", message)
         if fields.get("id") != request_id:
             continue
-        error = fields.get("error")
-        if isinstance(error, dict):
-            return str(cast("dict[str, Any]", error).get("code"))
-        result = fields.get("result")
-        return "error" if isinstance(result, dict) and cast("dict[str, Any]", result).get("isError") is True else "ok"
+        return answer_status(fields)
     return "ok"
 
 
-def _refused(mounted: Mounted, status: int = UNAUTHORIZED) -> types.ErrorData:
+def answer_status(answer: dict[str, Any]) -> str:
+    """``ok``, ``error`` (a tool's error result) or the JSON-RPC error code of one JSON-RPC answer."""
+    error = answer.get("error")
+    if isinstance(error, dict):
+        return str(cast("dict[str, Any]", error).get("code"))
+    result = answer.get("result")
+    return "error" if isinstance(result, dict) and cast("dict[str, Any]", result).get("isError") is True else "ok"
+
+
+def refused(mounted: Mounted, status: int = UNAUTHORIZED) -> types.ErrorData:
     what = "the credential" if status == UNAUTHORIZED else "the call"
     return types.ErrorData(
-        code=-32052,
+        code=UPSTREAM_UNAVAILABLE,
         message=f"upstream {mounted.alias!r} refused {what} (HTTP {status})",
         data={"code": "upstream_refused_credential" if status == UNAUTHORIZED else "upstream_forbidden"},
     )
@@ -407,7 +456,7 @@ async def _no_body() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-async def _jsonrpc_error(send: Send, request_id: Any, error: types.ErrorData) -> None:
+async def jsonrpc_error(send: Send, request_id: Any, error: types.ErrorData) -> None:
     raw = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error.model_dump(exclude_none=True)}).encode()
     await send(
         {

@@ -27,6 +27,7 @@ from bastion.types import JSONValue
 from bastion.upstream import relay
 from bastion.upstream.pool import UpstreamBusy, UpstreamUnavailable
 from bastion.web.mcp.listeners import Listeners, ListenStreams, join
+from bastion.web.mcp.sessions import Handshakes
 
 logger = logging.getLogger("bastion.mcp")
 current_principal: ContextVar[Principal | None] = ContextVar("bastion_principal", default=None)
@@ -166,8 +167,11 @@ class _GatewayServer(Server[Any]):
         return capabilities
 
 
-def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
-    """A Server whose handlers read the Principal the endpoint attached to this request."""
+def build_server(proxy: Proxy, audit: Audit, handshakes: Handshakes | None = None) -> Server[Any]:
+    """A Server whose handlers read the Principal the endpoint attached to this request.
+
+    ``handshakes`` hears of each handshake-era session once its handshake is complete (the hot path serves them).
+    """
     listeners = Listeners(proxy)
 
     @asynccontextmanager
@@ -248,6 +252,8 @@ def build_server(proxy: Proxy, audit: Audit) -> Server[Any]:
 
     async def initialized(ctx: ServerRequestContext[Any, Any], _params: types.NotificationParams) -> None:
         join(listeners, ctx, current_principal.get())  # from the start of the session, before any listing
+        if handshakes is not None:
+            handshakes.join(ctx, current_principal.get())
 
     @_audited(audit, "completion/complete", listeners)
     async def complete(
