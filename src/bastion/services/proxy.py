@@ -244,6 +244,11 @@ class Proxy:
             except MCPError as exc:
                 if record is not None:
                     record.upstream_status = str(exc.code)
+                if refusals.session_lost():
+                    # The upstream answered 404: it forgot the session (restarted, expired), so it did not act on
+                    # the call. Close the session; the retry opens a fresh one (``_attempt``).
+                    self._pool.forget(lease)
+                    raise SessionRetired(f"upstream {mounted.alias!r} no longer knows the session; retry") from exc
                 if exc.code == types.CONNECTION_CLOSED:
                     # The pooled session is dead: forget it so the next call opens a fresh one.
                     identity_id = self.identity_for(principal, mounted)

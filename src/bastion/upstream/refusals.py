@@ -19,6 +19,7 @@ import httpx2
 
 UNAUTHORIZED = 401
 FORBIDDEN = 403
+NOT_FOUND = 404
 
 
 def generation(access_token: str) -> str:
@@ -34,6 +35,8 @@ class Refusal:
     generation: str | None = None
     # The WWW-Authenticate values of a 403 answer (an ``insufficient_scope`` challenge asks for a step-up).
     forbidden: tuple[str, ...] | None = None
+    # A 404 to a request in a session: the upstream no longer knows the session (restarted, expired, ended).
+    session_lost: bool = False
 
 
 _current: ContextVar[Refusal | None] = ContextVar("bastion_upstream_refusal", default=None)
@@ -57,12 +60,24 @@ def watch() -> Refusal:
     return refusal
 
 
+def session_lost() -> bool:
+    """Whether an upstream request in this context was answered 404 for its session since last asked."""
+    refusal = _current.get()
+    if refusal is None or not refusal.session_lost:
+        return False
+    refusal.session_lost = False
+    return True
+
+
 async def note(response: httpx2.Response) -> None:
-    """An httpx2 response hook: report a 401 to whoever is watching in this context."""
-    if response.status_code not in (UNAUTHORIZED, FORBIDDEN):
+    """An httpx2 response hook: report a 401, a 403 or a lost session to whoever is watching in this context."""
+    if response.status_code not in (UNAUTHORIZED, FORBIDDEN, NOT_FOUND):
         return
     refusal = _current.get()
     if refusal is None:
+        return
+    if response.status_code == NOT_FOUND:
+        refusal.session_lost = refusal.session_lost or "mcp-session-id" in response.request.headers
         return
     if response.status_code == FORBIDDEN:
         refusal.forbidden = tuple(response.headers.get_list("www-authenticate"))
