@@ -2,18 +2,22 @@
 
 Each process keeps one listening connection. A NOTIFY is sent inside the transaction that made the change
 (see ``Store.transaction``), so listeners hear only committed changes. After a lost connection the
-listener publishes a ``Subject.ALL`` reset, because events may have been missed meanwhile.
+listener publishes a ``Subject.ALL`` reset, because events may have been missed meanwhile. The same
+connection hears upstream change notices (``events/notices.py``) when given a ``notices`` handler; the reset
+covers those missed too (agents are told every list changed).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import anyio
 from sqlalchemy.engine import make_url
 
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus, Subject
+from bastion.events.notices import NOTICES_CHANNEL
 
 logger = logging.getLogger("bastion.events.pg")
 RECONNECT_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -23,8 +27,15 @@ def conninfo(database_url: str) -> str:
     return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def listen(database_url: str, bus: EventBus, *, ready: anyio.Event | None = None) -> None:
-    """Relay NOTIFYs to ``bus`` until cancelled, reconnecting with backoff."""
+async def listen(
+    database_url: str,
+    bus: EventBus,
+    *,
+    ready: anyio.Event | None = None,
+    notices: Callable[[str], None] | None = None,
+) -> None:
+    """Relay change NOTIFYs to ``bus`` (and upstream notices' payloads to ``notices``) until cancelled, reconnecting
+    with backoff."""
     import psycopg  # only replicas on PostgreSQL pay for the driver
 
     attempt = 0
@@ -32,12 +43,17 @@ async def listen(database_url: str, bus: EventBus, *, ready: anyio.Event | None 
         try:
             async with await psycopg.AsyncConnection.connect(conninfo(database_url), autocommit=True) as conn:
                 await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                if notices is not None:
+                    await conn.execute(f"LISTEN {NOTICES_CHANNEL}")
                 if attempt:
                     bus.publish(Changed(Subject.ALL, "*"))
                 attempt = 0
                 if ready is not None:
                     ready.set()
                 async for notify in conn.notifies():
+                    if notify.channel == NOTICES_CHANNEL and notices is not None:
+                        notices(notify.payload)
+                        continue
                     event = Changed.decode(notify.payload)
                     if event is not None:
                         bus.publish(event)

@@ -34,11 +34,16 @@ LIST_CHANGES: Final[tuple[ServerEvent, ...]] = (ToolsListChanged(), PromptsListC
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """An upstream session of ``server_id`` opened with ``identity_id`` (None: no credential) announced ``event``."""
+    """An upstream session of ``server_id`` opened with ``identity_id`` (None: no credential) announced ``event``.
+
+    ``relayed``: the session is another replica's, and its notice came here through PostgreSQL
+    (``events/notices.py``); such a notice is told to this process's agents but never sent on again.
+    """
 
     server_id: str
     identity_id: str | None
     event: ServerEvent
+    relayed: bool = False
 
 
 Listener = Callable[[Notice], None]

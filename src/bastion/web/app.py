@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bastion import __version__, wiring
 from bastion.db.store import Store
 from bastion.events import pg as pg_events
+from bastion.events.notices import NoticeRelay
 from bastion.services import janitor
 from bastion.services.delivery import Sender, Worker
 from bastion.settings import Settings
@@ -133,8 +134,13 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
         # Exits run in reverse: in-flight calls end, upstream sessions close, then every audit event is flushed.
         async with parts.audit.running(), anyio.create_task_group() as tasks, parts.pool.running(), mcp_manager.run():
             if parts.store.dialect == "postgresql":
-                # Other replicas' changes (revoked tokens, disabled hosts) reach this process's caches.
-                tasks.start_soon(pg_events.listen, settings.resolved_database_url, parts.store.bus)
+                # Other replicas' changes (revoked tokens, disabled hosts) reach this process's caches, and what
+                # upstream sessions announce (list_changed) reaches the agents connected to every replica.
+                relay = NoticeRelay(parts.store.engine, parts.pool.notices)
+                tasks.start_soon(relay.run)
+                tasks.start_soon(
+                    partial(pg_events.listen, settings.resolved_database_url, parts.store.bus, notices=relay.hear)
+                )
             # Expired drafts, OAuth states and sessions are deleted on a schedule, not only in passing.
             tasks.start_soon(
                 partial(
