@@ -169,10 +169,16 @@ class WireResponse:
         self._done = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._connection.next_chunk()) is not None:
+        while (chunk := await self.next_chunk()) is not None:
             if chunk:
                 yield chunk
-        self._done = True
+
+    async def next_chunk(self) -> bytes | None:
+        """The next part of the body as it arrives (possibly empty), or None once it is complete."""
+        chunk = await self._connection.next_chunk()
+        if chunk is None:
+            self._done = True
+        return chunk
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
@@ -265,9 +271,18 @@ class WirePool:
             UrlRefused: the outbound policy refuses the host's address.
             TimeoutError: no headers within ``first_byte_timeout_s``.
         """
+        return await self._send(b"POST ", headers, body, first_byte_timeout_s)
+
+    async def get(self, headers: Sequence[tuple[str, str]], *, first_byte_timeout_s: float) -> WireResponse:
+        """A GET of the pool's URL (an event stream resumed with ``Last-Event-ID``); raises as ``post`` does."""
+        return await self._send(b"GET ", headers, None, first_byte_timeout_s)
+
+    async def _send(
+        self, method: bytes, headers: Sequence[tuple[str, str]], body: bytes | None, first_byte_timeout_s: float
+    ) -> WireResponse:
         if self._closed:
             raise WireError("the upstream client was closed")
-        lines = [b"POST ", self._target.encode("ascii"), b" HTTP/1.1\r\nhost: ", self._authority, b"\r\n"]
+        lines = [method, self._target.encode("ascii"), b" HTTP/1.1\r\nhost: ", self._authority, b"\r\n"]
         for name, value in headers:
             # Values come from credentials (an authorization server's token) and from the agent (the tool name):
             # a line break would let either write headers, or a second request, onto a shared connection.
@@ -277,9 +292,11 @@ class WirePool:
                 lines += [name.encode("ascii"), b": ", value.encode("latin-1"), b"\r\n"]
             except UnicodeEncodeError:
                 raise WireError(f"header {name!r} has characters HTTP/1.1 cannot carry") from None
-        lines += [b"content-length: ", str(len(body)).encode("ascii"), b"\r\n\r\n"]
+        if body is not None:
+            lines += [b"content-length: ", str(len(body)).encode("ascii"), b"\r\n"]
+        lines.append(b"\r\n")
         connection = self._take() or await self._connect()
-        connection.send(b"".join(lines), body)
+        connection.send(b"".join(lines), body or b"")
         try:
             async with asyncio.timeout(first_byte_timeout_s):
                 await connection.headers_done.wait()

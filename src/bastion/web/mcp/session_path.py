@@ -4,13 +4,14 @@ A handshake-era (2025-11-25 and earlier) caller's `tools/call` to a handshake-er
 forwarded without the SDK's session server and client, which cost most of such a call's CPU. What the full path
 would decide is decided the same way (session bound to the token, Host/Origin, routing, provisioning, the
 audit event before anything leaves), and the call goes into the upstream session Bastion's pool already holds
-for this identity. That session is shared by every caller of the identity, so:
-
-- the request id is Bastion's own (``bastion-N``), mapped back on the answer, and no upstream SSE event id
-  reaches the caller (a caller resuming with one would reach the SDK's event store, which never saw it);
-- progress and log notifications on the call's stream pass through (the progress token is the caller's own);
-- `notifications/cancelled` for a call in flight here cancels it upstream, and the caller's stream ends with
-  the SDK's own answer for a cancelled request (-32800).
+for this identity. That session is shared by every caller of the identity, so the request is rebuilt from
+the call's name, arguments and `_meta`, with Bastion's own request id and progress token (``bastion-N``),
+mapped back on the answer and on progress notifications. The answer is re-framed: JSON stays JSON; an event
+stream's events are re-sent without upstream event ids (a caller resuming with one would reach the SDK's event
+store, which never saw it), and Bastion itself resumes an upstream stream that closes before the answer. Of
+the upstream's notifications on the call's stream, progress and log messages reach the caller, and change
+notices go where the pooled session's would (``UpstreamNotices``). The caller's `notifications/cancelled`
+for a call in flight here is answered as the SDK answers it (-32800) and passed on upstream.
 
 Only sessions whose caller declared no sampling, elicitation or roots are served here: a request from the
 upstream could otherwise need the caller, and only the full path relays those. Should the upstream ask
@@ -20,47 +21,45 @@ first call of an identity (which opens the upstream session), takes the full pat
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import re
 from typing import Any, Final, cast
 
 import anyio
 import mcp_types as types
-from mcp.client.streamable_http import DEFAULT_MAX_SSE_EVENT_SIZE
+from mcp.shared.subscriptions import (
+    PromptsListChanged,
+    ResourcesListChanged,
+    ResourceUpdated,
+    ServerEvent,
+    ToolsListChanged,
+)
 from starlette.types import Scope, Send
 
 from bastion.domain.connections import Principal
 from bastion.domain.models import ProtocolEra, Transport
 from bastion.errors import BastionError
 from bastion.net.outbound import UrlRefused
-from bastion.services.audit import Audit, CallRecord
+from bastion.services.audit import Audit
 from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
 from bastion.services.proxy import Proxy
-from bastion.upstream.pool import Lease, UpstreamBusy, UpstreamPool
-from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
+from bastion.upstream.notifications import Notice
+from bastion.upstream.pool import Lease, UpstreamPool
 from bastion.upstream.relay import HANDSHAKE_VERSIONS, NO_PROFILE
-from bastion.upstream.wire import WireError, WireResponse
-from bastion.web.mcp.fastpath import (
-    FastPath,
-    Upstream,
-    answer_status,
-    call_record,
-    jsonrpc_error,
-    refused,
-    upstream_failure,
-)
-from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE, to_jsonrpc
+from bastion.upstream.wire import WireResponse
+from bastion.web.mcp.answer import Answer, CallRequest
+from bastion.web.mcp.fastpath import FastPath, Upstream, call_record
+from bastion.web.mcp.server import to_jsonrpc
 from bastion.web.mcp.sessions import SESSION_HEADER, Handshake, Handshakes
 
 REQUEST_CANCELLED: Final = -32800  # what the SDK answers a cancelled handshake-era request with
-NOT_FOUND: Final = 404
-CANCEL_TIMEOUT_S: Final = 5.0
-DRAIN_S: Final = 0.05  # longest an answered stream's remainder is read for its connection to be reused
-_EVENT_END: Final = re.compile(rb"\r?\n\r?\n")
 _SESSION: Final = SESSION_HEADER.encode("ascii")
+_CHANGES: Final[dict[str, ServerEvent]] = {
+    "notifications/tools/list_changed": ToolsListChanged(),
+    "notifications/prompts/list_changed": PromptsListChanged(),
+    "notifications/resources/list_changed": ResourcesListChanged(),
+}
 
 
 class HandshakePath:
@@ -68,7 +67,7 @@ class HandshakePath:
         self.fast = fast
         self.proxy = proxy
         self.pool = pool
-        self._audit = audit
+        self.audit = audit
         self._sessions = sessions
         self._ids = itertools.count(1)
 
@@ -96,17 +95,12 @@ class HandshakePath:
         if not isinstance(decoded, dict):
             return False
         message = cast("dict[str, Any]", decoded)
-        method = message.get("method")
-        if method == "notifications/cancelled":
-            return await self._cancel(session, message, send)
-        params: Any = message.get("params")
-        if method != "tools/call" or "id" not in message or not isinstance(params, dict):
-            return False
-        call = cast("dict[str, Any]", params)
-        name = call.get("name")
-        if session.profile != NO_PROFILE or not isinstance(name, str) or not (name.isascii() and name.isprintable()):
-            return False
-        routed = await self.fast.route(principal, name)
+        if message.get("method") == "notifications/cancelled":
+            return await self._cancel(scope, session, message, send)
+        request = CallRequest.of(message)
+        if request is None or session.profile != NO_PROFILE:
+            return False  # malformed (the SDK answers it) or a caller the upstream may ask things of
+        routed = await self.fast.route(principal, request.name)
         if routed is None or not _handshake_server(routed[0]):
             return False
         mounted, tool = routed
@@ -121,45 +115,32 @@ class HandshakePath:
             return False  # the full path opens the upstream session (and learns its era)
         if await self.fast.rejected(scope, send):
             return True
-        record = call_record(principal, name, call)
-        request_id = message["id"]
-        self._sessions.touch(session.session_id)
-        async with self._audit.call(record):
-            try:
-                await self.fast.admit(principal, mounted, tool, record)
-                upstream, current = await self.fast.upstream(principal, mounted)
-            except BastionError as exc:
-                record.outcome, record.reason = "error", exc.code
-                await jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
-                return True
-            call["name"] = tool
-            call_ = _Call(self, principal, mounted, session, record, send, request_id)
-            await call_.run(message, upstream, lease, current)
+        self._sessions.touch(session.session_id, mounted.server.call_timeout_s)
+        await _Call(self, principal, mounted, session, send, request, identity_id).run(tool, lease)
         self._sessions.touch(session.session_id)
         return True
 
-    async def _cancel(self, session: Handshake, message: dict[str, Any], send: Send) -> bool:
+    async def _cancel(self, scope: Scope, session: Handshake, message: dict[str, Any], send: Send) -> bool:
         params: Any = message.get("params")
         request_id = cast("dict[str, Any]", params).get("requestId") if isinstance(params, dict) else None
-        scope = session.calls.get(session.call_key(request_id)) if request_id is not None else None
-        if scope is None:
+        call = session.calls.get(session.call_key(request_id)) if request_id is not None else None
+        if call is None:
             return False  # not a call of the hot path: the SDK's session cancels its own
-        scope.cancel()
+        if await self.fast.rejected(scope, send):
+            return True
+        call.cancel()
         await send({"type": "http.response.start", "status": 202, "headers": [(_SESSION, session.session_id.encode())]})
         await send({"type": "http.response.body", "body": b""})
         return True
 
-    async def reopen(self, principal: Principal, mounted: Mounted, stale: Lease) -> tuple[Upstream, Lease]:
-        """A fresh upstream session (the upstream forgot ``stale``'s), and the headers calls into it carry."""
-        self.pool.forget(stale)
-        identity_id = self.proxy.identity_for(principal, mounted)
-        credential = await self.proxy.credential(principal, identity_id)
-        lease = await self.pool.lease(mounted.server, credential, NO_PROFILE, generation=generation_of(credential))
-        return (await self.fast.upstream(principal, mounted))[0], lease
+    async def lease(self, principal: Principal, mounted: Mounted) -> Lease:
+        """The pooled session for the identity's current credential, opened if needed."""
+        credential = await self.proxy.credential(principal, self.proxy.identity_for(principal, mounted))
+        return await self.pool.lease(mounted.server, credential, NO_PROFILE, generation=generation_of(credential))
 
 
-class _Call:
-    """One forwarded call: its upstream request, its answer's stream, and what the caller is sent."""
+class _Call(Answer):
+    """One forwarded call: its upstream request, the answer's stream, and what the caller is sent."""
 
     def __init__(
         self,
@@ -167,239 +148,140 @@ class _Call:
         principal: Principal,
         mounted: Mounted,
         session: Handshake,
-        record: CallRecord,
         send: Send,
-        request_id: Any,
+        request: CallRequest,
+        identity_id: str | None,
     ) -> None:
+        record = call_record(principal, request.name, {"arguments": request.arguments})
+        super().__init__(send, request, path.upstream_id(), mounted, session.session_id.encode(), record)
         self._path = path
         self._principal = principal
-        self._mounted = mounted
         self._session = session
-        self._record = record
-        self._send = send
-        self._request_id = request_id
-        self._upstream_id = path.upstream_id()
-        self._streaming = False  # the caller has the SSE response's status line
-        self._answered = False
+        self._identity_id = identity_id
+        self._upstream: Upstream | None = None
+        self._lease: Lease | None = None
+        self._current: str | None = None
 
-    async def run(self, message: dict[str, Any], upstream: Upstream, lease: Lease, current: str | None) -> None:
-        message["id"] = self._upstream_id
-        body = json.dumps(message, separators=(",", ":")).encode()
-        key = self._session.call_key(self._request_id)
-        server = self._mounted.server
-        timeout = server.call_timeout_s
-        record = self._record
-        with anyio.CancelScope() as cancelled:
-            self._session.calls[key] = cancelled
-            try:
-                async with self._path.pool.slot(server.id):
-                    with anyio.fail_after(timeout):
-                        await self._exchange(body, upstream, lease, current)
-            except UpstreamBusy as exc:
-                record.outcome, record.reason = "error", exc.code
-                await self._fail(to_jsonrpc(exc).error)
-            except BastionError as exc:
-                record.outcome, record.reason = "error", exc.code
-                await self._fail(to_jsonrpc(exc).error)
-            except (OSError, UrlRefused, TimeoutError) as exc:
-                if isinstance(exc, TimeoutError) and not self._answered:
-                    await self._cancel_upstream(upstream, lease, "the gateway's time limit for the call ran out")
-                await self._fail(upstream_failure(exc, self._mounted, record))
-            finally:
-                self._session.calls.pop(key, None)
-        if cancelled.cancelled_caught and not self._answered:
-            record.outcome, record.reason = "error", "cancelled"
-            await self._cancel_upstream(upstream, lease, "the caller cancelled the request")
-            await self._fail(types.ErrorData(code=REQUEST_CANCELLED, message="Request cancelled"))
-        await self._end_stream()
+    async def run(self, tool: str, lease: Lease) -> None:
+        key = self._session.call_key(self.request.request_id)
+        record = self.record
+        server = self.mounted.server
+        self._lease = lease
+        async with self._path.audit.call(record):
+            with anyio.CancelScope() as cancelled:
+                # Registered before the event is written: a cancel that comes meanwhile counts.
+                self._session.calls[key] = cancelled
+                try:
+                    await self._path.fast.admit(self._principal, self.mounted, tool, record)
+                    self._upstream, self._current = await self._path.fast.upstream(self._principal, self.mounted)
+                    body = self.request.upstream_body(tool, self.upstream_id)
+                    async with self._path.pool.slot(server.id):
+                        with anyio.fail_after(server.call_timeout_s):
+                            await self._exchange(body)
+                except BastionError as exc:
+                    await self.fail_with(exc)
+                except (OSError, UrlRefused, TimeoutError) as exc:
+                    await self.failed(exc)
+                finally:
+                    if self._session.calls.get(key) is cancelled:
+                        del self._session.calls[key]
+            if cancelled.cancelled_caught and not self.answered:
+                record.outcome, record.reason = "error", "cancelled"
+                await self.fail(types.ErrorData(code=REQUEST_CANCELLED, message="Request cancelled"))
+            await self.end()
+            if not self.answered_upstream and self.posted:
+                await self._cancel_upstream(
+                    "the caller cancelled the request" if cancelled.cancelled_caught else "the call was abandoned"
+                )
 
-    async def _end_stream(self) -> None:
-        if self._streaming:
-            self._streaming = False
-            with contextlib.suppress(OSError):  # the caller may be what went away
-                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _exchange(self, body: bytes, upstream: Upstream, lease: Lease, current: str | None) -> None:
-        response = await self._post(upstream, lease, body)
-        if response.status_code in (UNAUTHORIZED, NOT_FOUND):
+    async def _exchange(self, body: bytes) -> None:
+        response = await self._post(body)
+        status = response.status_code
+        if status == Answer.UNAUTHORIZED or (status == Answer.NOT_FOUND and self._lease_session_id() is not None):
             # Nothing was done upstream: renew a refused token once, or open a fresh session for a forgotten one.
             await response.aclose()
-            if response.status_code == UNAUTHORIZED:
-                identity_id = self._path.proxy.identity_for(self._principal, self._mounted)
-                if not await self._path.proxy.renew(self._principal, identity_id, current):
-                    self._record.outcome, self._record.reason = "error", "http_401"
-                    self._record.upstream_status = str(UNAUTHORIZED)
-                    await self._fail(refused(self._mounted))
+            if status == Answer.UNAUTHORIZED:
+                if not await self._path.proxy.renew(self._principal, self._identity_id, self._current):
+                    await self.refused_credential()
                     return
-            upstream, lease = await self._path.reopen(self._principal, self._mounted, lease)
-            response = await self._post(upstream, lease, body)
-        if response.status_code in (UNAUTHORIZED, FORBIDDEN):
+            else:
+                assert self._lease is not None  # noqa: S101  set by run
+                self._path.pool.forget(self._lease)  # the old generation's session stays, for calls still on it
+            self._lease = await self._path.lease(self._principal, self.mounted)
+            self._upstream, self._current = await self._path.fast.upstream(self._principal, self.mounted)
+            response = await self._post(body)
+        if response.status_code in (Answer.UNAUTHORIZED, Answer.FORBIDDEN):
+            self.started = self.answered = self.answered_upstream = True
             await self._path.fast.refusal(
-                response, self._principal, self._mounted, self._record, self._send, self._request_id
+                response, self._principal, self.mounted, self.record, self.send, self.request.request_id
             )
-            self._answered = True
             return
-        try:
-            await self._relay(response, upstream, lease)
-        finally:
-            await response.aclose()
+        await self.relay(response, self._resume)
 
-    async def _post(self, upstream: Upstream, lease: Lease, body: bytes) -> WireResponse:
+    def _headers(self) -> list[tuple[str, str]]:
+        assert self._upstream is not None and self._lease is not None  # noqa: S101  set by run
+        headers = [*self._upstream.headers, ("mcp-protocol-version", self._lease.client.protocol_version)]
+        if self._lease.session_id is not None:
+            headers.append((SESSION_HEADER, self._lease.session_id))
+        return headers
+
+    def _lease_session_id(self) -> str | None:
+        return self._lease.session_id if self._lease is not None else None
+
+    async def _post(self, body: bytes) -> WireResponse:
+        assert self._upstream is not None  # noqa: S101  set by run
         headers = [
-            *upstream.headers,
+            *self._headers(),
             ("content-type", "application/json"),
             ("accept", "application/json, text/event-stream"),
-            ("mcp-protocol-version", lease.client.protocol_version),
         ]
-        if lease.session_id is not None:
-            headers.append((SESSION_HEADER, lease.session_id))
-        return await upstream.wire.post(headers, body, first_byte_timeout_s=self._mounted.server.call_timeout_s)
+        response = await self._upstream.wire.post(
+            headers, body, first_byte_timeout_s=self.mounted.server.call_timeout_s
+        )
+        self.posted = True
+        return response
 
-    async def _relay(self, response: WireResponse, upstream: Upstream, lease: Lease) -> None:
-        """Pass the upstream's answer on: JSON as JSON, an event stream as events (progress and logs included)."""
-        status = response.status_code
-        content_type = next((v for k, v in response.headers if k == b"content-type"), b"")
-        media = content_type.split(b";")[0].strip().lower()
-        if status != 200 or media not in (b"application/json", b"text/event-stream"):
-            self._record.outcome, self._record.reason = "error", f"http_{status}"
-            self._record.upstream_status = f"http_{status}"
-            message = f"upstream {self._mounted.alias!r} answered HTTP {status} without a JSON-RPC answer"
-            await self._fail(types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message))
-            return
-        if media == b"application/json":
-            answer = await _read_bounded(response)
-            if not await self._answer(answer):
-                await self._ended()
-            return
-        await self._start_stream()
-        pending = b""
-        async for chunk in response.chunks():
-            pending += chunk
-            while (end := _EVENT_END.search(pending)) is not None:
-                event, pending = pending[: end.start()], pending[end.end() :]
-                if await self._event(event, upstream, lease):
-                    await self._end_stream()
-                    # The upstream ends its stream right after the answer: read to its end, so that the connection
-                    # is kept for the next call instead of closed with unread bytes on it.
-                    with anyio.move_on_after(DRAIN_S):
-                        async for _ in response.chunks():
-                            pass
-                    return
-            if len(pending) > DEFAULT_MAX_SSE_EVENT_SIZE:
-                raise WireError("the upstream sent an event larger than the SDK accepts")
-        await self._ended()
+    async def _resume(self, last_event_id: str) -> WireResponse:
+        """The call's stream again, from after ``last_event_id`` (the upstream closed it before answering)."""
+        assert self._upstream is not None  # noqa: S101  set by run
+        headers = [*self._headers(), ("accept", "text/event-stream"), ("last-event-id", last_event_id)]
+        return await self._upstream.wire.get(headers, first_byte_timeout_s=self.mounted.server.call_timeout_s)
 
-    async def _event(self, event: bytes, upstream: Upstream, lease: Lease) -> bool:
-        """Handle one upstream SSE event; True once it was the call's answer."""
-        data = b"\n".join(line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:"))
-        if not data:
-            return False  # a priming event (an id and a retry interval, for resumption the caller cannot use)
-        return await self._answer(data, upstream, lease)
-
-    async def _answer(self, data: bytes, upstream: Upstream | None = None, lease: Lease | None = None) -> bool:
-        """One JSON-RPC message from the upstream: pass it on, or answer it; True once it was the call's answer."""
-        try:
-            decoded: Any = json.loads(data)
-        except (ValueError, RecursionError):
-            return False
-        if not isinstance(decoded, dict):
-            return False
-        message = cast("dict[str, Any]", decoded)
-        if "method" not in message:
-            if message.get("id") != self._upstream_id:
-                return False  # not this call's answer (a stray response has no one to reach here)
-            message["id"] = self._request_id
-            answer = answer_status(message)
-            self._record.upstream_status = answer
-            if answer not in ("ok", "error"):
-                self._record.outcome, self._record.reason = "error", answer
-            self._answered = True
-            await self._emit(json.dumps(message, separators=(",", ":")).encode())
-            return True
-        if "id" in message:  # the upstream asks something of the caller, who declared nothing: as the SDK client
-            if upstream is not None and lease is not None:
-                await self._reply_upstream(message, upstream, lease)
-            return False
-        await self._emit(data)
-        return False
-
-    async def _reply_upstream(self, request: dict[str, Any], upstream: Upstream, lease: Lease) -> None:
+    async def reply_upstream(self, request: dict[str, Any]) -> None:
+        """Answer a request of the upstream's as Bastion's upstream client would for a caller that declared nothing."""
         if request.get("method") == "ping":
             reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"], "result": {}}
         else:
             error = {"code": types.METHOD_NOT_FOUND, "message": f"the client does not support {request.get('method')}"}
             reply = {"jsonrpc": "2.0", "id": request["id"], "error": error}
-        response = await self._post(upstream, lease, json.dumps(reply).encode())
+        response = await self._post(json.dumps(reply).encode())
         await response.aclose()
 
-    async def _cancel_upstream(self, upstream: Upstream, lease: Lease, reason: str) -> None:
+    def notice(self, method: str, params: Any) -> None:
+        """A change the upstream announced on the call's stream: told where the pooled session's would be."""
+        event = _CHANGES.get(method)
+        if method == "notifications/resources/updated" and isinstance(params, dict):
+            uri = cast("dict[str, Any]", params).get("uri")
+            event = ResourceUpdated(uri=uri) if isinstance(uri, str) else None
+        if event is not None:
+            self._path.pool.notices.publish(Notice(self.mounted.server.id, self._identity_id, event))
+
+    async def _cancel_upstream(self, reason: str) -> None:
         notice = {
             "jsonrpc": "2.0",
             "method": "notifications/cancelled",
-            "params": {"requestId": self._upstream_id, "reason": reason},
+            "params": {"requestId": self.upstream_id, "reason": reason},
         }
-        with anyio.move_on_after(CANCEL_TIMEOUT_S, shield=True):
+        with anyio.move_on_after(Answer.CANCEL_TIMEOUT_S, shield=True):
             try:
-                response = await self._post(upstream, lease, json.dumps(notice).encode())
+                response = await self._post(json.dumps(notice).encode())
                 await response.aclose()
             except (OSError, UrlRefused, TimeoutError):
                 return  # best effort: the upstream may be what failed
 
-    async def _start_stream(self) -> None:
-        headers = [
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache, no-transform"),
-            (_SESSION, self._session.session_id.encode()),
-        ]
-        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
-        self._streaming = True
-
-    async def _emit(self, data: bytes) -> None:
-        if self._streaming:
-            event = b"event: message\r\ndata: " + data + b"\r\n\r\n"
-            await self._send({"type": "http.response.body", "body": event, "more_body": True})
-            return
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(data)).encode("ascii")),
-            (_SESSION, self._session.session_id.encode()),
-        ]
-        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
-        await self._send({"type": "http.response.body", "body": data})
-
-    async def _ended(self) -> None:
-        """The upstream's answer ended without the call's result."""
-        self._record.outcome, self._record.reason = "error", "upstream_unavailable"
-        self._record.upstream_status = "unavailable"
-        message = f"upstream {self._mounted.alias!r} ended its answer without a result"
-        await self._fail(
-            types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message, data={"code": "upstream_unavailable"})
-        )
-
-    async def _fail(self, error: types.ErrorData) -> None:
-        """Answer the call with ``error``, on its event stream if the caller already has one."""
-        if self._answered:
-            return
-        self._answered = True
-        raw = {"jsonrpc": "2.0", "id": self._request_id, "error": error.model_dump(exclude_none=True)}
-        if not self._streaming:
-            await jsonrpc_error(self._send, self._request_id, error)
-            return
-        try:
-            await self._emit(json.dumps(raw, separators=(",", ":")).encode())
-        except OSError:
-            return  # the caller went away
-
-
-async def _read_bounded(response: WireResponse) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.chunks():
-        size += len(chunk)
-        if size > DEFAULT_MAX_SSE_EVENT_SIZE:
-            raise WireError("the upstream's answer is larger than the SDK accepts")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    async def fail_with(self, exc: BastionError) -> None:
+        self.record.outcome, self.record.reason = "error", exc.code
+        await self.fail(to_jsonrpc(exc).error)
 
 
 def _well_formed(headers: dict[bytes, bytes]) -> bool:

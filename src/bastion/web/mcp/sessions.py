@@ -37,6 +37,11 @@ class Handshake:
     def call_key(self, request_id: Any) -> str:
         return json.dumps(request_id)
 
+    def end(self) -> None:
+        """The session ended (DELETE, idle timeout, shutdown): so do its calls, as the SDK ends its own."""
+        for call in list(self.calls.values()):
+            call.cancel()
+
 
 class Handshakes:
     """Session id → `Handshake`, for sessions of the SDK manager set with ``bind``."""
@@ -66,7 +71,8 @@ class Handshakes:
         if not isinstance(connection, Connection) or session_id in self._sessions:
             return
         profile = Profile.of(ctx.session.client_capabilities)
-        self._sessions[session_id] = Handshake(session_id, principal.token_id, ctx.protocol_version, profile)
+        entry = self._sessions[session_id] = Handshake(session_id, principal.token_id, ctx.protocol_version, profile)
+        connection.exit_stack.callback(entry.end)
         connection.exit_stack.callback(self._sessions.pop, session_id, None)
 
     def find(self, session_id: str, principal: Principal) -> Handshake | None:
@@ -76,15 +82,19 @@ class Handshakes:
             return None
         return entry
 
-    def touch(self, session_id: str) -> None:
-        """A call on the session was served: its idle timeout counts from now, as for any request the SDK serves."""
+    def touch(self, session_id: str, busy_s: float = 0.0) -> None:
+        """A call on the session starts (lasting up to ``busy_s``) or ended: its idle timeout counts from then.
+
+        The SDK counts only requests it serves itself; one of its own ending meanwhile sets the timeout from
+        its end (a hot-path call longer than the idle timeout could then see the session end under it).
+        """
         transport = self._transport(session_id)
         timeout = self._manager.session_idle_timeout if self._manager is not None else None
         if transport is None or timeout is None or transport.idle_scope is None:
             return
         scope = transport.idle_scope
         if not math.isinf(scope.deadline):  # infinite: the SDK is serving a request of its own on it
-            scope.deadline = max(scope.deadline, anyio.current_time() + timeout)
+            scope.deadline = max(scope.deadline, anyio.current_time() + timeout + busy_s)
 
     def _transport(self, session_id: str) -> Any:
         if self._manager is None:

@@ -1,0 +1,346 @@
+"""The wire work of the handshake-era hot path: the request it posts, and the answer it relays to the caller.
+
+``CallRequest`` is a caller's `tools/call` as the hot path accepts it; ``Answer`` reads an upstream's answer
+(JSON, or an event stream it may have to resume) and tells the caller the call's result, its progress and its
+log messages, in the framing the SDK's own server would have used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import anyio
+import mcp_types as types
+from starlette.types import Send
+
+from bastion.net.outbound import UrlRefused
+from bastion.services.audit import CallRecord
+from bastion.services.directory import Mounted
+from bastion.upstream.wire import WireResponse
+from bastion.web.mcp.fastpath import answer_status, jsonrpc_error, refused, upstream_failure
+from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
+
+MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024  # the largest JSON answer or event read from an upstream
+MAX_RESUMES: Final = 2  # as the SDK client: reconnections to a stream that closed before the answer
+MAX_RETRY_S: Final = 5.0  # longest wait before resuming, whatever retry interval the upstream asked for
+DEFAULT_RETRY_S: Final = 0.1
+DRAIN_S: Final = 0.05  # longest an answered stream's remainder is read, for its connection to be reused
+SEND_TIMEOUT_S: Final = 5.0  # longest the call's answer waits for a caller that stopped reading
+_EVENT_END: Final = re.compile(rb"\r?\n\r?\n")
+_JSON: Final = b"application/json"
+_SSE: Final = b"text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """A caller's `tools/call` in the shape the hot path forwards (anything else takes the full path)."""
+
+    request_id: int | str
+    name: str
+    arguments: dict[str, Any] | None
+    meta: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, message: dict[str, Any]) -> CallRequest | None:
+        request_id = message.get("id")
+        params: Any = message.get("params")
+        if (
+            message.get("jsonrpc") != "2.0"
+            or message.get("method") != "tools/call"
+            or isinstance(request_id, bool)
+            or not isinstance(request_id, int | str)
+            or not isinstance(params, dict)
+        ):
+            return None
+        call = cast("dict[str, Any]", params)
+        name, arguments, meta = call.get("name"), call.get("arguments"), call.get("_meta")
+        if (
+            set(call) - {"name", "arguments", "_meta"}  # a task, or anything newer: the SDK knows what it means
+            or not isinstance(name, str)
+            or not (name.isascii() and name.isprintable())  # lone surrogates and non-ASCII: the full path's
+            or not isinstance(arguments, dict | None)
+            or not isinstance(meta, dict | None)
+        ):
+            return None
+        return cls(request_id, name, cast("dict[str, Any] | None", arguments), cast("dict[str, Any] | None", meta))
+
+    @property
+    def progress_token(self) -> Any:
+        return self.meta.get("progressToken") if self.meta is not None else None
+
+    def upstream_body(self, tool: str, upstream_id: str) -> bytes:
+        """The request as the upstream gets it: the server's own tool name, Bastion's id and progress token."""
+        params: dict[str, Any] = {"name": tool}
+        if self.arguments is not None:
+            params["arguments"] = self.arguments
+        if self.meta is not None:
+            meta = dict(self.meta)
+            if "progressToken" in meta:  # the caller's token could be another caller's on the shared session
+                meta["progressToken"] = upstream_id
+            params["_meta"] = meta
+        message = {"jsonrpc": "2.0", "id": upstream_id, "method": "tools/call", "params": params}
+        return json.dumps(message, separators=(",", ":")).encode()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Answer:
+    """The caller's side of one call: what it was sent so far, and how the rest is sent."""
+
+    UNAUTHORIZED: Final = 401
+    FORBIDDEN: Final = 403
+    NOT_FOUND: Final = 404
+    CANCEL_TIMEOUT_S: Final = 5.0
+
+    def __init__(
+        self,
+        send: Send,
+        request: CallRequest,
+        upstream_id: str,
+        mounted: Mounted,
+        session_id: bytes,
+        record: CallRecord,
+    ) -> None:
+        self.send = send
+        self.request = request
+        self.upstream_id = upstream_id
+        self.mounted = mounted
+        self.record = record
+        self._session_id = session_id
+        self.started = False  # the caller has a status line
+        self._stream = False  # ... of an event stream
+        self._closed = False  # ... and its end
+        self.answered = False  # the caller has (or is being sent) the call's answer
+        self.answered_upstream = False  # the upstream answered: there is nothing to cancel there
+        self.posted = False  # the call was sent upstream
+
+    # --- what the upstream may need in between (the subclass talks to it) -----------------------------------------
+
+    async def reply_upstream(self, request: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def notice(self, method: str, params: Any) -> None:
+        raise NotImplementedError
+
+    # --- reading the upstream's answer -----------------------------------------------------------------------------
+
+    async def relay(self, response: WireResponse, resume: Callable[[str], Awaitable[WireResponse]]) -> None:
+        """Pass the answer on: JSON as JSON, an event stream as events, resumed if it closes before the answer."""
+        current = response
+        try:
+            status, media = current.status_code, _media(current)
+            if status != 200 or media not in (_JSON, _SSE):
+                # A JSON-RPC error at an HTTP error status is still the call's answer (the SDK client reads it so).
+                if not (media == _JSON and await self._json(current)):
+                    self.record.upstream_status = f"http_{status}"
+                    self.record.outcome, self.record.reason = "error", f"http_{status}"
+                    message = f"upstream {self.mounted.alias!r} answered HTTP {status} without a JSON-RPC answer"
+                    await self.fail(types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message))
+                return
+            if media == _JSON:
+                if not await self._json(current) and not self.answered:
+                    await self.ended()
+                return
+            await self._start_stream()
+            resumes = 0
+            while True:
+                last_id, retry_s = await self._events(current)
+                if self.answered:
+                    return
+                if last_id is None or resumes >= MAX_RESUMES:
+                    await self.ended()
+                    return
+                resumes += 1
+                await current.aclose()
+                await anyio.sleep(retry_s)
+                current = await resume(last_id)
+                if current.status_code != 200 or _media(current) != _SSE:
+                    await self.ended()
+                    return
+        except _TooLarge:
+            self.record.outcome, self.record.reason = "error", "upstream_answer_too_large"
+            message = f"the answer of upstream {self.mounted.alias!r} is larger than {MAX_ANSWER_BYTES} bytes"
+            await self.fail(types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message))
+        finally:
+            await current.aclose()
+
+    async def _json(self, response: WireResponse) -> bool:
+        body = bytearray()
+        while (chunk := await response.next_chunk()) is not None:
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                raise _TooLarge
+        return await self._message(bytes(body), stream=False)
+
+    async def _events(self, response: WireResponse) -> tuple[str | None, float]:
+        """Handle the stream's events until it ends or answers the call; its last event id and retry interval."""
+        pending, scan = bytearray(), 0
+        last_id: str | None = None
+        retry_s = DEFAULT_RETRY_S
+        while (chunk := await response.next_chunk()) is not None:
+            pending += chunk
+            while (end := _EVENT_END.search(pending, max(scan - 3, 0))) is not None:
+                event = bytes(pending[: end.start()])
+                del pending[: end.end()]
+                scan = 0
+                data, event_id, retry_ms, comment = _fields(event)
+                last_id = event_id if event_id is not None else last_id
+                if retry_ms is not None:
+                    retry_s = min(retry_ms / 1000, MAX_RETRY_S)
+                if data and await self._message(data, stream=True):
+                    await self.end()
+                    # The upstream ends its stream right after the answer: read to its end, so that the connection
+                    # is kept for the next call instead of closed with unread bytes on it.
+                    with anyio.move_on_after(DRAIN_S):
+                        while await response.next_chunk() is not None:
+                            pass
+                    return last_id, retry_s
+                if not data and comment:
+                    await self._keepalive()
+            scan = len(pending)
+            if scan > MAX_ANSWER_BYTES:
+                raise _TooLarge
+        return last_id, retry_s
+
+    async def _message(self, data: bytes, *, stream: bool) -> bool:
+        """One JSON-RPC message from the upstream: pass it on, answer it or drop it; True once it was the answer."""
+        try:
+            decoded: Any = json.loads(data)
+        except (ValueError, RecursionError):
+            return False
+        if not isinstance(decoded, dict):
+            return False
+        message = cast("dict[str, Any]", decoded)
+        method = message.get("method")
+        if method is None:
+            if message.get("id") != self.upstream_id:
+                return False  # not this call's answer (a stray response has no one to reach here)
+            message["id"] = self.request.request_id
+            self.answered_upstream = True
+            status = answer_status(message)
+            self.record.upstream_status = status
+            if status not in ("ok", "error"):
+                self.record.outcome, self.record.reason = "error", status
+            await self._answer(json.dumps(message, separators=(",", ":")).encode())
+            return True
+        if not stream or not isinstance(method, str):
+            return False  # a JSON body holds the answer or nothing the caller could use
+        params: Any = message.get("params")
+        if "id" in message:
+            await self.reply_upstream(message)
+        elif method == "notifications/progress" and isinstance(params, dict):
+            progress = cast("dict[str, Any]", params)
+            if progress.get("progressToken") == self.upstream_id:
+                progress["progressToken"] = self.request.progress_token
+                await self._emit(json.dumps(message, separators=(",", ":")).encode())
+        elif method == "notifications/message":
+            await self._emit(json.dumps(message, separators=(",", ":")).encode())
+        else:
+            self.notice(method, params)
+        return False
+
+    # --- writing to the caller ---------------------------------------------------------------------------------
+
+    async def _start_stream(self) -> None:
+        headers = [
+            (b"content-type", _SSE),
+            (b"cache-control", b"no-cache, no-transform"),
+            (b"x-accel-buffering", b"no"),
+            (b"mcp-session-id", self._session_id),
+        ]
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        self.started = self._stream = True
+
+    async def _emit(self, data: bytes) -> None:
+        if self._stream:
+            if not self._closed:
+                event = b"event: message\r\ndata: " + data + b"\r\n\r\n"
+                await self.send({"type": "http.response.body", "body": event, "more_body": True})
+            return
+        headers = [
+            (b"content-type", _JSON),
+            (b"content-length", str(len(data)).encode("ascii")),
+            (b"mcp-session-id", self._session_id),
+        ]
+        self.started = self._closed = True
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self.send({"type": "http.response.body", "body": data})
+
+    async def _answer(self, data: bytes) -> None:
+        """Send the call's answer, whole even if the call is being cancelled meanwhile."""
+        self.answered = True
+        with anyio.move_on_after(SEND_TIMEOUT_S, shield=True), contextlib.suppress(OSError):
+            await self._emit(data)
+
+    async def _keepalive(self) -> None:
+        if self._stream and not self._closed:
+            await self.send({"type": "http.response.body", "body": b": ping\r\n\r\n", "more_body": True})
+
+    async def end(self) -> None:
+        """End the caller's event stream (a JSON answer is complete as sent)."""
+        if self._stream and not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):  # the caller may be what went away
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def fail(self, error: types.ErrorData) -> None:
+        """Answer the call with ``error``: on its event stream if it has one, else as a JSON-RPC error response."""
+        if self.answered or self._closed:
+            return
+        if self._stream:
+            raw = {"jsonrpc": "2.0", "id": self.request.request_id, "error": error.model_dump(exclude_none=True)}
+            await self._answer(json.dumps(raw, separators=(",", ":")).encode())
+            return
+        self.answered = self.started = self._closed = True
+        with anyio.move_on_after(SEND_TIMEOUT_S, shield=True), contextlib.suppress(OSError):
+            await jsonrpc_error(self.send, self.request.request_id, error)
+
+    async def failed(self, exc: OSError | UrlRefused | TimeoutError) -> None:
+        await self.fail(upstream_failure(exc, self.mounted, self.record))
+
+    async def refused_credential(self) -> None:
+        self.record.outcome, self.record.reason = "error", f"http_{Answer.UNAUTHORIZED}"
+        self.record.upstream_status = str(Answer.UNAUTHORIZED)
+        await self.fail(refused(self.mounted))
+
+    async def ended(self) -> None:
+        """The upstream's answer ended without the call's result."""
+        self.record.outcome, self.record.reason = "error", "upstream_unavailable"
+        self.record.upstream_status = "unavailable"
+        message = f"upstream {self.mounted.alias!r} ended its answer without a result"
+        await self.fail(
+            types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message, data={"code": "upstream_unavailable"})
+        )
+
+
+def _media(response: WireResponse) -> bytes:
+    content_type = next((v for k, v in response.headers if k == b"content-type"), b"")
+    return content_type.split(b";")[0].strip().lower()
+
+
+def _fields(event: bytes) -> tuple[bytes, str | None, int | None, bool]:
+    """An SSE event's data (lines joined), its id, its retry interval in ms, and whether it had a comment."""
+    data: list[bytes] = []
+    event_id: str | None = None
+    retry_ms: int | None = None
+    comment = False
+    for line in event.splitlines():
+        if line.startswith(b":"):
+            comment = True
+            continue
+        field, _, value = line.partition(b":")
+        value = value.removeprefix(b" ")
+        if field == b"data":
+            data.append(value)
+        elif field == b"id" and b"\0" not in value:
+            event_id = value.decode("utf-8", "replace")
+        elif field == b"retry" and value.isdigit():
+            retry_ms = int(value)
+    return b"\n".join(data), event_id, retry_ms, comment
