@@ -7,7 +7,6 @@ identity for shared ones, and nothing else: the agent's token never leaves Basti
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, cast
@@ -16,7 +15,7 @@ import anyio
 import mcp_types as types
 from mcp import Client
 from mcp.shared.dispatcher import ProgressFnT
-from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import PromptsListChanged, ServerEvent, ToolsListChanged
 from pydantic import BaseModel
 
@@ -35,6 +34,7 @@ from bastion.services.guard import Guard
 from bastion.upstream import refusals, relay
 from bastion.upstream.notifications import Notice, UpstreamNotices
 from bastion.upstream.pool import Lease, SessionRetired, UpstreamPool, UpstreamRefused, UpstreamUnavailable
+from bastion.upstream.subscriptions import Key, Release, ResourceSubscriptions
 from bastion.upstream.transports import Credential
 from bastion.vault.sealer import Vault
 
@@ -78,6 +78,7 @@ class Proxy:
         self._directory = directory
         self._unsubscribe = store.bus.subscribe(self._on_change)
         self._unsubscribe_notices = pool.notices.subscribe(self._on_notice)
+        self._subscriptions = ResourceSubscriptions(pool)
         # Input schemas from the last listing per (connection, tool), so tools/call needs no fresh listing.
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
         # Which of those keys each server's listing filled, so an upstream's tools/list_changed drops its own.
@@ -458,30 +459,56 @@ class Proxy:
             raise last_error
         raise NotFound(f"Resource not found: {uri}", field="uri")
 
-    async def subscribe(self, principal: Principal, uri: str, *, on: bool) -> None:
-        """Forward a (legacy-era) resource subscription to the servers that may offer the resource."""
+    async def subscribe(
+        self, principal: Principal, uri: str, on_lost: Callable[[], None] | None = None
+    ) -> Release | None:
+        """Hold a subscription to ``uri`` at the servers that may offer it, as the person (counted: see
+        ``upstream/subscriptions.py``); returns how to let go of it, or None when no server took it.
+
+        Each upstream's own way: `resources/subscribe` for a handshake-era one, a listen stream naming the URI for
+        a 2026-era one. ``on_lost`` is called if one of them ends before it is let go (its session closed).
+
+        Raises:
+            AuditUnavailable: not forwarded because the log cannot be written (the caller must know).
+        """
         view = await self._view(principal)
-        for mounted in view.mounted:
-            if mounted.entry.resources.mode is ProvisionMode.BLOCK_ALL:
-                continue
+        releases: list[Release] = []
+        try:
+            for mounted in view.mounted:
+                if mounted.entry.resources.mode is ProvisionMode.BLOCK_ALL:
+                    continue
+                if self._guard is not None and not self._guard.visible(
+                    await self._guard.rules(principal.workspace_id), principal, mounted.alias, uri
+                ):
+                    continue  # policy denies this resource at this server: nothing to subscribe to there
+                try:
+                    key = (mounted.server.id, self.identity_for(principal, mounted), uri)
 
-            async def forward(client: Client) -> Any:
-                with warnings.catch_warnings():  # deprecated as of 2026-07-28, still the handshake era's
-                    warnings.simplefilter("ignore", MCPDeprecationWarning)
-                    if on:
-                        return await client.session.subscribe_resource(uri)  # pyright: ignore[reportDeprecated]
-                    return await client.session.unsubscribe_resource(uri)  # pyright: ignore[reportDeprecated]
+                    async def forward(client: Client, key: Key = key) -> Release | None:
+                        return await self._subscriptions.hold(client, key, on_lost)
 
-            if self._guard is not None and not self._guard.visible(
-                await self._guard.rules(principal.workspace_id), principal, mounted.alias, uri
-            ):
-                continue  # policy denies this resource at this server: nothing to subscribe to there
-            try:
-                await self._call(principal, mounted, forward)
-            except AuditUnavailable:
-                raise  # not forwarded because the log cannot be written: the caller must know
-            except (MCPError, BastionError) as exc:
-                logger.info("subscription not forwarded", extra={"server": mounted.alias, "reason": type(exc).__name__})
+                    release = await self._call(principal, mounted, forward)
+                except AuditUnavailable:
+                    raise
+                except (MCPError, BastionError, TimeoutError) as exc:
+                    logger.info(
+                        "subscription not forwarded", extra={"server": mounted.alias, "reason": type(exc).__name__}
+                    )
+                    continue
+                if release is not None:
+                    releases.append(release)
+        except BaseException:
+            for release in releases:
+                release()
+            raise
+        if not releases:
+            return None
+
+        def release_all() -> None:
+            for release in releases:
+                release()  # each is idempotent
+
+        return release_all
 
     async def complete(
         self,

@@ -101,7 +101,7 @@ class UpstreamNotices:
         client: Client,
         server_id: str,
         identity_id: str | None,
-        start: Callable[[Callable[[], Coroutine[Any, Any, None]]], None],
+        start: Callable[[Callable[[], Coroutine[Any, Any, None]]], object],
     ) -> None:
         """Open a listen stream on a 2026-era pooled session (once; ``start`` runs it in the pool's task group).
 

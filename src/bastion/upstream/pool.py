@@ -1,8 +1,9 @@
 """Open upstream sessions, one per (server, identity), kept alive and reused across calls.
 
 Each session lives in its own task (anyio requires a context to be exited by the task that entered it);
-callers borrow the open ``mcp.Client``. Sessions close when idle, when their identity or server
-changes, or when the pool is full and they are the least recently used. A stdio or HTTP+SSE session whose
+callers borrow the open ``mcp.Client``. Sessions close when idle (unless something ``keep``s them: a
+resource subscription lives on its session), when their identity or server changes, or when the pool is
+full and they are the least recently used. A stdio or HTTP+SSE session whose
 caller profile declares sampling, elicitation or roots takes its calls in turns (``turn``), so a request
 from the upstream reaches the caller whose call is waiting (see ``relay``).
 """
@@ -89,6 +90,8 @@ class _Session:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     turns: relay.Turns | None = None  # set when the session's calls take turns
     session_id: str | None = None  # the Mcp-Session-Id a Streamable HTTP upstream gave it
+    kept: int = 0  # how many ``Kept`` hold it open through idleness
+    ended: anyio.Event = field(default_factory=anyio.Event)  # its client has closed, for whatever reason
 
     def lease(self, client: Client) -> Lease:
         return Lease(client, self.key, self.turns, self.session_id)
@@ -102,6 +105,23 @@ class Lease:
     key: SessionKey
     turns: relay.Turns | None = None
     session_id: str | None = None  # the upstream's Mcp-Session-Id (Streamable HTTP, handshake era)
+
+
+@dataclass(eq=False, slots=True)
+class Kept:
+    """A session held open through idleness until ``release``; ``ended`` is set once it has closed anyway."""
+
+    _session: _Session
+    released: bool = False
+
+    @property
+    def ended(self) -> anyio.Event:
+        return self._session.ended
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._session.kept -= 1
 
 
 # Codes the SDK raises itself when a call ends without the upstream's answer.
@@ -294,6 +314,14 @@ class UpstreamPool:
             self._sessions.pop(key, None)
             session.closing.set()
 
+    def keep(self, client: Client) -> Kept | None:
+        """Hold ``client``'s session open through idleness until released; None: it is no longer in the pool."""
+        session = next((s for s in self._sessions.values() if s.client is client), None)
+        if session is None:
+            return None
+        session.kept += 1
+        return Kept(session)
+
     def cached_any(self, server: Server) -> Client | None:
         """Any open session to this server version, to learn what the upstream negotiated."""
         for key, session in self._sessions.items():
@@ -305,10 +333,13 @@ class UpstreamPool:
         """Also tell ``callback(server_id, identity_id)`` when sessions are discarded."""
         self._discard_listeners.append(callback)
 
-    def close_later(self, close: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Close something in the pool's task group (callers may be synchronous event handlers)."""
-        if self._tasks is not None:
-            self._tasks.start_soon(close)
+    def close_later(self, close: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        """Run something in the pool's task group (callers may be synchronous event handlers, or need it to outlive
+        their request); False: the pool is not running, so it will not run."""
+        if self._tasks is None:
+            return False
+        self._tasks.start_soon(close)
+        return True
 
     def discard(self, server_id: str | None = None, identity_id: str | None = None) -> None:
         """Close sessions of a server or an identity (its credential or settings changed)."""
@@ -329,7 +360,9 @@ class UpstreamPool:
         if self._tasks is None:
             raise UpstreamUnavailable("the upstream pool is not running")
         if len(self._sessions) >= self._max:
-            oldest = min(self._sessions.values(), key=lambda s: s.last_used)
+            # A kept session (a subscription lives on it) goes only when every session is kept.
+            unkept = [s for s in self._sessions.values() if not s.kept] or list(self._sessions.values())
+            oldest = min(unkept, key=lambda s: s.last_used)
             self._sessions.pop(oldest.key, None)
             oldest.closing.set()
         session = _Session(key)
@@ -379,17 +412,22 @@ class UpstreamPool:
             finally:
                 session.client = None
                 session.ready.set()
+                session.ended.set()
                 if self._sessions.get(session.key) is session:
                     self._sessions.pop(session.key, None)
 
     async def _reap_idle(self) -> None:
         while True:
             await anyio.sleep(max(self._idle_s / 4, 1.0))
-            cutoff = time.monotonic() - self._idle_s
-            for key, session in list(self._sessions.items()):
-                if session.ready.is_set() and session.last_used < cutoff:
-                    self._sessions.pop(key, None)
-                    session.closing.set()
+            self.reap_idle(time.monotonic())
+
+    def reap_idle(self, now: float) -> None:
+        """Close the sessions unused for longer than the idle time at ``now`` (monotonic), except kept ones."""
+        cutoff = now - self._idle_s
+        for key, session in list(self._sessions.items()):
+            if session.ready.is_set() and not session.kept and session.last_used < cutoff:
+                self._sessions.pop(key, None)
+                session.closing.set()
 
 
 def _describe(error: BaseException | None) -> str:

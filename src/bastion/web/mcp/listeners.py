@@ -1,11 +1,12 @@
-"""Live downstream sessions that hear list_changed, by gateway, and the one task that tells them.
+"""Live downstream sessions that hear list_changed and resource updates, by gateway, and the one task that tells them.
 
 Two kinds of listener, one per protocol era: a handshake-era session (its notifications go on the
 session's GET stream; it leaves when the session ends) and a 2026-era `subscriptions/listen` stream (it
 leaves when the stream does). What is relayed: an upstream's change notice to the sessions whose
 principal it concerns (`Proxy.reaches`: their gateway mounts the server and, for a per-user server,
 their own identity's session sent it), and Bastion's own changes (a gateway's servers, aliases or
-provisioning; a workspace's policy) to every session they change the listings of.
+provisioning; a workspace's policy) to every session they change the listings of. A `resources/updated`
+goes only to listeners holding a subscription to its URI (``Listener.held``; let go of when they leave).
 """
 
 from __future__ import annotations
@@ -38,25 +39,35 @@ from bastion.domain.connections import Principal
 from bastion.events.bus import Changed, Subject
 from bastion.services.proxy import Proxy
 from bastion.upstream.notifications import LIST_CHANGES, Notice
+from bastion.upstream.subscriptions import Release
 
 logger = logging.getLogger("bastion.mcp")
 MAX_PENDING_CHANGES: Final = 4096
 SEND_TIMEOUT_S: Final = 5.0
 
+MAX_RESOURCE_SUBSCRIPTIONS: Final = 64  # per listen stream; further URIs are left out of its acknowledgement
+
 Deliver = Callable[[ServerEvent], Awaitable[None]]
+Subscribe = Callable[[Principal, str, Callable[[], None]], Awaitable[Release | None]]
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(eq=False, slots=True)
 class Listener:
-    """One downstream session (or listen stream) of ``principal``; ``uris``: resources it subscribed to."""
+    """One downstream session (or listen stream) of ``principal``; ``held``: the resource URIs it subscribed to,
+    each with how to let go of its upstream subscriptions."""
 
     principal: Principal
     deliver: Deliver
-    uris: set[str] = field(default_factory=set[str])
+    held: dict[str, Release] = field(default_factory=dict[str, Release])
     gateway_id: str = ""  # where the registry keeps it (a session's later requests may name another gateway)
+    live: bool = True  # False once removed: a subscription made meanwhile is let go of at once
 
     def wants(self, event: ServerEvent) -> bool:
-        return not isinstance(event, ResourceUpdated) or event.uri in self.uris
+        return not isinstance(event, ResourceUpdated) or event.uri in self.held
 
 
 Change = Notice | Changed
@@ -85,12 +96,34 @@ class Listeners:
     def move(self, listener: Listener, principal: Principal) -> None:
         """The listener now acts for ``principal`` (a session's token may reach it through another gateway)."""
         if listener.gateway_id != principal.gateway_id:
-            self.remove(listener)
+            self._unfile(listener)
             listener.gateway_id = principal.gateway_id
             self._by_gateway.setdefault(principal.gateway_id, set()).add(listener)
         listener.principal = principal
 
     def remove(self, listener: Listener) -> None:
+        """The listener leaves; the resource subscriptions it held are let go of."""
+        listener.live = False
+        self._unfile(listener)
+        while listener.held:
+            _uri, release = listener.held.popitem()
+            release()
+
+    def hold(self, listener: Listener, uri: str, release: Release | None) -> None:
+        """``listener`` now hears ``uri``'s updates; ``release`` lets go of its upstream subscriptions (None: it
+        holds none here, yet may hear updates another replica's subscription brings)."""
+        release = release or _nothing
+        if not listener.live or uri in listener.held:
+            release()  # it left meanwhile, or already holds one (a concurrent subscribe): not needed twice
+            return
+        listener.held[uri] = release
+
+    def let_go(self, listener: Listener, uri: str) -> None:
+        release = listener.held.pop(uri, None)
+        if release is not None:
+            release()
+
+    def _unfile(self, listener: Listener) -> None:
         live = self._by_gateway.get(listener.gateway_id)
         if live is None:
             return
@@ -201,13 +234,22 @@ def join(listeners: Listeners, ctx: ServerRequestContext[Any, Any], principal: P
 class ListenStreams:
     """`subscriptions/listen` (2026-07-28): each call is a listener until the caller drops the stream.
 
-    Honours the three list_changed kinds. Resource subscriptions are not honoured on this era (no upstream
-    subscription is made for them), so the acknowledgement leaves them out and nothing is promised.
+    Honours the three list_changed kinds, and each asked resource URI (up to ``MAX_RESOURCE_SUBSCRIPTIONS``) that
+    some mounted server took a subscription to (``subscribe``: ``Proxy.subscribe``); the acknowledgement names
+    exactly those. If one of those upstream subscriptions is lost, the stream ends: its caller listens again.
     """
 
-    def __init__(self, listeners: Listeners, principal: Callable[[], Principal], *, max_buffered: int = 256) -> None:
+    def __init__(
+        self,
+        listeners: Listeners,
+        principal: Callable[[], Principal],
+        subscribe: Subscribe,
+        *,
+        max_buffered: int = 256,
+    ) -> None:
         self._listeners = listeners
         self._principal = principal
+        self._subscribe = subscribe
         self._max_buffered = max_buffered
 
     async def __call__(
@@ -218,24 +260,32 @@ class ListenStreams:
         if subscription_id is None:
             raise MCPError(types.INVALID_REQUEST, "subscriptions/listen requires a request id")
         asked = params.notifications
-        honored = types.SubscriptionFilter(
+        kinds = types.SubscriptionFilter(
             tools_list_changed=True if asked.tools_list_changed else None,
             prompts_list_changed=True if asked.prompts_list_changed else None,
             resources_list_changed=True if asked.resources_list_changed else None,
         )
+        uris = list(dict.fromkeys(asked.resource_subscriptions or ()))[:MAX_RESOURCE_SUBSCRIPTIONS]
         meta: dict[str, Any] = {SUBSCRIPTION_ID_META_KEY: subscription_id}
         send, receive = anyio.create_memory_object_stream[ServerEvent](self._max_buffered)
 
         async def deliver(event: ServerEvent) -> None:
-            if event_matches(honored, frozenset(), event):
+            # A resources/updated got here only for a URI the listener holds (``Listener.wants``).
+            if isinstance(event, ResourceUpdated) or event_matches(kinds, frozenset(), event):
                 try:
                     send.send_nowait(event)
                 except anyio.WouldBlock:  # the caller stopped reading: end its stream (it re-listens and refetches)
                     send.close()
 
-        # Registered before the acknowledgement, so a change that happens meanwhile is not lost.
+        # Registered before subscribing and before the acknowledgement, so a change meanwhile is not lost.
         listener = self._listeners.add(principal, deliver)
         try:
+            for uri in uris:
+                # A lost upstream subscription ends the stream: the caller listens again, which subscribes afresh.
+                release = await self._subscribe(principal, uri, send.close)
+                if release is not None:  # some server took it: honoured
+                    self._listeners.hold(listener, uri, release)
+            honored = kinds.model_copy(update={"resource_subscriptions": list(listener.held) or None})
             acknowledged = types.SubscriptionsAcknowledgedNotification(
                 params=types.SubscriptionsAcknowledgedNotificationParams(notifications=honored, _meta=meta)
             )

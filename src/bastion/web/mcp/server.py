@@ -15,7 +15,6 @@ import mcp_types as types
 from mcp.server import NotificationOptions, Server, ServerRequestContext
 from mcp.server.models import InitializationOptions
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from bastion import __version__
 from bastion.domain.connections import Principal
@@ -137,7 +136,11 @@ def _audited(audit: Audit, method: str, listeners: Listeners | None = None) -> C
 
 
 class _GatewayServer(Server[Any]):
-    """Declares what Bastion relays: list changes in both eras; resource updates in the handshake era only."""
+    """Declares what Bastion relays: list changes and resource updates, in both eras.
+
+    The SDK derives the 2026-era capabilities from `subscriptions/listen` being served (`resources.subscribe`
+    included: the listen filter's `resourceSubscriptions` replaces `resources/subscribe`), which Bastion honours.
+    """
 
     def create_initialization_options(
         self,
@@ -149,22 +152,6 @@ class _GatewayServer(Server[Any]):
         return super().create_initialization_options(
             notification_options or relayed, experimental_capabilities, extensions
         )
-
-    def get_capabilities(
-        self,
-        notification_options: NotificationOptions | None = None,
-        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
-        extensions: dict[str, dict[str, Any]] | None = None,
-        *,
-        protocol_version: str | None = None,
-    ) -> types.ServerCapabilities:
-        capabilities = super().get_capabilities(
-            notification_options, experimental_capabilities, extensions, protocol_version=protocol_version
-        )
-        if protocol_version in MODERN_PROTOCOL_VERSIONS and capabilities.resources is not None:
-            # Listen streams carry list changes; resource subscriptions on them are not relayed upstream.
-            capabilities.resources = capabilities.resources.model_copy(update={"subscribe": False})
-        return capabilities
 
 
 def build_server(proxy: Proxy, audit: Audit, handshakes: Handshakes | None = None) -> Server[Any]:
@@ -219,21 +206,22 @@ def build_server(proxy: Proxy, audit: Audit, handshakes: Handshakes | None = Non
 
     @_audited(audit, "resources/subscribe")
     async def subscribe(ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams) -> Any:
-        await proxy.subscribe(_principal(), str(params.uri), on=True)
+        uri = str(params.uri)
         listener = join(listeners, ctx, _principal())
-        if listener is not None:  # upstream resources/updated for this URI now reach this session
-            listener.uris.add(str(params.uri))
+        # A stateless request has nowhere to hear updates later; a URI already held is not subscribed twice.
+        if listener is not None and uri not in listener.held:
+            # Best effort, as the handshake era has no acknowledgement: held (and heard) even if no server took it.
+            listeners.hold(listener, uri, await proxy.subscribe(_principal(), uri))
         return types.EmptyResult()
 
     @_audited(audit, "resources/unsubscribe")
     async def unsubscribe(ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams) -> Any:
-        await proxy.subscribe(_principal(), str(params.uri), on=False)
         listener = join(listeners, ctx, _principal())
-        if listener is not None:
-            listener.uris.discard(str(params.uri))
+        if listener is not None:  # its upstream subscriptions go once no other listener holds them
+            listeners.let_go(listener, str(params.uri))
         return types.EmptyResult()
 
-    listen = ListenStreams(listeners, _principal)
+    listen = ListenStreams(listeners, _principal, proxy.subscribe)
 
     @_audited(audit, "subscriptions/listen")
     async def subscriptions_listen(
