@@ -148,7 +148,8 @@ class Answer:
                 if not await self._json(current) and not self.answered:
                     await self.ended()
                 return
-            await self._start_stream()
+            # The caller's event stream starts with the first message before the answer: an answer that comes
+            # first goes back as a JSON response (the caller accepts either; it is one write less).
             resumes = 0
             while True:
                 last_id, retry_s = await self._events(current)
@@ -239,9 +240,9 @@ class Answer:
             progress = cast("dict[str, Any]", params)
             if progress.get("progressToken") == self.upstream_id:
                 progress["progressToken"] = self.request.progress_token
-                await self._emit(json.dumps(message, separators=(",", ":")).encode())
+                await self._event(json.dumps(message, separators=(",", ":")).encode())
         elif method == "notifications/message":
-            await self._emit(json.dumps(message, separators=(",", ":")).encode())
+            await self._event(json.dumps(message, separators=(",", ":")).encode())
         else:
             self.notice(method, params)
         return False
@@ -258,7 +259,14 @@ class Answer:
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
         self.started = self._stream = True
 
+    async def _event(self, data: bytes) -> None:
+        """A message before the answer (progress, a log line): on the caller's event stream, started if need be."""
+        if not self._stream:
+            await self._start_stream()
+        await self._emit(data)
+
     async def _emit(self, data: bytes) -> None:
+        """``data`` as the stream's next event, or as the whole JSON response when no stream was started."""
         if self._stream:
             if not self._closed:
                 event = b"event: message\r\ndata: " + data + b"\r\n\r\n"
@@ -280,7 +288,9 @@ class Answer:
             await self._emit(data)
 
     async def _keepalive(self) -> None:
-        if self._stream and not self._closed:
+        if not self._stream:
+            await self._start_stream()
+        if not self._closed:
             await self.send({"type": "http.response.body", "body": b": ping\r\n\r\n", "more_body": True})
 
     async def end(self) -> None:

@@ -44,6 +44,8 @@ MODERN: Final = "2026-07-28"
 _FORWARDED: Final = (b"accept", b"content-type", b"mcp-protocol-version", b"mcp-method")
 MAX_READ_ANSWER_BYTES: Final = 1024 * 1024  # answers up to this size are read for the audit log's outcome
 _PARAM_PREFIX: Final = b"mcp-param-"
+_CHECKED: Final = frozenset({b"content-type", b"host", b"origin"})  # what the SDK's Host/Origin check reads
+MAX_PASSED_CHECKS: Final = 256  # header combinations remembered as passing that check
 _HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
 )
@@ -87,6 +89,7 @@ class FastPath:
         self._pool = pool
         self._audit = audit
         self._security = security
+        self._passed: set[tuple[bytes | None, bytes | None, bytes | None]] = set()
         # Connections per (server, version): they carry no identity, each request carries its own credential.
         self._wires: dict[tuple[str, int], WirePool] = {}
         # The headers each (server, version, identity, access token generation) sends; a refreshed token has its own.
@@ -203,8 +206,19 @@ class FastPath:
 
     async def rejected(self, scope: Scope, send: Send) -> bool:
         """Answer a request whose Host or Origin is not allowed (as the SDK would) and say so."""
+        # The check depends on these three headers alone (and fixed settings): combinations that passed are kept.
+        first: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in _CHECKED and name not in first:  # the SDK reads the first of repeated headers
+                first[name] = value
+        key = (first.get(b"content-type"), first.get(b"host"), first.get(b"origin"))
+        if key in self._passed:
+            return False
         rejection = await self._security.validate_request(Request(scope), is_post=True)
         if rejection is None:
+            if len(self._passed) >= MAX_PASSED_CHECKS:
+                self._passed.clear()
+            self._passed.add(key)
             return False
         await rejection(scope, _no_body, send)
         return True
