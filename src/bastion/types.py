@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NewType, TypeAlias
+import json
+from typing import Any, NewType, TypeAlias, cast
 
 WorkspaceId = NewType("WorkspaceId", str)
 MemberId = NewType("MemberId", str)
@@ -15,3 +16,12 @@ ApiKeyId = NewType("ApiKeyId", str)
 JSONScalar: TypeAlias = str | int | float | bool | None
 JSONValue: TypeAlias = JSONScalar | list["JSONValue"] | dict[str, "JSONValue"]
 JSONObject: TypeAlias = dict[str, JSONValue]
+
+
+def json_object(raw: str | bytes) -> dict[str, Any] | None:
+    """``raw`` parsed, when it is a JSON object; None for anything else (not JSON, too deep, another type)."""
+    try:
+        parsed: Any = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return cast("dict[str, Any]", parsed) if isinstance(parsed, dict) else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from typing import Final, cast
+from typing import Final
 
 import anyio
 import sqlalchemy as sa
@@ -29,6 +29,7 @@ from mcp.shared.subscriptions import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bastion.types import json_object
 from bastion.upstream.notifications import Notice, UpstreamNotices
 
 logger = logging.getLogger("bastion.events.notices")
@@ -65,13 +66,9 @@ def encode(replica_id: str, notice: Notice) -> str | None:
 
 def decode(payload: str) -> tuple[str, Notice] | None:
     """(the sending replica's id, its notice marked relayed), or None for a payload that is not one."""
-    try:
-        body: object = json.loads(payload)
-    except (ValueError, RecursionError):
+    fields = json_object(payload)
+    if fields is None:
         return None
-    if not isinstance(body, dict):
-        return None
-    fields = cast("dict[str, object]", body)
     replica, server, identity, kind, uri = (
         fields.get(key) for key in ("replica", "server", "identity", "event", "uri")
     )

@@ -12,11 +12,10 @@ registration answer says.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpx2
@@ -26,7 +25,7 @@ from bastion.oauth.discovery import read_bounded
 from bastion.oauth.errors import RegistrationFailed
 from bastion.oauth.metadata import AuthServerMetadata
 from bastion.oauth.model import ClientAuth
-from bastion.types import JSONObject
+from bastion.types import JSONObject, json_object
 
 __all__ = [
     "CALLBACK_PATH",
@@ -216,10 +215,4 @@ def _registration(doc: dict[str, Any], asked: ClientAuth) -> Registration:
 
 
 def _json_object(raw: bytes | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return None
-    return cast("dict[str, Any]", doc) if isinstance(doc, dict) else None
+    return json_object(raw) if raw is not None else None

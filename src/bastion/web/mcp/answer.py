@@ -21,6 +21,7 @@ from starlette.types import Send
 from bastion.net.outbound import UrlRefused
 from bastion.services.audit import CallRecord
 from bastion.services.directory import Mounted
+from bastion.types import json_object
 from bastion.upstream.wire import WireResponse
 from bastion.web.mcp.fastpath import answer_status, jsonrpc_error, refused, upstream_failure
 from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
@@ -212,13 +213,9 @@ class Answer:
 
     async def _message(self, data: bytes, *, stream: bool) -> bool:
         """One JSON-RPC message from the upstream: pass it on, answer it or drop it; True once it was the answer."""
-        try:
-            decoded: Any = json.loads(data)
-        except (ValueError, RecursionError):
+        message = json_object(data)
+        if message is None:
             return False
-        if not isinstance(decoded, dict):
-            return False
-        message = cast("dict[str, Any]", decoded)
         method = message.get("method")
         if method is None:
             if message.get("id") != self.upstream_id:

@@ -32,6 +32,7 @@ from bastion.services.audit import Audit, CallRecord
 from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
 from bastion.services.proxy import Proxy
+from bastion.types import json_object
 from bastion.upstream.pool import UpstreamBusy, UpstreamPool
 from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.transports import USER_AGENT
@@ -131,13 +132,9 @@ class FastPath:
 
     async def handle(self, scope: Scope, body: bytes, send: Send, principal: Principal) -> bool:
         """Forward the call and return True, or return False (nothing sent) for the full path to take it."""
-        try:
-            decoded: Any = json.loads(body)
-        except (ValueError, RecursionError):  # the full path answers these with the JSON-RPC parse error
+        message = json_object(body)
+        if message is None:  # the full path answers it with the JSON-RPC parse error
             return False
-        if not isinstance(decoded, dict):
-            return False
-        message: dict[str, Any] = decoded  # pyright: ignore[reportUnknownVariableType]
         params: Any = message.get("params")
         if not isinstance(params, dict) or message.get("method") != "tools/call" or "id" not in message:
             return False

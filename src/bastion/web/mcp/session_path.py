@@ -44,6 +44,7 @@ from bastion.services.audit import Audit
 from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
 from bastion.services.proxy import Proxy
+from bastion.types import json_object
 from bastion.upstream.notifications import Notice
 from bastion.upstream.pool import Lease, UpstreamPool
 from bastion.upstream.relay import HANDSHAKE_VERSIONS, NO_PROFILE
@@ -88,13 +89,9 @@ class HandshakePath:
         session = self._sessions.find(headers[_SESSION].decode("latin-1"), principal)
         if session is None or not _well_formed(headers):
             return False
-        try:
-            decoded: Any = json.loads(body)
-        except (ValueError, RecursionError):
-            return False
-        if not isinstance(decoded, dict):
-            return False
-        message = cast("dict[str, Any]", decoded)
+        message = json_object(body)
+        if message is None:
+            return False  # the full path answers it with the JSON-RPC parse error
         if message.get("method") == "notifications/cancelled":
             return await self._cancel(scope, session, message, send)
         request = CallRequest.of(message)
