@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx2
@@ -18,12 +18,17 @@ import mcp_types as types
 import pytest
 import sqlalchemy as sa
 from mcp import Client
+from mcp.client.session import IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server, ServerRequestContext
 from mcp.server.connection import Connection
+from mcp.server.streamable_http import EventStore
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import bastion.web.app as web_app
 from bastion.db import schema
@@ -38,12 +43,14 @@ from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
 from bastion.web.mcp.sessions import Handshakes
+from tests.fixtures.event_store import MemoryEventStore
 from tests.mcp_support import mcp_app, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 CREDENTIAL = "ada-calc-credential"
 HANDSHAKE_VERSION = "2025-11-25"
-TOOLS = ("add", "secret", "slow", "ping", "sample", "fine", "fail", "boom")
+# `poll`, `change`: see `upstream_app`; `bad` and `split` are answered by hand (`answering`).
+TOOLS = ("add", "secret", "slow", "ping", "sample", "fine", "fail", "boom", "poll", "change", "bad", "split")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Seen:
     request_id: Any
     session_id: str | None
     authorization: str | None
+    progress_token: Any = None  # the `_meta.progressToken` of the request
 
     @property
     def hot(self) -> bool:
@@ -70,13 +78,32 @@ class Upstream:
     header_lines: list[tuple[str, str]] = field(default_factory=list[tuple[str, str]])
     started: anyio.Event = field(default_factory=anyio.Event)
     cancelled: anyio.Event = field(default_factory=anyio.Event)
+    # The Last-Event-ID of every GET that resumed a stream.
+    resumed_from: list[str] = field(default_factory=list[str])
+    # Every chunk of every response body the upstream sent.
+    sent: list[bytes] = field(default_factory=list[bytes])
+    _sent_more: anyio.Event = field(default_factory=anyio.Event)
 
     def of(self, tool: str) -> list[Seen]:
         return [seen for seen in self.calls if seen.tool == tool]
 
+    def sending(self, body: bytes) -> None:
+        self.sent.append(body)
+        self._sent_more.set()
 
-def upstream_app(up: Upstream) -> ASGIApp:
-    """A handshake-era MCP server (the SDK's low-level Server) whose tools record how they were called."""
+    async def until_sent(self, part: bytes, after: int) -> None:
+        """Until a chunk sent after the first ``after`` ones holds ``part``."""
+        with anyio.fail_after(5):
+            while not [body for body in self.sent[after:] if part in body]:
+                self._sent_more = anyio.Event()
+                await self._sent_more.wait()
+
+
+def upstream_app(up: Upstream, event_store: EventStore | None = None) -> ASGIApp:
+    """A handshake-era MCP server (the SDK's low-level Server) whose tools record how they were called.
+
+    With ``event_store`` its streams can be resumed, and `poll` closes its call's stream before it answers.
+    """
 
     async def list_tools(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListToolsResult:
         schema_ = {"type": "object", "properties": {"n": {"type": "integer"}}}
@@ -85,8 +112,16 @@ def upstream_app(up: Upstream) -> ASGIApp:
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
         headers: dict[str, str] = dict(ctx.request.headers) if ctx.request is not None else {}
         arguments = dict(params.arguments or {})
+        progress_token = (params.meta or {}).get("progress_token")
         up.calls.append(
-            Seen(params.name, arguments, ctx.request_id, headers.get("mcp-session-id"), headers.get("authorization"))
+            Seen(
+                params.name,
+                arguments,
+                ctx.request_id,
+                headers.get("mcp-session-id"),
+                headers.get("authorization"),
+                progress_token,
+            )
         )
         related = ServerMessageMetadata(related_request_id=ctx.request_id)
         text = "done"
@@ -115,17 +150,104 @@ def upstream_app(up: Upstream) -> ASGIApp:
                 text = str(exc.code)
         elif params.name == "boom":
             raise MCPError(-32099, "the upstream gave up")
+        elif params.name == "poll":
+            # 2025-11-25 polling: the call's stream ends early; the rest waits in the event store for a resume.
+            if ctx.close_sse_stream is None:
+                raise MCPError(-32099, "this stream cannot be resumed")
+            sent = len(up.sent)
+            await ctx.session.report_progress(1, 2)
+            # Closed once the progress is on the wire (the call must ask for progress): the caller has an event id
+            # to resume from by then.
+            await up.until_sent(b"notifications/progress", after=sent)
+            await ctx.close_sse_stream()
+            await ctx.session.report_progress(2, 2)
+            text = "polled"
+        elif params.name == "change":
+            # On the call's own stream, not the session's GET stream.
+            await ctx.session.send_notification(types.ToolListChangedNotification(), related_request_id=ctx.request_id)
         return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=params.name == "fail")
 
     server: Server[Any] = Server("handshake-upstream", version="1", on_list_tools=list_tools, on_call_tool=call_tool)
-    app = mcp_app(server)
+    app = mcp_app(server) if event_store is None else _resumable_app(server, event_store)
 
     async def recorded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            up.header_lines.extend((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
-        await app(scope, receive, send)
+            lines = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+            up.header_lines.extend(lines)
+            last_event_id = dict(lines).get("last-event-id")
+            if scope["method"] == "GET" and last_event_id is not None:
+                up.resumed_from.append(last_event_id)
+
+        async def sending(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body":
+                up.sending(message.get("body", b""))
+
+        await app(scope, receive, sending)
 
     return recorded
+
+
+def _resumable_app(server: Server[Any], event_store: EventStore) -> ASGIApp:
+    """As ``mcp_app``, with an event store: a stream it closes can be resumed with GET and Last-Event-ID."""
+    manager = StreamableHTTPSessionManager(app=server, event_store=event_store, retry_interval=10)
+
+    class Endpoint:
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await manager.handle_request(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
+        async with manager.run():
+            yield
+
+    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
+
+
+HandAnswer = tuple[int, bytes, bytes]  # status, content type, body
+
+
+def answering(
+    app: ASGIApp, answers: dict[str, Callable[[dict[str, Any]], HandAnswer]], seen: list[dict[str, Any]]
+) -> ASGIApp:
+    """``app``, but a tools/call of a tool in ``answers`` is answered by ``answers[tool](request)`` (a
+    ``HandAnswer``) instead, and the request kept in ``seen``."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            part = await receive()
+            body += part.get("body", b"")
+            if not part.get("more_body"):
+                break
+        decoded: Any = json.loads(body)
+        message = cast("dict[str, Any]", decoded) if isinstance(decoded, dict) else {}
+        params: Any = message.get("params")
+        call = (
+            cast("dict[str, Any]", params) if message.get("method") == "tools/call" and isinstance(params, dict) else {}
+        )
+        tool = call.get("name")
+        if isinstance(tool, str) and tool in answers:
+            seen.append(message)
+            status, content_type, payload = answers[tool](message)
+            await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await app(scope, replay, send)
+
+    return wrapped
 
 
 class Registry(Handshakes):
@@ -177,9 +299,32 @@ class Wire:
         return [m["id"] for m in self.posted if m.get("method") == "tools/call"]
 
 
+@dataclass
+class Heard:
+    """The server's notifications a client heard (by method), and whether its GET stream is open."""
+
+    methods: list[str] = field(default_factory=list[str])
+    listening: anyio.Event = field(default_factory=anyio.Event)
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+
+    async def hear(self, message: IncomingMessage) -> None:
+        if isinstance(message, types.ServerNotification):
+            self.methods.append(message.method)
+            self._changed.set()
+
+    async def until(self, method: str) -> None:
+        with anyio.fail_after(5):
+            while method not in self.methods:
+                self._changed = anyio.Event()
+                await self._changed.wait()
+
+
 @contextlib.asynccontextmanager
-async def client_of(url: str, token: str, wire: Wire | None = None) -> AsyncGenerator[Client, None]:
-    """The official SDK client in the handshake era (no sampling, elicitation or roots), its wire recorded."""
+async def client_of(
+    url: str, token: str, wire: Wire | None = None, heard: Heard | None = None
+) -> AsyncGenerator[Client, None]:
+    """The official SDK client in the handshake era (no sampling, elicitation or roots), its wire recorded
+    (and, given ``heard``, the notifications it hears)."""
     wire = wire or Wire()
 
     async def request(request: httpx2.Request) -> None:
@@ -188,6 +333,8 @@ async def client_of(url: str, token: str, wire: Wire | None = None) -> AsyncGene
 
     async def response(response: httpx2.Response) -> None:
         wire.session_id = response.headers.get("mcp-session-id") or wire.session_id
+        if heard is not None and response.request.method == "GET" and response.status_code == 200:
+            heard.listening.set()
 
     async with (
         httpx2.AsyncClient(
@@ -195,7 +342,12 @@ async def client_of(url: str, token: str, wire: Wire | None = None) -> AsyncGene
             timeout=30,
             event_hooks={"request": [request], "response": [response]},
         ) as http,
-        Client(streamable_http_client(url, http_client=http), mode="legacy", cache=None) as client,  # type: ignore[arg-type]
+        Client(
+            streamable_http_client(url, http_client=http),
+            mode="legacy",  # type: ignore[arg-type]
+            cache=None,
+            message_handler=heard.hear if heard is not None else None,
+        ) as client,
     ):
         yield client
 
@@ -522,3 +674,204 @@ async def test_a_session_its_client_ended_leaves_the_registry_and_is_served_no_m
             headers, body = _raw_call(wire.session_id, token)
             assert (await http.post(f"{bastion}/g/g/mcp", headers=headers, content=body)).status_code == 404
     assert [seen.hot for seen in up.calls] == [False, True]
+
+
+def empty_first_resumption(app: ASGIApp, answered_empty: list[bytes]) -> ASGIApp:
+    """``app``, except that the first resumption from each event id gets an empty event stream (nothing new yet)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        last = dict(scope.get("headers", [])).get(b"last-event-id") if scope["type"] == "http" else None
+        if last is None or last in answered_empty or scope["method"] != "GET":
+            await app(scope, receive, send)
+            return
+        answered_empty.append(last)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    return wrapped
+
+
+@pytest.mark.parametrize("empty_first", [False, True])
+async def test_a_call_whose_upstream_stream_closes_before_the_answer_is_resumed_and_answered_on_the_hot_path(
+    empty_first: bool, settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    up = Upstream()
+    answered_empty: list[bytes] = []
+    app = upstream_app(up, MemoryEventStore())
+    # An empty resumed stream does not lose the event id: Bastion resumes from it again (as the SDK client does).
+    async with serving(empty_first_resumption(app, answered_empty) if empty_first else app) as upstream:
+        token = await _token(store, vault, hasher, operator, f"{upstream}/mcp")
+        async with serving(create_app(settings, store)) as bastion, client_of(f"{bastion}/g/g/mcp", token) as client:
+            await client.call_tool("calc__add", {"n": 1})  # opens the upstream session
+            steps: list[float] = []
+
+            async def progress(progress: float, total: float | None, message: str | None) -> None:
+                steps.append(progress)
+
+            with anyio.fail_after(5):
+                result = await client.call_tool("calc__poll", {}, progress_callback=progress)
+    assert (_text(result), result.is_error) == ("polled", False)
+    assert steps == [1, 2]  # the one before the stream closed, and the one replayed after it
+    assert [(seen.tool, seen.hot) for seen in up.calls] == [("add", False), ("poll", True)]
+    assert len(up.resumed_from) == 1  # Bastion came back with the last event id it had read (and stayed)
+    assert len(answered_empty) == (1 if empty_first else 0)
+
+
+async def test_a_jsonrpc_error_the_upstream_answers_at_an_http_error_status_reaches_the_caller_as_that_error(
+    settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    up = Upstream()
+    seen: list[dict[str, Any]] = []
+
+    def bad_n(request: dict[str, Any]) -> HandAnswer:
+        error = {"jsonrpc": "2.0", "id": request["id"], "error": {"code": types.INVALID_PARAMS, "message": "bad n"}}
+        return 400, b"application/json", json.dumps(error).encode()
+
+    async with serving(answering(upstream_app(up), {"bad": bad_n}, seen)) as upstream:
+        token = await _token(store, vault, hasher, operator, f"{upstream}/mcp")
+        async with serving(create_app(settings, store)) as bastion, client_of(f"{bastion}/g/g/mcp", token) as client:
+            await client.call_tool("calc__add", {"n": 1})  # opens the upstream session
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("calc__bad", {"n": -1})
+    assert (caught.value.code, caught.value.error.message) == (types.INVALID_PARAMS, "bad n")
+    (request,) = seen
+    assert str(request["id"]).startswith("bastion-")  # the hot path posted it
+    events = await _audited_calls(store)
+    assert [(name, outcome) for name, outcome, _reason, _status in events] == [
+        ("calc__add", "ok"),
+        ("calc__bad", "error"),
+    ]
+    assert events[1][2:] == (str(types.INVALID_PARAMS), str(types.INVALID_PARAMS))  # reason and upstream status
+
+
+async def test_an_upstream_event_split_over_several_data_lines_reaches_the_caller_whole(
+    settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    up = Upstream()
+    seen: list[dict[str, Any]] = []
+
+    def split(request: dict[str, Any]) -> HandAnswer:
+        token = json.dumps(request["params"]["_meta"]["progressToken"])
+        lines = (
+            "event: message",
+            'data: {"jsonrpc":"2.0","method":"notifications/progress",',
+            f'data: "params":{{"progressToken":{token},"progress":1,"total":2}}}}',
+            "",
+            "event: message",
+            f'data: {{"jsonrpc":"2.0","id":{json.dumps(request["id"])},',
+            'data: "result":{"content":[{"type":"text","text":"split"}],"isError":false}}',
+            "",
+            "",
+        )
+        return 200, b"text/event-stream", "\r\n".join(lines).encode()
+
+    async with serving(answering(upstream_app(up), {"split": split}, seen)) as upstream:
+        token = await _token(store, vault, hasher, operator, f"{upstream}/mcp")
+        async with serving(create_app(settings, store)) as bastion, client_of(f"{bastion}/g/g/mcp", token) as client:
+            await client.call_tool("calc__add", {"n": 1})  # opens the upstream session
+            steps: list[tuple[float, float | None]] = []
+
+            async def progress(progress: float, total: float | None, message: str | None) -> None:
+                steps.append((progress, total))
+
+            with anyio.fail_after(5):
+                result = await client.call_tool("calc__split", {}, progress_callback=progress)
+    assert _text(result) == "split"
+    assert steps == [(1, 2)]
+    (request,) = seen
+    assert str(request["id"]).startswith("bastion-")
+
+
+async def test_the_callers_progress_token_never_reaches_the_upstream_yet_its_progress_does_reach_the_caller(
+    settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    up = Upstream()
+    wire = Wire()
+    async with serving(upstream_app(up)) as upstream:
+        token = await _token(store, vault, hasher, operator, f"{upstream}/mcp")
+        async with (
+            serving(create_app(settings, store)) as bastion,
+            client_of(f"{bastion}/g/g/mcp", token, wire) as client,
+        ):
+            await client.call_tool("calc__add", {"n": 1})  # opens the upstream session
+            steps: list[float] = []
+
+            async def progress(progress: float, total: float | None, message: str | None) -> None:
+                steps.append(progress)
+
+            assert _text(await client.call_tool("calc__add", {"n": 2}, progress_callback=progress)) == "3"
+    calls = [m for m in wire.posted if m.get("method") == "tools/call"]
+    caller = calls[-1]["params"]["_meta"]["progressToken"]  # the SDK client's token for the hot call
+    hot = up.calls[-1]
+    assert (hot.tool, hot.hot) == ("add", True)
+    assert hot.progress_token == hot.request_id  # Bastion's own token upstream: the request's own id
+    assert caller != hot.progress_token
+    assert steps == [1, 2]  # mapped back to the caller's token
+
+
+async def test_a_list_changed_on_a_calls_stream_is_not_passed_on_raw_but_reaches_the_sessions_it_concerns(
+    settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor, registries: list[Registry]
+) -> None:
+    up = Upstream()
+    wire = Wire()
+    other = Heard()
+    async with serving(upstream_app(up)) as upstream:
+        token = await _token(store, vault, hasher, operator, f"{upstream}/mcp")
+        async with (
+            serving(create_app(settings, store)) as bastion,
+            client_of(f"{bastion}/g/g/mcp", token, wire) as client,
+            client_of(f"{bastion}/g/g/mcp", token, heard=other),
+            httpx2.AsyncClient(timeout=10) as http,
+        ):
+            await registries[0].until(2)  # both sessions listen (they joined on notifications/initialized) ...
+            with anyio.fail_after(5):
+                await other.listening.wait()  # ... and the other one's GET stream is open
+            await client.call_tool("calc__add", {"n": 1})  # opens the upstream session
+            assert wire.session_id is not None
+            call = {"jsonrpc": "2.0", "id": "change", "method": "tools/call", "params": {"name": "calc__change"}}
+            headers, body = _raw_call(wire.session_id, token, call)
+            answer = await http.post(f"{bastion}/g/g/mcp", headers=headers, content=body)
+            await other.until("notifications/tools/list_changed")
+    assert "list_changed" not in answer.text
+    assert _answer_of(answer) == {
+        "jsonrpc": "2.0",
+        "id": "change",
+        "result": {"content": [{"type": "text", "text": "done"}], "isError": False},
+    }
+    assert [(seen.tool, seen.hot) for seen in up.calls] == [("add", False), ("change", True)]
+
+
+async def test_ending_the_session_cancels_its_hot_path_call_upstream(
+    settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor, registries: list[Registry]
+) -> None:
+    up = Upstream()
+    wire = Wire()
+    async with serving(upstream_app(up)) as upstream:
+        token = await _token(store, vault, hasher, operator, f"{upstream}/mcp")
+        async with (
+            serving(create_app(settings, store)) as bastion,
+            client_of(f"{bastion}/g/g/mcp", token, wire) as client,
+            httpx2.AsyncClient(timeout=10) as http,
+        ):
+            await client.call_tool("calc__add", {"n": 1})  # opens the upstream session
+            assert wire.session_id is not None
+            url = f"{bastion}/g/g/mcp"
+            call = {"jsonrpc": "2.0", "id": "long", "method": "tools/call", "params": {"name": "calc__slow"}}
+            answers: list[httpx2.Response] = []
+
+            async def slow() -> None:
+                headers, body = _raw_call(wire.session_id or "", token, call)
+                answers.append(await http.post(url, headers=headers, content=body))
+
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(slow)
+                    await up.started.wait()
+                    session = {"mcp-session-id": wire.session_id, "mcp-protocol-version": HANDSHAKE_VERSION}
+                    ended = await http.delete(url, headers={"authorization": f"Bearer {token}", **session})
+                    assert ended.status_code == 200
+                    await up.cancelled.wait()
+                await registries[0].until(0)
+    assert [(seen.tool, seen.hot) for seen in up.calls] == [("add", False), ("slow", True)]
+    (answer,) = answers
+    assert _answer_of(answer)["error"]["code"] == -32800

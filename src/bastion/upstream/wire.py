@@ -167,6 +167,7 @@ class WireResponse:
         self.status_code = connection.status
         self.headers = connection.headers
         self._done = False
+        self._released = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while (chunk := await self.next_chunk()) is not None:
@@ -184,6 +185,9 @@ class WireResponse:
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def aclose(self) -> None:
+        if self._released:
+            return  # closing twice must not give the connection back twice
+        self._released = True
         connection = self._connection
         connection.in_flight = False
         if self._done and connection.complete and connection.keep_alive and not connection.closed:

@@ -27,7 +27,7 @@ from bastion.web.mcp.fastpath import answer_status, jsonrpc_error, refused, upst
 from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
 
 MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024  # the largest JSON answer or event read from an upstream
-MAX_RESUMES: Final = 2  # as the SDK client: reconnections to a stream that closed before the answer
+MAX_RESUMES: Final = 2  # as the SDK client: failed reconnections in a row to a stream that closed unanswered
 MAX_RETRY_S: Final = 5.0  # longest wait before resuming, whatever retry interval the upstream asked for
 DEFAULT_RETRY_S: Final = 0.1
 DRAIN_S: Final = 0.05  # longest an answered stream's remainder is read, for its connection to be reused
@@ -92,6 +92,27 @@ class _TooLarge(Exception):
     pass
 
 
+@dataclass(slots=True)
+class _Stream:
+    """Where a call's event stream is, across the upstream's closing and Bastion's resuming it."""
+
+    last_id: str | None = None
+    retry_s: float = DEFAULT_RETRY_S
+
+
+class _Refused:
+    """A resumption that could not be made (or was not an event stream): counted as a failed attempt."""
+
+    status_code: Final = 0
+    headers: Final[list[tuple[bytes, bytes]]] = []
+
+    async def aclose(self) -> None:
+        return None
+
+
+_REFUSED: Final = cast("WireResponse", _Refused())
+
+
 class Answer:
     """The caller's side of one call: what it was sent so far, and how the rest is sent."""
 
@@ -151,21 +172,26 @@ class Answer:
                 return
             # The caller's event stream starts with the first message before the answer: an answer that comes
             # first goes back as a JSON response (the caller accepts either; it is one write less).
-            resumes = 0
+            stream = _Stream()
+            failures = 0
             while True:
-                last_id, retry_s = await self._events(current)
+                delivered = await self._events(current, stream) if current.status_code == 200 else False
                 if self.answered:
                     return
-                if last_id is None or resumes >= MAX_RESUMES:
+                # As the SDK client: a stream that delivered resets the count; empty or refused resumptions add up.
+                failures = 0 if delivered else failures + 1
+                if stream.last_id is None or failures > MAX_RESUMES:
                     await self.ended()
                     return
-                resumes += 1
                 await current.aclose()
-                await anyio.sleep(retry_s)
-                current = await resume(last_id)
-                if current.status_code != 200 or _media(current) != _SSE:
-                    await self.ended()
-                    return
+                await anyio.sleep(stream.retry_s)
+                try:
+                    current = await resume(stream.last_id)
+                except (OSError, UrlRefused):
+                    current = _REFUSED
+                if _media(current) != _SSE:
+                    await current.aclose()
+                    current = _REFUSED
         except _TooLarge:
             self.record.outcome, self.record.reason = "error", "upstream_answer_too_large"
             message = f"the answer of upstream {self.mounted.alias!r} is larger than {MAX_ANSWER_BYTES} bytes"
@@ -181,11 +207,10 @@ class Answer:
                 raise _TooLarge
         return await self._message(bytes(body), stream=False)
 
-    async def _events(self, response: WireResponse) -> tuple[str | None, float]:
-        """Handle the stream's events until it ends or answers the call; its last event id and retry interval."""
+    async def _events(self, response: WireResponse, stream: _Stream) -> bool:
+        """Handle the stream's events until it ends or answers the call; whether it delivered any event."""
         pending, scan = bytearray(), 0
-        last_id: str | None = None
-        retry_s = DEFAULT_RETRY_S
+        delivered = False
         while (chunk := await response.next_chunk()) is not None:
             pending += chunk
             while (end := _EVENT_END.search(pending, max(scan - 3, 0))) is not None:
@@ -193,9 +218,10 @@ class Answer:
                 del pending[: end.end()]
                 scan = 0
                 data, event_id, retry_ms, comment = _fields(event)
-                last_id = event_id if event_id is not None else last_id
+                delivered = delivered or bool(data) or event_id is not None
+                stream.last_id = event_id if event_id is not None else stream.last_id
                 if retry_ms is not None:
-                    retry_s = min(retry_ms / 1000, MAX_RETRY_S)
+                    stream.retry_s = min(retry_ms / 1000, MAX_RETRY_S)
                 if data and await self._message(data, stream=True):
                     await self.end()
                     # The upstream ends its stream right after the answer: read to its end, so that the connection
@@ -203,13 +229,13 @@ class Answer:
                     with anyio.move_on_after(DRAIN_S):
                         while await response.next_chunk() is not None:
                             pass
-                    return last_id, retry_s
+                    return True
                 if not data and comment:
                     await self._keepalive()
             scan = len(pending)
             if scan > MAX_ANSWER_BYTES:
                 raise _TooLarge
-        return last_id, retry_s
+        return delivered
 
     async def _message(self, data: bytes, *, stream: bool) -> bool:
         """One JSON-RPC message from the upstream: pass it on, answer it or drop it; True once it was the answer."""
