@@ -14,6 +14,7 @@ import uvicorn
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server, ServerRequestContext
+from mcp.server.streamable_http import EventStore
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -179,9 +180,16 @@ def recording_upstream(recorder: Recorder) -> ASGIApp:
     return recorded
 
 
-def mcp_app(server: Server[Any]) -> Starlette:
-    """``server`` (the official SDK's low-level Server) at ``/mcp`` over Streamable HTTP, both eras."""
-    manager = StreamableHTTPSessionManager(app=server)
+def mcp_app(server: Server[Any], event_store: EventStore | None = None) -> Starlette:
+    """``server`` (the official SDK's low-level Server) at ``/mcp`` over Streamable HTTP, both eras.
+
+    With ``event_store``, a stream the server closes can be resumed with GET and Last-Event-ID.
+    """
+    manager = (
+        StreamableHTTPSessionManager(app=server)
+        if event_store is None
+        else StreamableHTTPSessionManager(app=server, event_store=event_store, retry_interval=10)
+    )
 
     class Endpoint:
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

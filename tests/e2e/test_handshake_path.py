@@ -23,11 +23,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server, ServerRequestContext
 from mcp.server.connection import Connection
 from mcp.server.streamable_http import EventStore
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
-from starlette.applications import Starlette
-from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import bastion.web.app as web_app
@@ -168,7 +165,7 @@ def upstream_app(up: Upstream, event_store: EventStore | None = None) -> ASGIApp
         return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=params.name == "fail")
 
     server: Server[Any] = Server("handshake-upstream", version="1", on_list_tools=list_tools, on_call_tool=call_tool)
-    app = mcp_app(server) if event_store is None else _resumable_app(server, event_store)
+    app = mcp_app(server, event_store)
 
     async def recorded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -186,22 +183,6 @@ def upstream_app(up: Upstream, event_store: EventStore | None = None) -> ASGIApp
         await app(scope, receive, sending)
 
     return recorded
-
-
-def _resumable_app(server: Server[Any], event_store: EventStore) -> ASGIApp:
-    """As ``mcp_app``, with an event store: a stream it closes can be resumed with GET and Last-Event-ID."""
-    manager = StreamableHTTPSessionManager(app=server, event_store=event_store, retry_interval=10)
-
-    class Endpoint:
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            await manager.handle_request(scope, receive, send)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncGenerator[None, None]:
-        async with manager.run():
-            yield
-
-    return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
 
 
 HandAnswer = tuple[int, bytes, bytes]  # status, content type, body
@@ -403,6 +384,25 @@ async def _audited_calls(store: Store) -> list[tuple[str | None, str, str | None
         return [(r.name, r.outcome, r.reason, r.upstream_status) for r in (await conn.execute(query)).all()]
 
 
+@contextlib.asynccontextmanager
+async def slow_call_in_flight(
+    up: Upstream, http: httpx2.AsyncClient, url: str, token: str, session_id: str, request_id: str
+) -> AsyncGenerator[list[httpx2.Response], None]:
+    """A raw `tools/call` of the `slow` tool, running upstream for the block; its answer is in the list after."""
+    call = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {"name": "calc__slow"}}
+    answers: list[httpx2.Response] = []
+
+    async def slow() -> None:
+        headers, body = _raw_call(session_id, token, call)
+        answers.append(await http.post(url, headers=headers, content=body))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            await up.started.wait()
+            yield answers
+
+
 def _answer_of(response: httpx2.Response) -> Any:
     """The JSON-RPC answer in a response to a POST: its JSON body, or the last event of its event stream."""
     if response.headers["content-type"].startswith("application/json"):
@@ -525,20 +525,11 @@ async def test_a_cancelled_hot_path_call_is_answered_with_the_sdks_request_cance
             await client.call_tool("calc__add", {"n": 1})  # opens the upstream session
             assert wire.session_id is not None
             url = f"{bastion}/g/g/mcp"
-            call = {"jsonrpc": "2.0", "id": "mine", "method": "tools/call", "params": {"name": "calc__slow"}}
             cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "mine"}}
-            answers: list[httpx2.Response] = []
-
-            async def slow() -> None:
-                headers, body = _raw_call(wire.session_id or "", token, call)
-                answers.append(await http.post(url, headers=headers, content=body))
-
+            async with slow_call_in_flight(up, http, url, token, wire.session_id, "mine") as answers:
+                headers, body = _raw_call(wire.session_id, token, cancel)
+                assert (await http.post(url, headers=headers, content=body)).status_code == 202
             with anyio.fail_after(5):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(slow)
-                    await up.started.wait()
-                    headers, body = _raw_call(wire.session_id, token, cancel)
-                    assert (await http.post(url, headers=headers, content=body)).status_code == 202
                 await up.cancelled.wait()
     (answer,) = answers
     assert _answer_of(answer) == {
@@ -856,22 +847,13 @@ async def test_ending_the_session_cancels_its_hot_path_call_upstream(
             await client.call_tool("calc__add", {"n": 1})  # opens the upstream session
             assert wire.session_id is not None
             url = f"{bastion}/g/g/mcp"
-            call = {"jsonrpc": "2.0", "id": "long", "method": "tools/call", "params": {"name": "calc__slow"}}
-            answers: list[httpx2.Response] = []
-
-            async def slow() -> None:
-                headers, body = _raw_call(wire.session_id or "", token, call)
-                answers.append(await http.post(url, headers=headers, content=body))
-
-            with anyio.fail_after(5):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(slow)
-                    await up.started.wait()
-                    session = {"mcp-session-id": wire.session_id, "mcp-protocol-version": HANDSHAKE_VERSION}
-                    ended = await http.delete(url, headers={"authorization": f"Bearer {token}", **session})
-                    assert ended.status_code == 200
+            async with slow_call_in_flight(up, http, url, token, wire.session_id, "long") as answers:
+                session = {"mcp-session-id": wire.session_id, "mcp-protocol-version": HANDSHAKE_VERSION}
+                ended = await http.delete(url, headers={"authorization": f"Bearer {token}", **session})
+                assert ended.status_code == 200
+                with anyio.fail_after(5):
                     await up.cancelled.wait()
-                await registries[0].until(0)
+            await registries[0].until(0)
     assert [(seen.tool, seen.hot) for seen in up.calls] == [("add", False), ("slow", True)]
     (answer,) = answers
     assert _answer_of(answer)["error"]["code"] == -32800
