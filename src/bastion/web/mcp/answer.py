@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -113,7 +114,7 @@ class _Refused:
 _REFUSED: Final = cast("WireResponse", _Refused())
 
 
-class Answer:
+class Answer(ABC):
     """The caller's side of one call: what it was sent so far, and how the rest is sent."""
 
     UNAUTHORIZED: Final = 401
@@ -145,11 +146,13 @@ class Answer:
 
     # --- what the upstream may need in between (the subclass talks to it) -----------------------------------------
 
+    @abstractmethod
     async def reply_upstream(self, request: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Answer a request the upstream sent on the call's stream."""
 
+    @abstractmethod
     def notice(self, method: str, params: Any) -> None:
-        raise NotImplementedError
+        """Tell a change the upstream announced on the call's stream where the pooled session's would go."""
 
     # --- reading the upstream's answer -----------------------------------------------------------------------------
 
