@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -39,11 +40,29 @@ def run_bastion(*args: str, env: Mapping[str, str], cwd: Path, timeout: float = 
     )
 
 
+_PORT_BLOCK: Final = 1000
+_PORT_BASE: Final = 20000  # below Linux's ephemeral range (32768-60999), where outgoing connections take ports
+_next_port = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A 127.0.0.1 port nothing listens on, from this xdist worker's own block of ports.
+
+    Asking the kernel for port 0 and closing the socket races between workers: two may be handed the same
+    port before either binds it. Each worker (gw0, gw1, ...) takes ports from a block no other worker uses,
+    in turn, skipping any that is taken.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = _PORT_BASE + (int(worker) if worker.isdigit() else 0) * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = base + next(_next_port) % _PORT_BLOCK
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + _PORT_BLOCK - 1}")
 
 
 @dataclass

@@ -64,7 +64,8 @@ def signed_headers(body: bytes, *secrets_: str, webhook_id: str | None = None, a
     }
 
 
-def free_port() -> int:
+def closed_port() -> int:
+    """A 127.0.0.1 port that nothing listened on a moment ago (for a peer that must be unreachable)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -83,17 +84,24 @@ class _Server(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def serving(app: ASGIApp, port: int | None = None) -> AsyncGenerator[str]:
-    """Run ``app`` on 127.0.0.1 (a free port unless given); yields the base URL; always stops."""
-    port = port or free_port()
+    """Run ``app`` on 127.0.0.1 (a free port unless given); yields the base URL; always stops.
+
+    The socket is bound here and handed to uvicorn, so no other test (or xdist worker) can take the port
+    between choosing it and listening on it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port or 0))
+    port = sock.getsockname()[1]
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False, timeout_keep_alive=120
     )
     server = _Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(15):
-            await server.ready.wait()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            with anyio.fail_after(15):
+                await server.ready.wait()
+            try:
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                server.should_exit = True

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx2
 import pytest
 
-from agent_support import event_body, free_port, new_secret, serving, signed_headers
+from agent_support import closed_port, event_body, new_secret, serving, signed_headers
 from bastion_agent import ClaimFailed, ClaimRedeemer, TokenMap, WebhookReceiver, parse_event
 
 pytestmark = pytest.mark.anyio
@@ -72,7 +72,7 @@ def test_malformed_events_are_refused_with_a_reason(body: bytes, message: str) -
 
 
 async def test_an_unreachable_bastion_is_a_retryable_claim_failure() -> None:
-    redeemer = ClaimRedeemer(f"http://127.0.0.1:{free_port()}", "bsh_key")
+    redeemer = ClaimRedeemer(f"http://127.0.0.1:{closed_port()}", "bsh_key")
     with pytest.raises(ClaimFailed) as caught:
         await redeemer.redeem("bsc_code")
     assert caught.value.retryable
