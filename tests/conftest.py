@@ -31,6 +31,9 @@ from bastion.services.audit import AuditKeys
 from bastion.settings import Settings, generate_secrets
 from bastion.web.app import create_app
 
+# xdist workers get COLUMNS=80 from their launcher; the CLI's tables are read here as a pipe sees them.
+os.environ.pop("COLUMNS", None)
+
 PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 ENGINES = ("sqlite", "postgresql")
 

@@ -68,10 +68,10 @@ def test_generated_secrets_differ_every_time() -> None:
         ("   ", "is missing"),
         ("changeme", "placeholder"),
         ("CHANGEME", "placeholder"),
-        ("change-me-" + secrets.token_hex(20), "placeholder"),
+        pytest.param("change-me-" + secrets.token_hex(20), "placeholder", id="change-me-random"),
         ("replace_me_with_something_long_and_random", "placeholder"),
         ("my-super-secret-value-for-production-use", "placeholder"),
-        (secrets.token_hex(8), "too short"),
+        pytest.param(secrets.token_hex(8), "too short", id="random-short"),
         ("ab" * 32, "not random enough"),
         ("a" * 64, "not random enough"),
     ],
@@ -137,6 +137,8 @@ def test_a_missing_keyring_is_refused() -> None:
         (f"k 1={_key()}", "must be 1-32 letters, digits"),
         (f"k|1={_key()}", "must be 1-32 letters, digits"),
     ],
+    # Random keys in the values: stable ids, so every xdist worker collects the same tests.
+    ids=["text", "empty-id", "not-base64", "16-bytes", "zero-key", "same-id-twice", "space-in-id", "bar-in-id"],
 )
 def test_a_malformed_keyring_entry_is_refused_naming_the_keyring(keyring: str, complaint: str) -> None:
     problems = _refusal(vault_keys=keyring, vault_primary_key_id="k1")

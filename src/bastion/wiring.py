@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bastion.db.audit import ChainKeys
 from bastion.db.store import Store
-from bastion.net.outbound import OutboundPolicy
-from bastion.oauth.refresh import Refresher
-from bastion.oauth.revocation import Revoker
 from bastion.services.apikeys import KeyHasher
-from bastion.services.audit import Audit, AuditKeys
-from bastion.services.directory import Directory
-from bastion.services.guard import Guard
-from bastion.services.principals import Resolver
-from bastion.services.proxy import Proxy
-from bastion.services.ratelimits import RateLimiter
+from bastion.services.audit import AuditKeys
 from bastion.settings import Settings, load_settings
-from bastion.upstream.pool import UpstreamPool
 from bastion.vault.crypto import Keyring
 from bastion.vault.sealer import Vault
+
+if TYPE_CHECKING:
+    # The data plane is imported by build() only: the CLI needs the store and the vault, not the proxy.
+    from bastion.oauth.refresh import Refresher
+    from bastion.oauth.revocation import Revoker
+    from bastion.services.audit import Audit
+    from bastion.services.directory import Directory
+    from bastion.services.guard import Guard
+    from bastion.services.principals import Resolver
+    from bastion.services.proxy import Proxy
+    from bastion.services.ratelimits import RateLimiter
+    from bastion.upstream.pool import UpstreamPool
 
 
 def keyring_from(settings: Settings) -> Keyring:
@@ -99,6 +103,17 @@ class Parts:
 
 
 def build(settings: Settings, store: Store | None = None) -> Parts:
+    from bastion.net.outbound import OutboundPolicy
+    from bastion.oauth.refresh import Refresher
+    from bastion.oauth.revocation import Revoker
+    from bastion.services.audit import Audit
+    from bastion.services.directory import Directory
+    from bastion.services.guard import Guard
+    from bastion.services.principals import Resolver
+    from bastion.services.proxy import Proxy
+    from bastion.services.ratelimits import RateLimiter
+    from bastion.upstream.pool import UpstreamPool
+
     if store is None:
         store = store_from(settings)
     elif store.audit is None:

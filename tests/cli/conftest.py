@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from click.testing import Result
 from typer.testing import CliRunner
 
-from bastion.cli.main import app, register_admin_commands
+from bastion.cli.main import app
 from bastion.db.engine import sync_url
 from bastion.db.store import Store
 from bastion.settings import generate_secrets
@@ -55,7 +55,6 @@ def cli_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dic
 @pytest.fixture
 def cli(cli_env: dict[str, str]) -> Cli:
     """A CLI whose database has been through `bastion init` (migrated, workspace and built-in roles)."""
-    register_admin_commands()
     runner = Cli()
     runner("init")
     return runner

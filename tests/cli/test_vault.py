@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from bastion.cli.keyring_file import NewKey, add_primary_key, new_key
-from bastion.cli.main import register_admin_commands
 from bastion.db.store import Store
 from bastion.domain.identities import IdentitySecret
 from bastion.services import identities, workspace
@@ -31,7 +30,6 @@ def file_cli(cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Cli:
     """A CLI whose secrets, the vault keyring among them, live only in the config file `bastion init` wrote."""
     for name in (*SECRET_SETTINGS, "vault_keys", "vault_primary_key_id"):
         monkeypatch.delenv(f"BASTION_{name.upper()}")
-    register_admin_commands()
     runner = Cli()
     runner("init")
     return runner

@@ -15,7 +15,7 @@ from bastion.errors import NotFound, ValidationFailed
 from bastion.services import apikeys, members
 from bastion.web.api.schemas import ApiKeyOut
 
-apikey_app = typer.Typer(help="API keys: members' credentials for the admin API.", no_args_is_help=True)
+apikey_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("id", "member", "name", "last4", "created_at", "expires_at", "revoked_at", "last_used_at")
 KeyId = Annotated[str, typer.Argument(help="The key's id (see `apikey list`).")]

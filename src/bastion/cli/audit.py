@@ -23,10 +23,7 @@ from bastion.services.audit_query import AuditFilter, AuditRecord, ExportFormat
 from bastion.settings import Settings
 from bastion.web.api.schemas_audit import AuditEventOut
 
-audit_app = typer.Typer(
-    help="The audit log: list, export and verify events; checkpoint the chain; prune old events.",
-    no_args_is_help=True,
-)
+audit_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS: Final = ("occurred_at", "seq", "kind", "method", "outcome", "actor", "host", "gateway", "server", "name")
 _AGE: Final = re.compile(r"(\d{1,6})([hdw])")

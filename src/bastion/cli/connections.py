@@ -16,7 +16,7 @@ from bastion.errors import ValidationFailed
 from bastion.services import connections
 from bastion.web.api.schemas_identity import AccessTokenOut, ConnectionOut
 
-connection_app = typer.Typer(help="Connections: a member at a gateway through a host.", no_args_is_help=True)
+connection_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("id", "member", "host", "gateway", "enabled", "identities", "created_at")
 Ref = Annotated[str, typer.Argument(help="The connection's id (see `connection list`).")]

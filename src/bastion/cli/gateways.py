@@ -19,7 +19,7 @@ from bastion.errors import ValidationFailed
 from bastion.services import gateways
 from bastion.web.api.schemas import GatewayCreate, GatewayOut, GatewayUpdate
 
-gateway_app = typer.Typer(help="Gateways: named sets of servers behind one URL.", no_args_is_help=True)
+gateway_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("slug", "name", "enabled", "servers", "url_path", "id")
 SERVER_COLUMNS = ("alias", "server", "identity_scheme", "shared_identity_id", "tools", "prompts", "resources")

@@ -15,7 +15,7 @@ from bastion.errors import ValidationFailed
 from bastion.services import hosts
 from bastion.web.api.schemas import HostOut
 
-host_app = typer.Typer(help="Hosts: the agents that call gateways.", no_args_is_help=True)
+host_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("name", "enabled", "webhook_url", "id", "updated_at")
 Ref = Annotated[str, typer.Argument(help="Host name or id.")]

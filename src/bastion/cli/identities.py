@@ -16,7 +16,7 @@ from bastion.errors import ValidationFailed
 from bastion.services import identities
 from bastion.web.api.schemas_identity import IdentityOut
 
-identity_app = typer.Typer(help="Identities: credentials for one server, sealed in the vault.", no_args_is_help=True)
+identity_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("id", "owner", "server", "label", "kind", "status", "fingerprint", "last4", "key_id", "updated_at")
 Ref = Annotated[str, typer.Argument(help="The identity's id (see `identity list`).")]

@@ -18,7 +18,7 @@ from bastion.services import links
 from bastion.settings import Settings
 from bastion.web.api.schemas_identity import LinkOut
 
-link_app = typer.Typer(help="Connection links: enrollment URLs to share with people.", no_args_is_help=True)
+link_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("id", "host", "gateway", "state", "uses", "max_uses", "expires_at", "allowed_emails", "note")
 _DURATION: Final = re.compile(r"^\s*(\d+)\s*([dhm])\s*$")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Annotated, cast
@@ -10,16 +9,16 @@ from typing import Annotated, cast
 import typer
 
 from bastion import __version__
-from bastion.cli import boot
-from bastion.cli.context import run
+from bastion.cli.groups import LazyGroup
 from bastion.cli.options import JsonFlag
 from bastion.cli.output import console, emit_json, emit_record, fail, success
-from bastion.db import migrate
 from bastion.errors import BastionError
-from bastion.settings import load_settings
 
+# Each command imports what it needs when it runs: `bastion --help` and `bastion version` load no database,
+# web or MCP code, and an admin group loads only its own module (bastion/cli/groups.py).
 app = typer.Typer(
     name="bastion",
+    cls=LazyGroup,
     help="Bastion: a self-hostable MCP gateway that calls upstreams as each person.",
     no_args_is_help=True,
     add_completion=False,
@@ -45,7 +44,11 @@ def init(
     json_out: JsonFlag = False,
 ) -> None:
     """Prepare the data directory: generate secrets, migrate the database, create the workspace. Idempotent."""
+    from bastion.cli import boot
+    from bastion.cli.context import run
     from bastion.cli.owner import ensure_owner
+    from bastion.db import migrate
+    from bastion.settings import load_settings
 
     async def body() -> dict[str, object]:
         prepared = await boot.prepare(load_settings(), generate=True)
@@ -97,6 +100,9 @@ def _clean_errors() -> Generator[None, None, None]:
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply migrations up to REVISION (default: the newest)."""
+    from bastion.db import migrate
+    from bastion.settings import load_settings
+
     with _clean_errors():
         settings = load_settings()
         migrate.upgrade(settings.resolved_database_url, revision)
@@ -106,6 +112,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
     """Undo migrations down to REVISION."""
+    from bastion.db import migrate
+    from bastion.settings import load_settings
+
     with _clean_errors():
         settings = load_settings()
         migrate.downgrade(settings.resolved_database_url, revision)
@@ -115,6 +124,9 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
 @db_app.command("current")
 def db_current(json_out: JsonFlag = False) -> None:
     """Show the database's revision and the newest one this version knows."""
+    from bastion.db import migrate
+    from bastion.settings import load_settings
+
     with _clean_errors():
         settings = load_settings()
         current = migrate.current(settings.resolved_database_url)
@@ -126,10 +138,4 @@ def db_current(json_out: JsonFlag = False) -> None:
 
 
 def main() -> None:
-    register_admin_commands()
     app()
-
-
-def register_admin_commands() -> None:
-    """Attach the admin command groups (they import this module, so they cannot be imported at its top)."""
-    importlib.import_module("bastion.cli.admin")

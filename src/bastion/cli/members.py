@@ -16,7 +16,7 @@ from bastion.services import accounts, members, roles
 from bastion.services.accounts import TicketKind
 from bastion.web.api.schemas import MemberOut
 
-member_app = typer.Typer(help="Members: the people in the workspace.", no_args_is_help=True)
+member_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("email", "name", "role", "status", "id")
 Ref = Annotated[str, typer.Argument(help="Member email or id.")]

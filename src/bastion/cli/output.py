@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,16 @@ from rich.table import Table
 
 from bastion.errors import BastionError
 
-console = Console()
+
+def _width() -> int | None:
+    """A terminal's own width; piped or redirected, 200 columns (or $COLUMNS) so that tables keep whole values."""
+    if sys.stdout.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() else 200
+
+
+console = Console(width=_width())
 err_console = Console(stderr=True)
 
 # Exit codes people and scripts can branch on.
@@ -120,11 +130,11 @@ def emit_many(records: Sequence[Mapping[str, Any]], json_out: bool, columns: Seq
 
 
 def success(message: str) -> None:
-    err_console.print(f"[green]✓[/green] {escape(message)}")
+    err_console.print(f"[green]✓[/green] {escape(message)}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]![/yellow] {escape(message)}")
+    err_console.print(f"[yellow]![/yellow] {escape(message)}", soft_wrap=True)
 
 
 @contextmanager
@@ -142,5 +152,6 @@ def progress_bar(description: str, total: int) -> Generator[Callable[[int], None
 
 def fail(error: BastionError) -> NoReturn:
     where = f" (field: {error.field})" if error.field else ""
-    err_console.print(f"[red]error[/red] {escape(f'[{error.code}] {error.detail}{where}')}")
+    # One line per message, however long (paths, URLs): the terminal wraps it, a script can grep it.
+    err_console.print(f"[red]error[/red] {escape(f'[{error.code}] {error.detail}{where}')}", soft_wrap=True)
     raise typer.Exit(_EXIT_BY_STATUS.get(error.status, EXIT_CONFIG if error.code == "config_invalid" else EXIT_ERROR))

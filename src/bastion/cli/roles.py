@@ -16,7 +16,7 @@ from bastion.errors import ValidationFailed
 from bastion.services import roles
 from bastion.web.api.schemas import RoleOut
 
-role_app = typer.Typer(help="Roles: named sets of capabilities.", no_args_is_help=True)
+role_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("name", "builtin", "capabilities", "id")
 Ref = Annotated[str, typer.Argument(help="Role name or id.")]

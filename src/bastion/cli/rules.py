@@ -18,13 +18,9 @@ from bastion.services import rules
 from bastion.services.rules import Stored
 from bastion.web.api.schemas_rules import ContentRuleOut, PolicyOut, RateLimitOut
 
-policy_app = typer.Typer(
-    help="Policy rules: who may use which tools, prompts and resources. Deny wins.", no_args_is_help=True
-)
-content_rule_app = typer.Typer(
-    help="Content rules: patterns to block, redact, mask, hash or replace in tool calls.", no_args_is_help=True
-)
-rate_limit_app = typer.Typer(help="Rate limits: calls per window, per member, host or tool.", no_args_is_help=True)
+policy_app = typer.Typer(no_args_is_help=True, add_completion=False)
+content_rule_app = typer.Typer(no_args_is_help=True, add_completion=False)
+rate_limit_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 POLICY_COLUMNS = ("id", "summary", "description")
 CONTENT_COLUMNS = ("name", "enabled", "action", "target", "pattern", "gateway", "id")

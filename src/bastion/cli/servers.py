@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from bastion.cli.context import CliContext, all_pages, run_with
+from bastion.cli.importing import import_
 from bastion.cli.options import JsonFlag, key_values
 from bastion.cli.output import emit_json, emit_one, emit_table, success
 from bastion.domain.models import AuthKind, OAuthClientSettings, OAuthRegistration, ProtocolEra, Server, Transport
@@ -15,7 +16,8 @@ from bastion.errors import ValidationFailed
 from bastion.services import servers
 from bastion.web.api.schemas import ServerOut
 
-server_app = typer.Typer(help="Servers: the upstream MCP servers behind gateways.", no_args_is_help=True)
+server_app = typer.Typer(no_args_is_help=True, add_completion=False)
+server_app.command("import")(import_)
 
 COLUMNS = ("name", "transport", "target", "auth_kind", "era", "id")
 Ref = Annotated[str, typer.Argument(help="Server name or id.")]

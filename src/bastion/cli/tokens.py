@@ -15,7 +15,7 @@ from bastion.domain.connections import AccessToken, Connection
 from bastion.errors import ValidationFailed
 from bastion.services import connections, tokens
 
-token_app = typer.Typer(help="Access tokens: what agents present, one per connection or more.", no_args_is_help=True)
+token_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = (
     "id",

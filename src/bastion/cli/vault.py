@@ -26,7 +26,7 @@ from bastion.settings import check_secrets, load_settings
 from bastion.vault.sealer import Vault
 from bastion.web.api.schemas_identity import KeyUsageOut
 
-vault_app = typer.Typer(help="The vault: key usage, rotation and retirement.", no_args_is_help=True)
+vault_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("key_id", "rows", "seals", "primary", "in_keyring")
 Batch = Annotated[int, typer.Option(min=1, max=10_000, help="Rows re-wrapped per transaction.")]

@@ -22,8 +22,8 @@ from bastion.services import host_keys, webhooks
 from bastion.services.delivery import Sender
 from bastion.web.api.schemas_webhooks import DeliveryOut, EndpointOut, HostKeyOut, MessageOut
 
-webhook_app = typer.Typer(help="Webhook endpoints: signed events about a host's tokens.", no_args_is_help=True)
-host_key_app = typer.Typer(help="Host keys: a host's own credential (redeeming claim codes).", no_args_is_help=True)
+webhook_app = typer.Typer(no_args_is_help=True, add_completion=False)
+host_key_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 COLUMNS = ("id", "url", "enabled", "token_delivery", "from_host", "event_types", "version")
 EVENT_COLUMNS = ("id", "event_type", "version", "status", "attempts", "next_attempt_at", "last_error", "webhook_id")

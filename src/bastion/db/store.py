@@ -17,7 +17,6 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
 
-from bastion.db import migrate
 from bastion.db.audit import ChainKeys, Journal, driver_error, seal_into_chain, take_recorded
 from bastion.db.engine import SQLITE_BUSY_TIMEOUT_MS, create_engine, create_sync_engine
 from bastion.errors import Unavailable
@@ -321,6 +320,8 @@ class Store:
         return True
 
     async def migrations_current(self) -> bool:
+        from bastion.db import migrate  # alembic is imported by the readiness check only
+
         try:
             async with self.engine.connect() as conn:
                 revision = await conn.run_sync(migrate.current_on)
