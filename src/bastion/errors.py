@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 
 class BastionError(Exception):
@@ -16,6 +16,23 @@ class BastionError(Exception):
         super().__init__(detail)
         self.detail: Final = detail
         self.field: Final = field
+
+
+PROBLEM_TYPE_BASE: Final = "urn:bastion:problem:"
+
+
+def problem_of(error: BastionError) -> dict[str, Any]:
+    """The error as an RFC 9457 problem document: the API's body, and the CLI's output under --json."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + error.code,
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "code": error.code,
+    }
+    if error.field is not None:
+        body["field"] = error.field
+    return body
 
 
 class ValidationFailed(BastionError):

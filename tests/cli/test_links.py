@@ -70,16 +70,17 @@ def test_the_link_url_starts_with_the_public_url_when_one_is_set(
     assert url.startswith("https://bastion.example.com/enroll/bsl_")
 
 
-def test_a_link_is_single_use_for_72_hours_unless_asked_otherwise(cli: Cli, enrolled: dict[str, Any]) -> None:
+def test_a_link_is_shared_for_72_hours_unless_asked_otherwise(cli: Cli, enrolled: dict[str, Any]) -> None:
     base = ("link", "create", "--host", "sales-agent", "--gateway", "sales")
     default = cli.json(*base)["link"]
-    assert default["max_uses"] == 1
+    assert default["max_uses"] is None  # anyone who signs in through it enrolls, as themselves
     expires = datetime.fromisoformat(default["expires_at"])
     assert timedelta(hours=71, minutes=59) < expires - datetime.now(UTC) <= timedelta(hours=72)
     unlimited = cli.json(*base, "--unlimited-uses", "--expires-in", "30d")["link"]
     assert unlimited["max_uses"] is None
     expires = datetime.fromisoformat(unlimited["expires_at"])
     assert timedelta(days=29, hours=23) < expires - datetime.now(UTC) <= timedelta(days=30)
+    assert cli.json(*base, "--max-uses", "1")["link"]["max_uses"] == 1
     assert cli.json(*base, "--max-uses", "5")["link"]["max_uses"] == 5
     refused = cli(*base, "--max-uses", "5", "--unlimited-uses", code=2)
     assert "not both" in refused.stderr

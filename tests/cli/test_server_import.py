@@ -116,3 +116,21 @@ def test_the_import_reads_a_file_by_any_name(cli: Cli, tmp_path: Path) -> None:
     shutil.copy(FIXTURES / "vscode_settings.json", copy)
     doc = cli.json("server", "import", str(copy))
     assert [c["name"] for c in doc["created"]] == ["My-Notes-Server", "docs"]
+
+
+def test_the_import_report_and_the_stored_server_name_the_variable_that_carries_each_person_s_token(cli: Cli) -> None:
+    doc = cli.json("server", "import", str(FIXTURES / "claude_desktop_config.json"))
+    created = {c["name"]: c for c in doc["created"]}
+    assert created["github"]["token_env"] == "GITHUB_PERSONAL_ACCESS_TOKEN"
+    assert created["filesystem"]["token_env"] is None
+    assert {
+        "server": "github",
+        "message": "GITHUB_PERSONAL_ACCESS_TOKEN will carry each person's token (token_env)",
+    } in (doc["notes"])
+    stored = cli.json("server", "show", "github")
+    assert (stored["token_env"], stored["env"]) == (
+        "GITHUB_PERSONAL_ACCESS_TOKEN",
+        {"GITHUB_TOOLSETS": "repos,issues,pull_requests"},
+    )
+    table = cli("server", "import", str(FIXTURES / "vscode_settings.json"))
+    assert "NOTES_TOKEN will carry each person's token" in " ".join(table.stdout.split())

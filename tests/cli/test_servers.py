@@ -85,5 +85,40 @@ def test_server_errors_map_to_exit_codes(cli: Cli) -> None:
     cli("server", "create", "b", "--command", "npx", "--env", "NOEQUALS", code=2)
     cli("server", "update", "a", code=2)
     cli("gateway", "create", "g", "--server", "a")
+    cli("gateway", "create", "h", "--server", "a:other")
     result = cli("server", "delete", "a", code=4)
-    assert "a gateway still uses it" in result.stderr
+    assert "cannot delete server 'a': gateways 'g', 'h' use it" in result.stderr
+
+
+def test_token_env_is_set_on_create_changed_and_cleared_on_update(cli: Cli) -> None:
+    created = cli.json(
+        "server", "create", "github", "--command", "npx", "--arg", "@modelcontextprotocol/server-github",
+        "--auth-kind", "bearer", "--token-env", "GITHUB_PERSONAL_ACCESS_TOKEN",
+    )  # fmt: skip
+    assert (created["transport"], created["token_env"]) == ("stdio", "GITHUB_PERSONAL_ACCESS_TOKEN")
+    kept = cli.json("server", "update", "github", "--description", "GitHub")
+    assert kept["token_env"] == "GITHUB_PERSONAL_ACCESS_TOKEN"
+    assert cli.json("server", "update", "github", "--token-env", "GH_TOKEN")["token_env"] == "GH_TOKEN"
+    cleared = cli.json("server", "update", "github", "--clear-token-env")
+    assert (cleared["token_env"], cleared["version"]) == (None, 4)
+    assert cli.json("server", "show", "github")["token_env"] is None
+    assert cli.json("server", "create", "plain", "--command", "uvx")["token_env"] is None
+
+
+def test_switching_a_stdio_server_to_http_drops_its_token_env(cli: Cli) -> None:
+    cli("server", "create", "tool", "--command", "uvx", "--arg", "tool-mcp", "--token-env", "TOOL_TOKEN")
+    http = cli.json("server", "update", "tool", "--url", "https://tool.example.com/mcp")
+    assert (http["transport"], http["command"], http["token_env"]) == ("streamable_http", None, None)
+
+
+def test_a_token_env_that_cannot_carry_the_token_exits_2_naming_the_reason(cli: Cli) -> None:
+    http = cli("server", "create", "web", "--url", "https://web.example.com/mcp", "--token-env", "WEB_TOKEN", code=2)
+    assert "token_env is for stdio servers" in " ".join(http.stderr.split())
+    bad = cli("server", "create", "gh", "--command", "npx", "--token-env", "GITHUB-TOKEN", code=2)
+    assert "token_env must be an environment variable name" in " ".join(bad.stderr.split())
+    clash = cli("server", "create", "gh", "--command", "npx", "--env", "GH_TOKEN=x", "--token-env", "GH_TOKEN", code=2)
+    assert "GH_TOKEN is both token_env and a variable in env" in " ".join(clash.stderr.split())
+    assert cli.json("server", "list") == []
+    cli("server", "create", "gh", "--command", "npx", "--token-env", "GH_TOKEN")
+    cli("server", "update", "gh", "--env", "GH_TOKEN=x", code=2)
+    assert cli.json("server", "show", "gh")["env"] == {}

@@ -3,7 +3,10 @@ shell, against a real receiver that verifies every request with the official `st
 
 from __future__ import annotations
 
+import json
+
 from tests.cli.conftest import Cli, dump_table
+from tests.processes import free_port
 from tests.webhooks.receiver import Receiver, in_thread
 
 
@@ -83,3 +86,15 @@ def test_a_host_s_webhook_url_becomes_an_endpoint_that_waits_for_a_rotated_in_se
     cli("webhook", "test", "agent", endpoint["id"], code=4)  # no signing secret yet
     rotated = cli.json("webhook", "rotate", "agent", endpoint["id"])
     assert rotated["secret"].startswith("whsec_") and len(rotated["endpoint"]["secrets"]) == 1
+
+
+def test_a_test_event_that_is_not_delivered_exits_1_with_the_reason(cli: Cli) -> None:
+    _setup(cli)
+    url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    endpoint = cli.json("webhook", "create", "agent", url)["endpoint"]
+    failed = json.loads(cli("webhook", "test", "agent", endpoint["id"], "--json", code=1).stdout)
+    assert (failed["outcome"], failed["status_code"]) == ("failed", None) and failed["error"]
+    told = cli("webhook", "test", "agent", endpoint["id"], code=1)
+    assert "test event failed: " + failed["error"] in told.stderr
+    first = cli.json("webhook", "events", "agent", endpoint["id"])[0]  # the two test events
+    cli("webhook", "redeliver", "agent", endpoint["id"], first["id"], code=1)

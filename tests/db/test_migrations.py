@@ -112,11 +112,16 @@ def test_db_commands_on_an_unreachable_database_fail_cleanly(tmp_path: Path) -> 
     env = clean_env(
         BASTION_DATA_DIR=str(tmp_path / "data"), BASTION_DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere"
     )
-    for args in (("db", "current", "--json"), ("db", "upgrade")):
-        result = run_bastion(*args, env=env, cwd=tmp_path)
-        assert result.returncode != 0
-        assert "Traceback" not in result.stderr
-        assert "cannot use the database" in " ".join(result.stderr.split())
+    upgrade = run_bastion("db", "upgrade", env=env, cwd=tmp_path)
+    assert upgrade.returncode != 0
+    assert "Traceback" not in upgrade.stderr
+    assert "cannot use the database" in " ".join(upgrade.stderr.split())
+    # With --json the error is a problem document on stdout, carrying the exit code.
+    current = run_bastion("db", "current", "--json", env=env, cwd=tmp_path)
+    assert "Traceback" not in current.stderr
+    problem = json.loads(current.stdout)
+    assert "cannot use the database" in problem["detail"]
+    assert problem["exit_code"] == current.returncode == upgrade.returncode != 0
 
 
 @pytest.mark.e2e
@@ -201,5 +206,35 @@ def test_servers_left_on_the_old_dynamic_default_follow_the_specification_s_orde
         assert settings() == {"a": {"registration": "auto", "scopes": ["s"]}, "b": {"registration": "x"}}
         migrate.downgrade(empty_url, "0004")
         assert settings()["a"] == {"registration": "dynamic", "scopes": ["s"]}
+    finally:
+        engine.dispose()
+
+
+def test_0007_adds_token_env_empty_and_dropping_it_keeps_servers_and_what_points_at_them(empty_url: str) -> None:
+    """On SQLite too the column is added and dropped in place: no table copy that would cascade to identities."""
+    migrate.upgrade(empty_url, "0006")
+    now = datetime.now(UTC)
+    server = {"description": "", "transport": "stdio", "url": None, "command": "npx", "args": [], "env": {}}
+    server |= {"auth_kind": "bearer", "oauth": None, "era": "auto", "connect_timeout_s": 5.0, "call_timeout_s": 30.0}
+    server |= {"version": 1, "created_at": now, "updated_at": now, "workspace_id": "w"}
+    identity = {"workspace_id": "w", "owner_id": None, "kind": "bearer", "status": "active", "label": "shared"}
+    identity |= {"fingerprint": "f", "last4": "abcd", "details": {}, "kek_id": "k", "dek_wrapped": b"d"}
+    identity |= {"secret_sealed": b"s", "version": 1, "created_at": now, "updated_at": now}
+    servers, identities = schema.servers, schema.identities
+    engine = sa.create_engine(sync_url(empty_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(schema.workspaces.insert().values(id="w", name="w", created_at=now))
+            conn.execute(servers.insert().values(id="gh", name="gh", **server))
+            conn.execute(identities.insert().values(id="i", server_id="gh", **identity))
+        migrate.upgrade(empty_url)
+        with engine.begin() as conn:
+            assert conn.execute(sa.select(servers.c.token_env)).scalar_one() is None
+            conn.execute(servers.update().values(token_env="GITHUB_PERSONAL_ACCESS_TOKEN"))
+        migrate.downgrade(empty_url, "0006")
+        with engine.connect() as conn:
+            assert "token_env" not in {c["name"] for c in sa.inspect(conn).get_columns("servers")}
+            assert conn.execute(sa.select(servers.c.id)).scalars().all() == ["gh"]
+            assert conn.execute(sa.select(identities.c.id, identities.c.server_id)).all() == [("i", "gh")]
     finally:
         engine.dispose()

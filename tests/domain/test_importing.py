@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bastion.domain import credentials, importing, naming
-from bastion.domain.importing import ImportPlan, Renamed, SecretLeftOut, Skipped
+from bastion.domain.importing import ImportPlan, Note, Renamed, SecretLeftOut, Skipped
 from bastion.domain.models import AuthKind, Transport
 from bastion.domain.specs import ServerSpec
 from bastion.errors import ValidationFailed
@@ -284,3 +284,49 @@ def test_a_connection_string_with_a_password_and_query_is_left_out_of_the_args()
     plan = importing.plan({"mcpServers": {"pg": {"command": "npx", "args": ["server-postgres", db]}}})
     assert plan.servers[0].args == ("server-postgres",)
     assert plan.secrets_left_out == (SecretLeftOut("pg", "args[1]"),)
+
+
+def test_the_one_secret_variable_of_a_stdio_server_becomes_where_each_person_s_token_goes() -> None:
+    plan = plan_of("claude_desktop_config.json")
+    servers = by_name(plan)
+    assert {name: s.token_env for name, s in servers.items()} == {
+        "filesystem": None,
+        "github": "GITHUB_PERSONAL_ACCESS_TOKEN",
+        "postgres": None,  # its secret was an argument, not a variable
+        "slack": "SLACK_BOT_TOKEN",
+        "brave-search": "BRAVE_API_KEY",
+        "acme-remote": "AUTH_TOKEN",
+        "weather": "WORKSPACE_HANDLE",
+    }
+    # The name is kept, the value is not: the secret stays out of env and is still reported as left out.
+    assert "GITHUB_PERSONAL_ACCESS_TOKEN" not in servers["github"].env
+    assert SecretLeftOut("github", "env.GITHUB_PERSONAL_ACCESS_TOKEN") in plan.secrets_left_out
+    assert Note("github", "GITHUB_PERSONAL_ACCESS_TOKEN will carry each person's token (token_env)") in plan.notes
+    assert not [n for n in plan.notes if n.server in ("filesystem", "postgres")]
+    assert by_name(plan_of("vscode_mcp.json"))["perplexity"].token_env == "PERPLEXITY_API_KEY"
+    assert by_name(plan_of("vscode_settings.json"))["My-Notes-Server"].token_env == "NOTES_TOKEN"
+    assert_no_canary(plan)
+
+
+def test_with_several_secret_variables_none_is_guessed_to_be_the_person_s_token() -> None:
+    env = {"GITLAB_TOKEN": "glpat-abcdefghijklmnopqrst", "GITLAB_WEBHOOK_SECRET": "s3cr3t", "GITLAB_URL": "x"}
+    plan = importing.plan({"mcpServers": {"gitlab": {"command": "npx", "env": env}}})
+    (spec,) = plan.servers
+    assert (spec.token_env, spec.env, spec.auth_kind) == (None, {"GITLAB_URL": "x"}, AuthKind.BEARER)
+    assert plan.secrets_left_out == (
+        SecretLeftOut("gitlab", "env.GITLAB_TOKEN"),
+        SecretLeftOut("gitlab", "env.GITLAB_WEBHOOK_SECRET"),
+    )
+    assert plan.notes == ()
+
+
+def test_a_secret_variable_whose_name_cannot_carry_a_token_is_left_out_without_token_env() -> None:
+    plan = importing.plan({"mcpServers": {"s": {"command": "npx", "env": {"api-key": "ghp_abcdefghij0123456789xyz"}}}})
+    (spec,) = plan.servers
+    assert (spec.name, spec.token_env, spec.env) == ("s", None, {})
+    assert plan.secrets_left_out == (SecretLeftOut("s", "env.api-key"),)
+
+
+def test_an_http_server_s_secret_header_sets_no_token_env() -> None:
+    servers = by_name(plan_of("cursor_mcp.json"))
+    assert all(s.token_env is None for s in servers.values())

@@ -154,9 +154,9 @@ async def _calls_on(url: str, token: str, mode: str, calls: int, seen: list[str]
 
 @pytest.fixture
 def pg_url(pg_migrated_url: str) -> str:
-    from tests.conftest import _truncate_all  # pyright: ignore[reportPrivateUsage]
+    from tests.conftest import empty_all
 
-    _truncate_all(pg_migrated_url)
+    empty_all(pg_migrated_url)
     return pg_migrated_url
 
 

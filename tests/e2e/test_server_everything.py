@@ -146,12 +146,25 @@ ROUTES: Final = (
 
 
 async def _mount(
-    store: Store, vault: Any, hasher: KeyHasher, operator: Actor, route: Route, urls: dict[Transport, str], entry: Path
+    store: Store,
+    vault: Any,
+    hasher: KeyHasher,
+    operator: Actor,
+    route: Route,
+    urls: dict[Transport, str],
+    entry: Path,
+    token_env: str | None = None,
 ) -> str:
     """A gateway `lab` mounting server-everything as `ev` over ``route``; returns Ada's access token."""
     if route.transport is Transport.STDIO:
         spec = ServerSpec(
-            "ev", Transport.STDIO, command=_node(), args=(str(entry), "stdio"), auth_kind=AuthKind.BEARER, era=route.era
+            "ev",
+            Transport.STDIO,
+            command=_node(),
+            args=(str(entry), "stdio"),
+            auth_kind=AuthKind.BEARER,
+            era=route.era,
+            token_env=token_env,
         )
     else:
         spec = ServerSpec("ev", route.transport, url=urls[route.transport], auth_kind=AuthKind.BEARER, era=route.era)
@@ -238,6 +251,26 @@ async def test_server_everything_works_behind_bastion_over_every_transport_and_e
         assert not [k for k in environment if k.startswith("BASTION_") and k != "BASTION_BEARER_TOKEN"]
     else:
         assert "BASTION_BEARER_TOKEN" not in environment
+    assert token not in json.dumps(environment)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_stdio_server_with_a_token_env_gets_the_person_s_token_in_that_variable_only(
+    everything_urls: dict[Transport, str],
+    everything_entry: Path,
+    settings: Settings,
+    store: Store,
+    vault: Any,
+    hasher: KeyHasher,
+    operator: Actor,
+) -> None:
+    route = Route(Transport.STDIO, ProtocolEra.AUTO)
+    token = await _mount(
+        store, vault, hasher, operator, route, everything_urls, everything_entry, token_env="EVERYTHING_API_TOKEN"
+    )
+    environment = (await _exercise(settings, store, token, "2026-07-28"))["environment"]
+    assert environment.get("EVERYTHING_API_TOKEN") == CREDENTIAL
+    assert "BASTION_BEARER_TOKEN" not in environment
     assert token not in json.dumps(environment)
 
 

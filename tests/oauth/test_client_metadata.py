@@ -27,7 +27,14 @@ async def test_the_document_names_its_own_url_as_client_id_and_the_callback(sett
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_without_a_public_url_there_is_no_document(settings: Settings, store: Store) -> None:
-    app = create_app(settings, store)
+async def test_without_a_public_url_the_document_is_built_from_the_address_served_on(
+    settings: Settings, store: Store
+) -> None:
+    app = create_app(settings.model_copy(update={"host": "0.0.0.0", "port": 18631}), store)  # noqa: S104
     async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://bastion.test") as client:
-        assert (await client.get("/oauth/client-metadata.json")).status_code == 404
+        response = await client.get("/oauth/client-metadata.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["client_id"] == "http://127.0.0.1:18631/oauth/client-metadata.json"
+    assert document["redirect_uris"] == ["http://127.0.0.1:18631/oauth/callback"]
+    assert document["application_type"] == "native"

@@ -43,3 +43,15 @@ async def test_importing_needs_the_servers_manage_capability(store: Store, opera
     viewer = Actor(operator.workspace_id, None, frozenset(), "viewer")
     with pytest.raises(Forbidden):
         await importing_service.apply(store, viewer, importing.parse(CONFIG), dry_run=True)
+
+
+async def test_an_imported_server_keeps_the_name_of_the_variable_its_token_was_in(
+    store: Store, operator: Actor
+) -> None:
+    report = await importing_service.apply(store, operator, importing.parse(CONFIG))
+    github = await servers.get(store, operator, "github")
+    assert (github.token_env, github.env) == ("GITHUB_TOKEN", {})
+    assert [(n.server, n.message) for n in report.notes] == [
+        ("github", "GITHUB_TOKEN will carry each person's token (token_env)")
+    ]
+    assert (await servers.get(store, operator, "linear")).token_env is None

@@ -26,9 +26,9 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def pg_url(pg_migrated_url: str) -> str:
-    from tests.conftest import _truncate_all
+    from tests.conftest import empty_all
 
-    _truncate_all(pg_migrated_url)
+    empty_all(pg_migrated_url)
     return pg_migrated_url
 
 

@@ -131,25 +131,25 @@ async def test_uses_are_counted_and_a_used_up_link_refuses_the_next_one(
     assert (await _listed(client, owner_headers))[created["link"]["id"]]["uses"] == 2
 
 
-async def test_a_link_is_single_use_for_72_hours_unless_more_is_asked_for(
+async def test_a_link_is_shared_for_72_hours_each_person_enrolling_as_themselves_unless_a_limit_is_asked_for(
     client: httpx2.AsyncClient, store: Store, hasher: KeyHasher, targets: None, owner_headers: dict[str, str]
 ) -> None:
     default = await _create(client, owner_headers)
     lifetime = datetime.fromisoformat(default["link"]["expires_at"]) - datetime.fromisoformat(
         default["link"]["created_at"]
     )
-    assert (default["link"]["max_uses"], lifetime) == (1, timedelta(hours=72))
-    await _consume(store, hasher, _secret_of(default["url"]), "ada@example.com")
-    with pytest.raises(Conflict, match="used up"):
-        await _consume(store, hasher, _secret_of(default["url"]), "bob@example.com")
-    assert (await _listed(client, owner_headers))[default["link"]["id"]]["state"] == "used_up"
-
-    open_ended = await _create(client, owner_headers, max_uses=None, expires_in_hours=24 * 30)
-    assert open_ended["link"]["max_uses"] is None
+    assert (default["link"]["max_uses"], lifetime) == (None, timedelta(hours=72))
     for email in ("ada@example.com", "bob@example.com", "carol@example.com"):
-        await _consume(store, hasher, _secret_of(open_ended["url"]), email)
-    listed = (await _listed(client, owner_headers))[open_ended["link"]["id"]]
+        await _consume(store, hasher, _secret_of(default["url"]), email)
+    listed = (await _listed(client, owner_headers))[default["link"]["id"]]
     assert (listed["uses"], listed["state"]) == (3, "active")
+
+    single = await _create(client, owner_headers, max_uses=1, expires_in_hours=24 * 30)
+    assert single["link"]["max_uses"] == 1
+    await _consume(store, hasher, _secret_of(single["url"]), "ada@example.com")
+    with pytest.raises(Conflict, match="used up"):
+        await _consume(store, hasher, _secret_of(single["url"]), "bob@example.com")
+    assert (await _listed(client, owner_headers))[single["link"]["id"]]["state"] == "used_up"
 
 
 async def test_a_link_for_invited_people_refuses_anyone_else(

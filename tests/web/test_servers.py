@@ -149,3 +149,61 @@ async def test_a_server_a_gateway_uses_cannot_be_deleted(
     assert (await client.get(f"{API}/gateways/dev", headers=owner_headers)).json()["servers"][0]["server"] == "github"
     await client.delete(f"{API}/gateways/dev", headers=owner_headers)
     assert (await client.delete(f"{SERVERS}/github", headers=owner_headers)).status_code == 204
+
+
+async def test_a_stdio_server_s_token_env_is_set_read_changed_and_cleared(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    created = await client.post(
+        SERVERS,
+        json={
+            "name": "gh",
+            "transport": "stdio",
+            "command": "npx",
+            "args": ["-y", "@modelcontextprotocol/server-github"],
+            "env": {"GITHUB_TOOLSETS": "repos"},
+            "auth_kind": "bearer",
+            "token_env": "GITHUB_PERSONAL_ACCESS_TOKEN",
+        },
+        headers=owner_headers,
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["token_env"] == "GITHUB_PERSONAL_ACCESS_TOKEN"
+    assert (await client.get(f"{SERVERS}/gh", headers=owner_headers)).json()["token_env"] == (
+        "GITHUB_PERSONAL_ACCESS_TOKEN"
+    )
+    # A patch that does not name token_env keeps it.
+    described = await client.patch(f"{SERVERS}/gh", json={"description": "GitHub"}, headers=owner_headers)
+    assert described.json()["token_env"] == "GITHUB_PERSONAL_ACCESS_TOKEN"
+    changed = await client.patch(f"{SERVERS}/gh", json={"token_env": "GH_TOKEN"}, headers=owner_headers)
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["token_env"] == "GH_TOKEN"
+    cleared = await client.patch(f"{SERVERS}/gh", json={"token_env": None}, headers=owner_headers)
+    assert cleared.status_code == 200, cleared.text
+    assert (cleared.json()["token_env"], cleared.json()["version"]) == (None, 4)
+    http = (await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)).json()
+    assert http["token_env"] is None
+
+
+async def test_a_token_env_that_cannot_carry_the_token_is_refused_naming_token_env(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    stdio: dict[str, Any] = {"name": "gh", "transport": "stdio", "command": "npx", "env": {"GH_HOST": "github.com"}}
+    for body in (
+        {**HTTP_SERVER, "token_env": "GITHUB_TOKEN"},
+        {**stdio, "token_env": "GITHUB-TOKEN"},
+        {**stdio, "token_env": "LD_PRELOAD"},
+        {**stdio, "token_env": "GH_HOST"},
+        {**stdio, "token_env": ""},
+        {**stdio, "token_env": "T" * 65},
+    ):
+        assert_invalid(await client.post(SERVERS, json=body, headers=owner_headers), "token_env")
+    assert (await client.get(SERVERS, headers=owner_headers)).json()["items"] == []
+    await client.post(SERVERS, json={**stdio, "token_env": "GITHUB_TOKEN"}, headers=owner_headers)
+    # Becoming an HTTP server, or putting the variable in env, while token_env names it: refused, nothing changed.
+    to_http = {"transport": "streamable_http", "url": HTTP_SERVER["url"], "command": None}
+    assert_invalid(await client.patch(f"{SERVERS}/gh", json=to_http, headers=owner_headers), "token_env")
+    clash = {"env": {"GITHUB_TOKEN": "x"}}
+    assert_invalid(await client.patch(f"{SERVERS}/gh", json=clash, headers=owner_headers), "token_env")
+    after = (await client.get(f"{SERVERS}/gh", headers=owner_headers)).json()
+    assert (after["token_env"], after["env"], after["version"]) == ("GITHUB_TOKEN", {"GH_HOST": "github.com"}, 1)

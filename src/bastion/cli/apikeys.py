@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -54,6 +55,9 @@ def create(
     member: Annotated[str, typer.Option(help="Email or id of the member the key acts as.")],
     name: Annotated[str, typer.Option(help="What the key is for, e.g. terraform.")],
     expires_in_days: Annotated[int | None, typer.Option(help="Expire after this many days (default: never).")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the key, e.g. KEY=$(bastion apikey create … -q).")
+    ] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Mint a key for a member. It is printed once; store it now."""
@@ -71,6 +75,9 @@ def create(
     doc = run_with(body)
     if json_out:
         emit_json(doc)
+        return
+    if quiet:
+        sys.stdout.write(doc["secret"] + "\n")
         return
     success(f"created API key {doc['key']['name']} for {doc['key']['member']}")
     emit_record(doc["key"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -10,11 +11,12 @@ from typing import TypeVar
 import anyio
 
 from bastion import wiring
-from bastion.cli.output import fail
+from bastion.cli import instances
+from bastion.cli.output import fail, info
 from bastion.db.crud import MAX_PAGE_SIZE, Page
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
-from bastion.errors import BastionError
+from bastion.errors import BastionError, ConfigError
 from bastion.net.outbound import OutboundPolicy
 from bastion.oauth.revocation import Revoker
 from bastion.services import workspace
@@ -38,9 +40,47 @@ class CliContext:
         return Revoker(self.vault, OutboundPolicy.from_settings(self.settings).client)
 
 
+_WHERE_SETTINGS: tuple[str, ...] = ("BASTION_DATA_DIR", "BASTION_DATABASE_URL", "BASTION_CONFIG_FILE")
+
+
+def cli_settings(*, may_create: bool = False) -> Settings:
+    """An admin command's settings: the environment and config file, as for `serve`.
+
+    When neither names a database and there is no ./.bastion here, the one running `bastion serve` is used
+    (say, the command is run from another directory); with none or several, the error says where it looked
+    (``may_create``: with none, `init` makes a new instance here). Links are printed with the address the
+    instance serves on, unless BASTION_PUBLIC_URL says otherwise.
+    """
+    settings = load_settings()
+    if not any(os.environ.get(name) for name in _WHERE_SETTINGS) and not settings.data_dir.exists():
+        here = settings.data_dir.resolve()
+        live = instances.running()
+        if not live and may_create:
+            return settings
+        if not live:
+            raise ConfigError(
+                f"no Bastion data directory at {here} and no running `bastion serve` found; run this where you "
+                "ran `bastion serve` or `bastion init`, or set BASTION_DATA_DIR (`bastion init` here would start "
+                "a new, empty instance)"
+            )
+        if len(live) > 1:
+            dirs = ", ".join(i.data_dir for i in live)
+            raise ConfigError(
+                f"no Bastion data directory at {here}, and {len(live)} are served: {dirs}; set BASTION_DATA_DIR to one"
+            )
+        os.environ["BASTION_DATA_DIR"] = live[0].data_dir  # the config file beside it is read too
+        info(f"using {live[0].data_dir}, served at {live[0].base_url}")
+        settings = load_settings()
+    if settings.public_url is None:
+        serving = instances.for_data_dir(settings.data_dir)
+        if serving is not None:
+            settings = settings.model_copy(update={"public_url": serving.base_url})
+    return settings
+
+
 @asynccontextmanager
 async def cli_context() -> AsyncGenerator[CliContext, None]:
-    settings = load_settings()
+    settings = cli_settings()
     check_secrets(settings)
     store = wiring.store_from(settings)
     try:

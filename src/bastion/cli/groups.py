@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 
 from typer.core import TyperGroup
 
+from bastion.cli.output import json_errors
+
 if TYPE_CHECKING:
     # Typer carries its own copy of click; its types are the ones TyperGroup's methods take.
     from typer._click import Command, Context, HelpFormatter  # pyright: ignore[reportPrivateImportUsage]
@@ -73,6 +75,10 @@ class LazyGroup(TyperGroup):
         if self.listing:
             return TyperGroup(name=cmd_name, help=GROUPS[cmd_name].help)
         return load(cmd_name)
+
+    def invoke(self, ctx: Context) -> object:
+        json_errors(False)  # until a command's --json says otherwise (tests run many commands in one process)
+        return super().invoke(ctx)
 
     def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
         self.listing = True

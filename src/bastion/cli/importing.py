@@ -34,6 +34,7 @@ def report_document(report: ImportReport) -> dict[str, Any]:
             "command": c.spec.command,
             "args": list(c.spec.args),
             "env": dict(c.spec.env),
+            "token_env": c.spec.token_env,
             "auth_kind": c.spec.auth_kind.value,
         }
         for c in report.created

@@ -41,7 +41,7 @@ def enrollment_url(settings: Settings, secret: str) -> str:
 
 
 def _uses(max_uses: int | None, *, unlimited: bool) -> int | None:
-    """The link's use limit: ``--max-uses``, none with ``--unlimited-uses``, else one."""
+    """The link's use limit: ``--max-uses``, else none (``--unlimited-uses`` says so explicitly)."""
     if unlimited and max_uses is not None:
         raise ValidationFailed("give --max-uses or --unlimited-uses, not both", field="max_uses")
     if unlimited:
@@ -63,9 +63,11 @@ def create(
     host: Annotated[str, typer.Option(help="Host name or id: the agent the enrolled people connect to.")],
     gateway: Annotated[str, typer.Option(help="Gateway slug or id.")],
     expires_in: Annotated[str, typer.Option(help="Lifetime: 72h, 7d, 30m (5 minutes to 90 days).")] = "72h",
-    max_uses: Annotated[int | None, typer.Option(help="How many people may enroll (default: 1).")] = None,
+    max_uses: Annotated[
+        int | None, typer.Option(help="At most this many people may enroll (default: no limit).")
+    ] = None,
     unlimited_uses: Annotated[
-        bool, typer.Option("--unlimited-uses", help="Let any number of people enroll until it expires.")
+        bool, typer.Option("--unlimited-uses", help="Any number of people may enroll until it expires (the default).")
     ] = False,
     allow: Annotated[
         list[str] | None, typer.Option("--allow", metavar="EMAIL", help="Only these people may enroll (repeat).")
@@ -73,7 +75,8 @@ def create(
     note: Annotated[str, typer.Option(help="What the link is for.")] = "",
     json_out: JsonFlag = False,
 ) -> None:
-    """Create an enrollment link (single use, 72 hours unless told otherwise). Its URL is printed once."""
+    """Create an enrollment link to share: anyone signing in through it within 72 hours enrolls as themselves
+    (limit with --max-uses, --allow, --expires-in). Its URL is printed once."""
     lifetime = guarded(lambda: parse_duration(expires_in))
     uses = guarded(lambda: _uses(max_uses, unlimited=unlimited_uses))
 

@@ -11,7 +11,7 @@ import typer
 from bastion import __version__
 from bastion.cli.groups import LazyGroup
 from bastion.cli.options import JsonFlag
-from bastion.cli.output import console, emit_json, emit_record, fail, success
+from bastion.cli.output import console, emit_json, emit_record, fail, info, success
 from bastion.errors import BastionError
 
 # Each command imports what it needs when it runs: `bastion --help` and `bastion version` load no database,
@@ -45,13 +45,12 @@ def init(
 ) -> None:
     """Prepare the data directory: generate secrets, migrate the database, create the workspace. Idempotent."""
     from bastion.cli import boot
-    from bastion.cli.context import run
+    from bastion.cli.context import cli_settings, run
     from bastion.cli.owner import ensure_owner
     from bastion.db import migrate
-    from bastion.settings import load_settings
 
     async def body() -> dict[str, object]:
-        prepared = await boot.prepare(load_settings(), generate=True)
+        prepared = await boot.prepare(cli_settings(may_create=True), generate=True)
         result: dict[str, object] = {
             "data_dir": str(prepared.settings.data_dir.resolve()),
             "config_file": str(prepared.wrote_config) if prepared.wrote_config else None,
@@ -75,6 +74,13 @@ def init(
         shown = cast(dict[str, object], owner)
         if shown.get("api_key"):
             console.print(f"\nAPI key for {shown['email']} (shown once): [bold]{shown['api_key']}[/bold]")
+        else:
+            # The first key was printed once, by the first init; a lost key is replaced, never shown again.
+            info(
+                f"{shown['email']} is already an owner; their first API key was printed by the first `bastion init`. "
+                f"Lost it? `bastion apikey create --member {shown['email']} --name laptop` mints another "
+                "(and `bastion apikey revoke` retires the old one)."
+            )
 
 
 @app.command()
@@ -100,11 +106,11 @@ def _clean_errors() -> Generator[None, None, None]:
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply migrations up to REVISION (default: the newest)."""
+    from bastion.cli.context import cli_settings
     from bastion.db import migrate
-    from bastion.settings import load_settings
 
     with _clean_errors():
-        settings = load_settings()
+        settings = cli_settings()
         migrate.upgrade(settings.resolved_database_url, revision)
         success(f"database at revision {migrate.current(settings.resolved_database_url)}")
 
@@ -112,11 +118,11 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
     """Undo migrations down to REVISION."""
+    from bastion.cli.context import cli_settings
     from bastion.db import migrate
-    from bastion.settings import load_settings
 
     with _clean_errors():
-        settings = load_settings()
+        settings = cli_settings()
         migrate.downgrade(settings.resolved_database_url, revision)
         success(f"database at revision {migrate.current(settings.resolved_database_url) or 'base'}")
 
@@ -124,11 +130,11 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
 @db_app.command("current")
 def db_current(json_out: JsonFlag = False) -> None:
     """Show the database's revision and the newest one this version knows."""
+    from bastion.cli.context import cli_settings
     from bastion.db import migrate
-    from bastion.settings import load_settings
 
     with _clean_errors():
-        settings = load_settings()
+        settings = cli_settings()
         current = migrate.current(settings.resolved_database_url)
     doc = {"current": current, "head": migrate.head(), "up_to_date": current == migrate.head()}
     if json_out:

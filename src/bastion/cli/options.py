@@ -8,11 +8,19 @@ from typing import Annotated, Final
 
 import typer
 
+from bastion.cli.output import json_errors
 from bastion.errors import ValidationFailed
 
 STDIN: Final = "-"
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+JsonFlag = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON document instead of a table (an error: a problem document, RFC 9457).",
+        callback=json_errors,
+    ),
+]
 
 
 def key_values(pairs: list[str], *, option: str) -> dict[str, str]:

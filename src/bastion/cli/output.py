@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bastion.errors import BastionError
+from bastion.errors import BastionError, problem_of
 
 
 def _width() -> int | None:
@@ -133,6 +133,10 @@ def success(message: str) -> None:
     err_console.print(f"[green]✓[/green] {escape(message)}", soft_wrap=True)
 
 
+def info(message: str) -> None:
+    err_console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
+
+
 def warn(message: str) -> None:
     err_console.print(f"[yellow]![/yellow] {escape(message)}", soft_wrap=True)
 
@@ -150,8 +154,22 @@ def progress_bar(description: str, total: int) -> Generator[Callable[[int], None
         yield advance
 
 
+_json_errors = False
+
+
+def json_errors(enabled: bool) -> bool:
+    """The --json option's callback: this command's errors are printed as a problem document on stdout."""
+    global _json_errors  # one command per process; the root command resets it before each
+    _json_errors = enabled
+    return enabled
+
+
 def fail(error: BastionError) -> NoReturn:
+    code = _EXIT_BY_STATUS.get(error.status, EXIT_CONFIG if error.code == "config_invalid" else EXIT_ERROR)
+    if _json_errors:
+        emit_json({**problem_of(error), "exit_code": code})
+        raise typer.Exit(code)
     where = f" (field: {error.field})" if error.field else ""
     # One line per message, however long (paths, URLs): the terminal wraps it, a script can grep it.
     err_console.print(f"[red]error[/red] {escape(f'[{error.code}] {error.detail}{where}')}", soft_wrap=True)
-    raise typer.Exit(_EXIT_BY_STATUS.get(error.status, EXIT_CONFIG if error.code == "config_invalid" else EXIT_ERROR))
+    raise typer.Exit(code)

@@ -28,6 +28,14 @@ TransportOpt = Annotated[
 Command = Annotated[str | None, typer.Option(help="Executable of a stdio server, e.g. npx.")]
 Args = Annotated[list[str] | None, typer.Option("--arg", help="One argument of the command (repeat, in order).")]
 Env = Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the command's environment (repeat).")]
+TokenEnv = Annotated[
+    str | None,
+    typer.Option(
+        "--token-env",
+        metavar="NAME",
+        help="stdio: the variable the command reads each person's token from (default BASTION_BEARER_TOKEN).",
+    ),
+]
 Description = Annotated[str | None, typer.Option(help="What the server does.")]
 AuthKindOpt = Annotated[AuthKind | None, typer.Option(help="How each person's credential is presented.")]
 Era = Annotated[ProtocolEra | None, typer.Option(help="MCP protocol era to speak upstream.")]
@@ -89,6 +97,7 @@ def create(
     command: Command = None,
     arg: Args = None,
     env: Env = None,
+    token_env: TokenEnv = None,
     description: Description = None,
     auth_kind: AuthKindOpt = None,
     era: Era = None,
@@ -122,6 +131,7 @@ def create(
             era=era or ProtocolEra.AUTO,
             connect_timeout_s=connect_timeout if connect_timeout is not None else 5.0,
             call_timeout_s=call_timeout if call_timeout is not None else 60.0,
+            token_env=token_env or None,
         )
         return record(await servers.create(ctx.store, ctx.actor, spec))
 
@@ -172,6 +182,7 @@ def _transport_changes(
         elif current.transport is Transport.STDIO:
             changes["command"] = None
             changes["args"] = ()
+            changes["token_env"] = None
     if url is not None:
         changes["url"] = url
     if command is not None:
@@ -190,6 +201,10 @@ def update(
     clear_args: Annotated[bool, typer.Option("--clear-args", help="Remove every argument.")] = False,
     env: Annotated[list[str] | None, typer.Option("--env", help="Replace the environment: KEY=VALUE (repeat).")] = None,
     clear_env: Annotated[bool, typer.Option("--clear-env", help="Remove every environment variable.")] = False,
+    token_env: TokenEnv = None,
+    clear_token_env: Annotated[
+        bool, typer.Option("--clear-token-env", help="Give the token in BASTION_BEARER_TOKEN again.")
+    ] = False,
     description: Description = None,
     auth_kind: AuthKindOpt = None,
     era: Era = None,
@@ -219,6 +234,8 @@ def update(
             changes["args"] = tuple(arg or ())
         if env is not None or clear_env:
             changes["env"] = key_values(env or [], option="--env")
+        if token_env is not None or clear_token_env:
+            changes["token_env"] = token_env or None
         oauth = _oauth(current.oauth, oauth_registration, oauth_client_id, oauth_scope, oauth_authorization_server)
         if oauth is not current.oauth:
             changes["oauth"] = oauth

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import math
+import shutil
+import socket
+import sys
 from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Any
@@ -12,9 +16,10 @@ from typing import Any
 import anyio
 import uvicorn
 
-from bastion.cli import boot
-from bastion.cli.output import fail
-from bastion.errors import BastionError
+from bastion import __version__
+from bastion.cli import boot, instances
+from bastion.cli.output import err_console, fail
+from bastion.errors import BastionError, ConfigError
 from bastion.settings import Settings, load_settings
 from bastion.web.app import Lifecycle, create_app
 from bastion.web.logs import configure_logging
@@ -43,13 +48,32 @@ class _DrainingServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
-def _prepare(host: str | None, port: int | None) -> Settings:
+def _settings(host: str | None, port: int | None) -> Settings:
     overrides: dict[str, Any] = {}
     if host is not None:
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    settings = load_settings(**overrides)
+    return load_settings(**overrides)
+
+
+def _listen(settings: Settings) -> socket.socket:
+    """The listening socket, bound before anything is migrated or imported: a busy port fails at once, naming
+    the Bastion that holds it when it is one; port 0 takes a free port (the banner and links say which)."""
+    try:
+        return socket.create_server((settings.host, settings.port), backlog=2048)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+        holder = next((i for i in instances.running() if i.listen.endswith(f":{settings.port}")), None)
+        who = f"bastion serve (pid {holder.pid}, data {holder.data_dir})" if holder else "another process"
+        raise ConfigError(
+            f"port {settings.port} on {settings.host} is in use by {who}; stop it or choose another port with "
+            "--port or BASTION_PORT"
+        ) from None
+
+
+def _prepare(settings: Settings) -> Settings:
     # Before migrating, so what the first start does is logged in the format operators asked for.
     configure_logging(settings.log_level, settings.log_format)
     # Only the embedded database may invent its own secrets: replicas on PostgreSQL must share theirs.
@@ -57,11 +81,43 @@ def _prepare(host: str | None, port: int | None) -> Settings:
     return prepared.settings
 
 
+def banner(settings: Settings) -> str:
+    """What a person starting `serve` in a terminal needs next: where it listens, where its data is, what to run."""
+    # The command as it can be typed here: `bastion` when that is on PATH, else this executable's path.
+    cli = "bastion" if shutil.which("bastion") == sys.argv[0] else sys.argv[0]
+    where = f"{settings.data_dir.resolve()} (SQLite)" if settings.embedded else "PostgreSQL (BASTION_DATABASE_URL)"
+    return "\n".join(
+        [
+            f"Bastion {__version__} is serving at {settings.base_url}",
+            f"  data      {where}",
+            f"  admin API {settings.base_url}/api/v1/docs",
+            f"  gateways  {settings.base_url}/g/<gateway>/mcp",
+            "  next      in another terminal, from this directory or any other:",
+            f"              {cli} init --owner-email you@example.com   (an owner and an API key)",
+            f"              {cli} host create my-agent; {cli} --help",
+            "  stop      Ctrl-C (drains calls in flight)",
+        ]
+    )
+
+
 def serve(*, host: str | None, port: int | None) -> None:
     try:
-        settings = _prepare(host, port)
+        settings = _settings(host, port)
+        sock = _listen(settings)
     except BastionError as error:
         fail(error)
+    with sock:
+        _serve_on(sock, settings)
+
+
+def _serve_on(sock: socket.socket, settings: Settings) -> None:
+    try:
+        settings = _prepare(settings)
+    except BastionError as error:
+        fail(error)
+    bound_port: int = sock.getsockname()[1]
+    if bound_port != settings.port:  # --port 0
+        settings = settings.model_copy(update={"port": bound_port})
     app = create_app(settings)
     lifecycle: Lifecycle = app.state.lifecycle
     config = uvicorn.Config(
@@ -82,12 +138,11 @@ def serve(*, host: str | None, port: int | None) -> None:
         server_header=False,
     )
     server = _DrainingServer(config, lifecycle)
-    logger.info(
-        "bastion listening",
-        extra={
-            "host": settings.host,
-            "port": settings.port,
-            "database": settings.resolved_database_url.split(":", 1)[0],
-        },
-    )
-    server.run()
+    driver = settings.resolved_database_url.split(":", 1)[0]
+    logger.info("bastion listening", extra={"host": settings.host, "port": settings.port, "database": driver})
+    database = "sqlite" if settings.embedded else "postgresql"
+    instance = instances.new(settings.data_dir, settings.base_url, f"{settings.host}:{settings.port}", database)
+    with instances.recorded(instance):
+        if sys.stderr.isatty():
+            err_console.print(banner(settings), soft_wrap=True, highlight=False, markup=False)
+        server.run(sockets=[sock])

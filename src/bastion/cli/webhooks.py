@@ -14,7 +14,7 @@ import typer
 from bastion.cli.connections import parse_instant
 from bastion.cli.context import CliContext, all_pages, guarded, run_with
 from bastion.cli.options import JsonFlag
-from bastion.cli.output import console, emit_json, emit_many, emit_one, emit_record, success, warn
+from bastion.cli.output import EXIT_ERROR, console, emit_json, emit_many, emit_one, emit_record, success, warn
 from bastion.domain.webhooks import SUBSCRIBABLE, MessageStatus, TokenDelivery
 from bastion.errors import ValidationFailed
 from bastion.net.outbound import OutboundPolicy
@@ -178,14 +178,18 @@ def retire_old(host: Host, endpoint: EndpointId, json_out: JsonFlag = False) -> 
 
 
 def _attempted(doc: dict[str, Any], json_out: bool, what: str) -> None:
+    """How the attempt went; exit 1 when it was not delivered, so a script (or CI) can tell."""
+    delivered = doc["outcome"] == "delivered"
     if json_out:
         emit_json(doc)
-        return
-    if doc["outcome"] == "delivered":
-        success(f"{what} delivered ({doc['status_code']}, {doc['duration_ms']} ms)")
     else:
-        warn(f"{what} failed: {doc['error']}")
-    emit_record(doc)
+        if delivered:
+            success(f"{what} delivered ({doc['status_code']}, {doc['duration_ms']} ms)")
+        else:
+            warn(f"{what} failed: {doc['error'] or 'HTTP ' + str(doc['status_code'])}")
+        emit_record(doc)
+    if not delivered:
+        raise typer.Exit(EXIT_ERROR)
 
 
 @webhook_app.command("test")

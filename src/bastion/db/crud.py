@@ -53,10 +53,13 @@ async def insert(
         raise _conflict(exc, what, unique_field) from None
 
 
-async def fetch_one(conn: AsyncConnection, table: sa.Table, *where: sa.ColumnElement[bool], what: str) -> sa.Row[Any]:
+async def fetch_one(
+    conn: AsyncConnection, table: sa.Table, *where: sa.ColumnElement[bool], what: str, ref: str | None = None
+) -> sa.Row[Any]:
+    """The one row matching ``where``; NotFound names ``ref`` (what the caller typed) when given."""
     row = (await conn.execute(sa.select(table).where(*where))).first()
     if row is None:
-        raise NotFound(f"no such {what}")
+        raise NotFound(f"no such {what} {ref!r}" if ref is not None else f"no such {what}")
     return row
 
 

@@ -119,6 +119,7 @@ def server(row: Row) -> Server:
         version=row.version,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        token_env=row.token_env,
     )
 
 

@@ -124,6 +124,7 @@ servers: Final = sa.Table(
     sa.Column("era", sa.String(16), nullable=False),
     sa.Column("connect_timeout_s", sa.Float, nullable=False),
     sa.Column("call_timeout_s", sa.Float, nullable=False),
+    sa.Column("token_env", sa.String(64), nullable=True),
     *_stamps(),
     sa.UniqueConstraint("workspace_id", "name"),
 )

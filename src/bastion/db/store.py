@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import zlib
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
@@ -288,10 +290,12 @@ class Store:
         block. Its rollback gives the lock back, shielded: a block cancelled midway (an MCP call whose client
         hung up) never returns a connection to the pool still holding the lock, and should the rollback fail,
         the connection is dropped, which releases the lock as well. SQLite needs none: it is one process, and
-        its write transactions already queue (BEGIN IMMEDIATE).
+        its write transactions already queue (BEGIN IMMEDIATE). SQLite: an exclusive lock (flock) on a file beside
+        the database, so an `init` and a first `serve` on one new directory migrate one after the other.
         """
         if self.dialect != "postgresql":
-            yield
+            async with self._file_lock(name):
+                yield
             return
         key = zlib.crc32(name.encode("utf-8"))
         conn = await self._begin()
@@ -310,6 +314,20 @@ class Store:
                     raise
                 finally:
                     await conn.close()
+
+    @asynccontextmanager
+    async def _file_lock(self, name: str) -> AsyncGenerator[None, None]:
+        database = self.engine.url.database
+        if not database or database == ":memory:":
+            yield  # a database of this process alone
+            return
+        path = f"{database}.{zlib.crc32(name.encode('utf-8')):08x}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=False)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     async def ping(self) -> bool:
         try:

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bastion.domain import credentials, naming
 from bastion.domain.models import AuthKind, Transport
-from bastion.domain.specs import ServerSpec
+from bastion.domain.specs import ServerSpec, token_env_problem
 from bastion.errors import ValidationFailed
 
 LEFT_OUT_HINT: Final = "secret left out — add it as an identity once the vault exists"
@@ -71,6 +71,7 @@ class _Entry:
     name: str
     secrets: list[str] = field(default_factory=list[str])
     notes: list[str] = field(default_factory=list[str])
+    token_env: str | None = None
 
 
 def _object(value: object) -> dict[str, object] | None:
@@ -222,12 +223,19 @@ def _env(entry: dict[str, object], found: _Entry) -> dict[str, str]:
     if values is None:
         raise ValidationFailed('"env" must be an object')
     kept: dict[str, str] = {}
+    secret_keys: list[str] = []
     for key, raw in values.items():
         value = _text(raw, f"env.{key}")
         if credentials.secret_entry(key, value):
             found.secrets.append(f"env.{key}")
+            secret_keys.append(key)
         else:
             kept[key] = value
+    # One secret variable is where the server reads its token: each person's goes there. With several, which
+    # one is the person's is a guess, so none is.
+    if len(secret_keys) == 1 and token_env_problem(secret_keys[0]) is None:
+        found.token_env = secret_keys[0]
+        found.notes.append(f"{secret_keys[0]} will carry each person's token (token_env)")
     return kept
 
 
@@ -320,7 +328,8 @@ def _spec(name: str, entry: dict[str, object], found: _Entry) -> ServerSpec:
         spec = ServerSpec(name, transport, url=_url(entry, found))
         _headers(entry, found)
     # A credential was left out, so the server needs one per identity: that is what a bearer server is.
-    return replace(spec, auth_kind=AuthKind.BEARER if found.secrets else AuthKind.NONE).validated()
+    auth_kind = AuthKind.BEARER if found.secrets else AuthKind.NONE
+    return replace(spec, auth_kind=auth_kind, token_env=found.token_env).validated()
 
 
 # --- the plan -----------------------------------------------------------------------------------------------------

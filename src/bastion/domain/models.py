@@ -127,6 +127,8 @@ class Server:
     version: int
     created_at: datetime
     updated_at: datetime
+    # The variable a stdio server reads each person's token from; None: BASTION_BEARER_TOKEN.
+    token_env: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

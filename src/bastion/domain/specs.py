@@ -6,6 +6,7 @@ Create and update share one path: an update applies its changes onto the current
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
@@ -34,6 +35,11 @@ MAX_ENV: Final = 64
 MAX_SELECTED: Final = 1000
 MAX_GATEWAY_SERVERS: Final = 50
 MAX_SCOPES: Final = 50
+ENV_NAME_MAX_CHARS: Final = 64
+_ENV_NAME_RE: Final = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{ENV_NAME_MAX_CHARS - 1}}}")
+# What a loader or runtime reads to decide what the command runs: a person's token never goes there.
+_RUNTIME_ENV: Final = frozenset({"PATH", "NODE_OPTIONS", "NODE_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"})
+_RUNTIME_ENV_PREFIXES: Final = ("LD_", "DYLD_")
 
 Spec = TypeVar("Spec")
 E = TypeVar("E", bound=StrEnum)
@@ -100,6 +106,7 @@ class ServerSpec:
     era: ProtocolEra = ProtocolEra.AUTO
     connect_timeout_s: float = 5.0
     call_timeout_s: float = 60.0
+    token_env: str | None = None
 
     def validated(self) -> ServerSpec:
         name = naming.server_name(self.name)
@@ -133,6 +140,8 @@ class ServerSpec:
                 raise ValidationFailed(f"environment variable name {key!r} is not valid", field="env")
             if len(value) > MAX_ARG_CHARS or "\x00" in value:
                 raise ValidationFailed(f"environment variable {key} is too long", field="env")
+        if self.token_env is not None:
+            _check_token_env(self.token_env, self.transport, self.env)
         oauth = self.oauth
         if self.auth_kind is AuthKind.OAUTH:
             oauth = _validated_oauth(oauth or OAuthClientSettings(registration=OAuthRegistration.AUTO))
@@ -142,6 +151,37 @@ class ServerSpec:
             if not 0 < value <= MAX_TIMEOUT_S:
                 raise ValidationFailed(f"{name_} must be above 0 and at most {MAX_TIMEOUT_S:g} seconds", field=name_)
         return replace(self, name=name, env=dict(self.env), description=description(self.description), oauth=oauth)
+
+
+def changes_how_commands_run(name: str) -> bool:
+    """True for PATH, LD_PRELOAD, NODE_OPTIONS and the like: a variable that changes what a spawned command runs."""
+    return name.upper() in _RUNTIME_ENV or name.upper().startswith(_RUNTIME_ENV_PREFIXES)
+
+
+def token_env_problem(name: str) -> str | None:
+    """Why ``name`` cannot carry a person's token to a stdio server, or None when it can."""
+    if not _ENV_NAME_RE.fullmatch(name):
+        return (
+            "token_env must be an environment variable name: a letter or '_', then letters, digits or '_' "
+            f"(at most {ENV_NAME_MAX_CHARS} characters)"
+        )
+    if changes_how_commands_run(name):
+        return f"token_env {name!r} changes how the command runs; choose the variable the server reads its token from"
+    return None
+
+
+def _check_token_env(name: str, transport: Transport, env: Mapping[str, str]) -> None:
+    if transport is not Transport.STDIO:
+        raise ValidationFailed(
+            "token_env is for stdio servers; HTTP servers get the token in a header", field="token_env"
+        )
+    problem = token_env_problem(name)
+    if problem is not None:
+        raise ValidationFailed(problem, field="token_env")
+    if name in env:
+        raise ValidationFailed(
+            f"{name} is both token_env and a variable in env; the person's token would replace it", field="token_env"
+        )
 
 
 def _validated_oauth(oauth: OAuthClientSettings) -> OAuthClientSettings:

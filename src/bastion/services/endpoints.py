@@ -71,7 +71,13 @@ async def load(conn: AsyncConnection, row: sa.Row[Any]) -> Endpoint:
 
 async def find(conn: AsyncConnection, workspace_id: str, host_id: str, endpoint_id: str) -> Endpoint:
     row = await crud.fetch_one(
-        conn, E, E.c.workspace_id == workspace_id, E.c.host_id == host_id, E.c.id == endpoint_id, what="endpoint"
+        conn,
+        E,
+        E.c.workspace_id == workspace_id,
+        E.c.host_id == host_id,
+        E.c.id == endpoint_id,
+        what="endpoint",
+        ref=endpoint_id,
     )
     return await load(conn, row)
 

@@ -35,7 +35,7 @@ async def _load(conn: AsyncConnection, row: sa.Row[Any]) -> Gateway:
 async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Gateway:
     """A gateway by id or slug."""
     row = await crud.fetch_one(
-        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.slug == ref), what="gateway"
+        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.slug == ref), what="gateway", ref=ref
     )
     return await _load(conn, row)
 

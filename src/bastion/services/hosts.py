@@ -30,7 +30,7 @@ _READ = (Capability.HOSTS_MANAGE, Capability.HOSTS_DISABLE_ENABLE, Capability.TO
 async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Host:
     """A host by id or name."""
     row = await crud.fetch_one(
-        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.name == ref), what="host"
+        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.name == ref), what="host", ref=ref
     )
     return rows.host(row)
 

@@ -26,7 +26,8 @@ from bastion.types import GatewayId, HostId, JSONObject, MemberId, WorkspaceId
 T = schema.connection_links
 # Single use and three days unless the admin asks for more (an enrollment link is a credential to a connection).
 DEFAULT_LINK_LIFETIME: Final = timedelta(hours=72)
-DEFAULT_MAX_USES: Final = 1
+# A link is shared with everyone who should connect; each enrollment is bound to the person who signs in.
+DEFAULT_MAX_USES: Final[int | None] = None
 MIN_LINK_LIFETIME: Final = timedelta(minutes=5)
 MAX_LINK_LIFETIME: Final = timedelta(days=90)
 MAX_ALLOWED_EMAILS: Final = 1000
@@ -63,8 +64,8 @@ async def create(
 ) -> tuple[ConnectionLink, str]:
     """A new link; its secret (the last part of the URL) is returned once and stored only as a digest.
 
-    By default one person may enroll through it, within 72 hours; ``max_uses=None`` (no limit) and longer
-    lifetimes (up to 90 days) must be asked for.
+    By default any number of people may enroll through it within 72 hours, each as the person who signs in;
+    ``max_uses`` caps how many, and longer lifetimes (up to 90 days) must be asked for.
     """
     actor.require(Capability.TOKENS_MANAGE)
     if not MIN_LINK_LIFETIME <= expires_in <= MAX_LINK_LIFETIME:

@@ -35,6 +35,7 @@ async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Member:
         T.c.workspace_id == workspace_id,
         sa.or_(T.c.id == ref, T.c.email == ref.strip().lower()),
         what="member",
+        ref=ref,
     )
     return rows.member(row)
 

@@ -33,7 +33,7 @@ def _check_grantable(actor: Actor, capabilities: frozenset[Capability]) -> None:
 async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Role:
     """A role by id or by name."""
     row = await crud.fetch_one(
-        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.name == ref), what="role"
+        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.name == ref), what="role", ref=ref
     )
     return rows.role(row)
 

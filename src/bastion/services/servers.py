@@ -18,6 +18,7 @@ from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Server, Transport
 from bastion.domain.specs import ServerSpec, apply_changes
+from bastion.errors import Conflict
 from bastion.events.bus import Changed, Subject
 from bastion.net.outbound import check_url_shape
 from bastion.services.actions import action
@@ -29,7 +30,7 @@ T = schema.servers
 async def find(conn: AsyncConnection, workspace_id: str, ref: str) -> Server:
     """A server by id or name."""
     row = await crud.fetch_one(
-        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.name == ref), what="server"
+        conn, T, T.c.workspace_id == workspace_id, sa.or_(T.c.id == ref, T.c.name == ref), what="server", ref=ref
     )
     return rows.server(row)
 
@@ -48,6 +49,7 @@ def spec_of(server: Server) -> ServerSpec:
         era=server.era,
         connect_timeout_s=server.connect_timeout_s,
         call_timeout_s=server.call_timeout_s,
+        token_env=server.token_env,
     )
 
 
@@ -136,10 +138,24 @@ async def update(
         return await find(conn, actor.workspace_id, current.id)
 
 
+async def _gateways_using(conn: AsyncConnection, server_id: str) -> list[str]:
+    """The slugs of the gateways a server is in, sorted."""
+    G, GS = schema.gateways, schema.gateway_servers
+    query = sa.select(G.c.slug).join(GS, GS.c.gateway_id == G.c.id).where(GS.c.server_id == server_id)
+    return sorted(set((await conn.execute(query)).scalars()))
+
+
 async def delete(store: Store, actor: Actor, ref: str) -> None:
     actor.require(Capability.SERVERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
+        users = await _gateways_using(conn, current.id)
+        if users:
+            plural = "s" if len(users) > 1 else ""
+            raise Conflict(
+                f"cannot delete server {current.name!r}: gateway{plural} {', '.join(map(repr, users))} use it; "
+                "change their servers first (`bastion gateway update SLUG --server ...`) or delete them"
+            )
         emit(conn, Changed(Subject.SERVER, current.id))
         await crud.delete(conn, T, current.id, what="server", in_use="a gateway still uses it; remove it there first")
         action(conn, actor, "server.deleted", f"server:{current.id}", {"name": current.name})

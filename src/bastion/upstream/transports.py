@@ -16,12 +16,13 @@ from mcp.client.streamable_http import streamable_http_client
 
 from bastion.domain.identities import IdentitySecret
 from bastion.domain.models import ProtocolEra, Server, Transport
+from bastion.domain.specs import changes_how_commands_run
 from bastion.net.outbound import OutboundPolicy
 from bastion.upstream import refusals
 
 USER_AGENT: Final = "bastion-gateway"
 STREAM_READ_TIMEOUT_S: Final = 300.0
-# Environment variable a stdio server receives for a token-only identity.
+# Environment variable a stdio server receives for a token-only identity, unless the server names its own (token_env).
 STDIO_TOKEN_ENV: Final = "BASTION_BEARER_TOKEN"  # noqa: S105  a variable name, not a secret
 _MODES: Final = {ProtocolEra.AUTO: "auto", ProtocolEra.LEGACY: "legacy", ProtocolEra.MODERN: "2026-07-28"}
 
@@ -36,12 +37,15 @@ class Credential:
     def headers(self) -> dict[str, str]:
         return self.secret.outbound_headers() if self.secret is not None else {}
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, token_env: str | None = None) -> dict[str, str]:
+        """What a stdio server's environment gets: the token under ``token_env`` (default ``STDIO_TOKEN_ENV``)."""
         if self.secret is None:
             return {}
-        env = dict(self.secret.headers)
+        # A header identity's names become variables: only names a token may use, never PATH, LD_PRELOAD or
+        # NODE_OPTIONS, whose values (the identity owner's) would change what the command runs.
+        env = {name: value for name, value in self.secret.headers.items() if not changes_how_commands_run(name)}
         if self.secret.token or self.secret.access_token:
-            env[STDIO_TOKEN_ENV] = self.secret.token or self.secret.access_token or ""
+            env[token_env or STDIO_TOKEN_ENV] = self.secret.token or self.secret.access_token or ""
         return env
 
 
@@ -133,7 +137,7 @@ def open_transport(
         return _sse(server, credential, policy)
     assert server.command is not None  # noqa: S101  validated on create
     params = StdioServerParameters(
-        command=server.command, args=list(server.args), env={**server.env, **credential.environment()}
+        command=server.command, args=list(server.args), env={**server.env, **credential.environment(server.token_env)}
     )
     # An upstream's stderr may echo its environment (our member's credential): it never reaches our logs.
     return stdio_client(params, errlog=subprocess.DEVNULL)  # type: ignore[arg-type]  # passed on to open_process

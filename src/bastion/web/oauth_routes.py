@@ -1,7 +1,8 @@
 """Bastion's own client ID metadata document, served at ``/oauth/client-metadata.json``.
 
 An authorization server that supports client ID metadata documents fetches it to learn who Bastion is: the
-document's URL is Bastion's client id there. It exists only when ``BASTION_PUBLIC_URL`` is set.
+document's URL is Bastion's client id there. It is built from ``BASTION_PUBLIC_URL``, or when that is unset from
+the address ``serve`` listens on, like every other link Bastion hands out.
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ def client_metadata_route(settings: Settings) -> Route:
     """The route answering ``GET /oauth/client-metadata.json``."""
 
     async def client_metadata(_request: Request) -> Response:
-        if not settings.public_url:
-            return JSONResponse({"error": "not_found"}, status_code=404)
         document = {
-            "client_id": registration.client_metadata_url(settings.public_url),
-            **registration.client_metadata(settings.public_url),
+            "client_id": registration.client_metadata_url(settings.base_url),
+            **registration.client_metadata(settings.base_url),
         }
         return JSONResponse(document, headers={"Cache-Control": f"public, max-age={CACHE_SECONDS}"})
 

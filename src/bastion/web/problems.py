@@ -11,11 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from bastion.errors import BastionError
+from bastion.errors import PROBLEM_TYPE_BASE, BastionError
 from bastion.web.logs import request_id_var
 
 logger = logging.getLogger("bastion.api")
-PROBLEM_TYPE_BASE = "urn:bastion:problem:"
 
 
 def problem_bytes(status: int, code: str, title: str, detail: str, **extra: Any) -> bytes:

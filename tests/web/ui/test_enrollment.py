@@ -107,6 +107,8 @@ async def test_a_person_enrolls_by_pasting_a_token_and_the_token_calls_the_upstr
             assert entry["mcpServers"]["sales"]["url"] == mcp_url
             assert entry["mcpServers"]["sales"]["headers"]["Authorization"] == "Bearer ${BASTION_TOKEN}"
             assert token not in snippet(approved.text, "python") and token not in snippet(approved.text, "json")
+            # It says what to install first; the pins are the project's own.
+            assert snippet(approved.text, "python").splitlines()[0] == '# pip install httpx2 "mcp>=2.3"'
 
             async with gateway_client(mcp_url, token, "2026-07-28") as client:
                 result = await client.call_tool("crm__whoami", {})
@@ -265,7 +267,7 @@ async def test_approving_twice_makes_one_connection_and_a_used_link_ends_on_a_cl
     settings: Settings, store: Store, hasher: KeyHasher, operator: Actor, browser: Browser
 ) -> None:
     owner = await build_world(store, operator, "http://127.0.0.1:9/mcp")
-    secret = await new_link(store, hasher, owner)  # the default: single use
+    secret = await new_link(store, hasher, owner, max_uses=1)  # a link for one person
     await member_with_password(store, hasher, operator, "ada@example.com")
     await member_with_password(store, hasher, operator, "bob@example.com")
     draft = await _start(browser, secret, "ada@example.com")

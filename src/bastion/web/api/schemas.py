@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Generic, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Final, Generic, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -167,6 +167,11 @@ class OAuthSettingsOut(Out):
 
 Arg = Annotated[str, Field(max_length=4096)]
 Timeout = Annotated[float, Field(gt=0, le=3600)]
+TOKEN_ENV_DESCRIPTION: Final = (
+    "stdio only: the environment variable the command reads each person's token from, "  # noqa: S105  a description
+    "e.g. GITHUB_PERSONAL_ACCESS_TOKEN. Null: BASTION_BEARER_TOKEN."
+)
+TokenEnv = Annotated[str, Field(min_length=1, max_length=64, description=TOKEN_ENV_DESCRIPTION)]
 
 
 class ServerCreate(Body):
@@ -182,10 +187,11 @@ class ServerCreate(Body):
     era: ProtocolEra = ProtocolEra.AUTO
     connect_timeout_s: Timeout = 5.0
     call_timeout_s: Timeout = 60.0
+    token_env: TokenEnv | None = None
 
 
 class ServerUpdate(Patch):
-    nullable: ClassVar[frozenset[str]] = frozenset({"url", "command", "args", "env", "oauth"})
+    nullable: ClassVar[frozenset[str]] = frozenset({"url", "command", "args", "env", "oauth", "token_env"})
 
     name: Slug | None = None
     transport: Transport | None = None
@@ -199,6 +205,7 @@ class ServerUpdate(Patch):
     era: ProtocolEra | None = None
     connect_timeout_s: Timeout | None = None
     call_timeout_s: Timeout | None = None
+    token_env: TokenEnv | None = None
 
 
 def server_fields(body: BaseModel, *, partial: bool) -> dict[str, Any]:
@@ -212,7 +219,7 @@ def server_fields(body: BaseModel, *, partial: bool) -> dict[str, Any]:
             value = tuple(value) if value is not None else ()
         elif key == "env":
             value = dict(value) if value is not None else {}
-        elif value is None and key not in ("url", "command"):
+        elif value is None and key not in ("url", "command", "token_env"):
             continue
         data[key] = value
     return data
@@ -232,6 +239,7 @@ class ServerOut(Out):
     era: ProtocolEra
     connect_timeout_s: float
     call_timeout_s: float
+    token_env: str | None = Field(description=TOKEN_ENV_DESCRIPTION)
     version: int
     created_at: datetime
     updated_at: datetime
@@ -260,6 +268,7 @@ class ServerOut(Out):
             era=s.era,
             connect_timeout_s=s.connect_timeout_s,
             call_timeout_s=s.call_timeout_s,
+            token_env=s.token_env,
             version=s.version,
             created_at=s.created_at,
             updated_at=s.updated_at,

@@ -150,7 +150,7 @@ class LinkCreate(Body):
     )
     max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
         default=DEFAULT_MAX_USES,
-        description="How many people may enroll through the link (default 1); null for no limit",
+        description="How many people may enroll through the link; null (the default) for no limit",
     )
     allowed_emails: Annotated[list[Annotated[str, Field(max_length=254)]], Field(max_length=1000)] = Field(
         default_factory=list
