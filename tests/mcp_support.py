@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,6 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tests.processes import free_port
-
 
 class _Server(uvicorn.Server):
     """uvicorn with an event for "listening", so tests wait on it instead of polling."""
@@ -37,21 +36,27 @@ class _Server(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def serving(app: ASGIApp, port: int | None = None) -> AsyncGenerator[str, None]:
-    """Run ``app`` (lifespan included) on ``port`` or a free 127.0.0.1 port; yields the base URL; always stops."""
-    port = port or free_port()
+    """Run ``app`` (lifespan included) on ``port`` or a free 127.0.0.1 port; yields the base URL; always stops.
+
+    The socket is bound here and handed to uvicorn: no other process can take the port in between."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port or 0))
+    port = sock.getsockname()[1]
     # A long keep-alive: uvicorn's 5 s default races clients reusing a connection it is just closing.
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False, timeout_keep_alive=120
     )
     server = _Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(15):
-            await server.ready.wait()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            with anyio.fail_after(15):
+                await server.ready.wait()
+            try:
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                server.should_exit = True
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,14 @@ TEST_OUTBOUND_ENV: Final = {"BASTION_OUTBOUND_ALLOW_LOOPBACK": "true"}
 
 
 def clean_env(**settings: str) -> dict[str, str]:
-    """This process's environment without any BASTION_ variable, plus the loopback opt-in and ``settings``."""
+    """This process's environment without any BASTION_ variable, plus the loopback opt-in and ``settings``.
+
+    A `serve` started with it keeps no warm CLI helper (each would import the whole CLI once more, for nothing)
+    unless a test asks for one with BASTION_WARM_CLI=true.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     env.update(TEST_OUTBOUND_ENV)
+    env["BASTION_WARM_CLI"] = "false"
     env.update(settings)
     return env
 
@@ -46,14 +51,19 @@ _next_port = itertools.count()
 
 
 def free_port() -> int:
-    """A 127.0.0.1 port nothing listens on, from this xdist worker's own block of ports.
+    """A 127.0.0.1 port nothing listens on.
 
-    Asking the kernel for port 0 and closing the socket races between workers: two may be handed the same
-    port before either binds it. Each worker (gw0, gw1, ...) takes ports from a block no other worker uses,
-    in turn, skipping any that is taken.
+    In an xdist worker, from that worker's own block of ports, in turn: asking the kernel for port 0 and closing
+    the socket races between workers, which may be handed the same port before either binds it. Elsewhere (a
+    process a test started) the kernel's choice.
     """
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-    base = _PORT_BASE + (int(worker) if worker.isdigit() else 0) * _PORT_BLOCK
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
+    if "xdist" not in sys.modules or not worker.isdigit():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            chosen: int = sock.getsockname()[1]
+            return chosen
+    base = _PORT_BASE + int(worker) * _PORT_BLOCK
     for _ in range(_PORT_BLOCK):
         port = base + next(_next_port) % _PORT_BLOCK
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

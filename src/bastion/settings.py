@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     public_url: str | None = None
+    warm_cli: bool = Field(
+        default=True,
+        description="`serve` keeps a helper with the CLI imported, so `bastion` commands answer in a fraction of a "
+        "second while it runs",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     graceful_shutdown_s: float = Field(default=30.0, gt=0)

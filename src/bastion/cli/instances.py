@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Generator
 from dataclasses import asdict, dataclass
@@ -25,6 +26,9 @@ class Instance:
     listen: str  # host:port it is bound to
     database: str  # "sqlite" or "postgresql"
     started_at: float
+    executable: str = ""  # the Python running it: a warm CLI helper serves launchers of the same one
+    cli_socket: str = ""  # its warm CLI helper's socket, once the helper is ready (cli/warm.py)
+    cli_stamp: str = ""  # the sources the helper runs (warm.source_stamp())
 
 
 def state_dir() -> Path:
@@ -47,9 +51,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def recorded(instance: Instance) -> Generator[None]:
-    """Keep ``instance``'s record while the block runs (written atomically, mode 0600, removed afterwards)."""
+def write(instance: Instance) -> None:
+    """Write (or replace) ``instance``'s record atomically, mode 0600."""
     path = _path_for(Path(instance.data_dir))
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -57,11 +60,19 @@ def recorded(instance: Instance) -> Generator[None]:
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         json.dump(asdict(instance), out)
     temp.replace(path)
+
+
+@contextlib.contextmanager
+def recorded(instance: Instance) -> Generator[None]:
+    """Keep ``instance``'s record while the block runs (removed afterwards)."""
+    write(instance)
+    path = _path_for(Path(instance.data_dir))
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
-            if _read(path) == instance:  # a later start on the same directory owns it now
+            current = _read(path)
+            if current is not None and current.pid == instance.pid:  # a later start may own it now
                 path.unlink()
 
 
@@ -95,4 +106,4 @@ def for_data_dir(data_dir: Path) -> Instance | None:
 
 
 def new(data_dir: Path, base_url: str, listen: str, database: str) -> Instance:
-    return Instance(os.getpid(), str(data_dir.resolve()), base_url, listen, database, time.time())
+    return Instance(os.getpid(), str(data_dir.resolve()), base_url, listen, database, time.time(), sys.executable)

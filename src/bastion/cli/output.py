@@ -32,6 +32,14 @@ def _width() -> int | None:
 console = Console(width=_width())
 err_console = Console(stderr=True)
 
+
+def reinitialise() -> None:
+    """Size and colour the consoles for this process's own stdout and stderr again (the warm CLI's child runs
+    with the launcher's descriptors, not the ones these were made for). Modules hold these very objects."""
+    console.__init__(width=_width())  # type: ignore[misc]  # re-running __init__ keeps every reference valid
+    err_console.__init__(stderr=True)  # type: ignore[misc]
+
+
 # Exit codes people and scripts can branch on.
 EXIT_OK = 0
 EXIT_ERROR = 1

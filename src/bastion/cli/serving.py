@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import importlib.util
+import json
 import logging
 import math
+import os
 import shutil
 import socket
+import subprocess
 import sys
+import threading
 from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Any
@@ -142,7 +148,48 @@ def _serve_on(sock: socket.socket, settings: Settings) -> None:
     logger.info("bastion listening", extra={"host": settings.host, "port": settings.port, "database": driver})
     database = "sqlite" if settings.embedded else "postgresql"
     instance = instances.new(settings.data_dir, settings.base_url, f"{settings.host}:{settings.port}", database)
-    with instances.recorded(instance):
+    with instances.recorded(instance), _warm_cli(instance, enabled=settings.warm_cli):
         if sys.stderr.isatty():
             err_console.print(banner(settings), soft_wrap=True, highlight=False, markup=False)
         server.run(sockets=[sock])
+
+
+@contextmanager
+def _warm_cli(instance: instances.Instance, *, enabled: bool) -> Generator[None, None, None]:
+    """The warm CLI helper (cli/warm.py) while serving: started in the background, announced in the instance's
+    record once it has imported the CLI, stopped with `serve`. A helper that fails only costs the CLI its speed."""
+    if not enabled:
+        yield
+        return
+    from bastion.cli import warm
+
+    try:
+        path = warm.runtime_dir() / f"cli-{os.getpid()}.sock"
+    except OSError as exc:
+        logger.warning("warm CLI disabled: %s", exc)
+        yield
+        return
+    helper = subprocess.Popen(  # noqa: S603 - this interpreter, our module, our socket and pid
+        [sys.executable, "-m", "bastion.cli.warm", str(path), str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def announce() -> None:
+        line = helper.stdout.readline() if helper.stdout is not None else b""
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            stamp = json.loads(line)["stamp"]
+            instances.write(dataclasses.replace(instance, cli_socket=str(path), cli_stamp=stamp))
+
+    announcer = threading.Thread(target=announce, name="warm-cli", daemon=True)
+    announcer.start()
+    try:
+        yield
+    finally:
+        helper.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            helper.wait(timeout=5)
+        if helper.stdout is not None:
+            helper.stdout.close()
+        path.unlink(missing_ok=True)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
-from fastapi import FastAPI
-from fastapi.routing import APIRoute
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
@@ -28,14 +27,8 @@ from bastion.events.notices import NoticeRelay
 from bastion.services import janitor
 from bastion.services.delivery import Sender, Worker
 from bastion.settings import Settings
-from bastion.web import problems, ui
-from bastion.web.api.deps import ApiContext
-from bastion.web.api.routes import router
-from bastion.web.api.routes_accounts import router as accounts_router
-from bastion.web.api.routes_audit import router as audit_router
-from bastion.web.api.routes_identity import router as identity_router
-from bastion.web.api.routes_rules import router as rules_router
-from bastion.web.api.routes_webhooks import router as webhooks_router
+from bastion.web import ui
+from bastion.web.api.deps import CONTEXT_KEY, ApiContext
 from bastion.web.mcp.endpoint import McpEndpoint
 from bastion.web.mcp.event_store import BoundedEventStore
 from bastion.web.mcp.fastpath import FastPath
@@ -44,6 +37,10 @@ from bastion.web.mcp.session_path import HandshakePath
 from bastion.web.mcp.sessions import Handshakes
 from bastion.web.middleware import BodyLimit, RequestContext
 from bastion.web.oauth_routes import client_metadata_route
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from fastapi.routing import APIRoute
 
 
 @dataclass(slots=True)
@@ -60,7 +57,31 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
+_api: FastAPI | None = None
+_api_lock = threading.Lock()
+
+
 def build_api() -> FastAPI:
+    """The admin API: one FastAPI app per process, built on first use (its routes and models take about a second
+    to import and build, which neither `serve`'s start nor an in-process test should pay more than once)."""
+    global _api  # noqa: PLW0603 - built once per process, under the lock
+    with _api_lock:
+        if _api is None:
+            _api = _new_api()
+        return _api
+
+
+def _new_api() -> FastAPI:
+    from fastapi import FastAPI
+
+    from bastion.web import problems
+    from bastion.web.api.routes import router
+    from bastion.web.api.routes_accounts import router as accounts_router
+    from bastion.web.api.routes_audit import router as audit_router
+    from bastion.web.api.routes_identity import router as identity_router
+    from bastion.web.api.routes_rules import router as rules_router
+    from bastion.web.api.routes_webhooks import router as webhooks_router
+
     api = FastAPI(
         generate_unique_id_function=_operation_id,
         title="Bastion admin API",
@@ -81,24 +102,40 @@ def build_api() -> FastAPI:
     return api
 
 
+class AdminApi:
+    """`/api/v1`: the process's admin API with this app's context in each request's scope.
+
+    Until the API is built its first request waits for it in a worker thread, so calls on the event loop go on;
+    `serve` starts building it in the background as soon as it listens.
+    """
+
+    def __init__(self, ctx: ApiContext) -> None:
+        self._ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        api = _api if _api is not None else await anyio.to_thread.run_sync(build_api)
+        await api({**scope, CONTEXT_KEY: self._ctx}, receive, send)
+
+
 def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
     """The whole service. ``store`` may be given by tests (it is then left open); otherwise it comes from settings."""
     lifecycle = Lifecycle()
-    api = build_api()
     parts = wiring.build(settings, store)
     lifecycle.store = parts.store
     # Webhook events go through the same outbound policy as upstreams; the worker drains the outbox while serving.
     sender = Sender(parts.vault, parts.pool.outbound, settings.public_url)
     webhook_worker = Worker(parts.store, sender)
-    api.state.ctx = ApiContext(
-        store=parts.store,
-        hasher=parts.hasher,
-        vault=parts.vault,
-        revoker=parts.revoker,
-        webhooks=sender,
-        audit=parts.audit,
+    api = AdminApi(
+        ApiContext(
+            store=parts.store,
+            hasher=parts.hasher,
+            vault=parts.vault,
+            revoker=parts.revoker,
+            webhooks=sender,
+            audit=parts.audit,
+            public_url=settings.public_url,
+        )
     )
-    api.state.public_url = settings.public_url
     ui_ctx, ui_routes = ui.build(
         settings, parts.store, parts.hasher, parts.vault, limiter=parts.limiter, revoker=parts.revoker
     )
@@ -152,6 +189,8 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
                 )
             )
             tasks.start_soon(webhook_worker.run)
+            if _api is None:  # build the admin API while serving, off the event loop
+                tasks.start_soon(partial(anyio.to_thread.run_sync, build_api, abandon_on_cancel=True))
             try:
                 yield
             finally:

@@ -35,6 +35,7 @@ class ApiContext:
     revoker: Revoker | None = None  # RFC 7009 revocation when identities and members are deleted
     webhooks: Sender | None = None  # webhook test events and redeliveries, attempted while the caller waits
     audit: Audit | None = None  # this process's audit writer: reads seal what it has decided first
+    public_url: str | None = None  # BASTION_PUBLIC_URL: the base of links handed out (else the request's own)
 
     async def settled(self) -> Store:
         """The store, once this process's decided audit events are sealed: a reader sees the calls it just made."""
@@ -48,9 +49,19 @@ class ApiContext:
         return self.webhooks
 
 
+# The admin API is one FastAPI app per process, built once (web/app.py); each Bastion app mounting it puts its
+# own context in the request's scope under this key.
+CONTEXT_KEY: Final = "bastion.api"
+
+
 def context(request: Request) -> ApiContext:
-    ctx: ApiContext = request.app.state.ctx
+    ctx: ApiContext = request.scope[CONTEXT_KEY]
     return ctx
+
+
+def link_base(request: Request) -> str:
+    """Where links this request hands out start: BASTION_PUBLIC_URL, else the address it was sent to."""
+    return (context(request).public_url or str(request.base_url).removesuffix("/api/v1/")).rstrip("/")
 
 
 _bearer = HTTPBearer(auto_error=False, description="A member API key (`bsk_…`)")

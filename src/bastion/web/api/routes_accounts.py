@@ -11,7 +11,7 @@ from pydantic import Field
 from bastion.domain.capabilities import Capability as C
 from bastion.services import accounts
 from bastion.services.accounts import Ticket, TicketKind
-from bastion.web.api.deps import Ctx, CurrentActor, needs
+from bastion.web.api.deps import Ctx, CurrentActor, link_base, needs
 from bastion.web.api.schemas import Out
 
 router = APIRouter()
@@ -27,7 +27,7 @@ class TicketCreated(Out):
 
 
 def _created(request: Request, ticket: Ticket, secret: str) -> TicketCreated:
-    base = request.app.state.public_url or str(request.base_url).removesuffix("/api/v1/").rstrip("/")
+    base = link_base(request)
     return TicketCreated(
         member=ticket.member_id,
         email=ticket.email,

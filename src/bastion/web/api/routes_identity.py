@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from bastion.domain.capabilities import Capability as C
 from bastion.domain.identities import bearer_secret
 from bastion.services import connections, identities, links, rotation, tokens
-from bastion.web.api.deps import Ctx, CurrentActor, Cursor, Limit, if_match, needs, self_service, set_etag
+from bastion.web.api.deps import Ctx, CurrentActor, Cursor, Limit, if_match, link_base, needs, self_service, set_etag
 from bastion.web.api.schemas import PageOut
 from bastion.web.api.schemas_identity import (
     AccessTokenOut,
@@ -37,8 +37,7 @@ Every = Annotated[bool, Query(description="Everyone's, not only yours (needs a c
 
 
 def _link_url(request: Request, secret: str) -> str:
-    base = request.app.state.public_url or str(request.base_url).removesuffix("/api/v1/").rstrip("/")
-    return f"{base.rstrip('/')}/enroll/{secret}"
+    return f"{link_base(request)}/enroll/{secret}"
 
 
 # --- identities -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""The `bastion` executable: hands the command to a running `serve`'s warm helper, else runs it here.
+
+Standard library only, so that reaching the helper costs a few milliseconds (see ``cli/warm.py``). Any helper
+of this user running this very code will do: the command resolves its data directory in the child exactly as
+it would here. ``BASTION_CLI_START=cold`` always runs here; ``warm`` fails when no helper answers.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from typing import Final
+
+_HEADER: Final = struct.Struct("!I")
+CONNECT_TIMEOUT_S: Final = 2.0
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = conn.recv(size - len(data))
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _helpers() -> list[str]:
+    """Sockets of running helpers of this code, newest instance first."""
+    from bastion.cli import instances, warm
+
+    found = [i for i in instances.running() if i.cli_socket and i.cli_stamp]
+    if not found:
+        return []
+    stamp = warm.source_stamp()
+    return [i.cli_socket for i in reversed(found) if i.cli_stamp == stamp and i.executable == sys.executable]
+
+
+def _run_warm(path: str) -> int | None:
+    """The command's exit status from the helper at ``path``; None when it could not be handed over."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(CONNECT_TIMEOUT_S)
+        conn.connect(path)
+        request = json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}).encode("utf-8")
+        conn.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]).tobytes())])
+        conn.sendall(_HEADER.pack(len(request)) + request)
+        started = _recv_exactly(conn, _HEADER.size)
+    except OSError:
+        conn.close()
+        return None
+    if started is None:
+        conn.close()
+        return None
+    (child,) = _HEADER.unpack(started)
+    conn.settimeout(None)
+
+    def forward(signum: int, _frame: object) -> None:
+        os.kill(child, signum)  # Ctrl-C reaches the command, which ends as it would in this process
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    with conn:
+        ended = _recv_exactly(conn, _HEADER.size)
+    return 1 if ended is None else _HEADER.unpack(ended)[0]
+
+
+def main() -> None:
+    mode = os.environ.get("BASTION_CLI_START", "auto")
+    # `serve` always starts as a process of its own, never as a child of another serve's helper.
+    if mode != "cold" and sys.argv[1:2] != ["serve"]:
+        for path in _helpers():
+            code = _run_warm(path)
+            if code is not None:
+                sys.exit(code)
+        if mode == "warm":
+            sys.stderr.write("no warm CLI helper answered (is `bastion serve` running with BASTION_WARM_CLI?)\n")
+            sys.exit(1)
+    from bastion.cli.main import main as cold
+
+    cold()
