@@ -23,6 +23,9 @@ from tests.processes import BASTION, START_TIMEOUT_S, clean_env, run_bastion, se
 pytestmark = pytest.mark.e2e
 
 
+STDIN_JSON = ("--bearer-token-stdin", "--json")
+
+
 def _warm_env(tmp_path: Path) -> dict[str, str]:
     return clean_env(
         BASTION_WARM_CLI="true", XDG_STATE_HOME=str(tmp_path / "state"), XDG_RUNTIME_DIR=str(tmp_path / "run")
@@ -72,8 +75,7 @@ def test_commands_run_in_the_helper_with_the_callers_arguments_streams_directory
     run_bastion("server", "create", "crm", "--url", "https://crm.example.com/mcp", env=warm_env, cwd=served)
     run_bastion("member", "create", "ada@example.com", env=warm_env, cwd=served)
     piped = subprocess.run(
-        [str(BASTION), "identity", "create", "--server", "crm", "--member", "ada@example.com"]
-        + ["--bearer-token-stdin", "--json"],
+        [str(BASTION), "identity", "create", "--server", "crm", "--member", "ada@example.com", *STDIN_JSON],
         input="ada-token-from-stdin-0001\n",
         env=warm_env,
         cwd=served,

@@ -659,3 +659,15 @@ host_keys: Final = sa.Table(
     sa.Column("last_used_at", UTCDateTime(), nullable=True),
     sa.Index("ix_host_keys_host_id", "host_id"),
 )
+
+# Committed changes, for the other processes on an embedded (SQLite) database: a `bastion` CLI's change reaches a
+# running `serve`'s caches through this table (db/changes.py). PostgreSQL uses LISTEN/NOTIFY and leaves it empty.
+change_log: Final = sa.Table(
+    "change_log",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("subject", sa.String(16), nullable=False),
+    sa.Column("object_id", sa.String(ID), nullable=False),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sqlite_autoincrement=True,
+)

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
 
+from bastion.db import changes
 from bastion.db.audit import ChainKeys, Journal, driver_error, seal_into_chain, take_recorded
 from bastion.db.engine import SQLITE_BUSY_TIMEOUT_MS, create_engine, create_sync_engine
 from bastion.errors import Unavailable
@@ -82,6 +83,12 @@ class Store:
         # SQLite's busy handler, where waiting threads starve and time out under load.
         self._writer = anyio.Lock(fast_acquire=True) if engine.dialect.name == "sqlite" else None
         self._write_threads = anyio.CapacityLimiter(WRITE_THREADS)
+        database = engine.url.database
+        self._changes = (
+            changes.ChangeWatcher(database)
+            if engine.dialect.name == "sqlite" and database and database != ":memory:"
+            else None
+        )
 
     @classmethod
     def from_url(cls, url: str, audit: ChainKeys | None = None, vault: Vault | None = None) -> Store:
@@ -108,6 +115,7 @@ class Store:
     @asynccontextmanager
     async def _transaction(self) -> AsyncGenerator[AsyncConnection, None]:
         pending: list[Changed] = []
+        seqs: list[int] = []
         conn = await self._begin()
         # Kept, not read again: an invalidated connection's ``info`` would reconnect (outside SQLAlchemy's greenlet).
         info = conn.info
@@ -131,6 +139,9 @@ class Store:
                     # Delivered to every replica's listener when (and only if) this transaction commits.
                     for event in pending:
                         await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, event.encode())))
+                elif pending and self._changes is not None:
+                    # Read by the other processes on this file (a running serve, when this is the CLI).
+                    seqs = await changes.record(conn, pending)
             if deferred:
                 await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled meanwhile: rolled back, not committed
             # Shielded: a caller cancelled now (a client hung up) must not leave the transaction, and on SQLite
@@ -152,8 +163,17 @@ class Store:
                 take_recorded(conn)  # a rolled-back transaction's audit events go with it (the connection is pooled)
             with anyio.CancelScope(shield=True):
                 await conn.close()
+        if seqs and self._changes is not None:
+            self._changes.committed(seqs)
         for event in pending:
             self.bus.publish(event)
+
+    def freshen(self) -> None:
+        """Publish what other processes committed on an embedded database since the last look (cheap when nothing
+        was: one PRAGMA). The data plane calls it before each request, so a CLI's change holds for the next call."""
+        if self._changes is not None:
+            for event in self._changes.poll():
+                self.bus.publish(event)
 
     async def _begin(self) -> AsyncConnection:
         """A pooled connection with its transaction begun.
@@ -348,6 +368,8 @@ class Store:
         return revision == migrate.head()
 
     async def close(self) -> None:
+        if self._changes is not None:
+            self._changes.close()
         if self._journal_conn is not None:
             self._journal_conn.close()
             self._journal_conn = None

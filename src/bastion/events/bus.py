@@ -47,11 +47,15 @@ Listener = Callable[[Changed], None]
 class EventBus:
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        # Counts publications. A cache reads it before a look-up and stores the answer only if it has not moved:
+        # a change committed while the look-up ran must not be undone by the older answer it read.
+        self.generation = 0
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
     def publish(self, event: Changed) -> None:
+        self.generation += 1
         for listener in list(self._listeners):
             listener(event)

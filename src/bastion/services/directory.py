@@ -55,6 +55,7 @@ class Directory:
         cached = self._views.get(gateway_id)
         if cached is not None:
             return cached
+        generation = self._store.bus.generation
         async with self._store.transaction() as conn:
             gateway = await gateways.find(conn, workspace_id, gateway_id)
             ids = [entry.server_id for entry in gateway.servers]
@@ -64,5 +65,6 @@ class Directory:
         if missing:
             raise NotFound(f"gateway {gateway.slug!r} names a server that no longer exists")
         view = GatewayView(gateway, tuple(Mounted(e, servers[e.server_id]) for e in gateway.servers))
-        self._views[gateway_id] = view
+        if generation == self._store.bus.generation:  # else a change came while this was read: keep nothing
+            self._views[gateway_id] = view
         return view

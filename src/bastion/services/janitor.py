@@ -16,6 +16,7 @@ from typing import Final, NoReturn
 
 import anyio
 
+from bastion.db import changes
 from bastion.db.store import Store
 from bastion.oauth.revocation import Revoker
 from bastion.services import enrollment, oauth_connect, sessions, sso
@@ -36,6 +37,7 @@ class Swept:
     oauth_states: int | None
     sign_in_states: int | None
     sessions: int | None
+    change_log: int | None = 0  # rows of the embedded database's change log older than an hour (db/changes.py)
 
 
 async def _part(name: str, work: Callable[[], Awaitable[int]]) -> int | None:
@@ -56,7 +58,13 @@ async def sweep(store: Store, lifetimes: Lifetimes, revoker: Revoker | None = No
         oauth_states=await _part("OAuth states", lambda: oauth_connect.purge_states(store)),
         sign_in_states=await _part("sign-in states", lambda: sso.purge_states(store)),
         sessions=await _part("web sessions", lambda: sessions.sweep(store, lifetimes)),
+        change_log=await _part("change log", lambda: _prune_changes(store)),
     )
+
+
+async def _prune_changes(store: Store) -> int:
+    async with store.transaction() as conn:
+        return await changes.prune(conn)
 
 
 async def run(
@@ -80,6 +88,7 @@ async def _sweep_and_log(store: Store, lifetimes: Lifetimes, revoker: Revoker | 
         "oauth_states": swept.oauth_states,
         "sign_in_states": swept.sign_in_states,
         "sessions": swept.sessions,
+        "change_log": swept.change_log,
     }
     deleted = {name: count for name, count in counts.items() if count}
     if deleted:

@@ -110,6 +110,7 @@ class Resolver:
             raise Unauthenticated("the access token is malformed")
         digest = self._hasher.digest(presented)
         now = datetime.now(UTC)
+        self._store.freshen()  # the embedded database: what a CLI committed meanwhile holds for this call
         entry = self._cache.get(digest)
         if entry is None or entry.cached_until < time.monotonic():
             entry = await self._load(digest, now)
@@ -158,6 +159,7 @@ class Resolver:
             )
             .where(T.c.digest == digest)
         )
+        generation = self._store.bus.generation
         async with self._store.transaction() as conn:
             row = (await conn.execute(query)).first()
             if row is None or not hmac.compare_digest(row.digest, digest):
@@ -197,8 +199,10 @@ class Resolver:
             expires_at=row.expires_at,
             role=row.role_name,
         )
+        entry = _Entry(principal, time.monotonic() + self._ttl, row.last_used_at)
+        if generation != self._store.bus.generation:
+            return entry  # a change was published while this was read: answer this call, remember nothing
         if len(self._cache) >= MAX_CACHE_ENTRIES:
             self._cache.clear()
-        entry = _Entry(principal, time.monotonic() + self._ttl, row.last_used_at)
         self._cache[digest] = entry
         return entry

@@ -64,7 +64,7 @@ _api_lock = threading.Lock()
 def build_api() -> FastAPI:
     """The admin API: one FastAPI app per process, built on first use (its routes and models take about a second
     to import and build, which neither `serve`'s start nor an in-process test should pay more than once)."""
-    global _api  # noqa: PLW0603 - built once per process, under the lock
+    global _api  # built once per process, under the lock
     with _api_lock:
         if _api is None:
             _api = _new_api()
@@ -100,6 +100,15 @@ def _new_api() -> FastAPI:
     api.include_router(accounts_router)
     api.include_router(webhooks_router)
     return api
+
+
+CHANGE_POLL_S: Final = 0.25
+
+
+async def _freshen_every(store: Store, interval_s: float) -> None:
+    while True:
+        await anyio.sleep(interval_s)
+        store.freshen()
 
 
 class AdminApi:
@@ -189,6 +198,9 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
                 )
             )
             tasks.start_soon(webhook_worker.run)
+            if parts.store.dialect == "sqlite":
+                # What a CLI commits reaches this process within a poll (the data plane looks before each call).
+                tasks.start_soon(_freshen_every, parts.store, CHANGE_POLL_S)
             if _api is None:  # build the admin API while serving, off the event loop
                 tasks.start_soon(partial(anyio.to_thread.run_sync, build_api, abandon_on_cancel=True))
             try:

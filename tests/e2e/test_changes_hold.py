@@ -1,0 +1,180 @@
+"""Admin changes hold at once, whichever process makes them: the CLI's change and the very next call.
+
+A gateway serves in this process (its lifespan running, as under `bastion serve`) while the real `bastion`
+executable changes things in a process of its own, on the same database: SQLite (the change reaches the server
+through the database's change log) and PostgreSQL (through LISTEN/NOTIFY).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import httpx2
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.models import Transport
+from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.services import connections, gateways, hosts, members, principals, servers
+from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings
+from bastion.web.app import create_app
+from bastion.web.mcp.server import POLICY_DENIED
+from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
+from tests.processes import BASTION, clean_env
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+def _cli_env(settings: Settings) -> dict[str, str]:
+    """The settings of the server under test, as the CLI process reads them: the same database and secrets."""
+    values = {
+        "BASTION_DATA_DIR": str(settings.data_dir),
+        "BASTION_DATABASE_URL": settings.resolved_database_url,
+        "BASTION_VAULT_PRIMARY_KEY_ID": str(settings.vault_primary_key_id),
+    }
+    for name in ("secret_key", "token_pepper", "audit_key", "vault_keys"):
+        secret = getattr(settings, name)
+        values[f"BASTION_{name.upper()}"] = secret.get_secret_value()
+    return clean_env(**values)
+
+
+async def _cli(env: dict[str, str], cwd: Path, *args: str) -> Any:
+    ran = await anyio.run_process([str(BASTION), *args, "--json"], env=env, cwd=cwd, check=False)
+    assert ran.returncode == 0, ran.stderr.decode()
+    return json.loads(ran.stdout)
+
+
+@asynccontextmanager
+async def _world(settings: Settings, store: Store, hasher: KeyHasher, operator: Actor, upstream: str) -> Any:
+    await servers.create(store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url=f"{upstream}/mcp"))
+    await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("crm"),)))
+    await hosts.create(store, operator, HostSpec("agent"))
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    _c, _t, token = await connections.create(
+        store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
+    )
+    async with serving(create_app(settings, store)) as bastion:
+        yield f"{bastion}/g/g/mcp", token
+
+
+async def _refusal(url: str, token: str) -> str:
+    """Why the next call is refused now, or "allowed": as an agent makes it, a fresh client each time.
+
+    Refused at the door, the answer is the HTTP status and its body (the SDK client would say only "error
+    response"); refused by policy, the JSON-RPC error."""
+    async with httpx2.AsyncClient(timeout=30) as http:
+        door = await http.post(url, json=PING, headers={"Authorization": f"Bearer {token}", **ERA_HEADERS})
+    if door.status_code in (401, 403):
+        return f"HTTP {door.status_code} {door.text}"
+    try:
+        async with gateway_client(url, token, "2026-07-28") as client:
+            await client.call_tool("crm__whoami", {})
+    except Exception as exc:
+        refused = _mcp_error_in(exc)
+        if refused is None:
+            raise
+        return f"{refused.code} {refused.message}"
+    return "allowed"
+
+
+def _mcp_error_in(exc: BaseException) -> MCPError | None:
+    """The JSON-RPC error a call raised, also from inside the client's task groups."""
+    if isinstance(exc, MCPError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _mcp_error_in(inner)
+            if found is not None:
+                return found
+    return None
+
+
+PING: Final = {"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {}}
+ERA_HEADERS: Final = {
+    "accept": "application/json, text/event-stream",
+    "content-type": "application/json",
+    "mcp-protocol-version": "2026-07-28",
+}
+
+
+async def test_cli_changes_hold_for_the_very_next_call_of_a_running_gateway(
+    settings: Settings, store: Store, hasher: KeyHasher, operator: Actor, tmp_path: Path
+) -> None:
+    recorder = Recorder()
+    env = _cli_env(settings)
+    async with (
+        serving(recording_upstream(recorder)) as upstream,
+        _world(settings, store, hasher, operator, upstream) as (url, token),
+    ):
+        assert await _refusal(url, token) == "allowed"
+
+        await _cli(env, tmp_path, "host", "disable", "agent")
+        refused = await _refusal(url, token)
+        assert "disabled" in refused, refused
+        await _cli(env, tmp_path, "host", "enable", "agent")
+        assert await _refusal(url, token) == "allowed"
+
+        await _cli(
+            env,
+            tmp_path,
+            "policy",
+            "add",
+            "--effect",
+            "deny",
+            "--subject-kind",
+            "member",
+            "--subject",
+            "ada@example.com",
+            "--server",
+            "crm",
+            "--name",
+            "whoami",
+        )
+        assert (await _refusal(url, token)).startswith(str(POLICY_DENIED))
+        for listed in await _cli(env, tmp_path, "policy", "list"):
+            await _cli(env, tmp_path, "policy", "remove", listed["id"])
+        assert await _refusal(url, token) == "allowed"
+
+        await _cli(env, tmp_path, "token", "revoke", (await _cli(env, tmp_path, "token", "list"))[0]["id"])
+        refused = await _refusal(url, token)
+        assert "revoked" in refused or "401" in refused, refused
+
+
+async def test_a_look_up_held_between_its_read_and_its_insert_never_undoes_a_disable(
+    store: Store, hasher: KeyHasher, operator: Actor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await servers.create(store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url="https://crm.example/mcp"))
+    await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("crm"),)))
+    await hosts.create(store, operator, HostSpec("agent"))
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    _c, _t, token = await connections.create(
+        store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
+    )
+    resolver = principals.Resolver(store, hasher, cache_ttl_s=300)
+    original = store.transaction
+    read, go_on = anyio.Event(), anyio.Event()
+
+    @asynccontextmanager
+    async def held() -> Any:
+        async with original() as conn:
+            yield conn
+        read.set()  # the token row has been read (host enabled); the answer is not cached yet
+        await go_on.wait()
+
+    monkeypatch.setattr(store, "transaction", held)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(resolver.resolve, token)
+        await read.wait()
+        monkeypatch.setattr(store, "transaction", original)
+        await hosts.set_enabled(store, operator, "agent", False)  # commits and publishes while the look-up waits
+        go_on.set()
+    with pytest.raises(principals.HostDisabled):
+        await resolver.resolve(token)
+    resolver.close()
