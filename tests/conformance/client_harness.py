@@ -15,13 +15,16 @@ CLI: ``python -m tests.conformance.client_harness [--set S]...``; ``scripts/conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -83,6 +86,29 @@ def _commands(node: Path, client_set: str, raw: Path) -> list[list[str]]:
     return [[*base, "--requirements", client_set]]
 
 
+@contextlib.contextmanager
+def warm_client(out: Path) -> Iterator[Path | None]:
+    """A helper with the auth client imported that forks one client per scenario (bastion.cli.warm): the suite
+    starts ~20 clients per set, and each would otherwise import Bastion and the SDK afresh, all at once."""
+    path = Path(tempfile.mkdtemp(prefix="bastion-conformance-")) / "client.sock"
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "bastion.cli.warm", str(path), str(os.getpid()), "tests.conformance.auth_client:main"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = helper.stdout.readline() if helper.stdout is not None else b""
+        yield path if ready else None
+    finally:
+        helper.terminate()
+        helper.wait(timeout=10)
+        if helper.stdout is not None:
+            helper.stdout.close()
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 def run_client_suite(client_set: str, *, artifacts_root: Path = ARTIFACTS_ROOT) -> Summary:
     """Run one set's scenarios with Bastion as the client; the auth scenarios' summary."""
     if client_set not in CLIENT_SETS:
@@ -95,7 +121,9 @@ def run_client_suite(client_set: str, *, artifacts_root: Path = ARTIFACTS_ROOT) 
     env = {**os.environ, "PATH": f"{node.parent}{os.pathsep}{os.environ.get('PATH', '')}", "NO_COLOR": "1"}
     started = time.monotonic()
     exit_code = 0
-    with (out / "console.txt").open("wb") as console:
+    with (out / "console.txt").open("wb") as console, warm_client(out) as socket_path:
+        if socket_path is not None:
+            env["CONFORMANCE_WARM_SOCKET"] = str(socket_path)
         for command in _commands(node, client_set, raw):
             done = subprocess.run(
                 command, stdout=console, stderr=subprocess.STDOUT, env=env, timeout=RUN_TIMEOUT_S, check=False

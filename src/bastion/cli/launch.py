@@ -44,13 +44,13 @@ def _helpers() -> list[str]:
     return [i.cli_socket for i in reversed(found) if i.cli_stamp == stamp and i.executable == sys.executable]
 
 
-def _run_warm(path: str) -> int | None:
-    """The command's exit status from the helper at ``path``; None when it could not be handed over."""
+def run_via(path: str, argv: list[str]) -> int | None:
+    """``argv`` run by the warm helper at ``path``: its exit status, or None when it could not be handed over."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(CONNECT_TIMEOUT_S)
         conn.connect(path)
-        request = json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}).encode("utf-8")
+        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode("utf-8")
         conn.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]).tobytes())])
         conn.sendall(_HEADER.pack(len(request)) + request)
         started = _recv_exactly(conn, _HEADER.size)
@@ -78,7 +78,7 @@ def main() -> None:
     # `serve` always starts as a process of its own, never as a child of another serve's helper.
     if mode != "cold" and sys.argv[1:2] != ["serve"]:
         for path in _helpers():
-            code = _run_warm(path)
+            code = run_via(path, sys.argv[1:])
             if code is not None:
                 sys.exit(code)
         if mode == "warm":

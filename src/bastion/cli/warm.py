@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import array
 import contextlib
+import importlib
 import json
 import os
 import signal
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
 _HEADER: Final = struct.Struct("!I")
@@ -49,15 +51,21 @@ def source_stamp() -> str:
     return f"{newest}:{count}"
 
 
-def _preload() -> None:
-    """Import what the commands import, so that a child only runs."""
-    import bastion.cli.context
-    import bastion.cli.main
-    from bastion.cli.groups import GROUPS, load
+CLI_ENTRY: Final = "bastion.cli.main:main"
 
-    for name in GROUPS:
-        load(name)
-    _ = bastion.cli.context, bastion.cli.main
+
+def _preload(entry: str) -> Callable[[], object]:
+    """Import what the commands import, so that a child only runs; the entry point to run in each child."""
+    module, _, function = entry.partition(":")
+    if entry == CLI_ENTRY:
+        import bastion.cli.context
+        from bastion.cli.groups import GROUPS, load
+
+        for name in GROUPS:
+            load(name)
+        _ = bastion.cli.context
+    run: Callable[[], object] = getattr(importlib.import_module(module), function)
+    return run
 
 
 def _read_exactly(conn: socket.socket, size: int) -> bytes:
@@ -85,7 +93,7 @@ def _receive(conn: socket.socket) -> tuple[list[int], dict[str, Any]]:
     return list(fds), request
 
 
-def _run_child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> int:
+def _run_child(conn: socket.socket, fds: list[int], request: dict[str, Any], run: Callable[[], object]) -> int:
     """In the forked child: become the launcher's process (descriptors, directory, environment) and run."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -99,15 +107,23 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> 
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.argv = ["bastion", *request["argv"]]
+    sys.argv = [sys.argv[0], *request["argv"]]
     conn.sendall(_HEADER.pack(os.getpid()))
+    exit_now = os._exit
 
-    from bastion.cli import main, output
+    def reported_exit(status: int) -> NoReturn:  # an entry point may end with os._exit: the launcher still hears
+        with contextlib.suppress(OSError):
+            conn.sendall(_HEADER.pack(status & 0xFF))
+        exit_now(status)
 
-    output.reinitialise()
+    os._exit = reported_exit
+    if "bastion.cli.output" in sys.modules:
+        from bastion.cli import output
+
+        output.reinitialise()
     code = 0
     try:
-        main.main()
+        run()
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except KeyboardInterrupt:
@@ -119,7 +135,7 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> 
     return code
 
 
-def serve_forever(path: Path, parent: int) -> None:
+def serve_forever(path: Path, parent: int, run: Callable[[], object]) -> None:
     """Accept launchers on ``path`` until the process that started this helper is gone."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path.unlink(missing_ok=True)
@@ -150,11 +166,9 @@ def serve_forever(path: Path, parent: int) -> None:
                     listener.close()
                     code = 1
                     try:
-                        code = _run_child(conn, fds, request)
+                        code = _run_child(conn, fds, request, run)
                     finally:
-                        with contextlib.suppress(OSError):
-                            conn.sendall(_HEADER.pack(code & 0xFF))
-                        os._exit(code & 0xFF)
+                        os._exit(code & 0xFF)  # reports the status (see _run_child)
                 for fd in fds:
                     os.close(fd)
     finally:
@@ -163,10 +177,15 @@ def serve_forever(path: Path, parent: int) -> None:
 
 
 def main() -> None:
-    """`python -m bastion.cli.warm SOCKET PARENT_PID`: preload, then serve launchers."""
+    """`python -m bastion.cli.warm SOCKET PARENT_PID [MODULE:FUNCTION]`: preload, then serve launchers.
+
+    The entry point is the CLI's by default; the tests use the same helper for their many short-lived clients.
+    """
     path, parent = Path(sys.argv[1]), int(sys.argv[2])
-    _preload()
-    serve_forever(path, parent)
+    entry = sys.argv[3] if len(sys.argv) > 3 else CLI_ENTRY
+    run = _preload(entry)
+    sys.argv = [entry.partition(":")[0]]
+    serve_forever(path, parent, run)
 
 
 if __name__ == "__main__":
