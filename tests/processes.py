@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 import httpx2
 
@@ -131,3 +132,20 @@ def serving(env: Mapping[str, str], cwd: Path, *, port: int | None = None) -> It
 
 def _spawn(args: list[str], env: Mapping[str, str], cwd: Path, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([str(BASTION), *args], env=dict(env), cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def instance_record(state: Path, *, naming: str, process: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
+    """The running-instance record a `serve` keeps under ``state`` ($XDG_STATE_HOME), once it names ``naming``
+    (``base_url`` when it listens, ``cli_socket`` when its warm CLI helper is ready); fails at once if
+    ``process`` dies first."""
+    records = state / "bastion" / "instances"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for path in records.glob("*.json"):
+            record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            if record.get(naming):
+                return record
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"bastion serve exited with {process.returncode} before its record named {naming}")
+        time.sleep(POLL_S)
+    raise AssertionError(f"no running-instance record named {naming} within {START_TIMEOUT_S} s")

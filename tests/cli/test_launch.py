@@ -14,11 +14,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bastion.cli import instances, launch, warm
-from tests.processes import BASTION, START_TIMEOUT_S, clean_env, run_bastion, serving
+from tests.processes import BASTION, clean_env, instance_record, run_bastion, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -32,17 +33,8 @@ def _warm_env(tmp_path: Path) -> dict[str, str]:
     )
 
 
-def _helper_ready(env: dict[str, str]) -> dict[str, object]:
-    """The instance record once it names the helper's socket."""
-    records = Path(env["XDG_STATE_HOME"]) / "bastion" / "instances"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for path in records.glob("*.json"):
-            record: dict[str, object] = json.loads(path.read_text(encoding="utf-8"))
-            if record.get("cli_socket"):
-                return record
-        time.sleep(0.05)
-    raise AssertionError("the warm CLI helper never became ready")
+def _helper_ready(env: dict[str, str]) -> dict[str, Any]:
+    return instance_record(Path(env["XDG_STATE_HOME"]), naming="cli_socket")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from bastion.db.store import Store
@@ -16,7 +17,7 @@ from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
 from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
-from tests.mcp_support import gateway_client, serving
+from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 from tests.processes import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -48,3 +49,40 @@ async def test_an_unreachable_upstream_is_a_clear_error_and_listings_leave_it_ou
         assert caught.value.code == UPSTREAM_UNAVAILABLE
         assert "down" in caught.value.message
         assert "Traceback" not in caught.value.message
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_a_call_whose_pooled_session_closed_under_it_goes_into_a_fresh_one(
+    mode: str,
+    settings: Settings,
+    store: Store,
+    vault: Any,
+    hasher: KeyHasher,
+    operator: Actor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An edit or a pool reset closes a session a call has just leased: the SDK client then refuses to send on it
+    (RuntimeError, before anything is sent). That call is retried in a fresh session, never an HTTP 500."""
+    recorder = Recorder()
+    async with serving(recording_upstream(recorder)) as upstream:
+        token = await _token(store, hasher, operator, f"{upstream}/mcp")
+        real_session = Client.session
+        refusals = 0
+        full_path = settings.model_copy(update={"fast_path": False})  # the SDK's client carries the call
+        async with (
+            serving(create_app(full_path, store)) as bastion,
+            gateway_client(f"{bastion}/g/g/mcp", token, mode) as agent,
+        ):
+
+            def closed_once(self: Client) -> Any:
+                nonlocal refusals
+                if self is not agent and refusals == 0:  # Bastion's pooled client to the upstream, the first time
+                    refusals += 1
+                    raise RuntimeError("Client must be used within an async context manager")
+                return real_session.fget(self)  # type: ignore[union-attr]
+
+            # Every request of the SDK client goes through its session property, which is what refuses.
+            monkeypatch.setattr(Client, "session", property(closed_once))
+            result = await agent.call_tool("down__whoami", {})
+    assert refusals == 1
+    assert not result.is_error and recorder.tool_calls[-1].name == "whoami"

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.processes import START_TIMEOUT_S, clean_env, serving
+from tests.processes import clean_env, instance_record, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -30,16 +29,6 @@ def quick_start_blocks() -> list[str]:
     return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
 
 
-def _warm_helper_ready(state: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        records = [json.loads(p.read_text(encoding="utf-8")) for p in (state / "bastion" / "instances").glob("*.json")]
-        if any(r.get("cli_socket") for r in records):
-            return
-        time.sleep(0.05)
-    raise AssertionError("serve's warm CLI helper never became ready")
-
-
 def test_the_quick_start_runs_top_to_bottom_as_written(tmp_path: Path) -> None:
     blocks = quick_start_blocks()
     assert len(blocks) >= 2 and all("./scripts/bastion" in b or "curl" in b for b in blocks[:2])
@@ -48,7 +37,7 @@ def test_the_quick_start_runs_top_to_bottom_as_written(tmp_path: Path) -> None:
     terminal.mkdir()
     env = clean_env(BASTION_WARM_CLI="true", XDG_RUNTIME_DIR=str(tmp_path / "run"))
     with serving(env, served) as server:
-        _warm_helper_ready(Path(env["XDG_STATE_HOME"]))
+        instance_record(Path(env["XDG_STATE_HOME"]), naming="cli_socket")
         port = server.base_url.rsplit(":", 1)[1]
         script = "\n".join(blocks)
         script = script.replace("./scripts/bastion", str(ROOT / "scripts" / "bastion"))

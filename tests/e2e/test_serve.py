@@ -25,6 +25,7 @@ from tests.processes import (
     START_TIMEOUT_S,
     Server,
     clean_env,
+    instance_record,
     run_bastion,
     serving,
     wait_until_healthy,
@@ -128,15 +129,11 @@ def _started_on_port_0(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen
 
 
 def _base_url_of(process: subprocess.Popen[bytes], env: dict[str, str], cwd: Path) -> str:
-    records = Path(env["XDG_STATE_HOME"]) / "bastion" / "instances"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not list(records.glob("*.json")):
-        assert process.poll() is None, (cwd / "serve.stderr").read_text(encoding="utf-8")
-        assert time.monotonic() < deadline, "serve kept no record"
-        time.sleep(0.05)
-    (record,) = records.glob("*.json")
-    base_url: str = json.loads(record.read_text(encoding="utf-8"))["base_url"]
-    wait_until_healthy(process, base_url)
+    base_url: str = instance_record(Path(env["XDG_STATE_HOME"]), naming="base_url", process=process)["base_url"]
+    try:
+        wait_until_healthy(process, base_url)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{(cwd / 'serve.stderr').read_text(encoding='utf-8')}") from None
     return base_url
 
 

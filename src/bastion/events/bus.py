@@ -18,7 +18,8 @@ class Subject(StrEnum):
     CONNECTION = "connection"
     TOKEN = "token"  # noqa: S105  a subject name, not a secret
     IDENTITY = "identity"
-    SERVER = "server"
+    SERVER = "server"  # how a server is reached changed: its pooled sessions and cached schemas go
+    SERVER_INFO = "server_info"  # only what describes it (its description): views refresh, sessions stay
     POLICY = "policy"  # policy rules, content rules and rate limits of a workspace (id: the workspace id)
     WEBHOOK = "webhook"  # webhook events waiting in the outbox (id: the endpoint id): wakes the delivery workers
     ALL = "all"

@@ -45,7 +45,7 @@ class Directory:
         self._unsubscribe = store.bus.subscribe(self._on_change)
 
     def _on_change(self, event: Changed) -> None:
-        if event.subject in (Subject.GATEWAY, Subject.SERVER, Subject.ALL):
+        if event.subject in (Subject.GATEWAY, Subject.SERVER, Subject.SERVER_INFO, Subject.ALL):
             self._views.clear()
 
     def close(self) -> None:

@@ -56,6 +56,11 @@ class RoundTrip:
     request_state: str | None = None
 
 
+def _client_closed(exc: RuntimeError) -> bool:
+    """The SDK client's refusal to send once its session has ended (it is raised before anything is sent)."""
+    return "must be used within an async context manager" in str(exc)
+
+
 class Proxy:
     """Answers MCP requests for a resolved Principal by fanning out to, or routing into, its gateway's servers."""
 
@@ -263,6 +268,13 @@ class Proxy:
                 if record is not None:
                     record.upstream_status = "timeout"
                 raise
+            except RuntimeError as exc:
+                if not _client_closed(exc):
+                    raise
+                # The pooled session was closed under this call (an edit, a pool reset) before anything was sent:
+                # the SDK client refuses to send on it. A fresh session takes the call (``_attempt``).
+                self._pool.forget(lease)
+                raise SessionRetired(f"upstream {mounted.alias!r} session was closed before the call; retry") from exc
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
                 if record is not None:
                     record.upstream_status = "unavailable"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,8 +128,10 @@ async def update(
     actor.require(Capability.SERVERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
-        emit(conn, Changed(Subject.SERVER, current.id))
         spec = _checked(apply_changes(spec_of(current), changes).validated())
+        # An edit of what only describes the server leaves its open upstream sessions (and calls on them) alone.
+        reached_alike = replace(spec, description=current.description) == spec_of(current)
+        emit(conn, Changed(Subject.SERVER_INFO if reached_alike else Subject.SERVER, current.id))
         await crud.update_versioned(
             conn, T, current.id, expected_version, {**_columns(spec), "updated_at": datetime.now(UTC)}, what="server"
         )
