@@ -34,6 +34,8 @@ from bastion.web.app import create_app
 # xdist workers get COLUMNS=80 from their launcher; the CLI's tables are read here as a pipe sees them.
 os.environ.pop("COLUMNS", None)
 
+LOADED_MACHINE_TIMEOUT_S = 60.0
+
 PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 ENGINES = ("sqlite", "postgresql")
 
@@ -133,6 +135,9 @@ def settings(db_url: str, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         database_url=db_url,
         outbound_allow_loopback=True,
+        # Fail-closed deadlines are for production databases; a test machine loaded by a second suite can take
+        # longer than 10 s to write an event (the tests of the deadline itself inject the failure).
+        audit_open_timeout_s=LOADED_MACHINE_TIMEOUT_S,
         **generate_secrets(),  # type: ignore[arg-type]
     )
 

@@ -19,7 +19,7 @@ from typing import IO, Any, Final
 import httpx2
 
 BASTION: Path = Path(sys.executable).with_name("bastion")
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 90.0  # an upper bound only: a machine under load may take long to start a server
 POLL_S = 0.05
 
 
@@ -36,6 +36,7 @@ def clean_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     env.update(TEST_OUTBOUND_ENV)
     env["BASTION_WARM_CLI"] = "false"
+    env["BASTION_AUDIT_OPEN_TIMEOUT_S"] = "60"  # a loaded test machine may take longer than the default 10 s
     env.update(settings)
     return env
 

@@ -99,7 +99,7 @@ async def serving(app: ASGIApp, port: int | None = None) -> AsyncGenerator[str]:
     with sock:
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])
-            with anyio.fail_after(15):
+            with anyio.fail_after(60):  # an upper bound only (a loaded machine starts slowly)
                 await server.ready.wait()
             try:
                 yield f"http://127.0.0.1:{port}"

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
         gt=0,
         description="A call still pending after this long was interrupted (its process died); longer than any call",
     )
+    audit_open_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a call waits for its audit event to be written before it is refused (fail closed)",
+    )
     rate_limit_url: str = Field(
         default="memory://", description="Rate-limit counters: memory:// (one node) or redis://host:port/db (shared)"
     )

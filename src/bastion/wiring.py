@@ -148,6 +148,7 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
             audit_secret,
             checkpoint_every=settings.audit_checkpoint_every,
             stale_after_s=settings.audit_stale_after_s,
+            open_timeout_s=settings.audit_open_timeout_s,
             enabled=settings.audit_mcp_calls,
         ),
         guard,

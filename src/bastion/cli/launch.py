@@ -18,6 +18,7 @@ from typing import Final
 
 _HEADER: Final = struct.Struct("!I")
 CONNECT_TIMEOUT_S: Final = 2.0
+FORWARDED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _recv_exactly(conn: socket.socket, size: int) -> bytes | None:
@@ -45,7 +46,20 @@ def _helpers() -> list[str]:
 
 
 def run_via(path: str, argv: list[str]) -> int | None:
-    """``argv`` run by the warm helper at ``path``: its exit status, or None when it could not be handed over."""
+    """``argv`` run by the warm helper at ``path``: its exit status, or None when it could not be handed over.
+
+    A Ctrl-C (or SIGTERM, SIGHUP) reaches the command: one that comes before the helper has said which process
+    runs it waits, and is passed on as soon as it has."""
+    child: int | None = None
+    waiting: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if child is None:
+            waiting.append(signum)
+        else:
+            os.kill(child, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(CONNECT_TIMEOUT_S)
@@ -55,19 +69,19 @@ def run_via(path: str, argv: list[str]) -> int | None:
         conn.sendall(_HEADER.pack(len(request)) + request)
         started = _recv_exactly(conn, _HEADER.size)
     except OSError:
-        conn.close()
-        return None
+        started = None
     if started is None:
         conn.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in waiting:  # not handed over: the signal is this process's own again
+            os.kill(os.getpid(), signum)
         return None
-    (child,) = _HEADER.unpack(started)
+    (pid,) = _HEADER.unpack(started)
+    child = pid
+    for signum in waiting:
+        os.kill(pid, signum)
     conn.settimeout(None)
-
-    def forward(signum: int, _frame: object) -> None:
-        os.kill(child, signum)  # Ctrl-C reaches the command, which ends as it would in this process
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, forward)
     with conn:
         ended = _recv_exactly(conn, _HEADER.size)
     return 1 if ended is None else _HEADER.unpack(ended)[0]

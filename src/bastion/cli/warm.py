@@ -167,6 +167,8 @@ def serve_forever(path: Path, parent: int, run: Callable[[], object]) -> None:
                     code = 1
                     try:
                         code = _run_child(conn, fds, request, run)
+                    except KeyboardInterrupt:  # a Ctrl-C the launcher passed on before the command began
+                        code = 130
                     finally:
                         os._exit(code & 0xFF)  # reports the status (see _run_child)
                 for fd in fds:

@@ -21,6 +21,7 @@ from bastion.events.notices import NOTICES_CHANNEL
 
 logger = logging.getLogger("bastion.events.pg")
 RECONNECT_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+CONNECT_TIMEOUT_S: Final = 5
 
 
 def conninfo(database_url: str) -> str:
@@ -41,7 +42,16 @@ async def listen(
     attempt = 0
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(conninfo(database_url), autocommit=True) as conn:
+            # Connecting is shielded (and bounded): a shutdown landing mid-connect would otherwise leave psycopg's
+            # half-made connection open, for the garbage collector to find.
+            connected: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+            with anyio.CancelScope(shield=True):
+                connected = await psycopg.AsyncConnection.connect(
+                    conninfo(database_url), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+                )
+            if connected is None:
+                continue  # only a cancelled scope ends without it, and this one is shielded
+            async with connected as conn:
                 await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
                 if notices is not None:
                     await conn.execute(f"LISTEN {NOTICES_CHANNEL}")

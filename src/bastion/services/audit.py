@@ -128,6 +128,7 @@ class Audit:
         *,
         checkpoint_every: int = 1000,
         stale_after_s: float = 7500.0,
+        open_timeout_s: float = OPEN_TIMEOUT_S,
         enabled: bool = True,
     ) -> None:
         self._store = store
@@ -135,6 +136,7 @@ class Audit:
         self._keys = keys
         self._chain = keys.chain_keys(checkpoint_every)
         self._stale_after = timedelta(seconds=stale_after_s)
+        self._open_timeout = open_timeout_s
         self._batch = _Batch()
         self._lock = anyio.Lock(fast_acquire=True)  # no trip through the event loop when it is free
         self._tg: TaskGroup | None = None
@@ -216,7 +218,7 @@ class Audit:
         try:
             # A stalled database must not hold the caller: it is refused (the write, if it lands later, is
             # completed by the request's outcome all the same, by event id).
-            with anyio.fail_after(OPEN_TIMEOUT_S):
+            with anyio.fail_after(self._open_timeout):
                 await self._commit(batch, seals=False)
         except BaseException as exc:
             # Refused, timed out or cancelled (the caller hung up): a row not written yet never will be, or the
