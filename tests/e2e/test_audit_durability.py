@@ -15,9 +15,9 @@ import pytest
 
 from tests.mcp_support import Recorder, gateway_client, recording_upstream
 from tests.mcp_support import serving as serving_app
-from tests.processes import clean_env, run_bastion, serving
+from tests.processes import HEAVY_TIMEOUT_S, clean_env, run_bastion, serving
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 CREDENTIAL = "ada-durable-upstream-credential"
 
 

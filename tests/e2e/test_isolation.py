@@ -33,8 +33,9 @@ from bastion.settings import Settings
 from bastion.web.app import create_app
 from bastion.web.mcp.server import IDENTITY_REQUIRED
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
+from tests.processes import HEAVY_TIMEOUT_S
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 
 MEMBERS: Final = 12
 MODES: Final = ("legacy", "2026-07-28")

@@ -35,10 +35,10 @@ from bastion.web.mcp.server import IDENTITY_NEEDS_REAUTH
 from tests.fixtures.token_server import TokenServer, require_bearer
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 from tests.oauth.refresh_support import oauth_client, oauth_identity
-from tests.processes import clean_env
+from tests.processes import HEAVY_TIMEOUT_S, clean_env
 from tests.processes import serving as serving_process
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 PUBLIC_URL = "https://bastion.example.com"
 CALLS = 50
 E = schema.audit_events

@@ -36,8 +36,9 @@ from bastion.web.api.deps import ACCESS_KEY, HOST, SELF
 from bastion.web.api.routes import router
 from bastion.web.app import build_api
 from tests.conftest import problem_of
+from tests.processes import HEAVY_TIMEOUT_S
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 
 API = "/api/v1"
 METHODS = ("get", "post", "put", "patch", "delete")

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,6 +31,7 @@ from bastion.web.app import Lifecycle, create_app
 from bastion.web.logs import configure_logging
 
 logger = logging.getLogger("bastion.serve")
+HELPER_POLL_S = 0.05
 
 
 class _DrainingServer(uvicorn.Server):
@@ -148,16 +149,23 @@ def _serve_on(sock: socket.socket, settings: Settings) -> None:
     logger.info("bastion listening", extra={"host": settings.host, "port": settings.port, "database": driver})
     database = "sqlite" if settings.embedded else "postgresql"
     instance = instances.new(settings.data_dir, settings.base_url, f"{settings.host}:{settings.port}", database)
-    with instances.recorded(instance), _warm_cli(instance, enabled=settings.warm_cli):
+
+    def started() -> bool:
+        return bool(server.started)
+
+    with instances.recorded(instance), _warm_cli(instance, enabled=settings.warm_cli, serving=started):
         if sys.stderr.isatty():
             err_console.print(banner(settings), soft_wrap=True, highlight=False, markup=False)
         server.run(sockets=[sock])
 
 
 @contextmanager
-def _warm_cli(instance: instances.Instance, *, enabled: bool) -> Generator[None, None, None]:
-    """The warm CLI helper (cli/warm.py) while serving: started in the background, announced in the instance's
-    record once it has imported the CLI, stopped with `serve`. A helper that fails only costs the CLI its speed."""
+def _warm_cli(
+    instance: instances.Instance, *, enabled: bool, serving: Callable[[], bool]
+) -> Generator[None, None, None]:
+    """The warm CLI helper (cli/warm.py) while serving: started once `serve` answers (its imports would otherwise
+    compete with the server's own start), announced in the instance's record once it has imported the CLI,
+    stopped with `serve`. A helper that fails only costs the CLI its speed."""
     if not enabled:
         yield
         return
@@ -169,27 +177,36 @@ def _warm_cli(instance: instances.Instance, *, enabled: bool) -> Generator[None,
         logger.warning("warm CLI disabled: %s", exc)
         yield
         return
-    helper = subprocess.Popen(  # noqa: S603 - this interpreter, our module, our socket and pid
-        [sys.executable, "-m", "bastion.cli.warm", str(path), str(os.getpid())],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    stopping = threading.Event()
+    helpers: list[subprocess.Popen[bytes]] = []
 
-    def announce() -> None:
+    def start_and_announce() -> None:
+        while not serving():
+            if stopping.wait(HELPER_POLL_S):
+                return
+        helper = subprocess.Popen(  # noqa: S603 - this interpreter, our module, our socket and pid
+            [sys.executable, "-m", "bastion.cli.warm", str(path), str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        helpers.append(helper)
         line = helper.stdout.readline() if helper.stdout is not None else b""
         with contextlib.suppress(ValueError, KeyError, OSError):
             stamp = json.loads(line)["stamp"]
-            instances.write(dataclasses.replace(instance, cli_socket=str(path), cli_stamp=stamp))
+            if not stopping.is_set():
+                instances.write(dataclasses.replace(instance, cli_socket=str(path), cli_stamp=stamp))
 
-    announcer = threading.Thread(target=announce, name="warm-cli", daemon=True)
-    announcer.start()
+    starter = threading.Thread(target=start_and_announce, name="warm-cli", daemon=True)
+    starter.start()
     try:
         yield
     finally:
-        helper.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            helper.wait(timeout=5)
-        if helper.stdout is not None:
-            helper.stdout.close()
+        stopping.set()
+        for helper in helpers:
+            helper.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                helper.wait(timeout=5)
+            if helper.stdout is not None:
+                helper.stdout.close()
         path.unlink(missing_ok=True)
