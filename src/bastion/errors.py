@@ -21,18 +21,17 @@ class BastionError(Exception):
 PROBLEM_TYPE_BASE: Final = "urn:bastion:problem:"
 
 
-def problem_of(error: BastionError) -> dict[str, Any]:
-    """The error as an RFC 9457 problem document: the API's body, and the CLI's output under --json."""
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + error.code,
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "code": error.code,
-    }
-    if error.field is not None:
-        body["field"] = error.field
+def problem_document(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem document; ``extra`` members that are None are left out."""
+    body: dict[str, Any] = {"type": PROBLEM_TYPE_BASE + code, "title": title, "status": status, "detail": detail}
+    body["code"] = code
+    body.update({k: v for k, v in extra.items() if v is not None})
     return body
+
+
+def problem_of(error: BastionError) -> dict[str, Any]:
+    """The error as a problem document: the API's body, and the CLI's output under --json."""
+    return problem_document(error.status, error.code, error.title, error.detail, field=error.field)
 
 
 class ValidationFailed(BastionError):

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,10 +30,6 @@ def _warm_env(tmp_path: Path) -> dict[str, str]:
     return clean_env(
         BASTION_WARM_CLI="true", XDG_STATE_HOME=str(tmp_path / "state"), XDG_RUNTIME_DIR=str(tmp_path / "run")
     )
-
-
-def _helper_ready(env: dict[str, str]) -> dict[str, Any]:
-    return instance_record(Path(env["XDG_STATE_HOME"]), naming="cli_socket")
 
 
 def _command_running(socket_path: str) -> None:
@@ -58,7 +53,7 @@ def warm_serve(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
     served = tmp_path / "served"
     served.mkdir()
     with serving(env, served):
-        _helper_ready(env)
+        instance_record(Path(env["XDG_STATE_HOME"]), naming="cli_socket")
         yield env, served
 
 
@@ -107,7 +102,7 @@ def test_commands_run_in_the_helper_with_the_callers_arguments_streams_directory
 def test_ctrl_c_reaches_the_command_and_a_gone_helper_leaves_the_cli_cold(tmp_path: Path) -> None:
     env = _warm_env(tmp_path)
     with serving(env, tmp_path) as server:
-        record = _helper_ready(env)
+        record = instance_record(Path(env["XDG_STATE_HOME"]), naming="cli_socket")
         waiting = subprocess.Popen(
             [str(BASTION), "member", "create", "bob@example.com", "--json"],
             env={**env, "BASTION_CLI_START": "warm", "BASTION_DATABASE_URL": "postgresql://nobody@10.255.255.1/x"},

@@ -56,7 +56,6 @@ async def test_a_call_whose_pooled_session_closed_under_it_goes_into_a_fresh_one
     mode: str,
     settings: Settings,
     store: Store,
-    vault: Any,
     hasher: KeyHasher,
     operator: Actor,
     monkeypatch: pytest.MonkeyPatch,

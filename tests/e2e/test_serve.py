@@ -118,13 +118,17 @@ def _state_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     return clean_env(XDG_STATE_HOME=str(tmp_path / "state"), **settings)
 
 
-def _started_on_port_0(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`bastion serve --port 0` in ``cwd`` (stderr in a file there); its base URL, read from the record it keeps
-    for the CLI."""
+def _spawn_on_port_0(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    """`bastion serve --port 0` in ``cwd``, its stderr in a file there."""
     with (cwd / "serve.stderr").open("ab") as stderr:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [str(BASTION), "serve", "--port", "0"], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr
         )
+
+
+def _started_on_port_0(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A healthy `bastion serve --port 0` and its base URL, read from the record it keeps for the CLI."""
+    process = _spawn_on_port_0(env, cwd)
     return process, _base_url_of(process, env, cwd)
 
 
@@ -209,10 +213,7 @@ def test_serve_in_a_terminal_prints_where_it_listens_and_what_to_run_next(tmp_pa
 
 def test_an_init_and_a_first_serve_at_once_on_a_new_directory_share_one_set_of_secrets(tmp_path: Path) -> None:
     env = _state_env(tmp_path)
-    with (tmp_path / "serve.stderr").open("ab") as stderr:
-        served = subprocess.Popen(
-            [str(BASTION), "serve", "--port", "0"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr
-        )
+    served = _spawn_on_port_0(env, tmp_path)
     try:
         init = run_bastion("init", "--owner-email", "ada@example.com", "--json", env=env, cwd=tmp_path)
         assert init.returncode == 0, init.stderr

@@ -11,24 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from bastion.errors import PROBLEM_TYPE_BASE, BastionError
+from bastion.errors import BastionError, problem_document
 from bastion.web.logs import request_id_var
 
 logger = logging.getLogger("bastion.api")
 
 
 def problem_bytes(status: int, code: str, title: str, detail: str, **extra: Any) -> bytes:
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + code,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
-    request_id = request_id_var.get()
-    if request_id:
-        body["request_id"] = request_id
-    body.update({k: v for k, v in extra.items() if v is not None})
+    body = problem_document(status, code, title, detail, request_id=request_id_var.get() or None, **extra)
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
