@@ -318,12 +318,20 @@ async def test_events_produced_while_the_agent_is_down_all_arrive_and_end_in_the
     await _ok(await world.admin.post(f"/hosts/{HOST}/enable"))
     produced = {"connection.disabled", "token.minted", "token.revoked", "connection.enabled"}
 
+    endpoint = f"/hosts/{HOST}/webhooks/{world.endpoint_id}"
+    events = f"{endpoint}/events"
+
     # Back up, behind a glitch that fails the first delivery of connection.disabled: it arrives last.
     refused: list[bytes] = []
     async with running_agent(world, inbox, wrap=refuse_first("connection.disabled", refused)) as agent:
         await inbox.wait_for("Ada's events", _about(ADA, *produced))
         await inbox.wait_for("Bob's connection", _about(BOB, "connection.created"))
         await inbox.wait_for("the host's events", _host_event("host.enabled"))
+        # Retries arrive in no fixed order: wait for every event Bastion produced for the endpoint, not just these.
+        produced_ids = {
+            m["event_id"] for m in (await _ok(await world.admin.get(events, params={"limit": 100})))["items"]
+        }
+        await inbox.wait_for("every produced event", lambda got: produced_ids <= {e.event_id for e in got})
         assert [json.loads(body)["type"] for body in refused] == ["connection.disabled"]
         applied = len(inbox.events)
         # However Bastion's retries interleaved, an older event arriving after a newer one must not win: deliver the
@@ -354,8 +362,7 @@ async def test_events_produced_while_the_agent_is_down_all_arrive_and_end_in_the
         assert world.recorder.tool_calls[-2].authorization == ADA.credential
 
     # None lost: every event Bastion produced for the endpoint was delivered and applied by the agent, once.
-    endpoint = f"/hosts/{HOST}/webhooks/{world.endpoint_id}"
-    listed = await _ok(await world.admin.get(f"{endpoint}/events", params={"limit": 100}))
+    listed = await _ok(await world.admin.get(events, params={"limit": 100}))
     assert {m["status"] for m in listed["items"]} == {"delivered"}
     assert sorted(m["event_id"] for m in listed["items"]) == sorted(e.event_id for e in inbox.events[:applied])
     # Bastion's delivery log shows the outage (refused connections) and the glitch (the 409), then the deliveries.
