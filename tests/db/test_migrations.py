@@ -22,7 +22,9 @@ from tests.processes import BASTION, clean_env, run_bastion
 # Install-wide tables that belong to no single workspace. The keyring comes from the environment and
 # serves every workspace of the install, so its usage counters do too.
 # The audit chain is one per install (like the keyring); its rows name their workspace without a foreign key.
-INSTALL_WIDE = frozenset({"workspaces", "vault_keys", "audit_events", "audit_head", "audit_checkpoints", "change_log"})
+INSTALL_WIDE = frozenset(
+    {"workspaces", "vault_keys", "audit_events", "audit_head", "audit_checkpoints", "change_log", "replicas"}
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -130,3 +130,74 @@ async def test_rolled_back_changes_are_never_announced(pg_url: str) -> None:
         assert [e.id for e in listener_bus_events] == ["committed"]
     finally:
         await store.close()
+
+
+async def test_while_its_listener_is_cut_off_a_replica_keeps_nothing_in_its_caches(
+    pg_url: str, hasher: KeyHasher, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that cannot hear changes (its listening connection was killed) reads every token afresh until the
+    listener is back, so a change it never heard still holds."""
+    import psycopg
+    import sqlalchemy as sa
+
+    from bastion.db import schema
+    from bastion.services import workspace
+
+    connect = psycopg.AsyncConnection.connect
+    may_reconnect, connects = anyio.Event(), 0
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        nonlocal connects
+        connects += 1
+        if connects > 1:
+            await may_reconnect.wait()  # the database stays out of reach until the test says otherwise
+        return await connect(*args, **kwargs)
+
+    store = Store.from_url(pg_url, audit=wiring.chain_keys_from(settings))
+    try:
+        operator = Actor.local_operator((await workspace.ensure_workspace(store)).id)
+        await servers.create(store, operator, ServerSpec("bq", Transport.STREAMABLE_HTTP, url="https://bq.example/mcp"))
+        await gateways.create(store, operator, GatewaySpec("analytics", servers=(GatewayServerSpec("bq"),)))
+        await hosts.create(store, operator, HostSpec("agent"))
+        await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+        _c, _t, secret = await connections.create(
+            store, hasher, operator, host="agent", gateway="analytics", member="ada@example.com"
+        )
+        resolver = Resolver(store, hasher, cache_ttl_s=300)
+        cut_off, back = anyio.Event(), anyio.Event()
+
+        def on_change(event: Changed) -> None:
+            if event.subject is Subject.ALL:
+                (back if store.bus.live else cut_off).set()
+
+        store.bus.subscribe(on_change)
+        monkeypatch.setattr(psycopg.AsyncConnection, "connect", gated)
+        listening = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: pg_events.listen(pg_url, store.bus, ready=listening))
+            with anyio.fail_after(10):
+                await listening.wait()
+            assert store.bus.live
+            async with store.engine.begin() as conn:  # the listener's connection dies (a failover, a proxy restart)
+                await conn.execute(
+                    sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'")
+                )
+            with anyio.fail_after(10):
+                await cut_off.wait()
+            # Cut off: a look-up answers but keeps nothing, so a change it cannot hear (made here without any event)
+            # holds for the next call all the same.
+            assert not store.bus.live
+            await resolver.resolve(secret)
+            async with store.engine.begin() as conn:
+                await conn.execute(schema.hosts.update().values(enabled=False))
+            with pytest.raises(HostDisabled):
+                await resolver.resolve(secret)
+            # Back: it forgets everything once more and caches again.
+            may_reconnect.set()
+            with anyio.fail_after(10):
+                await back.wait()
+            assert store.bus.live
+            tg.cancel_scope.cancel()
+        resolver.close()
+    finally:
+        await store.close()

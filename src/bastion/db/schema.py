@@ -671,3 +671,12 @@ change_log: Final = sa.Table(
     sa.Column("at", UTCDateTime(), nullable=False),
     sqlite_autoincrement=True,
 )
+
+# Serving replicas on PostgreSQL, renewed while their change listener is connected (events/replicas.py).
+replicas: Final = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("id", sa.String(ID), primary_key=True),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("seen_at", UTCDateTime(), nullable=False),
+)

@@ -6,7 +6,7 @@ import contextlib
 import fcntl
 import os
 import zlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,7 +23,9 @@ from bastion.db import changes
 from bastion.db.audit import ChainKeys, Journal, driver_error, seal_into_chain, take_recorded
 from bastion.db.engine import SQLITE_BUSY_TIMEOUT_MS, create_engine, create_sync_engine
 from bastion.errors import Unavailable
-from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus
+from bastion.events import replicas
+from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus, Subject
+from bastion.events.replicas import Confirmation, sync_payload
 
 if TYPE_CHECKING:
     from bastion.vault.sealer import Vault
@@ -83,6 +85,9 @@ class Store:
         # SQLite's busy handler, where waiting threads starve and time out under load.
         self._writer = anyio.Lock(fast_acquire=True) if engine.dialect.name == "sqlite" else None
         self._write_threads = anyio.CapacityLimiter(WRITE_THREADS)
+        # PostgreSQL: this process's row in ``replicas`` when it serves (events/replicas.py), so its own changes do
+        # not wait for its own word.
+        self.replica_id: str | None = None
         database = engine.url.database
         self._changes = (
             changes.ChangeWatcher(database)
@@ -114,6 +119,27 @@ class Store:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncGenerator[AsyncConnection, None]:
+        async with contextlib.AsyncExitStack() as later:
+            confirmation: Confirmation | None = None
+
+            async def confirmed_by(conn: AsyncConnection) -> None:
+                nonlocal confirmation
+                waiting = await replicas.others(conn, self.replica_id)
+                if waiting:
+                    conninfo = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+                    confirmation = await later.enter_async_context(Confirmation(conninfo, waiting))
+                    await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, sync_payload(confirmation.nonce))))
+
+            async with self._committing(confirmed_by) as conn:
+                yield conn
+            if confirmation is not None:
+                # The change holds on every replica before whoever made it hears that it is done.
+                await confirmation.wait()
+
+    @asynccontextmanager
+    async def _committing(
+        self, confirmed_by: Callable[[AsyncConnection], Awaitable[None]]
+    ) -> AsyncGenerator[AsyncConnection, None]:
         pending: list[Changed] = []
         seqs: list[int] = []
         conn = await self._begin()
@@ -139,6 +165,8 @@ class Store:
                     # Delivered to every replica's listener when (and only if) this transaction commits.
                     for event in pending:
                         await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, event.encode())))
+                    if any(event.subject is not Subject.WEBHOOK for event in pending):
+                        await confirmed_by(conn)
                 elif pending and self._changes is not None:
                     # Read by the other processes on this file (a running serve, when this is the CLI).
                     seqs = await changes.record(conn, pending)

@@ -51,10 +51,17 @@ class EventBus:
         # Counts publications. A cache reads it before a look-up and stores the answer only if it has not moved:
         # a change committed while the look-up ran must not be undone by the older answer it read.
         self.generation = 0
+        # False while a replica's change listener is not connected: it may miss changes, so caches keep nothing.
+        self.live = True
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+    def keeps(self, generation: int) -> bool:
+        """Whether a cache may store what it read since ``generation``: nothing was published meanwhile, and this
+        process hears every change."""
+        return self.live and generation == self.generation
 
     def publish(self, event: Changed) -> None:
         self.generation += 1

@@ -2,7 +2,8 @@
 
 Each process keeps one listening connection. A NOTIFY is sent inside the transaction that made the change
 (see ``Store.transaction``), so listeners hear only committed changes. After a lost connection the
-listener publishes a ``Subject.ALL`` reset, because events may have been missed meanwhile. The same
+listener publishes a ``Subject.ALL`` reset, because events may have been missed meanwhile, and until it is back
+no cache keeps anything (``EventBus.live``). The same
 connection hears upstream change notices (``events/notices.py``) when given a ``notices`` handler; the reset
 covers those missed too (agents are told every list changed).
 """
@@ -18,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus, Subject
 from bastion.events.notices import NOTICES_CHANNEL
+from bastion.events.replicas import SYNC_PREFIX, Replica
 
 logger = logging.getLogger("bastion.events.pg")
 RECONNECT_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -34,9 +36,12 @@ async def listen(
     *,
     ready: anyio.Event | None = None,
     notices: Callable[[str], None] | None = None,
+    replica: Replica | None = None,
 ) -> None:
     """Relay change NOTIFYs to ``bus`` (and upstream notices' payloads to ``notices``) until cancelled, reconnecting
-    with backoff."""
+    with backoff. While it is not connected ``bus.live`` is false: caches keep nothing, so nothing can be missed.
+    With ``replica``, this process is a live replica while connected and answers each change's nonce once it has
+    published that change (events/replicas.py)."""
     import psycopg  # only replicas on PostgreSQL pay for the driver
 
     attempt = 0
@@ -55,6 +60,9 @@ async def listen(
                 await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
                 if notices is not None:
                     await conn.execute(f"LISTEN {NOTICES_CHANNEL}")
+                if replica is not None:
+                    await replica.beat()  # live before caching: a change from now on waits for this replica
+                bus.live = True
                 if attempt:
                     bus.publish(Changed(Subject.ALL, "*"))
                 attempt = 0
@@ -64,10 +72,17 @@ async def listen(
                     if notify.channel == NOTICES_CHANNEL and notices is not None:
                         notices(notify.payload)
                         continue
+                    if notify.payload.startswith(SYNC_PREFIX):
+                        if replica is not None:
+                            replica.heard(notify.payload.removeprefix(SYNC_PREFIX))
+                        continue
                     event = Changed.decode(notify.payload)
                     if event is not None:
                         bus.publish(event)
         except Exception as exc:  # noqa: BLE001  the listener must outlive any failure: it only invalidates caches
+            if bus.live:
+                bus.live = False  # changes may be missed from now until connected again: forget, keep nothing
+                bus.publish(Changed(Subject.ALL, "*"))
             delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
             attempt += 1
             logger.warning(

@@ -65,6 +65,6 @@ class Directory:
         if missing:
             raise NotFound(f"gateway {gateway.slug!r} names a server that no longer exists")
         view = GatewayView(gateway, tuple(Mounted(e, servers[e.server_id]) for e in gateway.servers))
-        if generation == self._store.bus.generation:  # else a change came while this was read: keep nothing
+        if self._store.bus.keeps(generation):  # else a change came while this was read: keep nothing
             self._views[gateway_id] = view
         return view

@@ -99,7 +99,7 @@ class Guard:
         if found is None:
             generation = self._generation
             found = await rules.load(self._store, workspace_id)
-            if generation == self._generation:
+            if generation == self._generation and self._store.bus.live:
                 if len(self._cache) >= MAX_CACHED_WORKSPACES:
                     self._cache.clear()
                 self._cache[workspace_id] = found

@@ -200,7 +200,7 @@ class Resolver:
             role=row.role_name,
         )
         entry = _Entry(principal, time.monotonic() + self._ttl, row.last_used_at)
-        if generation != self._store.bus.generation:
+        if not self._store.bus.keeps(generation):
             return entry  # a change was published while this was read: answer this call, remember nothing
         if len(self._cache) >= MAX_CACHE_ENTRIES:
             self._cache.clear()

@@ -24,6 +24,7 @@ from bastion import __version__, wiring
 from bastion.db.store import Store
 from bastion.events import pg as pg_events
 from bastion.events.notices import NoticeRelay
+from bastion.events.replicas import Replica
 from bastion.services import janitor
 from bastion.services.delivery import Sender, Worker
 from bastion.settings import Settings
@@ -184,8 +185,19 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
                 # upstream sessions announce (list_changed) reaches the agents connected to every replica.
                 relay = NoticeRelay(parts.store.engine, parts.pool.notices)
                 tasks.start_soon(relay.run)
+                # Until the listener is connected this process could miss a change: its caches keep nothing.
+                parts.store.bus.live = False
+                replica = Replica(parts.store.engine, parts.store.bus)
+                parts.store.replica_id = replica.id
+                tasks.start_soon(replica.run)
                 tasks.start_soon(
-                    partial(pg_events.listen, settings.resolved_database_url, parts.store.bus, notices=relay.hear)
+                    partial(
+                        pg_events.listen,
+                        settings.resolved_database_url,
+                        parts.store.bus,
+                        notices=relay.hear,
+                        replica=replica,
+                    )
                 )
             # Expired drafts, OAuth states and sessions are deleted on a schedule, not only in passing.
             tasks.start_soon(

@@ -1,0 +1,174 @@
+"""Replicas on one PostgreSQL database confirm each change before the process that made it answers.
+
+A change's NOTIFY reaches the other replicas a moment after its commit; until then a replica would still admit
+calls from its caches (a token of a host just disabled). So a narrowing change is not over when it commits but
+when every live replica has heard it:
+
+- Each serving replica keeps a row in ``replicas`` while its change listener is connected, renewed every
+  ``BEAT_S`` with the database's clock; rows older than ``LIVE_S`` are replicas that stopped or lost the
+  database. A replica whose listener is down keeps no caches at all (``EventBus.live``), so it needs no word.
+- The transaction that makes a change (``Store.transaction``, any process: serve, the CLI) reads the other live
+  replicas. When there are any, it listens on ``ACKS_CHANNEL`` and sends ``sync:<nonce>`` after its change
+  events; NOTIFYs of one transaction arrive in order, so a replica that reads the nonce has already emptied
+  its caches and answers ``<nonce> <replica id>``. The transaction returns when all have answered, or after
+  ``CONFIRM_TIMEOUT_S`` with a warning naming the silent ones.
+
+The wait costs one statement per change when a process runs alone, and a round trip through PostgreSQL per
+change with replicas; calls pay nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import sqlalchemy as sa
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bastion.db.schema import replicas
+from bastion.domain.ids import new_id
+from bastion.events.bus import EventBus
+
+if TYPE_CHECKING:
+    import psycopg
+
+logger = logging.getLogger("bastion.events.replicas")
+ACKS_CHANNEL: Final = "bastion_acks"
+SYNC_PREFIX: Final = "sync:"
+BEAT_S: Final = 2.0
+LIVE_S: Final = 6.0  # three beats: a replica silent longer is not waited for
+CONFIRM_TIMEOUT_S: Final = 2.0
+MAX_PENDING_ACKS: Final = 1024
+
+
+def sync_payload(nonce: str) -> str:
+    return f"{SYNC_PREFIX}{nonce}"
+
+
+async def others(conn: AsyncConnection, me: str | None) -> set[str]:
+    """The live replicas other than ``me``, read on the changing transaction (PostgreSQL)."""
+    query = sa.select(replicas.c.id).where(replicas.c.seen_at > sa.func.now() - sa.text(f"interval '{LIVE_S} s'"))
+    if me is not None:
+        query = query.where(replicas.c.id != me)
+    return set((await conn.execute(query)).scalars())
+
+
+class Confirmation:
+    """Waits for the listed replicas to answer one change's nonce, on a listening connection of its own."""
+
+    def __init__(self, conninfo: str, waiting_for: set[str]) -> None:
+        self.nonce = secrets.token_hex(8)
+        self._conninfo = conninfo
+        self._waiting_for = set(waiting_for)
+        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def __aenter__(self) -> Confirmation:
+        import psycopg
+
+        # Listening before the change commits: no answer can come before it is heard.
+        self._conn = conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=5)
+        await conn.execute(f"LISTEN {ACKS_CHANNEL}")
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._conn is not None:
+            with anyio.CancelScope(shield=True):
+                await self._conn.close()
+
+    async def wait(self) -> set[str]:
+        """Wait for the answers; the replicas that did not answer in time (empty when all did)."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("a confirmation waits only inside its `async with`")
+        with anyio.move_on_after(CONFIRM_TIMEOUT_S):
+            async for notify in conn.notifies():
+                nonce, _, replica = notify.payload.partition(" ")
+                if nonce == self.nonce:
+                    self._waiting_for.discard(replica)
+                if not self._waiting_for:
+                    break
+        if self._waiting_for:
+            logger.warning(
+                "a change was not confirmed by every replica in time",
+                extra={"replicas": sorted(self._waiting_for), "timeout_s": CONFIRM_TIMEOUT_S},
+            )
+        return set(self._waiting_for)
+
+
+class Replica:
+    """This serving process among the replicas: its row in ``replicas`` and its answers to changes it heard."""
+
+    def __init__(self, engine: AsyncEngine, bus: EventBus) -> None:
+        self.id = new_id()
+        self._engine = engine
+        self._bus = bus
+        send, receive = anyio.create_memory_object_stream[str](MAX_PENDING_ACKS)
+        self._acks: MemoryObjectSendStream[str] = send
+        self._pending: MemoryObjectReceiveStream[str] = receive
+
+    def __repr__(self) -> str:
+        return f"Replica(id={self.id!r}, live={self._bus.live})"
+
+    async def beat(self) -> None:
+        """Mark this replica live now (the database's clock)."""
+        async with self._engine.begin() as conn:
+            updated = await conn.execute(
+                replicas.update().where(replicas.c.id == self.id).values(seen_at=sa.func.now())
+            )
+            if updated.rowcount == 0:
+                await conn.execute(
+                    replicas.insert().values(id=self.id, started_at=sa.func.now(), seen_at=sa.func.now())
+                )
+
+    async def leave(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.execute(replicas.delete().where(replicas.c.id == self.id))
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("could not remove this replica's row", extra={"error": type(exc).__name__})
+
+    def heard(self, nonce: str) -> None:
+        """A change's nonce read by the listener, after its events were published: answer it (never waits)."""
+        try:
+            self._acks.send_nowait(nonce)
+        except anyio.ClosedResourceError:
+            pass  # shutting down
+        except anyio.WouldBlock:
+            logger.warning("too many changes to confirm; one goes unanswered")
+
+    async def run(self) -> None:
+        """Answer heard changes and renew this replica's row while the listener is connected, until cancelled."""
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._answer)
+                while True:
+                    await anyio.sleep(BEAT_S)
+                    if self._bus.live:
+                        try:
+                            await self.beat()
+                        except (SQLAlchemyError, OSError) as exc:
+                            logger.warning("could not renew this replica's row", extra={"error": type(exc).__name__})
+        finally:
+            self._acks.close()
+            self._pending.close()
+            await self.leave()
+
+    async def _answer(self) -> None:
+        async for nonce in self._pending:
+            batch = [nonce]
+            while len(batch) < 64:
+                try:
+                    batch.append(self._pending.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            try:
+                async with self._engine.begin() as conn:
+                    for each in batch:
+                        await conn.execute(sa.select(sa.func.pg_notify(ACKS_CHANNEL, f"{each} {self.id}")))
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("could not confirm a change", extra={"error": type(exc).__name__})
