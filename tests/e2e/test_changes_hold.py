@@ -8,6 +8,7 @@ through the database's change log) and PostgreSQL (through LISTEN/NOTIFY).
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -15,16 +16,19 @@ from typing import Any, Final
 import anyio
 import httpx2
 import pytest
+import sqlalchemy as sa
 from mcp.shared.exceptions import MCPError
 
+from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.models import Transport
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
-from bastion.services import connections, gateways, hosts, members, principals, servers
+from bastion.services import connections, gateways, hosts, members, principals, servers, tokens
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
+from bastion.web.mcp.listeners import ACCESS_ENDED
 from bastion.web.mcp.server import POLICY_DENIED
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 from tests.processes import BASTION, clean_env
@@ -85,9 +89,12 @@ async def _refusal(url: str, token: str) -> str:
 
 
 def _mcp_error_in(exc: BaseException) -> MCPError | None:
-    """The JSON-RPC error a call raised, also from inside the client's task groups."""
+    """The JSON-RPC error a call raised, also from inside the client's task groups (or as the cause of a lost
+    subscription: the SDK's iterator says the stream was lost, from the error that ended it)."""
     if isinstance(exc, MCPError):
         return exc
+    if exc.__cause__ is not None:
+        return _mcp_error_in(exc.__cause__)
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
             found = _mcp_error_in(inner)
@@ -178,3 +185,88 @@ async def test_a_look_up_held_between_its_read_and_its_insert_never_undoes_a_dis
     with pytest.raises(principals.HostDisabled):
         await resolver.resolve(token)
     resolver.close()
+
+
+HANDSHAKE_HEADERS: Final = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+INITIALIZE: Final = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "agent", "version": "1"}},
+}
+
+
+async def _disable_host(store: Store, operator: Actor, _token_id: str) -> None:
+    await hosts.set_enabled(store, operator, "agent", False)
+
+
+async def _revoke_token(store: Store, operator: Actor, token_id: str) -> None:
+    await tokens.revoke(store, operator, token_id)
+
+
+async def _disable_member(store: Store, operator: Actor, _token_id: str) -> None:
+    await members.update(store, operator, "ada@example.com", {"status": "disabled"})
+
+
+@pytest.mark.parametrize("change", [_disable_host, _revoke_token, _disable_member], ids=["host", "token", "member"])
+async def test_what_is_open_for_a_token_ends_when_a_change_refuses_it(
+    change: Callable[[Store, Actor, str], Awaitable[None]],
+    settings: Settings,
+    store: Store,
+    hasher: KeyHasher,
+    operator: Actor,
+) -> None:
+    """A handshake-era session with its GET stream open and a 2026-era listen stream, both of one token: the change
+    ends both, the listen stream saying why, and the session serves nothing more."""
+    recorder = Recorder()
+    async with (
+        serving(recording_upstream(recorder)) as upstream,
+        _world(settings, store, hasher, operator, upstream) as (url, token),
+        httpx2.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {token}"}) as http,
+    ):
+        async with store.transaction() as conn:
+            token_id = (await conn.execute(sa.select(schema.access_tokens.c.id))).scalar_one()
+        opened = await http.post(url, json=INITIALIZE, headers=HANDSHAKE_HEADERS)
+        assert opened.status_code == 200, opened.text
+        session = {**HANDSHAKE_HEADERS, "mcp-session-id": opened.headers["mcp-session-id"]}
+        session["mcp-protocol-version"] = "2025-11-25"
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert (await http.post(url, json=initialized, headers=session)).status_code == 202
+        ended: dict[str, str] = {}
+
+        async def get_stream(ready: anyio.Event) -> None:
+            async with http.stream("GET", url, headers={**session, "accept": "text/event-stream"}) as stream:
+                assert stream.status_code == 200
+                ready.set()
+                async for _chunk in stream.aiter_bytes():
+                    pass
+            ended["get"] = "closed"
+
+        async def listen_stream(ready: anyio.Event) -> None:
+            try:
+                async with (
+                    gateway_client(url, token, "2026-07-28") as client,
+                    client.listen(tools_list_changed=True) as subscription,
+                ):
+                    ready.set()
+                    async for _event in subscription:
+                        pass
+            except Exception as exc:
+                refused = _mcp_error_in(exc)
+                if refused is None:
+                    raise
+                ended["listen"] = f"{refused.code} {refused.message}"
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as streams:
+                for stream in (get_stream, listen_stream):
+                    ready = anyio.Event()
+                    streams.start_soon(stream, ready)
+                    await ready.wait()
+                await change(store, operator, token_id)
+        assert ended["get"] == "closed"
+        code, _, why = ended["listen"].partition(" ")
+        assert int(code) == ACCESS_ENDED and why.startswith("access ended:"), ended
+        # The session serves nothing more: refused at the door now, and unknown once the token would be let in.
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+        assert (await http.post(url, json=call, headers=session)).status_code in (401, 403)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import sqlalchemy as sa
 
@@ -72,6 +73,52 @@ def _who(principal: Principal) -> Refused:
     )
 
 
+_PRINCIPAL: Final = sa.select(
+    T.c.id.label("token_id"),
+    T.c.digest,
+    T.c.expires_at,
+    T.c.revoked_at,
+    T.c.last_used_at,
+    T.c.workspace_id,
+    C.c.id.label("connection_id"),
+    C.c.enabled.label("connection_enabled"),
+    M.c.id.label("member_id"),
+    M.c.email,
+    M.c.status.label("member_status"),
+    R.c.name.label("role_name"),
+    H.c.id.label("host_id"),
+    H.c.name.label("host_name"),
+    H.c.enabled.label("host_enabled"),
+    G.c.id.label("gateway_id"),
+    G.c.slug,
+    G.c.enabled.label("gateway_enabled"),
+).select_from(
+    T.join(C, C.c.id == T.c.connection_id)
+    .join(M, M.c.id == C.c.member_id)
+    .join(R, R.c.id == M.c.role_id)
+    .join(H, H.c.id == C.c.host_id)
+    .join(G, G.c.id == C.c.gateway_id)
+)
+
+
+def _refusal(row: Any, now: datetime) -> BastionError | None:
+    """Why the token of ``row`` (a ``_PRINCIPAL`` row) is refused now, naming whom it speaks for; None: admitted."""
+    who = Refused(row.workspace_id, row.member_id, row.email, row.host_id, row.token_id)
+    if row.revoked_at is not None:
+        return who.on(Unauthenticated("the access token was revoked"))
+    if row.expires_at is not None and now >= row.expires_at:
+        return who.on(Unauthenticated("the access token has expired"))
+    if not row.host_enabled:
+        return who.on(HostDisabled(f"the host {row.host_name!r} is disabled; an admin can enable it again"))
+    if not row.connection_enabled:
+        return who.on(ConnectionDisabled("this connection is disabled; an admin can enable it again"))
+    if row.member_status != MemberStatus.ACTIVE.value:
+        return who.on(MemberDisabled("the member this token belongs to is disabled"))
+    if not row.gateway_enabled:
+        return who.on(GatewayDisabled(f"the gateway {row.slug!r} is disabled"))
+    return None
+
+
 @dataclass(slots=True)
 class _Entry:
     principal: Principal
@@ -128,56 +175,31 @@ class Resolver:
                 await conn.execute(T.update().where(T.c.id == principal.token_id).values(last_used_at=now))
         return principal
 
+    async def refusals(self, token_ids: Iterable[str]) -> dict[str, BastionError]:
+        """Which of ``token_ids`` would be refused now, and why (one read, no cache): what is open for them ends."""
+        wanted = sorted(set(token_ids))
+        if not wanted:
+            return {}
+        now = datetime.now(UTC)
+        async with self._store.transaction() as conn:
+            rows = {row.token_id: row for row in (await conn.execute(_PRINCIPAL.where(T.c.id.in_(wanted)))).all()}
+        found: dict[str, BastionError] = {}
+        for token_id in wanted:
+            row = rows.get(token_id)
+            refusal = _refusal(row, now) if row is not None else Unauthenticated("the access token is not valid")
+            if refusal is not None:
+                found[token_id] = refusal
+        return found
+
     async def _load(self, digest: bytes, now: datetime) -> _Entry:
-        query = (
-            sa.select(
-                T.c.id.label("token_id"),
-                T.c.digest,
-                T.c.expires_at,
-                T.c.revoked_at,
-                T.c.last_used_at,
-                T.c.workspace_id,
-                C.c.id.label("connection_id"),
-                C.c.enabled.label("connection_enabled"),
-                M.c.id.label("member_id"),
-                M.c.email,
-                M.c.status.label("member_status"),
-                R.c.name.label("role_name"),
-                H.c.id.label("host_id"),
-                H.c.name.label("host_name"),
-                H.c.enabled.label("host_enabled"),
-                G.c.id.label("gateway_id"),
-                G.c.slug,
-                G.c.enabled.label("gateway_enabled"),
-            )
-            .select_from(
-                T.join(C, C.c.id == T.c.connection_id)
-                .join(M, M.c.id == C.c.member_id)
-                .join(R, R.c.id == M.c.role_id)
-                .join(H, H.c.id == C.c.host_id)
-                .join(G, G.c.id == C.c.gateway_id)
-            )
-            .where(T.c.digest == digest)
-        )
         generation = self._store.bus.generation
         async with self._store.transaction() as conn:
-            row = (await conn.execute(query)).first()
+            row = (await conn.execute(_PRINCIPAL.where(T.c.digest == digest))).first()
             if row is None or not hmac.compare_digest(row.digest, digest):
                 raise Unauthenticated("the access token is not valid")
-            # Who was refused, for the audit event of a refusal (the token itself is never kept).
-            who = Refused(row.workspace_id, row.member_id, row.email, row.host_id, row.token_id)
-            if row.revoked_at is not None:
-                raise who.on(Unauthenticated("the access token was revoked"))
-            if row.expires_at is not None and now >= row.expires_at:
-                raise who.on(Unauthenticated("the access token has expired"))
-            if not row.host_enabled:
-                raise who.on(HostDisabled(f"the host {row.host_name!r} is disabled; an admin can enable it again"))
-            if not row.connection_enabled:
-                raise who.on(ConnectionDisabled("this connection is disabled; an admin can enable it again"))
-            if row.member_status != MemberStatus.ACTIVE.value:
-                raise who.on(MemberDisabled("the member this token belongs to is disabled"))
-            if not row.gateway_enabled:
-                raise who.on(GatewayDisabled(f"the gateway {row.slug!r} is disabled"))
+            refusal = _refusal(row, now)
+            if refusal is not None:
+                raise refusal
             mapping = dict(
                 (
                     await conn.execute(

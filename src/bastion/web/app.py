@@ -159,7 +159,7 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
     )
     handshakes = Handshakes()
     mcp_manager = StreamableHTTPSessionManager(
-        app=build_server(parts.proxy, parts.audit, handshakes),
+        app=build_server(parts.proxy, parts.audit, handshakes, parts.resolver),
         stateless=False,
         event_store=BoundedEventStore(),
         security_settings=security,

@@ -12,7 +12,7 @@ goes only to listeners holding a subscription to its URI (``Listener.held``; let
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -36,6 +36,7 @@ from mcp.shared.subscriptions import (
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from bastion.domain.connections import Principal
+from bastion.errors import BastionError
 from bastion.events.bus import Changed, Subject
 from bastion.services.proxy import Proxy
 from bastion.upstream.notifications import LIST_CHANGES, Notice
@@ -45,6 +46,7 @@ logger = logging.getLogger("bastion.mcp")
 MAX_PENDING_CHANGES: Final = 4096
 SEND_TIMEOUT_S: Final = 5.0
 
+ACCESS_ENDED: Final = -32057  # a listen stream ended because a change refused its token (host disabled, revoked…)
 MAX_RESOURCE_SUBSCRIPTIONS: Final = 64  # per listen stream; further URIs are left out of its acknowledgement
 
 Deliver = Callable[[ServerEvent], Awaitable[None]]
@@ -65,6 +67,9 @@ class Listener:
     held: dict[str, Release] = field(default_factory=dict[str, Release])
     gateway_id: str = ""  # where the registry keeps it (a session's later requests may name another gateway)
     live: bool = True  # False once removed: a subscription made meanwhile is let go of at once
+    # Ends the stream when a change refuses its token (a listen stream answers with the error; a handshake-era
+    # session is ended with its session, ``Handshakes.end``).
+    end: Callable[[BastionError], None] = field(default=lambda _error: None)
 
     def wants(self, event: ServerEvent) -> bool:
         return not isinstance(event, ResourceUpdated) or event.uri in self.held
@@ -88,8 +93,23 @@ class Listeners:
     def count(self) -> int:
         return sum(len(listeners) for listeners in self._by_gateway.values())
 
-    def add(self, principal: Principal, deliver: Deliver) -> Listener:
+    def token_ids(self) -> set[str]:
+        return {listener.principal.token_id for live in self._by_gateway.values() for listener in live}
+
+    def end(self, refused: Mapping[str, BastionError]) -> int:
+        """End the listeners whose token ``refused`` names, each with its refusal; how many."""
+        everyone = [listener for live in self._by_gateway.values() for listener in live]
+        ended = [listener for listener in everyone if listener.principal.token_id in refused]
+        for listener in ended:
+            listener.end(refused[listener.principal.token_id])
+        return len(ended)
+
+    def add(
+        self, principal: Principal, deliver: Deliver, end: Callable[[BastionError], None] | None = None
+    ) -> Listener:
         listener = Listener(principal, deliver, gateway_id=principal.gateway_id)
+        if end is not None:
+            listener.end = end
         self._by_gateway.setdefault(principal.gateway_id, set()).add(listener)
         return listener
 
@@ -268,6 +288,11 @@ class ListenStreams:
         uris = list(dict.fromkeys(asked.resource_subscriptions or ()))[:MAX_RESOURCE_SUBSCRIPTIONS]
         meta: dict[str, Any] = {SUBSCRIPTION_ID_META_KEY: subscription_id}
         send, receive = anyio.create_memory_object_stream[ServerEvent](self._max_buffered)
+        refused: list[BastionError] = []
+
+        def end(error: BastionError) -> None:  # a change refused the token: the stream answers with why
+            refused.append(error)
+            send.close()
 
         async def deliver(event: ServerEvent) -> None:
             # A resources/updated got here only for a URI the listener holds (``Listener.wants``).
@@ -278,7 +303,7 @@ class ListenStreams:
                     send.close()
 
         # Registered before subscribing and before the acknowledgement, so a change meanwhile is not lost.
-        listener = self._listeners.add(principal, deliver)
+        listener = self._listeners.add(principal, deliver, end)
         try:
             for uri in uris:
                 # A lost upstream subscription ends the stream: the caller listens again, which subscribes afresh.
@@ -297,4 +322,6 @@ class ListenStreams:
         finally:
             self._listeners.remove(listener)
             send.close()
+        if refused:
+            raise MCPError(ACCESS_ENDED, f"access ended: {refused[0].detail}")
         return types.SubscriptionsListenResult(_meta=meta)

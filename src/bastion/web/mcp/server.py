@@ -21,11 +21,13 @@ from bastion.domain.connections import Principal
 from bastion.errors import BastionError, NotFound, ValidationFailed
 from bastion.services.audit import Audit, AuditUnavailable, CallRecord, before_forwarding, current_record
 from bastion.services.guard import ContentBlocked, PolicyDenied, RateLimited
+from bastion.services.principals import Resolver
 from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy, RoundTrip
 from bastion.types import JSONValue
 from bastion.upstream import relay
 from bastion.upstream.pool import UpstreamBusy, UpstreamUnavailable
 from bastion.web.mcp.listeners import Listeners, ListenStreams, join
+from bastion.web.mcp.sentinel import Sentinel
 from bastion.web.mcp.sessions import Handshakes
 
 logger = logging.getLogger("bastion.mcp")
@@ -154,17 +156,25 @@ class _GatewayServer(Server[Any]):
         )
 
 
-def build_server(proxy: Proxy, audit: Audit, handshakes: Handshakes | None = None) -> Server[Any]:
+def build_server(
+    proxy: Proxy, audit: Audit, handshakes: Handshakes | None = None, resolver: Resolver | None = None
+) -> Server[Any]:
     """A Server whose handlers read the Principal the endpoint attached to this request.
 
     ``handshakes`` hears of each handshake-era session once its handshake is complete (the hot path serves them).
+    With ``resolver``, what is open for a token (listen streams, sessions) ends once a change refuses it.
     """
     listeners = Listeners(proxy)
 
     @asynccontextmanager
     async def lifespan(_server: Server[Any]) -> AsyncGenerator[dict[str, Any]]:
-        async with listeners.running():
-            yield {}
+        async with listeners.running(), anyio.create_task_group() as tasks:
+            if resolver is not None:
+                tasks.start_soon(Sentinel(resolver, proxy.bus, listeners, handshakes).run)
+            try:
+                yield {}
+            finally:
+                tasks.cancel_scope.cancel()
 
     def round_trip(ctx: ServerRequestContext[Any, Any], params: Any) -> RoundTrip | None:
         # 2026-era callers get input-required results passed through; handshake-era callers are asked mid-call.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -81,6 +82,20 @@ class Handshakes:
         if entry is None or entry.token_id != principal.token_id or self._transport(session_id) is None:
             return None
         return entry
+
+    def token_ids(self) -> set[str]:
+        return {entry.token_id for entry in self._sessions.values()}
+
+    async def end(self, token_ids: Collection[str]) -> int:
+        """End the sessions opened with ``token_ids`` (a change refused them): their calls and streams end, and
+        their session id is answered 404 from now on. How many were ended."""
+        ended = [entry for entry in self._sessions.values() if entry.token_id in token_ids]
+        for entry in ended:
+            entry.end()
+            transport = self._transport(entry.session_id)
+            if transport is not None:
+                await transport.terminate()
+        return len(ended)
 
     def touch(self, session_id: str, busy_s: float = 0.0) -> None:
         """A call on the session starts (lasting up to ``busy_s``) or ended: its idle timeout counts from then.
