@@ -1,6 +1,6 @@
 """A minimal upstream for `bench/gateway.py`: the official SDK's low-level Server with one `echo` tool.
 
-Run as ``python bench/echo_upstream.py PORT``: uvicorn (uvloop and httptools) on 127.0.0.1:PORT, the MCP endpoint
+Run as ``python bench/echo_upstream.py PORT [DELAY_MS]`` (each call takes DELAY_MS first, default 0): uvicorn (uvloop and httptools) on 127.0.0.1:PORT, the MCP endpoint
 at ``/mcp`` answering both eras (2026-07-28 single POSTs and legacy sessions), the way a small real server would.
 """
 
@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncGenerator
 from typing import Any, Final
 
+import anyio
 import mcp_types as types
 import uvicorn
 from mcp.server import Server, ServerRequestContext
@@ -22,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 ECHO_SCHEMA: Final = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 
 
-def build_app() -> Starlette:
+def build_app(delay_s: float = 0.0) -> Starlette:
     async def list_tools(_ctx: ServerRequestContext[Any, Any], _params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(
             tools=[types.Tool(name="echo", description="Answers with the text it was given", input_schema=ECHO_SCHEMA)]
@@ -30,6 +31,8 @@ def build_app() -> Starlette:
 
     async def call_tool(_ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
         text = str((params.arguments or {}).get("text", ""))
+        if delay_s:
+            await anyio.sleep(delay_s)
         return types.CallToolResult(content=[types.TextContent(type="text", text=text)])
 
     server: Server[Any] = Server("echo", version="1.0", on_list_tools=list_tools, on_call_tool=call_tool)
@@ -49,8 +52,9 @@ def build_app() -> Starlette:
 
 def main() -> None:
     port = int(sys.argv[1])
+    delay_ms = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     uvicorn.run(
-        build_app(),
+        build_app(delay_ms / 1000),
         host="127.0.0.1",
         port=port,
         loop="uvloop",

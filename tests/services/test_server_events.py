@@ -1,15 +1,19 @@
-"""What a server edit tells the running processes: only edits of how it is reached close its upstream sessions."""
+"""What server and identity edits tell the running processes: only edits of how one is reached close sessions."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
+from bastion.domain.identities import IdentityStatus, bearer_secret
 from bastion.domain.models import Transport
-from bastion.domain.specs import ServerSpec
+from bastion.domain.specs import MemberSpec, ServerSpec
 from bastion.events.bus import Changed, Subject
-from bastion.services import servers
+from bastion.services import identities, members, servers
+from bastion.services.apikeys import KeyHasher
 
 pytestmark = pytest.mark.anyio
 
@@ -30,3 +34,32 @@ async def test_a_description_edit_refreshes_views_but_leaves_sessions_and_a_url_
         Changed(Subject.SERVER, server.id),
         Changed(Subject.SERVER, server.id),
     ]
+
+
+async def test_identity_edits_close_its_sessions_only_when_what_it_presents_changes_or_it_stops(
+    store: Store, operator: Actor, vault: Any, hasher: KeyHasher
+) -> None:
+    await servers.create(store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url="https://a.example"))
+    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+    identity = await identities.create(
+        store, vault, hasher, operator, server="crm", owner="ada@example.com", secret=bearer_secret("token-one-abcd")
+    )
+    heard: list[Changed] = []
+    store.bus.subscribe(heard.append)
+
+    async def edit(**changes: Any) -> None:
+        await identities.update(store, vault, hasher, operator, identity.id, **changes)
+
+    await edit(label="Ada's CRM")  # a label
+    await edit(secret=bearer_secret("token-one-abcd"))  # the same value pasted again
+    await edit(secret=bearer_secret("token-two-abcd"))  # another value
+    await edit(status=IdentityStatus.DISABLED)  # it stops serving
+    await edit(status=IdentityStatus.ACTIVE)  # and serves again
+    assert [event.subject for event in heard] == [
+        Subject.IDENTITY_INFO,
+        Subject.IDENTITY_INFO,
+        Subject.IDENTITY,
+        Subject.IDENTITY,
+        Subject.IDENTITY_INFO,
+    ]
+    assert {event.id for event in heard} == {identity.id}

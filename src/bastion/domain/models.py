@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -129,6 +130,26 @@ class Server:
     updated_at: datetime
     # The variable a stdio server reads each person's token from; None: BASTION_BEARER_TOKEN.
     token_env: str | None = None
+    # How the server is reached, as a digest of every setting but its description: sessions opened under one
+    # reach serve calls until it changes (the row's ``version`` also counts description edits).
+    reach: str = field(init=False, default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        reached = (
+            self.name,
+            self.transport,
+            self.url,
+            self.command,
+            self.args,
+            sorted(self.env.items()),
+            self.auth_kind,
+            self.oauth,
+            self.era,
+            self.connect_timeout_s,
+            self.call_timeout_s,
+            self.token_env,
+        )
+        object.__setattr__(self, "reach", hashlib.blake2b(repr(reached).encode(), digest_size=12).hexdigest())
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ class Subject(StrEnum):
     MEMBER = "member"
     CONNECTION = "connection"
     TOKEN = "token"  # noqa: S105  a subject name, not a secret
-    IDENTITY = "identity"
+    IDENTITY = "identity"  # what is presented upstream changed (the secret's value) or it stopped serving: sessions go
+    IDENTITY_INFO = "identity_info"  # its label, a re-seal, or a recovery: cached credentials are read again
     SERVER = "server"  # how a server is reached changed: its pooled sessions and cached schemas go
     SERVER_INFO = "server_info"  # only what describes it (its description): views refresh, sessions stay
     POLICY = "policy"  # policy rules, content rules and rate limits of a workspace (id: the workspace id)

@@ -180,11 +180,15 @@ async def update(
         current = await find(conn, actor.workspace_id, identity_id)
         _check_access(actor, current.owner_id)
         values: dict[str, Any] = {"updated_at": datetime.now(UTC)}
+        presents_another = False
         if label is not None:
             values["label"] = naming.display_name(label, field="label")
         if status is not None:
             values["status"] = status.value
         if secret is not None:
+            row = await crud.fetch_one(conn, T, T.c.id == current.id, what="identity")
+            was = vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed)
+            presents_another = was.outbound_headers() != secret.outbound_headers()
             sealed = vault.seal(actor.workspace_id, current.id, secret)
             await vault_keys.record_seal(conn, sealed.kek_id)
             fp, last4 = fingerprint(hasher, secret)
@@ -198,7 +202,9 @@ async def update(
             if status is None and current.status is IdentityStatus.NEEDS_REAUTH:
                 values["status"] = IdentityStatus.ACTIVE.value
         await crud.update_versioned(conn, T, current.id, expected_version, values, what="identity")
-        emit(conn, Changed(Subject.IDENTITY, current.id))
+        # Its open upstream sessions go only if what they present changed, or it stopped serving.
+        stops = values.get("status", IdentityStatus.ACTIVE.value) != IdentityStatus.ACTIVE.value
+        emit(conn, Changed(Subject.IDENTITY if presents_another or stops else Subject.IDENTITY_INFO, current.id))
         # "secret" names the change, never the value; the new status shows enabling, disabling and recovery.
         given = {"label": label, "status": status, "secret": secret}
         changed: list[JSONValue] = [name for name in sorted(given) if given[name] is not None]

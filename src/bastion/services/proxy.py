@@ -27,7 +27,7 @@ from bastion.errors import BastionError, NotFound, ValidationFailed
 from bastion.events.bus import Changed, EventBus, Subject
 from bastion.oauth.refresh import Refresher
 from bastion.services import step_up
-from bastion.services.audit import AuditUnavailable, before_forwarding, current_record
+from bastion.services.audit import AuditUnavailable, CallRecord, before_forwarding, current_record
 from bastion.services.credentials import Credentials, IdentityNeedsReauth, IdentityRequired, generation_of
 from bastion.services.directory import Directory, GatewayView, Mounted
 from bastion.services.guard import Guard
@@ -110,6 +110,8 @@ class Proxy:
         if event.subject is Subject.IDENTITY:
             self._credentials.forget(event.id)
             self._pool.discard(identity_id=event.id)
+        elif event.subject is Subject.IDENTITY_INFO:
+            self._credentials.forget(event.id)  # the same credential goes upstream: its open sessions stay
         elif event.subject is Subject.SERVER:
             self._forget_schemas(event.id)
             self._pool.discard(server_id=event.id)
@@ -243,7 +245,20 @@ class Proxy:
     ) -> T:
         client = lease.client
         record = current_record()
-        # Turn before slot: a call waiting for its session's turn must not hold one of the server's slots.
+        # Turn before slot: a call waiting for its session's turn must not hold one of the server's slots. The
+        # session stays open for this call even if an edit takes it out of the pool meanwhile (``using``).
+        with self._pool.using(lease):
+            return await self._attempt_using(lease, client, record, principal, mounted, fn)
+
+    async def _attempt_using(
+        self,
+        lease: Lease,
+        client: Client,
+        record: CallRecord | None,
+        principal: Principal,
+        mounted: Mounted,
+        fn: Callable[[Client], Awaitable[T]],
+    ) -> T:
         async with self._pool.turn(lease, mounted.server.call_timeout_s), self._pool.slot(mounted.server.id):
             try:
                 result = await fn(client)

@@ -41,11 +41,11 @@ class SealedColumns:
 # Every table with sealed values must be listed here (a test checks every LargeBinary column is accounted for).
 # A row whose key id is NULL holds nothing sealed (a draft identity reusing an existing one, a public OAuth client).
 REGISTRY: Final = (
-    SealedColumns(schema.identities, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.IDENTITY),
+    SealedColumns(schema.identities, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.IDENTITY_INFO),
     # Draft rows are sealed under their future identity's id, which is also their own id.
-    SealedColumns(schema.draft_identities, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.IDENTITY),
+    SealedColumns(schema.draft_identities, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.IDENTITY_INFO),
     # OAuth client secrets, sealed under their oauth_clients row id; nothing caches them.
-    SealedColumns(schema.oauth_clients, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.SERVER),
+    SealedColumns(schema.oauth_clients, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.SERVER_INFO),
     # Webhooks: signing secrets, the token or claim code an event carries until delivered, the token behind a claim.
     SealedColumns(schema.webhook_secrets, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.WEBHOOK),
     SealedColumns(schema.webhook_outbox, "kek_id", "dek_wrapped", ("secret_sealed",), Subject.WEBHOOK),

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -71,7 +71,7 @@ class UpstreamRefused(UpstreamUnavailable):
 @dataclass(frozen=True, slots=True)
 class SessionKey:
     server_id: str
-    server_version: int
+    server_reach: str  # ``Server.reach``: a description edit keeps the key, an edit of how it is reached does not
     identity_id: str | None
     profile: Profile = NO_PROFILE
     # Which access token of an OAuth identity the session carries: a refreshed token opens a new session,
@@ -92,9 +92,20 @@ class _Session:
     session_id: str | None = None  # the Mcp-Session-Id a Streamable HTTP upstream gave it
     kept: int = 0  # how many ``Kept`` hold it open through idleness
     ended: anyio.Event = field(default_factory=anyio.Event)  # its client has closed, for whatever reason
+    busy: int = 0  # calls on it now (``UpstreamPool.using``)
+    draining: bool = False  # out of the pool: it closes when its last call ends
+
+    protocol_version: str | None = None  # what the upstream negotiated, read once the session is open
 
     def lease(self, client: Client) -> Lease:
-        return Lease(client, self.key, self.turns, self.session_id)
+        return Lease(client, self.key, self.turns, self.session_id, self, self.protocol_version)
+
+    def close(self) -> None:
+        """Close now if no call is on it, else once the last one ends (out of the pool either way)."""
+        if self.busy:
+            self.draining = True
+        else:
+            self.closing.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +116,9 @@ class Lease:
     key: SessionKey
     turns: relay.Turns | None = None
     session_id: str | None = None  # the upstream's Mcp-Session-Id (Streamable HTTP, handshake era)
+    session: _Session | None = field(default=None, repr=False, compare=False)
+    # Kept from when the session opened: the hot path needs it even if the session closes under its call.
+    protocol_version: str | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -218,7 +232,7 @@ class UpstreamPool:
             UpstreamRefused: the upstream answered 401 to the credential.
             UpstreamUnavailable: the upstream could not be reached or refused the handshake.
         """
-        key = SessionKey(server.id, server.version, credential.identity_id, profile, generation)
+        key = SessionKey(server.id, server.reach, credential.identity_id, profile, generation)
         session = self._sessions.get(key)
         if session is None:
             session = self._open(key, server, credential)
@@ -247,12 +261,28 @@ class UpstreamPool:
         self, server: Server, identity_id: str | None, profile: Profile = NO_PROFILE, generation: str | None = None
     ) -> Lease | None:
         """The open session for (server, identity, profile) if there is one: the hot path needs no credential lookup."""
-        key = SessionKey(server.id, server.version, identity_id, profile, generation)
+        key = SessionKey(server.id, server.reach, identity_id, profile, generation)
         session = self._sessions.get(key)
         if session is None or session.client is None:
             return None
         session.last_used = time.monotonic()
         return session.lease(session.client)
+
+    @contextmanager
+    def using(self, lease: Lease) -> Generator[None]:
+        """One call on ``lease``'s session: an edit that takes the session out of the pool meanwhile (its server or
+        identity changed) closes it only once its calls have ended, so none is cut off."""
+        session = lease.session
+        if session is None:
+            yield
+            return
+        session.busy += 1
+        try:
+            yield
+        finally:
+            session.busy -= 1
+            if session.draining and not session.busy:
+                session.closing.set()
 
     def forget(self, lease: Lease) -> None:
         """Close ``lease``'s session (its upstream no longer knows it); the next call opens a fresh one."""
@@ -322,11 +352,11 @@ class UpstreamPool:
         session.kept += 1
         return Kept(session)
 
-    def cached_any(self, server: Server) -> Client | None:
-        """Any open session to this server version, to learn what the upstream negotiated."""
+    def negotiated(self, server: Server) -> str | None:
+        """The protocol version any open session to this server (as it is reached now) negotiated, if there is one."""
         for key, session in self._sessions.items():
-            if key.server_id == server.id and key.server_version == server.version and session.client is not None:
-                return session.client
+            if key.server_id == server.id and key.server_reach == server.reach and session.protocol_version:
+                return session.protocol_version
         return None
 
     def on_discard(self, callback: Callable[[str | None, str | None], None]) -> None:
@@ -350,7 +380,7 @@ class UpstreamPool:
                 identity_id is not None and key.identity_id == identity_id
             ):
                 self._sessions.pop(key, None)
-                session.closing.set()
+                session.close()  # calls on it end first; new ones open a fresh session
 
     def discard_all(self) -> None:
         for server_id in {key.server_id for key in self._sessions}:
@@ -364,7 +394,7 @@ class UpstreamPool:
             unkept = [s for s in self._sessions.values() if not s.kept] or list(self._sessions.values())
             oldest = min(unkept, key=lambda s: s.last_used)
             self._sessions.pop(oldest.key, None)
-            oldest.closing.set()
+            oldest.close()
         session = _Session(key)
         if relay.serializes(server.transport, key.profile):
             session.turns = relay.Turns()
@@ -397,6 +427,7 @@ class UpstreamPool:
                     **relay.callbacks(session.key.profile),
                 ) as client:
                     session.client = client
+                    session.protocol_version = client.protocol_version
                     session.ready.set()
                     await session.closing.wait()
             except Exception as exc:  # noqa: BLE001  reported to the waiting caller, never raised in the pool task
@@ -425,7 +456,7 @@ class UpstreamPool:
         """Close the sessions unused for longer than the idle time at ``now`` (monotonic), except kept ones."""
         cutoff = now - self._idle_s
         for key, session in list(self._sessions.items()):
-            if session.ready.is_set() and not session.kept and session.last_used < cutoff:
+            if session.ready.is_set() and not session.kept and not session.busy and session.last_used < cutoff:
                 self._sessions.pop(key, None)
                 session.closing.set()
 

@@ -92,9 +92,9 @@ class FastPath:
         self._security = security
         self._passed: set[tuple[bytes | None, bytes | None, bytes | None]] = set()
         # Connections per (server, version): they carry no identity, each request carries its own credential.
-        self._wires: dict[tuple[str, int], WirePool] = {}
+        self._wires: dict[tuple[str, str], WirePool] = {}
         # The headers each (server, version, identity, access token generation) sends; a refreshed token has its own.
-        self._headers: dict[tuple[str, int, str | None, str | None], list[tuple[str, str]]] = {}
+        self._headers: dict[tuple[str, str, str | None, str | None], list[tuple[str, str]]] = {}
         # The same trust as every other outbound client (httpx2's certifi bundle, no environment overrides).
         self._tls = httpx2.create_ssl_context(trust_env=False)
         pool.on_discard(self._forget)
@@ -127,8 +127,7 @@ class FastPath:
             return True
         if server.era is ProtocolEra.LEGACY:
             return False
-        client = self._pool.cached_any(server)  # an `auto` server: known modern once any session negotiated it
-        return client is not None and client.protocol_version == MODERN
+        return self._pool.negotiated(server) == MODERN  # an `auto` server: known modern once a session said so
 
     async def handle(self, scope: Scope, body: bytes, send: Send, principal: Principal) -> bool:
         """Forward the call and return True, or return False (nothing sent) for the full path to take it."""
@@ -231,10 +230,10 @@ class FastPath:
 
     def _wire(self, mounted: Mounted) -> WirePool:
         server = mounted.server
-        wire = self._wires.get((server.id, server.version))
+        wire = self._wires.get((server.id, server.reach))
         if wire is None:
             assert server.url is not None  # noqa: S101  streamable HTTP servers always have one
-            wire = self._wires[(server.id, server.version)] = WirePool(
+            wire = self._wires[(server.id, server.reach)] = WirePool(
                 server.url, self._pool.outbound, connect_timeout_s=server.connect_timeout_s, ssl_context=self._tls
             )
         return wire
@@ -244,14 +243,14 @@ class FastPath:
         credential_id = self._proxy.identity_for(principal, mounted)
         server = mounted.server
         current = await self._proxy.generation(principal, credential_id)
-        headers = self._headers.get((server.id, server.version, credential_id, current))
+        headers = self._headers.get((server.id, server.reach, credential_id, current))
         if headers is None:
             credential = await self._proxy.credential(principal, credential_id)
             current = generation_of(credential)
-            for old in [k for k in self._headers if k[:3] == (server.id, server.version, credential_id)]:
+            for old in [k for k in self._headers if k[:3] == (server.id, server.reach, credential_id)]:
                 del self._headers[old]  # an earlier token of this identity: spent
             headers = [("user-agent", USER_AGENT), *((k.lower(), v) for k, v in credential.headers().items())]
-            self._headers[(server.id, server.version, credential_id, current)] = headers
+            self._headers[(server.id, server.reach, credential_id, current)] = headers
         return Upstream(self._wire(mounted), headers), current
 
     async def _forward(

@@ -108,7 +108,7 @@ class HandshakePath:
             )
         except BastionError:
             return False  # the full path answers it (enrolment needed, or the identity cannot be renewed)
-        if lease is None or lease.client.protocol_version not in HANDSHAKE_VERSIONS:
+        if lease is None or lease.protocol_version not in HANDSHAKE_VERSIONS:
             return False  # the full path opens the upstream session (and learns its era)
         if await self.fast.rejected(scope, send):
             return True
@@ -160,6 +160,11 @@ class _Call(Answer):
         self._current: str | None = None
 
     async def run(self, tool: str, lease: Lease) -> None:
+        # The pooled session stays open for this call even if an edit takes it out of the pool meanwhile.
+        with self._path.pool.using(lease):
+            await self._run(tool, lease)
+
+    async def _run(self, tool: str, lease: Lease) -> None:
         key = self._session.call_key(self.request.request_id)
         record = self.record
         server = self.mounted.server
@@ -217,7 +222,7 @@ class _Call(Answer):
 
     def _headers(self) -> list[tuple[str, str]]:
         assert self._upstream is not None and self._lease is not None  # noqa: S101  set by run
-        headers = [*self._upstream.headers, ("mcp-protocol-version", self._lease.client.protocol_version)]
+        headers = [*self._upstream.headers, ("mcp-protocol-version", self._lease.protocol_version or "")]
         if self._lease.session_id is not None:
             headers.append((SESSION_HEADER, self._lease.session_id))
         return headers
