@@ -36,7 +36,7 @@ import anyio
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway import (  # noqa: E402  (a sibling script, not a package)
+from gateway import (  # a sibling script, not a package
     BASTION,
     BENCH_DIR,
     LEGACY,
@@ -145,7 +145,9 @@ def _edits(identity_id: str, server: str) -> dict[str, Edit | None]:
 
 
 async def run_case(captured: Captured, api: httpx2.AsyncClient, case: Case, edit: Edit | None, seconds: float) -> None:
-    sessions: list[str | None] = list(await open_sessions(captured, CALLERS)) if captured.handshake else [None] * CALLERS
+    sessions: list[str | None] = (
+        list(await open_sessions(captured, CALLERS)) if captured.handshake else [None] * CALLERS
+    )
     until = time.monotonic() + seconds
     limits = httpx2.Limits(max_connections=CALLERS + 4)
     async with httpx2.AsyncClient(timeout=60, limits=limits) as http, anyio.create_task_group() as tasks:
@@ -161,9 +163,7 @@ async def run_case(captured: Captured, api: httpx2.AsyncClient, case: Case, edit
 
 async def measure(gateway_url: str, api_url: str, api_key: str, token: str, seconds: float) -> list[Case]:
     cases: list[Case] = []
-    async with httpx2.AsyncClient(
-        base_url=api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
-    ) as api:
+    async with httpx2.AsyncClient(base_url=api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as api:
         listed = (await api.get("/identities", params={"member": "ada@example.com"})).json()["items"]
         for era in (MODERN, LEGACY):
             captured = await capture(gateway_url, TOOLS[era], era, "warm-up", token)
@@ -174,17 +174,18 @@ async def measure(gateway_url: str, api_url: str, api_key: str, token: str, seco
                 case = Case(era, name)
                 await run_case(captured, api, case, edit, seconds)
                 cases.append(case)
-                print(f"  {era:10} {name:22} {case.calls:6} calls", file=sys.stderr, flush=True)
+                print(f"  {era:10} {name:22} {case.calls:6} calls", file=sys.stderr, flush=True)  # noqa: T201
     return cases
 
 
 def table(cases: list[Case]) -> str:
     lines = [
-        f"{'era':10} {'edit':22} {'edits':>5} {'calls':>6} {'ok':>6} {'HTTP 500':>8} {'other HTTP':>10}  JSON-RPC errors",
+        f"{'era':10} {'edit':22} {'edits':>5} {'calls':>6} {'ok':>6} {'HTTP 500':>8} {'other HTTP':>10}"
+        "  JSON-RPC errors",
     ]
     for c in cases:
         other = sum(c.other_http.values())
-        errors = ", ".join(f"{n}×{code}" for code, n in sorted(c.jsonrpc_errors.items())) or "0"
+        errors = ", ".join(f"{n} x {code}" for code, n in sorted(c.jsonrpc_errors.items())) or "0"
         lines.append(f"{c.era:10} {c.edit:22} {c.edits:5} {c.calls:6} {c.ok:6} {c.http_500:8} {other:10}  {errors}")
     return "\n".join(lines)
 
@@ -225,13 +226,14 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     database = (args.database_url or "sqlite (embedded)").split(":", 1)[0].split("+", 1)[0]
     if args.json:
-        print(json.dumps({"database": database, "callers": CALLERS, "cases": [c.row() for c in cases]}, indent=2))
+        doc = {"database": database, "callers": CALLERS, "cases": [c.row() for c in cases]}
+        print(json.dumps(doc, indent=2))  # noqa: T201
         return
-    print(
+    print(  # noqa: T201
         f"tools/call under admin churn: {CALLERS} callers, upstream {UPSTREAM_DELAY_MS} ms a call, an edit every "
         f"{EDIT_EVERY_S * 1000:.0f} ms, {args.seconds:g} s per case, database {database}"
     )
-    print(table(cases))
+    print(table(cases))  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A minimal upstream for `bench/gateway.py`: the official SDK's low-level Server with one `echo` tool.
 
-Run as ``python bench/echo_upstream.py PORT [DELAY_MS]`` (each call takes DELAY_MS first, default 0): uvicorn (uvloop and httptools) on 127.0.0.1:PORT, the MCP endpoint
-at ``/mcp`` answering both eras (2026-07-28 single POSTs and legacy sessions), the way a small real server would.
+Run as ``python bench/echo_upstream.py PORT [DELAY_MS]`` (each call takes DELAY_MS first, default 0): uvicorn
+(uvloop and httptools) on 127.0.0.1:PORT, the MCP endpoint at ``/mcp`` answering both eras (2026-07-28 single
+POSTs and legacy sessions), the way a small real server would.
 """
 
 from __future__ import annotations
