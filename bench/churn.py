@@ -14,7 +14,8 @@ for ``--seconds`` per case while the admin API makes one kind of edit every 150 
 - ``identity label``: the identity relabelled;
 - ``server timeout``: the server's call timeout changed, an edit of how it is reached (its sessions close).
 
-Every answer is sorted: ok (a result), HTTP 500, another HTTP status, or a JSON-RPC error (by code).
+Every answer is sorted: ok (a result), HTTP 500, dropped (the connection ended without an answer), another HTTP
+status, or a JSON-RPC error (by code).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Case:
     calls: int = 0
     ok: int = 0
     http_500: int = 0
+    dropped: int = 0
     other_http: Counter[int] = field(default_factory=Counter[int])
     jsonrpc_errors: Counter[int] = field(default_factory=Counter[int])
 
@@ -102,8 +104,12 @@ async def _caller(
         sent += 1
         body = {**captured.body, "id": number * 1_000_000 + sent}
         body["params"] = {**captured.body["params"], "arguments": {"text": f"c{number}-{sent}"}}
-        response = await http.post(captured.url, headers=headers, json=body)
         case.calls += 1
+        try:
+            response = await http.post(captured.url, headers=headers, json=body)
+        except httpx2.TransportError:
+            case.dropped += 1  # the connection ended without an answer (a crash mid-response)
+            continue
         if response.status_code == 500:
             case.http_500 += 1
             continue
@@ -180,13 +186,14 @@ async def measure(gateway_url: str, api_url: str, api_key: str, token: str, seco
 
 def table(cases: list[Case]) -> str:
     lines = [
-        f"{'era':10} {'edit':22} {'edits':>5} {'calls':>6} {'ok':>6} {'HTTP 500':>8} {'other HTTP':>10}"
+        f"{'era':10} {'edit':22} {'edits':>5} {'calls':>6} {'ok':>6} {'HTTP 500':>8} {'dropped':>7} {'other HTTP':>10}"
         "  JSON-RPC errors",
     ]
     for c in cases:
         other = sum(c.other_http.values())
         errors = ", ".join(f"{n} x {code}" for code, n in sorted(c.jsonrpc_errors.items())) or "0"
-        lines.append(f"{c.era:10} {c.edit:22} {c.edits:5} {c.calls:6} {c.ok:6} {c.http_500:8} {other:10}  {errors}")
+        counts = f"{c.edits:5} {c.calls:6} {c.ok:6} {c.http_500:8} {c.dropped:7} {other:10}"
+        lines.append(f"{c.era:10} {c.edit:22} {counts}  {errors}")
     return "\n".join(lines)
 
 
