@@ -180,7 +180,10 @@ async def test_while_its_listener_is_cut_off_a_replica_keeps_nothing_in_its_cach
             assert store.bus.live
             async with store.engine.begin() as conn:  # the listener's connection dies (a failover, a proxy restart)
                 await conn.execute(
-                    sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'")
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND query = 'LISTEN bastion_changes'"
+                    )
                 )
             with anyio.fail_after(10):
                 await cut_off.wait()

@@ -10,9 +10,9 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import IdentityStatus, bearer_secret
 from bastion.domain.models import Transport
-from bastion.domain.specs import MemberSpec, ServerSpec
+from bastion.domain.specs import MemberSpec, RoleSpec, ServerSpec
 from bastion.events.bus import Changed, Subject
-from bastion.services import identities, members, servers
+from bastion.services import identities, members, roles, servers
 from bastion.services.apikeys import KeyHasher
 
 pytestmark = pytest.mark.anyio
@@ -63,3 +63,11 @@ async def test_identity_edits_close_its_sessions_only_when_what_it_presents_chan
         Subject.IDENTITY_INFO,
     ]
     assert {event.id for event in heard} == {identity.id}
+
+
+async def test_a_role_edit_makes_every_process_read_its_holders_again(store: Store, operator: Actor) -> None:
+    await roles.create(store, operator, RoleSpec("analyst", "Reads", frozenset()))
+    heard: list[Changed] = []
+    store.bus.subscribe(heard.append)
+    role = await roles.update(store, operator, "analyst", {"name": "analysts"})
+    assert heard == [Changed(Subject.ROLE, role.id)]

@@ -15,6 +15,7 @@ class Subject(StrEnum):
     HOST = "host"
     GATEWAY = "gateway"
     MEMBER = "member"
+    ROLE = "role"  # a role renamed or its capabilities changed: look-ups that carry its name are read again
     CONNECTION = "connection"
     TOKEN = "token"  # noqa: S105  a subject name, not a secret
     IDENTITY = "identity"  # what is presented upstream changed (the secret's value) or it stopped serving: sessions go

@@ -56,7 +56,8 @@ async def listen(
                 )
             if connected is None:
                 continue  # only a cancelled scope ends without it, and this one is shielded
-            async with connected as conn:
+            conn = connected
+            try:
                 await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
                 if notices is not None:
                     await conn.execute(f"LISTEN {NOTICES_CHANNEL}")
@@ -79,6 +80,9 @@ async def listen(
                     event = Changed.decode(notify.payload)
                     if event is not None:
                         bus.publish(event)
+            finally:
+                with anyio.CancelScope(shield=True):  # closed even when cancelled (a shutdown), never left to the GC
+                    await conn.close()
         except Exception as exc:  # noqa: BLE001  the listener must outlive any failure: it only invalidates caches
             if bus.live:
                 bus.live = False  # changes may be missed from now until connected again: forget, keep nothing

@@ -43,6 +43,7 @@ BEAT_S: Final = 2.0
 LIVE_S: Final = 6.0  # three beats: a replica silent longer is not waited for
 CONFIRM_TIMEOUT_S: Final = 2.0
 MAX_PENDING_ACKS: Final = 1024
+STATEMENT_TIMEOUT_S: Final = 5.0  # this module's own statements (a beat, a batch of answers, leaving)
 
 
 def sync_payload(nonce: str) -> str:
@@ -69,9 +70,20 @@ class Confirmation:
     async def __aenter__(self) -> Confirmation:
         import psycopg
 
-        # Listening before the change commits: no answer can come before it is heard.
-        self._conn = conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=5)
-        await conn.execute(f"LISTEN {ACKS_CHANNEL}")
+        # Listening before the change commits: no answer can come before it is heard. Connecting is shielded (a
+        # cancellation mid-connect would leave psycopg's half-made connection for the garbage collector), and a
+        # failure or cancellation before this returns closes what was opened (``__aexit__`` would not run).
+        conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        with anyio.CancelScope(shield=True):
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=5)
+        if conn is None:
+            raise RuntimeError("unreachable: the connect above is shielded")
+        self._conn = conn
+        try:
+            await conn.execute(f"LISTEN {ACKS_CHANNEL}")
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
@@ -114,18 +126,23 @@ class Replica:
         return f"Replica(id={self.id!r}, live={self._bus.live})"
 
     async def beat(self) -> None:
-        """Mark this replica live now (the database's clock)."""
-        async with self._engine.begin() as conn:
-            updated = await conn.execute(
-                replicas.update().where(replicas.c.id == self.id).values(seen_at=sa.func.now())
-            )
-            if updated.rowcount == 0:
-                await conn.execute(
-                    replicas.insert().values(id=self.id, started_at=sa.func.now(), seen_at=sa.func.now())
+        """Mark this replica live now (the database's clock). Shielded and bounded: a shutdown never lands inside a
+        statement, which would strand its connection.
+
+        Raises:
+            TimeoutError: the database did not answer within ``STATEMENT_TIMEOUT_S``.
+        """
+        with anyio.fail_after(STATEMENT_TIMEOUT_S, shield=True):
+            async with self._engine.begin() as conn:
+                updated = await conn.execute(
+                    replicas.update().where(replicas.c.id == self.id).values(seen_at=sa.func.now())
                 )
+                if updated.rowcount == 0:
+                    now = sa.func.now()
+                    await conn.execute(replicas.insert().values(id=self.id, started_at=now, seen_at=now))
 
     async def leave(self) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        with anyio.move_on_after(STATEMENT_TIMEOUT_S, shield=True):
             try:
                 async with self._engine.begin() as conn:
                     await conn.execute(replicas.delete().where(replicas.c.id == self.id))
@@ -151,7 +168,7 @@ class Replica:
                     if self._bus.live:
                         try:
                             await self.beat()
-                        except (SQLAlchemyError, OSError) as exc:
+                        except (SQLAlchemyError, OSError, TimeoutError) as exc:
                             logger.warning("could not renew this replica's row", extra={"error": type(exc).__name__})
         finally:
             self._acks.close()
@@ -167,8 +184,9 @@ class Replica:
                 except anyio.WouldBlock:
                     break
             try:
-                async with self._engine.begin() as conn:
-                    for each in batch:
-                        await conn.execute(sa.select(sa.func.pg_notify(ACKS_CHANNEL, f"{each} {self.id}")))
-            except (SQLAlchemyError, OSError) as exc:
+                with anyio.fail_after(STATEMENT_TIMEOUT_S, shield=True):  # as ``beat``
+                    async with self._engine.begin() as conn:
+                        for each in batch:
+                            await conn.execute(sa.select(sa.func.pg_notify(ACKS_CHANNEL, f"{each} {self.id}")))
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
                 logger.warning("could not confirm a change", extra={"error": type(exc).__name__})

@@ -11,13 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, rows, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store
+from bastion.db.store import Store, emit
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import BUILTIN_ROLES, LOCKED_ROLES, Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Role
 from bastion.domain.specs import RoleSpec, apply_changes
 from bastion.errors import Forbidden, ValidationFailed
+from bastion.events.bus import Changed, Subject
 from bastion.services.actions import action
 
 T = schema.roles
@@ -117,6 +118,8 @@ async def update(
             },
             what="role",
         )
+        # Its holders' cached look-ups carry its name (policy rules may name it): every process reads them again.
+        emit(conn, Changed(Subject.ROLE, current.id))
         action(
             conn,
             actor,
