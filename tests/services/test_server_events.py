@@ -71,3 +71,25 @@ async def test_a_role_edit_makes_every_process_read_its_holders_again(store: Sto
     store.bus.subscribe(heard.append)
     role = await roles.update(store, operator, "analyst", {"name": "analysts"})
     assert heard == [Changed(Subject.ROLE, role.id)]
+
+
+async def test_a_member_who_can_no_longer_call_has_the_sessions_of_their_identities_closed(
+    store: Store, operator: Actor, vault: Any, hasher: KeyHasher
+) -> None:
+    await servers.create(store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url="https://a.example"))
+    for email in ("ada@example.com", "bob@example.com"):
+        await members.create(store, operator, MemberSpec(email, email[:3]))
+    own = {
+        email: await identities.create(
+            store, vault, hasher, operator, server="crm", owner=email, secret=bearer_secret(f"{email}-token-abcd")
+        )
+        for email in ("ada@example.com", "bob@example.com")
+    }
+    heard: list[Changed] = []
+    store.bus.subscribe(heard.append)
+    await members.update(store, operator, "ada@example.com", {"status": "disabled"})
+    assert Changed(Subject.IDENTITY, own["ada@example.com"].id) in heard
+    assert Changed(Subject.IDENTITY, own["bob@example.com"].id) not in heard  # only the member changed
+    heard.clear()
+    await members.delete(store, operator, "bob@example.com")
+    assert Changed(Subject.IDENTITY, own["bob@example.com"].id) in heard

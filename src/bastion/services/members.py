@@ -171,6 +171,8 @@ async def update(
             unique_field="email",
         )
         name = "member.updated"
+        if spec.status is not MemberStatus.ACTIVE:
+            await _close_their_sessions(conn, current.id)
         if spec.status is not current.status:
             name = "member.enabled" if spec.status is MemberStatus.ACTIVE else "member.disabled"
         detail: JSONObject = {"email": spec.email, "fields": [*sorted(changes)], "role": new_role.name}
@@ -187,6 +189,14 @@ async def _check_deletable(conn: AsyncConnection, actor: Actor, current: Member)
         and await _active_owners(conn, actor.workspace_id) <= 1
     ):
         raise Conflict("this is the last active owner; make someone else owner first")
+
+
+async def _close_their_sessions(conn: AsyncConnection, member_id: str) -> None:
+    """A member who can no longer call (disabled, deleted): every process closes the upstream sessions of their
+    private identities (once the calls on them end) rather than leaving them open until idle."""
+    owned = await conn.execute(sa.select(schema.identities.c.id).where(schema.identities.c.owner_id == member_id))
+    for identity_id in owned.scalars():
+        emit(conn, Changed(Subject.IDENTITY, identity_id))
 
 
 async def delete(store: Store, actor: Actor, ref: str, *, revoker: Revoker | None = None) -> None:
@@ -209,6 +219,7 @@ async def delete(store: Store, actor: Actor, ref: str, *, revoker: Revoker | Non
         await _check_deletable(conn, actor, current)
         # Their connections go with them: each host hears their tokens revoked, as when a connection is deleted.
         await outbox.announce_revoked(conn, schema.connections.c.member_id == current.id)
+        await _close_their_sessions(conn, current.id)
         await crud.delete(conn, T, current.id, what="member")
         detail: JSONObject = {"email": current.email}
         if outcomes:
