@@ -149,6 +149,12 @@ async def test_cli_changes_hold_for_the_very_next_call_of_a_running_gateway(
             await _cli(env, tmp_path, "policy", "remove", listed["id"])
         assert await _refusal(url, token) == "allowed"
 
+        # Provisioning narrowed, then widened again: the tool goes and comes back for the very next call.
+        await _cli(env, tmp_path, "gateway", "update", "g", "--tools", "crm=block_all")
+        assert "whoami" in await _refusal(url, token)
+        await _cli(env, tmp_path, "gateway", "update", "g", "--tools", "crm=allow_all")
+        assert await _refusal(url, token) == "allowed"
+
         await _cli(env, tmp_path, "token", "revoke", (await _cli(env, tmp_path, "token", "list"))[0]["id"])
         refused = await _refusal(url, token)
         assert "revoked" in refused or "401" in refused, refused
