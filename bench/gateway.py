@@ -181,6 +181,14 @@ def provision(env: dict[str, str], upstream_url: str, tmp: Path) -> str:
     return token
 
 
+def add_rules(env: dict[str, str]) -> None:
+    """Rules a real deployment has, none of which refuses the benchmark's calls: a deny for another member and a
+    rate limit far above what the benchmark sends."""
+    _cli(env, "member", "create", "bob@example.com")
+    _cli(env, "policy", "add", "--effect", "deny", "--subject-kind", "member", "--subject", "bob@example.com")
+    _cli(env, "rate-limit", "add", "--per", "member", "--limit", "1000000/1s")
+
+
 # --- the SDK client's requests ------------------------------------------------------------------------------------
 
 
@@ -536,6 +544,11 @@ def main() -> None:
         action="store_true",
         help="skip the second gateway (audit log off) that shows what the audit log costs",
     )
+    parser.add_argument(
+        "--rules",
+        action="store_true",
+        help="measure with a policy rule and a rate limit in the workspace (neither refuses the benchmark's calls)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = parser.parse_args()
     wrk_binary()
@@ -559,6 +572,8 @@ def main() -> None:
         if args.database_url:
             env["BASTION_DATABASE_URL"] = args.database_url
         token = provision(env, upstream_url, tmp)
+        if args.rules:
+            add_rules(env)
         gw_log = tmp / "bastion.log"
         bastion = processes.start([str(BASTION), "serve", "--host", "127.0.0.1", "--port", str(gw_port)], env, gw_log)
         _wait_ready(bastion, f"http://127.0.0.1:{gw_port}/readyz", gw_log)
@@ -608,6 +623,7 @@ def main() -> None:
         return
     print(  # noqa: T201
         f"tools/call echo, {args.duration:g} s per case, {os.cpu_count()} CPUs, database {database}, "
+        f"{'a policy rule and a rate limit in the workspace, ' if args.rules else ''}"
         f"load average {load_before} before, {load_after} after"
     )
     print(table(runs))  # noqa: T201

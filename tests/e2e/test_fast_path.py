@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import mcp_types as types
@@ -16,16 +17,20 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import bearer_secret
 from bastion.domain.models import AuthKind, ProtocolEra, Provisioning, ProvisionMode, Transport
+from bastion.domain.policy import Effect, SubjectKind
+from bastion.domain.ratelimits import LimitPer
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
-from bastion.services import connections, gateways, hosts, identities, members, servers
+from bastion.services import connections, gateways, hosts, identities, members, rules, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
 from bastion.web.mcp.fastpath import _answer_status  # pyright: ignore[reportPrivateUsage]
+from bastion.web.mcp.server import POLICY_DENIED, RATE_LIMITED
 from tests.mcp_support import gateway_client, mcp_app, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
+E = schema.audit_events
 
 
 def upstream(seen: list[dict[str, Any]]) -> ASGIApp:
@@ -246,3 +251,77 @@ def test_an_answers_outcome_is_read_from_the_bytes_the_caller_got(
     body: bytes | None, content_type: bytes, status: str
 ) -> None:
     assert _answer_status(body, content_type, 7) == status
+
+
+@pytest.mark.parametrize("mode", ["2026-07-28", "legacy"])
+async def test_policy_and_rate_limits_keep_calls_on_the_fast_path_and_refuse_as_the_full_path_does(
+    mode: str, settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    """With a policy rule and a rate limit in the workspace, allowed calls still go the fast way (the upstream
+    sees the caller's own client info), and a limited or denied call gets the same JSON-RPC error and the same
+    audit event whichever way the call would have gone."""
+    seen: list[dict[str, Any]] = []
+
+    async def run(fast_path: bool) -> tuple[list[Any], list[tuple[Any, ...]]]:
+        limit = await rules.create_rate_limit(store, operator, per=LimitPer.MEMBER, limit="2/minute")
+        other = await rules.create_policy(
+            store, operator, effect=Effect.DENY, subject_kind=SubjectKind.MEMBER, subject="bob@example.com"
+        )
+        answers: list[Any] = []
+        async with store.transaction() as conn:
+            calls = sa.select(sa.func.count()).select_from(E).where(E.c.method == "tools/call")
+            before = (await conn.execute(calls)).scalar_one()
+        chosen = settings.model_copy(update={"fast_path": fast_path})
+        async with (
+            serving(create_app(chosen, store)) as bastion,
+            gateway_client(f"{bastion}/g/g/mcp", token, mode) as client,
+        ):
+            for n in range(3):  # two admitted, the third over the limit
+                try:
+                    answers.append((await client.call_tool("calc__add", {"n": n})).content[0].text)  # type: ignore[union-attr]
+                except MCPError as exc:
+                    answers.append((exc.code, exc.message, sorted((exc.data or {}).items())))
+            await rules.delete_rate_limit(store, operator, limit.rule.id)
+            denial = await rules.create_policy(
+                store, operator, effect=Effect.DENY, subject_kind=SubjectKind.MEMBER, subject="ada@example.com"
+            )
+            with pytest.raises(MCPError) as denied:
+                await client.call_tool("calc__add", {"n": 9})
+            answers.append((denied.value.code, denied.value.message, sorted((denied.value.data or {}).items())))
+        for rule in (other, denial):
+            await rules.delete_policy(store, operator, rule.rule.id)
+        async with store.transaction() as conn:
+            query = (
+                sa.select(E.c.outcome, E.c.reason, E.c.decision, E.c.name)
+                .where(E.c.method == "tools/call")
+                .order_by(E.c.seq)
+                .offset(before)
+            )
+            events = [tuple(row) for row in (await conn.execute(query)).all()]
+        # Each run made its own rules: name them by what they are, so the two runs compare.
+        named = json.dumps([answers, events])
+        for rule, placeholder in ((limit, "<limit>"), (other, "<other>"), (denial, "<denial>")):
+            named = named.replace(rule.rule.id, placeholder)
+        answers, events = json.loads(named)
+        return answers, [tuple(event) for event in events]
+
+    async with serving(upstream(seen)) as up:
+        token = await _token(store, vault, hasher, operator, f"{up}/mcp")
+        fast, fast_events = await run(fast_path=True)
+        admitted_fast = [s["client"] for s in seen]
+        seen.clear()
+        full, full_events = await run(fast_path=False)
+    assert fast[:2] == full[:2] == ["1", "2"]
+    # The limit's retryAfter counts down the window: compare it apart.
+    for answer in (fast[2], full[2]):
+        data = dict(answer[2])
+        assert answer[0] == RATE_LIMITED and data["status"] == 429 and 0 < data["retryAfter"] <= 60
+    assert [a[:2] for a in (fast[2], full[2])] == [full[2][:2]] * 2
+    assert [k for k, _v in fast[2][2]] == [k for k, _v in full[2][2]]
+    assert fast[3] == full[3] and fast[3][0] == POLICY_DENIED
+    assert fast_events == full_events
+    assert [e[0] for e in fast_events] == ["ok", "ok", "limited", "denied"]
+    # Allowed 2026-era calls went the fast way, rules and all (the caller's own client info reached the upstream);
+    # a legacy caller of this 2026-era upstream goes the full way (across eras) either way.
+    assert admitted_fast == (["mcp", "mcp"] if mode == "2026-07-28" else ["bastion", "bastion"])
+    assert [s["client"] for s in seen] == ["bastion", "bastion"]

@@ -157,7 +157,8 @@ class FastPath:
                 await self.admit(principal, mounted, tool, record)
                 upstream, current = await self.upstream(principal, mounted)
             except BastionError as exc:
-                record.outcome, record.reason = "error", exc.code
+                if record.outcome == "ok":  # a denial or a limit has said so already, as on the full path
+                    record.outcome, record.reason = "error", exc.code
                 await jsonrpc_error(send, message["id"], to_jsonrpc(exc).error)
                 return True
             call["name"] = tool
@@ -186,18 +187,16 @@ class FastPath:
         """The server and its own tool name for a call the hot path may take, or None for the full path.
 
         None when routing refuses the name (the full path gives the same refusal, worded by the SDK) or when the
-        workspace has policy, limit or content rules (those are the full path's: results must be read to be
-        scanned).
+        workspace has content rules (those are the full path's: arguments and results must be read to be scanned).
+        Policy rules and rate limits are applied here as on the full path (``admit``).
         """
         try:
             mounted, tool = await self._proxy.route_tool(principal, name)
         except BastionError:
             return None
         guard = self._proxy.guard
-        if guard is not None:
-            ruleset = await guard.rules(principal.workspace_id)
-            if ruleset.policies or ruleset.content or ruleset.limits:
-                return None
+        if guard is not None and (await guard.rules(principal.workspace_id)).content:
+            return None
         return mounted, tool
 
     async def rejected(self, scope: Scope, send: Send) -> bool:
@@ -220,10 +219,17 @@ class FastPath:
         return True
 
     async def admit(self, principal: Principal, mounted: Mounted, tool: str, record: CallRecord) -> None:
-        """Record the decision (no policy applies here, see ``route``) and make the call's event durable."""
+        """Apply policy and rate limits as the full path does (the decision goes on the record), then make the
+        call's event durable.
+
+        Raises:
+            PolicyDenied: a rule denies the call (the record says "denied").
+            RateLimited: a limit has no room (the record says "limited").
+        """
         guard = self._proxy.guard
         if guard is not None:
-            await guard.admit(principal, mounted.alias, tool)
+            ruleset = await guard.admit(principal, mounted.alias, tool)
+            await guard.count(ruleset, principal, record.name or tool)
         else:
             record.server, record.decision = mounted.alias, "allow"
         await self._audit.open(record)
