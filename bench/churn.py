@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -39,7 +38,6 @@ import httpx2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway import (  # a sibling script, not a package
     BASTION,
-    BENCH_DIR,
     LEGACY,
     MODERN,
     Captured,
@@ -47,9 +45,11 @@ from gateway import (  # a sibling script, not a package
     _cli,  # pyright: ignore[reportPrivateUsage]
     _free_port,  # pyright: ignore[reportPrivateUsage]
     _wait_ready,  # pyright: ignore[reportPrivateUsage]
+    bastion_env,
     capture,
     open_sessions,
     provision,
+    start_upstream,
 )
 
 CALLERS: Final = 12
@@ -206,20 +206,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bastion-bench-churn-"))
     processes = Processes()
     try:
-        up_port, gw_port = _free_port(), _free_port()
-        up_log = tmp / "upstream.log"
-        upstream = processes.start(
-            [sys.executable, str(BENCH_DIR / "echo_upstream.py"), str(up_port), str(UPSTREAM_DELAY_MS)],
-            {**os.environ},
-            up_log,
-        )
-        upstream_url = f"http://127.0.0.1:{up_port}/mcp"
-        _wait_ready(upstream, upstream_url, up_log)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-        env["BASTION_DATA_DIR"] = str(tmp / "data")
-        env["BASTION_OUTBOUND_ALLOW_LOOPBACK"] = "true"
-        if args.database_url:
-            env["BASTION_DATABASE_URL"] = args.database_url
+        gw_port = _free_port()
+        _upstream, upstream_url = start_upstream(processes, tmp, UPSTREAM_DELAY_MS)
+        env = bastion_env(tmp, args.database_url)
         token = provision(env, upstream_url, tmp)
         _cli(env, "member", "create", "admin@example.com", "--role", "owner")
         api_key = _cli(env, "apikey", "create", "--member", "admin@example.com", "--name", "churn")["secret"]

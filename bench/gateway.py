@@ -142,6 +142,26 @@ def _wait_ready(child: subprocess.Popen[bytes], url: str, log: Path) -> None:
     raise SystemExit(f"{url} did not answer within {START_TIMEOUT_S} s")
 
 
+def start_upstream(processes: Processes, tmp: Path, delay_ms: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
+    """The echo upstream (each call taking ``delay_ms``), answering; its process and MCP URL."""
+    port, log = _free_port(), tmp / "upstream.log"
+    args = [sys.executable, str(BENCH_DIR / "echo_upstream.py"), str(port)] + ([str(delay_ms)] if delay_ms else [])
+    upstream = processes.start(args, {**os.environ}, log)
+    url = f"http://127.0.0.1:{port}/mcp"
+    _wait_ready(upstream, url, log)
+    return upstream, url
+
+
+def bastion_env(tmp: Path, database_url: str | None) -> dict[str, str]:
+    """The environment every `bastion` command of a benchmark runs with: a fresh data directory under ``tmp``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env["BASTION_DATA_DIR"] = str(tmp / "data")
+    env["BASTION_OUTBOUND_ALLOW_LOOPBACK"] = "true"  # the echo upstream listens on http://127.0.0.1
+    if database_url:
+        env["BASTION_DATABASE_URL"] = database_url
+    return env
+
+
 def _cli(env: dict[str, str], *args: str) -> dict[str, Any]:
     done = subprocess.run(  # noqa: S603
         [str(BASTION), *args, "--json"], env=env, capture_output=True, text=True, timeout=120, check=False
@@ -558,19 +578,9 @@ def main() -> None:
     processes = Processes()
     load_before = _loadavg()
     try:
-        up_port, gw_port = _free_port(), _free_port()
-        up_log = tmp / "upstream.log"
-        upstream = processes.start(
-            [sys.executable, str(BENCH_DIR / "echo_upstream.py"), str(up_port)], {**os.environ}, up_log
-        )
-        upstream_url = f"http://127.0.0.1:{up_port}/mcp"
-        _wait_ready(upstream, upstream_url, up_log)
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-        env["BASTION_DATA_DIR"] = str(tmp / "data")
-        env["BASTION_OUTBOUND_ALLOW_LOOPBACK"] = "true"  # the echo upstream listens on http://127.0.0.1
-        if args.database_url:
-            env["BASTION_DATABASE_URL"] = args.database_url
+        gw_port = _free_port()
+        upstream, upstream_url = start_upstream(processes, tmp)
+        env = bastion_env(tmp, args.database_url)
         token = provision(env, upstream_url, tmp)
         if args.rules:
             add_rules(env)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -40,15 +39,16 @@ from mcp.client.streamable_http import streamable_http_client
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway import (  # a sibling script, not a package
     BASTION,
-    BENCH_DIR,
     MODERN,
     Captured,
     Processes,
     _cli,  # pyright: ignore[reportPrivateUsage]
     _free_port,  # pyright: ignore[reportPrivateUsage]
     _wait_ready,  # pyright: ignore[reportPrivateUsage]
+    bastion_env,
     capture,
     provision,
+    start_upstream,
 )
 
 CALLERS: Final = 4
@@ -174,19 +174,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bastion-bench-revocation-"))
     processes = Processes()
     try:
-        up_port = _free_port()
-        up_log = tmp / "upstream.log"
-        upstream = processes.start(
-            [sys.executable, str(BENCH_DIR / "echo_upstream.py"), str(up_port)], {**os.environ}, up_log
-        )
-        upstream_url = f"http://127.0.0.1:{up_port}/mcp"
-        _wait_ready(upstream, upstream_url, up_log)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-        env["BASTION_DATA_DIR"] = str(tmp / "data")
-        env["BASTION_OUTBOUND_ALLOW_LOOPBACK"] = "true"
+        _upstream, upstream_url = start_upstream(processes, tmp)
+        env = bastion_env(tmp, args.database_url)
         env["BASTION_WARM_CLI"] = "false"  # the admin's CLI runs as a process of its own, cold
-        if args.database_url:
-            env["BASTION_DATABASE_URL"] = args.database_url
         token = provision(env, upstream_url, tmp)
         bases: list[str] = []
         for replica in range(2 if args.database_url else 1):
