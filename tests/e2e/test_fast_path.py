@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx2
 import mcp_types as types
 import pytest
 import sqlalchemy as sa
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -325,3 +328,86 @@ async def test_policy_and_rate_limits_keep_calls_on_the_fast_path_and_refuse_as_
     # a legacy caller of this 2026-era upstream goes the full way (across eras) either way.
     assert admitted_fast == (["mcp", "mcp"] if mode == "2026-07-28" else ["bastion", "bastion"])
     assert [s["client"] for s in seen] == ["bastion", "bastion"]
+
+
+def leaky_upstream(seen: list[dict[str, str]]) -> ASGIApp:
+    """A 2026-era upstream whose `locate` tool mirrors `region` into `Mcp-Param-Region`, and whose every answer
+    carries headers no agent should get from Bastion: a cookie for Bastion's own origin, a CORS grant, a
+    challenge and an internal header."""
+
+    async def list_tools(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListToolsResult:
+        region = {"type": "string", "x-mcp-header": "Region"}
+        schema = {"type": "object", "properties": {"region": region}, "required": ["region"]}
+        return types.ListToolsResult(tools=[types.Tool(name="locate", input_schema=schema)])
+
+    async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
+        headers = ctx.request.headers if ctx.request is not None else {}
+        seen.append({k: v for k, v in headers.items() if k.startswith("mcp-param-")})
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=str((params.arguments or {})["region"]))]
+        )
+
+    app = mcp_app(Server("leaky", version="1", on_list_tools=list_tools, on_call_tool=call_tool))
+    planted = [
+        (b"set-cookie", b"__Host-bastion=planted; Path=/; Secure"),
+        (b"access-control-allow-origin", b"*"),
+        (b"www-authenticate", b'Bearer resource_metadata="https://as.example/x"'),
+        (b"x-internal-node", b"db-7.internal"),
+    ]
+
+    async def leaking(scope: Scope, receive: Receive, send: Send) -> None:
+        async def planting(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *planted]}
+            await send(message)
+
+        await app(scope, receive, planting)
+
+    return leaking
+
+
+async def test_the_fast_path_passes_only_allowed_headers_and_derives_mcp_param_headers_from_the_arguments(
+    settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+) -> None:
+    seen: list[dict[str, str]] = []
+    answered: list[httpx2.Response] = []
+
+    async def tamper(request: httpx2.Request) -> None:
+        if b'"tools/call"' in request.content:
+            request.headers["mcp-param-region"] = "spoofed"  # the agent's own value: never forwarded
+
+    async def keep(response: httpx2.Response) -> None:
+        if response.request.method == "POST" and b'"tools/call"' in response.request.content:
+            answered.append(response)
+
+    async with serving(leaky_upstream(seen)) as up:
+        await servers.create(
+            store,
+            operator,
+            ServerSpec("geo", Transport.STREAMABLE_HTTP, url=f"{up}/mcp", era=ProtocolEra.MODERN),
+        )
+        await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("geo"),)))
+        await hosts.create(store, operator, HostSpec("agent"))
+        await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
+        _c, _t, token = await connections.create(
+            store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
+        )
+        async with (
+            serving(create_app(settings, store)) as bastion,
+            httpx2.AsyncClient(
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=30,
+                event_hooks={"request": [tamper], "response": [keep]},
+            ) as http,
+            Client(
+                streamable_http_client(f"{bastion}/g/g/mcp", http_client=http), mode="2026-07-28", cache=None
+            ) as client,  # type: ignore[arg-type]
+        ):
+            assert [t.name for t in (await client.list_tools()).tools] == ["geo__locate"]
+            result = await client.call_tool("geo__locate", {"region": "eu-west"})
+            assert result.content[0].text == "eu-west"  # type: ignore[union-attr]
+    assert seen == [{"mcp-param-region": "eu-west"}]  # derived from the arguments, the agent's value dropped
+    (answer,) = answered
+    assert answer.headers["content-type"].startswith(("application/json", "text/event-stream"))
+    for planted in ("set-cookie", "access-control-allow-origin", "www-authenticate", "x-internal-node"):
+        assert planted not in answer.headers, planted

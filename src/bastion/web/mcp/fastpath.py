@@ -37,19 +37,14 @@ from bastion.upstream.pool import UpstreamBusy, UpstreamPool
 from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.transports import USER_AGENT
 from bastion.upstream.wire import WirePool, WireResponse
+from bastion.web.mcp import headers
 from bastion.web.mcp.server import REQUEST_TIMEOUT, UPSTREAM_UNAVAILABLE, to_jsonrpc
 
 logger = logging.getLogger("bastion.fastpath")
 MODERN: Final = "2026-07-28"
-# Request headers that travel to the upstream; everything else (Authorization, cookies, …) stays behind.
-_FORWARDED: Final = (b"accept", b"content-type", b"mcp-protocol-version", b"mcp-method")
 MAX_READ_ANSWER_BYTES: Final = 1024 * 1024  # answers up to this size are read for the audit log's outcome
-_PARAM_PREFIX: Final = b"mcp-param-"
 _CHECKED: Final = frozenset({b"content-type", b"host", b"origin"})  # what the SDK's Host/Origin check reads
 MAX_PASSED_CHECKS: Final = 256  # header combinations remembered as passing that check
-_HOP_BY_HOP: Final = frozenset(
-    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
-)
 
 
 async def read_body(receive: Receive) -> tuple[bytes, list[Message]]:
@@ -149,6 +144,14 @@ class FastPath:
         if routed is None or not self._modern_upstream(routed[0]):
             return False
         mounted, tool = routed
+        # Mcp-Param-* headers come from the arguments and the tool's annotations, never from the agent's values:
+        # with the tool's schema not known here yet, a call that mirrors arguments takes the full path.
+        schema = self._proxy.input_schema(principal, name)
+        arguments: Any = call.get("arguments")
+        if schema is None and headers.sends_params(scope["headers"]):
+            return False
+        given = cast("dict[str, Any]", arguments) if isinstance(arguments, dict) else {}
+        params = headers.params(schema, given) if schema is not None else []
         if await self.rejected(scope, send):
             return True
         record = call_record(principal, name, call)
@@ -176,6 +179,7 @@ class FastPath:
                 principal,
                 mounted,
                 upstream,
+                params,
                 send,
                 record,
                 message["id"],
@@ -267,17 +271,13 @@ class FastPath:
         principal: Principal,
         mounted: Mounted,
         upstream: Upstream,
+        params: list[tuple[str, str]],
         send: Send,
         record: CallRecord,
         request_id: Any,
         renewed: Callable[[], Awaitable[Upstream | None]],
     ) -> None:
-        passed = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k in _FORWARDED or k.startswith(_PARAM_PREFIX)
-        ]
-        passed.append(("mcp-name", tool))
+        passed = [*headers.to_upstream(scope["headers"]), ("mcp-name", tool), *params]
         timeout = mounted.server.call_timeout_s
         started = False
         try:
@@ -309,7 +309,7 @@ class FastPath:
                             {
                                 "type": "http.response.start",
                                 "status": response.status_code,
-                                "headers": [(k, v) for k, v in response.headers if k not in _HOP_BY_HOP],
+                                "headers": headers.to_agent(response.headers),
                             }
                         )
                         started = True
