@@ -35,6 +35,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+# Libraries whose debug lines carry payloads: the SDK writes every JSON-RPC message (tool arguments, tokens passed
+# as arguments) and httpcore every response's headers. No log level may write what the audit preview redacts, so
+# these never log below info, whatever BASTION_LOG_LEVEL says.
+PAYLOAD_LOGGERS: Final = ("mcp", "httpcore", "httpcore2")
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -52,3 +58,5 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     # httpx2 logs every upstream request at info: a second line per tools/call on the hot path (about 2 % of the
     # gateway's CPU under load, bench/gateway.py) that the request log already covers. Kept at debug.
     logging.getLogger("httpx2").setLevel(logging.NOTSET if level.upper() == "DEBUG" else logging.WARNING)
+    for name in PAYLOAD_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelNamesMapping()[level.upper()]))
