@@ -38,6 +38,7 @@ from tests.conformance.harness import (
     Summary,
     ensure_installed,
     format_summary,
+    worker_suffix,
 )
 
 CLIENT_COMMAND: Final = REPO / "scripts" / "conformance-client"
@@ -114,7 +115,7 @@ def run_client_suite(client_set: str, *, artifacts_root: Path = ARTIFACTS_ROOT) 
     if client_set not in CLIENT_SETS:
         raise ValueError(f"unknown client set {client_set!r}; expected one of {CLIENT_SETS}")
     node = ensure_installed()
-    out = artifacts_root / f"client-{client_set}"
+    out = artifacts_root / f"client-{client_set}{worker_suffix()}"
     shutil.rmtree(out, ignore_errors=True)
     raw = out / "raw"
     raw.mkdir(parents=True)

@@ -173,12 +173,19 @@ def _scenario_of(directory: str) -> str:
     return match.group(1) if match else directory.removeprefix("server-")
 
 
+def worker_suffix() -> str:
+    """``-gw1`` in pytest-xdist worker gw1, else nothing: each worker's runs write artifacts of their own (a
+    module-scoped run happens once per worker that needs it, and two sharing a directory delete each other's)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return f"-{worker}" if worker else ""
+
+
 def run_suite(url: str, requirements: str, label: str, *, artifacts_root: Path = ARTIFACTS_ROOT) -> Summary:
     """Run every server scenario of ``requirements`` against ``url`` and write the artifacts for ``label``."""
     if requirements not in REQUIREMENT_SETS:
         raise ValueError(f"unknown requirement set {requirements!r}; expected one of {REQUIREMENT_SETS}")
     node = ensure_installed()
-    out = artifacts_root / f"{label}-{requirements}"
+    out = artifacts_root / f"{label}-{requirements}{worker_suffix()}"
     shutil.rmtree(out, ignore_errors=True)
     raw = out / "raw"
     raw.mkdir(parents=True)
