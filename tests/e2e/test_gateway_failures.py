@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
-from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from bastion.db.store import Store
@@ -16,6 +17,7 @@ from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, Membe
 from bastion.services import connections, gateways, hosts, members, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
+from bastion.upstream.pool import Lease, UpstreamPool
 from bastion.web.app import create_app
 from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
@@ -64,39 +66,29 @@ async def test_a_call_whose_pooled_session_closed_under_it_goes_into_a_fresh_one
     """An edit or a pool reset closes a session a call has just leased: the SDK client then refuses to send on it
     (RuntimeError, before anything is sent). That call is retried in a fresh session, never an HTTP 500."""
     recorder = Recorder()
+    real_turn = UpstreamPool.turn
+    closed: list[Lease] = []
+
+    @asynccontextmanager
+    async def closed_first(self: UpstreamPool, lease: Lease, wait_s: float = 60.0) -> AsyncGenerator[None]:
+        if not closed and lease.session is not None:
+            # The first call's leased session closes under it (as an edit's or a pool reset's close would), before
+            # anything is sent: its SDK client then refuses to send (RuntimeError).
+            closed.append(lease)
+            self.forget(lease)
+            with anyio.fail_after(30):
+                await lease.session.ended.wait()
+        async with real_turn(self, lease, wait_s):
+            yield
+
     async with serving(recording_upstream(recorder)) as upstream:
         token = await _token(store, hasher, operator, f"{upstream}/mcp")
-        real_session = Client.session
-        refusals = 0
         full_path = settings.model_copy(update={"fast_path": False})  # the SDK's client carries the call
         async with (
             serving(create_app(full_path, store)) as bastion,
             gateway_client(f"{bastion}/g/g/mcp", token, mode) as agent,
         ):
-
-            def closed_once(self: Client) -> Any:
-                nonlocal refusals
-                # Bastion's pooled client to the upstream, the first time a request uses it (the pool reads what the
-                # session negotiated as it opens: that is not a request).
-                opening = "_hold" in _callers(4)
-                if self is not agent and refusals == 0 and not opening:
-                    refusals += 1
-                    raise RuntimeError("Client must be used within an async context manager")
-                return real_session.fget(self)  # type: ignore[union-attr]
-
-            # Every request of the SDK client goes through its session property, which is what refuses.
-            monkeypatch.setattr(Client, "session", property(closed_once))
+            monkeypatch.setattr(UpstreamPool, "turn", closed_first)
             result = await agent.call_tool("down__whoami", {})
-    assert refusals == 1
+    assert len(closed) == 1
     assert not result.is_error and recorder.tool_calls[-1].name == "whoami"
-
-
-def _callers(depth: int) -> list[str]:
-    """The names of the functions up to ``depth`` frames above the caller."""
-    frame = inspect.currentframe()
-    names: list[str] = []
-    while frame is not None and len(names) < depth + 1:
-        frame = frame.f_back
-        if frame is not None:
-            names.append(frame.f_code.co_name)
-    return names[1:]
