@@ -14,6 +14,8 @@ from bastion.vault.crypto import Keyring
 from bastion.vault.sealer import Vault
 
 if TYPE_CHECKING:
+    from bastion.net.outbound import OutboundPolicy
+
     # The data plane is imported by build() only: the CLI needs the store and the vault, not the proxy.
     from bastion.oauth.refresh import Refresher
     from bastion.oauth.revocation import Revoker
@@ -50,7 +52,18 @@ def chain_keys_from(settings: Settings) -> ChainKeys:
 
 def store_from(settings: Settings) -> Store:
     """The database handle, able to seal the audit events of what it commits and the secrets it keeps for later."""
-    return Store.from_url(settings.resolved_database_url, audit=chain_keys_from(settings), vault=vault_from(settings))
+    store = Store.from_url(settings.resolved_database_url, audit=chain_keys_from(settings), vault=vault_from(settings))
+    made: list[OutboundPolicy] = []
+
+    def outbound() -> OutboundPolicy:  # built on first use: most CLI commands register no URL
+        if not made:
+            from bastion.net.outbound import OutboundPolicy
+
+            made.append(OutboundPolicy.from_settings(settings))
+        return made[0]
+
+    store.outbound = outbound
+    return store
 
 
 def vault_from(settings: Settings) -> Vault:

@@ -28,6 +28,7 @@ from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus, Subject
 from bastion.events.replicas import Confirmation, sync_payload
 
 if TYPE_CHECKING:
+    from bastion.net.outbound import OutboundPolicy
     from bastion.vault.sealer import Vault
 
 T = TypeVar("T")
@@ -40,6 +41,7 @@ class _Busy(Exception):
 
 _PENDING_EVENTS = "bastion_pending_events"
 _VAULT = "bastion_vault"
+_OUTBOUND = "bastion_outbound"
 _IN_TRANSACTION: ContextVar[bool] = ContextVar("bastion_in_transaction", default=False)
 # Threads ``write`` may use at once: its own, so the audit writes before every MCP call never queue behind other
 # work on anyio's shared pool (password hashing, DNS look-ups). Within the sync engine's pool (5 + 10 overflow).
@@ -50,6 +52,12 @@ def emit(conn: AsyncConnection, event: Changed) -> None:
     """Queue a change event on this transaction; it is published only if the transaction commits."""
     pending: list[Changed] = conn.info.setdefault(_PENDING_EVENTS, [])
     pending.append(event)
+
+
+def outbound_of(conn: AsyncConnection) -> OutboundPolicy | None:
+    """The install's outbound policy, for URLs a change registers (None: a store made without settings)."""
+    policy: Callable[[], OutboundPolicy] | None = conn.info.get(_OUTBOUND)
+    return policy() if policy is not None else None
 
 
 def sealer(conn: AsyncConnection) -> Vault:
@@ -88,6 +96,8 @@ class Store:
         # PostgreSQL: this process's row in ``replicas`` when it serves (events/replicas.py), so its own changes do
         # not wait for its own word.
         self.replica_id: str | None = None
+        # What outbound URLs the install allows: a URL a change registers gets the verdict a connection would.
+        self.outbound: Callable[[], OutboundPolicy] | None = None
         database = engine.url.database
         self._changes = (
             changes.ChangeWatcher(database)
@@ -153,6 +163,7 @@ class Store:
         try:
             info[_PENDING_EVENTS] = pending
             info[_VAULT] = self.vault
+            info[_OUTBOUND] = self.outbound
             await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation that came during BEGIN lands here
             with anyio.CancelScope(shield=deferred):
                 yield conn
@@ -187,6 +198,7 @@ class Store:
         finally:
             info.pop(_PENDING_EVENTS, None)
             info.pop(_VAULT, None)
+            info.pop(_OUTBOUND, None)
             if not conn.invalidated:  # an invalidated connection's info is cleared before the pool reuses it
                 take_recorded(conn)  # a rolled-back transaction's audit events go with it (the connection is pooled)
             with anyio.CancelScope(shield=True):

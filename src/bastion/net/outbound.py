@@ -401,13 +401,15 @@ _ANY_SETTINGS: Final = OutboundPolicy(
 )
 
 
-def check_url_shape(url: str, *, field: str = "url") -> str:
-    """``url`` unchanged unless no outbound setting could ever allow it; for input checks that have no settings.
+def check_url_shape(url: str, *, field: str = "url", policy: OutboundPolicy | None = None) -> str:
+    """``url`` unchanged unless ``policy`` (the install's) refuses it as a connection would, without resolving it.
 
-    Refuses schemes other than https (http goes to loopback only), userinfo, bad ports and hosts that are neither
-    a hostname nor a valid address. Whether the address is allowed depends on the settings: connections check it.
+    Registration gives the same verdict as connecting for everything the URL alone decides: the scheme, userinfo,
+    the port, and a host that spells an address (in any notation) the policy refuses. A hostname's addresses are
+    checked on connect. Without a policy (input checks that have no settings), only what no setting could ever
+    allow is refused.
 
     Raises:
         UrlRefused: with ``field`` set, for a field error.
     """
-    return _ANY_SETTINGS.check_url(url, field=field)
+    return (policy or _ANY_SETTINGS).check_url(url, field=field)

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, schema
+from bastion.db.store import outbound_of
 from bastion.domain.identities import IdentitySecret
 from bastion.domain.ids import new_id
 from bastion.domain.webhooks import (
@@ -102,7 +103,7 @@ async def insert(
             id=endpoint_id,
             workspace_id=workspace_id,
             host_id=host_id,
-            url=check_url_shape(url),
+            url=check_url_shape(url, policy=outbound_of(conn)),
             description=description,
             enabled=enabled,
             event_types=[t.value for t in types],
@@ -127,7 +128,7 @@ async def sync_host_url(conn: AsyncConnection, workspace_id: str, host_id: str, 
         if current is not None:
             await conn.execute(E.delete().where(E.c.id == current.id))
         return
-    check_url_shape(url, field="webhook_url")
+    check_url_shape(url, field="webhook_url", policy=outbound_of(conn))
     if current is None:
         await insert(conn, workspace_id, host_id, url=url, from_host=True)
     elif current.url != url:

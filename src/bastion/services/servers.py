@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, rows, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store, emit
+from bastion.db.store import Store, emit, outbound_of
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
@@ -20,7 +20,7 @@ from bastion.domain.models import Server, Transport
 from bastion.domain.specs import ServerSpec, apply_changes
 from bastion.errors import Conflict
 from bastion.events.bus import Changed, Subject
-from bastion.net.outbound import check_url_shape
+from bastion.net.outbound import OutboundPolicy, check_url_shape
 from bastion.services.actions import action
 from bastion.types import JSONObject
 
@@ -64,17 +64,20 @@ def _columns(spec: ServerSpec) -> dict[str, Any]:
     return values
 
 
-def _checked(spec: ServerSpec) -> ServerSpec:
-    """Refuse a URL no outbound setting allows; the settings' own policy is applied on every connection."""
+def _checked(spec: ServerSpec, policy: OutboundPolicy | None) -> ServerSpec:
+    """Refuse a URL the install's outbound policy refuses (its server URL, its OAuth authorization server), as a
+    connection to it would; a hostname's addresses are still checked on every connection."""
     if spec.url is not None:
-        check_url_shape(spec.url, field="url")
+        check_url_shape(spec.url, field="url", policy=policy)
+    if spec.oauth is not None and spec.oauth.authorization_server is not None:
+        check_url_shape(spec.oauth.authorization_server, field="oauth.authorization_server", policy=policy)
     return spec
 
 
 async def create(store: Store, actor: Actor, spec: ServerSpec, *, via: str | None = None) -> Server:
     """Add a server; ``via`` (e.g. "import") says in the audit event how it came."""
     actor.require(Capability.SERVERS_MANAGE)
-    spec = _checked(spec.validated())
+    spec = _checked(spec.validated(), store.outbound() if store.outbound is not None else None)
     now = datetime.now(UTC)
     server_id = new_id()
     async with store.transaction() as conn:
@@ -128,7 +131,7 @@ async def update(
     actor.require(Capability.SERVERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
-        spec = _checked(apply_changes(spec_of(current), changes).validated())
+        spec = _checked(apply_changes(spec_of(current), changes).validated(), outbound_of(conn))
         # An edit of what only describes the server leaves its open upstream sessions (and calls on them) alone.
         reached_alike = replace(spec, description=current.description) == spec_of(current)
         emit(conn, Changed(Subject.SERVER_INFO if reached_alike else Subject.SERVER, current.id))

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store, emit
+from bastion.db.store import Store, emit, outbound_of
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
@@ -140,7 +140,7 @@ async def update_endpoint(
             )
         values: dict[str, Any] = {"updated_at": datetime.now(UTC), "version": current.version + 1}
         if "url" in changes:
-            values["url"] = check_url_shape(str(changes["url"]))
+            values["url"] = check_url_shape(str(changes["url"]), policy=outbound_of(conn))
         if "description" in changes:
             values["description"] = clean_description(str(changes["description"]))
         if "enabled" in changes:
