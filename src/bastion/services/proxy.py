@@ -16,6 +16,7 @@ import mcp_types as types
 from mcp import Client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import x_mcp_header_map
 from mcp.shared.subscriptions import PromptsListChanged, ServerEvent, ToolsListChanged
 from pydantic import BaseModel
 
@@ -61,6 +62,14 @@ def _client_closed(exc: RuntimeError) -> bool:
     return "must be used within an async context manager" in str(exc)
 
 
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """A listed tool's input schema and the argument headers it declares (``Mcp-Param-*``)."""
+
+    schema: dict[str, Any]
+    params: dict[tuple[str, ...], str]
+
+
 class Proxy:
     """Answers MCP requests for a resolved Principal by fanning out to, or routing into, its gateway's servers."""
 
@@ -85,7 +94,7 @@ class Proxy:
         self._unsubscribe_notices = pool.notices.subscribe(self._on_notice)
         self._subscriptions = ResourceSubscriptions(pool)
         # Input schemas from the last listing per (connection, tool), so tools/call needs no fresh listing.
-        self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
+        self._schemas: dict[tuple[str, str], _Listed] = {}
         # Which of those keys each server's listing filled, so an upstream's tools/list_changed drops its own.
         self._schema_keys: dict[str, set[tuple[str, str]]] = {}
 
@@ -152,9 +161,17 @@ class Proxy:
         return False
 
     def input_schema(self, principal: Principal | None, name: str) -> dict[str, Any] | None:
-        if principal is None:
-            return None
-        return self._schemas.get((principal.connection_id, name))
+        listed = self._listed(principal, name)
+        return listed.schema if listed is not None else None
+
+    def param_headers(self, principal: Principal, name: str) -> dict[tuple[str, ...], str] | None:
+        """The tool's ``x-mcp-header`` annotations (argument path → header name), read once when it was listed; None
+        when it has not been listed for this connection."""
+        listed = self._listed(principal, name)
+        return listed.params if listed is not None else None
+
+    def _listed(self, principal: Principal | None, name: str) -> _Listed | None:
+        return self._schemas.get((principal.connection_id, name)) if principal is not None else None
 
     # --- credentials and sessions ---------------------------------------------------------------------------------
 
@@ -351,7 +368,8 @@ class Proxy:
             if not mounted.entry.tools.allows(tool.name):
                 continue
             name = _exposed(mounted, tool.name)
-            self._schemas[(principal.connection_id, name)] = dict(tool.input_schema)
+            schema = dict(tool.input_schema)
+            self._schemas[(principal.connection_id, name)] = _Listed(schema, x_mcp_header_map(schema))
             self._schema_keys.setdefault(mounted.server.id, set()).add((principal.connection_id, name))
             tools.append(tool if name == tool.name else tool.model_copy(update={"name": name}))
         return tools

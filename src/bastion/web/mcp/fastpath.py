@@ -146,12 +146,12 @@ class FastPath:
         mounted, tool = routed
         # Mcp-Param-* headers come from the arguments and the tool's annotations, never from the agent's values:
         # with the tool's schema not known here yet, a call that mirrors arguments takes the full path.
-        schema = self._proxy.input_schema(principal, name)
-        arguments: Any = call.get("arguments")
-        if schema is None and headers.sends_params(scope["headers"]):
+        declared = self._proxy.param_headers(principal, name)
+        if declared is None and headers.sends_params(scope["headers"]):
             return False
+        arguments: Any = call.get("arguments")
         given = cast("dict[str, Any]", arguments) if isinstance(arguments, dict) else {}
-        params = headers.params(schema, given) if schema is not None else []
+        params = headers.params(declared or {}, given)
         if await self.rejected(scope, send):
             return True
         record = call_record(principal, name, call)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from mcp.shared.inbound import mcp_param_headers, x_mcp_header_map
+from mcp.shared.inbound import mcp_param_headers
 
 # Request headers of the agent's that travel to the upstream (``Mcp-Name`` is Bastion's: the upstream's name).
 TO_UPSTREAM: Final = frozenset({b"accept", b"content-type", b"mcp-protocol-version", b"mcp-method"})
@@ -36,6 +36,7 @@ def sends_params(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return any(k.startswith(PARAM_PREFIX) for k, _v in headers)
 
 
-def params(input_schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The ``Mcp-Param-*`` headers a call of a tool with ``input_schema`` carries for ``arguments``."""
-    return list(mcp_param_headers(x_mcp_header_map(input_schema), arguments).items())
+def params(declared: Mapping[tuple[str, ...], str], arguments: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ``Mcp-Param-*`` headers a call carries for ``arguments``, given the tool's ``x-mcp-header`` annotations
+    (argument path → header name, ``Proxy.param_headers``)."""
+    return list(mcp_param_headers(declared, arguments).items()) if declared else []
