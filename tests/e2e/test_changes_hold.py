@@ -23,8 +23,8 @@ from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.models import Transport
-from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
-from bastion.services import connections, gateways, hosts, members, principals, servers, tokens
+from bastion.domain.specs import ServerSpec
+from bastion.services import hosts, members, principals, tokens
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
@@ -32,6 +32,7 @@ from bastion.web.mcp.listeners import ACCESS_ENDED
 from bastion.web.mcp.server import POLICY_DENIED
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 from tests.processes import BASTION, clean_env
+from tests.worlds import ada_connected
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -57,13 +58,8 @@ async def _cli(env: dict[str, str], cwd: Path, *args: str) -> Any:
 
 @asynccontextmanager
 async def _world(settings: Settings, store: Store, hasher: KeyHasher, operator: Actor, upstream: str) -> Any:
-    await servers.create(store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url=f"{upstream}/mcp"))
-    await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("crm"),)))
-    await hosts.create(store, operator, HostSpec("agent"))
-    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-    _c, _t, token = await connections.create(
-        store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
-    )
+    crm = ServerSpec("crm", Transport.STREAMABLE_HTTP, url=f"{upstream}/mcp")
+    token = await ada_connected(store, hasher, operator, crm)
     async with serving(create_app(settings, store)) as bastion:
         yield f"{bastion}/g/g/mcp", token
 
@@ -163,13 +159,8 @@ async def test_cli_changes_hold_for_the_very_next_call_of_a_running_gateway(
 async def test_a_look_up_held_between_its_read_and_its_insert_never_undoes_a_disable(
     store: Store, hasher: KeyHasher, operator: Actor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await servers.create(store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url="https://crm.example/mcp"))
-    await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("crm"),)))
-    await hosts.create(store, operator, HostSpec("agent"))
-    await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-    _c, _t, token = await connections.create(
-        store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
-    )
+    crm = ServerSpec("crm", Transport.STREAMABLE_HTTP, url="https://crm.example/mcp")
+    token = await ada_connected(store, hasher, operator, crm)
     resolver = principals.Resolver(store, hasher, cache_ttl_s=300)
     original = store.transaction
     read, go_on = anyio.Event(), anyio.Event()

@@ -31,6 +31,7 @@ from bastion.web.app import create_app
 from bastion.web.mcp.fastpath import _answer_status  # pyright: ignore[reportPrivateUsage]
 from bastion.web.mcp.server import POLICY_DENIED, RATE_LIMITED
 from tests.mcp_support import gateway_client, mcp_app, serving
+from tests.worlds import ada_connected
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
@@ -195,19 +196,10 @@ async def test_the_audit_log_records_a_calls_outcome_alike_on_the_fast_and_the_f
     mode: str, settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
 ) -> None:
     async with serving(outcomes_upstream()) as up:
-        await servers.create(
-            store,
-            operator,
-            ServerSpec(
-                "calc", Transport.STREAMABLE_HTTP, url=f"{up}/mcp", auth_kind=AuthKind.NONE, era=ProtocolEra.MODERN
-            ),
+        calc = ServerSpec(
+            "calc", Transport.STREAMABLE_HTTP, url=f"{up}/mcp", auth_kind=AuthKind.NONE, era=ProtocolEra.MODERN
         )
-        await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("calc"),)))
-        await hosts.create(store, operator, HostSpec("agent"))
-        await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-        _c, _t, token = await connections.create(
-            store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
-        )
+        token = await ada_connected(store, hasher, operator, calc)
         async with (
             serving(create_app(settings, store)) as bastion,
             gateway_client(f"{bastion}/g/g/mcp", token, mode) as client,
@@ -383,17 +375,8 @@ async def test_the_fast_path_passes_only_allowed_headers_and_derives_mcp_param_h
             answered.append(response)
 
     async with serving(leaky_upstream(seen)) as up:
-        await servers.create(
-            store,
-            operator,
-            ServerSpec("geo", Transport.STREAMABLE_HTTP, url=f"{up}/mcp", era=ProtocolEra.MODERN),
-        )
-        await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("geo"),)))
-        await hosts.create(store, operator, HostSpec("agent"))
-        await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-        _c, _t, token = await connections.create(
-            store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
-        )
+        geo = ServerSpec("geo", Transport.STREAMABLE_HTTP, url=f"{up}/mcp", era=ProtocolEra.MODERN)
+        token = await ada_connected(store, hasher, operator, geo)
         async with (
             serving(create_app(settings, store)) as bastion,
             httpx2.AsyncClient(

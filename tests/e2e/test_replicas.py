@@ -27,14 +27,15 @@ from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.models import Transport
-from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.domain.specs import HostSpec, ServerSpec
 from bastion.events import replicas
-from bastion.services import connections, gateways, hosts, members, servers
+from bastion.services import hosts
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
 from tests.mcp_support import Recorder, recording_upstream, serving
 from tests.processes import HEAVY_TIMEOUT_S
+from tests.worlds import ada_connected
 
 pytestmark = [
     pytest.mark.anyio,
@@ -111,13 +112,8 @@ async def test_two_replicas_admit_no_call_after_a_host_disable_has_committed_twe
     stores = [wiring.store_from(settings), wiring.store_from(settings)]  # each replica's own engine, bus and caches
     try:
         async with serving(recording_upstream(recorder)) as upstream:
-            await servers.create(store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, url=f"{upstream}/mcp"))
-            await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("crm"),)))
-            await hosts.create(store, operator, HostSpec("agent"))
-            await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-            _c, _t, token = await connections.create(
-                store, hasher, operator, host="agent", gateway="g", member="ada@example.com"
-            )
+            crm = ServerSpec("crm", Transport.STREAMABLE_HTTP, url=f"{upstream}/mcp")
+            token = await ada_connected(store, hasher, operator, crm)
             async with (
                 serving(create_app(settings, stores[0])) as replica_a,
                 serving(create_app(settings, stores[1])) as replica_b,

@@ -20,6 +20,7 @@ from bastion.services import connections, gateways, hosts, identities, members, 
 from bastion.services.apikeys import KeyHasher
 from bastion.services.principals import HostDisabled, Resolver
 from bastion.settings import Settings
+from tests.worlds import ada_connected
 
 pytestmark = pytest.mark.anyio
 
@@ -156,13 +157,8 @@ async def test_while_its_listener_is_cut_off_a_replica_keeps_nothing_in_its_cach
     store = Store.from_url(pg_url, audit=wiring.chain_keys_from(settings))
     try:
         operator = Actor.local_operator((await workspace.ensure_workspace(store)).id)
-        await servers.create(store, operator, ServerSpec("bq", Transport.STREAMABLE_HTTP, url="https://bq.example/mcp"))
-        await gateways.create(store, operator, GatewaySpec("analytics", servers=(GatewayServerSpec("bq"),)))
-        await hosts.create(store, operator, HostSpec("agent"))
-        await members.create(store, operator, MemberSpec("ada@example.com", "Ada"))
-        _c, _t, secret = await connections.create(
-            store, hasher, operator, host="agent", gateway="analytics", member="ada@example.com"
-        )
+        bq = ServerSpec("bq", Transport.STREAMABLE_HTTP, url="https://bq.example/mcp")
+        secret = await ada_connected(store, hasher, operator, bq, gateway="analytics")
         resolver = Resolver(store, hasher, cache_ttl_s=300)
         cut_off, back = anyio.Event(), anyio.Event()
 
