@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,14 +54,12 @@ def chain_keys_from(settings: Settings) -> ChainKeys:
 def store_from(settings: Settings) -> Store:
     """The database handle, able to seal the audit events of what it commits and the secrets it keeps for later."""
     store = Store.from_url(settings.resolved_database_url, audit=chain_keys_from(settings), vault=vault_from(settings))
-    made: list[OutboundPolicy] = []
 
+    @functools.cache
     def outbound() -> OutboundPolicy:  # built on first use: most CLI commands register no URL
-        if not made:
-            from bastion.net.outbound import OutboundPolicy
+        from bastion.net.outbound import OutboundPolicy
 
-            made.append(OutboundPolicy.from_settings(settings))
-        return made[0]
+        return OutboundPolicy.from_settings(settings)
 
     store.outbound = outbound
     return store

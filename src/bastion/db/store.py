@@ -6,9 +6,10 @@ import contextlib
 import fcntl
 import os
 import zlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -23,9 +24,8 @@ from bastion.db import changes
 from bastion.db.audit import ChainKeys, Journal, driver_error, seal_into_chain, take_recorded
 from bastion.db.engine import SQLITE_BUSY_TIMEOUT_MS, create_engine, create_sync_engine
 from bastion.errors import Unavailable
-from bastion.events import replicas
 from bastion.events.bus import CHANGES_CHANNEL, Changed, EventBus, Subject
-from bastion.events.replicas import Confirmation, sync_payload
+from bastion.events.replicas import Confirmation
 
 if TYPE_CHECKING:
     from bastion.net.outbound import OutboundPolicy
@@ -66,6 +66,13 @@ def sealer(conn: AsyncConnection) -> Vault:
     if vault is None:
         raise RuntimeError("this store has no vault, so it cannot seal what this transaction keeps")
     return vault
+
+
+@dataclass(slots=True)
+class _Asked:
+    """What a committing transaction asked of the other replicas (``events/replicas.Confirmation``), if anything."""
+
+    confirmation: Confirmation | None = None
 
 
 class Store:
@@ -129,27 +136,21 @@ class Store:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncGenerator[AsyncConnection, None]:
-        async with contextlib.AsyncExitStack() as later:
-            confirmation: Confirmation | None = None
-
-            async def confirmed_by(conn: AsyncConnection) -> None:
-                nonlocal confirmation
-                waiting = await replicas.others(conn, self.replica_id)
-                if waiting:
-                    conninfo = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-                    confirmation = await later.enter_async_context(Confirmation(conninfo, waiting))
-                    await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, sync_payload(confirmation.nonce))))
-
-            async with self._committing(confirmed_by) as conn:
+        asked = _Asked()
+        try:
+            async with self._committing(asked) as conn:
                 yield conn
-            if confirmation is not None:
+            if asked.confirmation is not None:
                 # The change holds on every replica before whoever made it hears that it is done.
-                await confirmation.wait()
+                await asked.confirmation.wait()
+        finally:
+            if asked.confirmation is not None:
+                await asked.confirmation.close()
 
     @asynccontextmanager
-    async def _committing(
-        self, confirmed_by: Callable[[AsyncConnection], Awaitable[None]]
-    ) -> AsyncGenerator[AsyncConnection, None]:
+    async def _committing(self, asked: _Asked) -> AsyncGenerator[AsyncConnection, None]:
+        """The transaction itself: committed, its events recorded and published; on PostgreSQL with other replicas
+        live, their word is asked for (``asked``) before the commit."""
         pending: list[Changed] = []
         seqs: list[int] = []
         conn = await self._begin()
@@ -177,7 +178,7 @@ class Store:
                     for event in pending:
                         await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, event.encode())))
                     if any(event.subject is not Subject.WEBHOOK for event in pending):
-                        await confirmed_by(conn)
+                        asked.confirmation = await Confirmation.ask(conn, self._conninfo(), self.replica_id)
                 elif pending and self._changes is not None:
                     # Read by the other processes on this file (a running serve, when this is the CLI).
                     seqs = await changes.record(conn, pending)
@@ -207,6 +208,9 @@ class Store:
             self._changes.committed(seqs)
         for event in pending:
             self.bus.publish(event)
+
+    def _conninfo(self) -> str:
+        return self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     def freshen(self) -> None:
         """Publish what other processes committed on an embedded database since the last look (cheap when nothing

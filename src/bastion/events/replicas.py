@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion.db.schema import replicas
 from bastion.domain.ids import new_id
-from bastion.events.bus import EventBus
+from bastion.events.bus import CHANGES_CHANNEL, EventBus
 
 if TYPE_CHECKING:
     import psycopg
@@ -46,10 +46,6 @@ MAX_PENDING_ACKS: Final = 1024
 STATEMENT_TIMEOUT_S: Final = 5.0  # this module's own statements (a beat, a batch of answers, leaving)
 
 
-def sync_payload(nonce: str) -> str:
-    return f"{SYNC_PREFIX}{nonce}"
-
-
 async def others(conn: AsyncConnection, me: str | None) -> set[str]:
     """The live replicas other than ``me``, read on the changing transaction (PostgreSQL)."""
     query = sa.select(replicas.c.id).where(replicas.c.seen_at > sa.func.now() - sa.text(f"interval '{LIVE_S} s'"))
@@ -59,45 +55,46 @@ async def others(conn: AsyncConnection, me: str | None) -> set[str]:
 
 
 class Confirmation:
-    """Waits for the listed replicas to answer one change's nonce, on a listening connection of its own."""
+    """One change's request for the other live replicas' word, and the listening connection their answers reach."""
 
-    def __init__(self, conninfo: str, waiting_for: set[str]) -> None:
+    def __init__(self, listening: psycopg.AsyncConnection[tuple[object, ...]], waiting_for: set[str]) -> None:
         self.nonce = secrets.token_hex(8)
-        self._conninfo = conninfo
+        self._conn = listening
         self._waiting_for = set(waiting_for)
-        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
 
-    async def __aenter__(self) -> Confirmation:
+    @classmethod
+    async def ask(cls, conn: AsyncConnection, conninfo: str, me: str | None) -> Confirmation | None:
+        """On the changing transaction ``conn``: listen for answers, then send the nonce after its events; None
+        when no other replica is live. Close what this returns (``close``) whatever happens next."""
         import psycopg
 
-        # Listening before the change commits: no answer can come before it is heard. Connecting is shielded (a
-        # cancellation mid-connect would leave psycopg's half-made connection for the garbage collector), and a
-        # failure or cancellation before this returns closes what was opened (``__aexit__`` would not run).
-        conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        waiting = await others(conn, me)
+        if not waiting:
+            return None
+        # Listening before the change commits: no answer can come before it is heard. Connecting is shielded: a
+        # cancellation mid-connect would leave psycopg's half-made connection for the garbage collector.
+        listening: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         with anyio.CancelScope(shield=True):
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=5)
-        if conn is None:
+            listening = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=5)
+        if listening is None:
             raise RuntimeError("unreachable: the connect above is shielded")
-        self._conn = conn
+        confirmation = cls(listening, waiting)
         try:
-            await conn.execute(f"LISTEN {ACKS_CHANNEL}")
+            await listening.execute(f"LISTEN {ACKS_CHANNEL}")
+            await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, f"{SYNC_PREFIX}{confirmation.nonce}")))
         except BaseException:
-            await self.__aexit__()
+            await confirmation.close()
             raise
-        return self
+        return confirmation
 
-    async def __aexit__(self, *_exc: object) -> None:
-        if self._conn is not None:
-            with anyio.CancelScope(shield=True):
-                await self._conn.close()
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._conn.close()
 
     async def wait(self) -> set[str]:
         """Wait for the answers; the replicas that did not answer in time (empty when all did)."""
-        conn = self._conn
-        if conn is None:
-            raise RuntimeError("a confirmation waits only inside its `async with`")
         with anyio.move_on_after(CONFIRM_TIMEOUT_S):
-            async for notify in conn.notifies():
+            async for notify in self._conn.notifies():
                 nonce, _, replica = notify.payload.partition(" ")
                 if nonce == self.nonce:
                     self._waiting_for.discard(replica)
