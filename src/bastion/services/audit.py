@@ -105,6 +105,11 @@ class CallRecord:
     digested: tuple[str | None, str | None] | None = None
     who: Refused | None = None  # for a refused token: whom it speaks for, when that is known
 
+    def failed(self, reason: str) -> None:
+        """The request ended in an error for ``reason``, unless a refusal (denied, limited) already says why."""
+        if self.outcome == "ok":
+            self.outcome, self.reason = "error", reason
+
 
 @dataclass(slots=True)
 class _Batch:

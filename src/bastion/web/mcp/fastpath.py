@@ -160,8 +160,7 @@ class FastPath:
                 await self.admit(principal, mounted, tool, record)
                 upstream, current = await self.upstream(principal, mounted)
             except BastionError as exc:
-                if record.outcome == "ok":  # a denial or a limit has said so already, as on the full path
-                    record.outcome, record.reason = "error", exc.code
+                record.failed(exc.code)
                 await jsonrpc_error(send, message["id"], to_jsonrpc(exc).error)
                 return True
             call["name"] = tool

@@ -121,13 +121,11 @@ def _audited(audit: Audit, method: str, listeners: Listeners | None = None) -> C
                 try:
                     return await fn(ctx, params)
                 except MCPError as exc:
-                    if record.outcome == "ok":
-                        record.outcome, record.reason = "error", str(exc.code)
+                    record.failed(str(exc.code))
                     raise
                 except Exception as exc:
                     mapped = to_jsonrpc(exc)
-                    if record.outcome == "ok":
-                        record.outcome, record.reason = "error", getattr(exc, "code", None) or str(mapped.code)
+                    record.failed(getattr(exc, "code", None) or str(mapped.code))
                     raise mapped from exc
                 finally:
                     relay.downstream.reset(caller)

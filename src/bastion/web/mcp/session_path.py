@@ -282,8 +282,7 @@ class _Call(Answer):
                 return  # best effort: the upstream may be what failed
 
     async def fail_with(self, exc: BastionError) -> None:
-        if self.record.outcome == "ok":  # a denial or a limit has said so already, as on the full path
-            self.record.outcome, self.record.reason = "error", exc.code
+        self.record.failed(exc.code)
         await self.fail(to_jsonrpc(exc).error)
 
 
