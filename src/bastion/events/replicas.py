@@ -40,7 +40,9 @@ logger = logging.getLogger("bastion.events.replicas")
 ACKS_CHANNEL: Final = "bastion_acks"
 SYNC_PREFIX: Final = "sync:"
 BEAT_S: Final = 2.0
-LIVE_S: Final = 6.0  # three beats: a replica silent longer is not waited for
+# Fifteen beats: a replica whose beats lag under load (a starved pool, a busy loop) is still waited for; one that
+# crashed costs each change at most CONFIRM_TIMEOUT_S until its row is this old (a clean stop removes it at once).
+LIVE_S: Final = 30.0
 CONFIRM_TIMEOUT_S: Final = 2.0
 MAX_PENDING_ACKS: Final = 1024
 STATEMENT_TIMEOUT_S: Final = 5.0  # this module's own statements (a beat, a batch of answers, leaving)
