@@ -2,11 +2,16 @@
 
 Run with `scripts/bench gateway` or `uv run python bench/gateway.py [--duration 10] [--json]`.
 
-What runs, each in its own process on 127.0.0.1: the echo upstream (`bench/echo_upstream.py`, the official SDK's
-low-level Server under uvicorn with uvloop and httptools) and `bastion serve` on a fresh data directory (embedded
-SQLite unless `--database-url` names another database), provisioned through the CLI the way an operator would:
-a server with bearer auth, a gateway, a host, a member, the member's identity sealed in the real vault and a
-connection whose minted `bst_` token every request carries.
+What runs, each in its own process on 127.0.0.1: the echo upstream and `bastion serve` on a fresh data directory
+(embedded SQLite unless `--database-url` names another database), provisioned through the CLI the way an operator
+would: a server with bearer auth, a gateway, a host, a member, the member's identity sealed in the real vault and a
+connection whose minted `bst_` token every request carries. `--rules` adds what a real deployment has: a policy
+rule, a rate limit and a content rule, none of which refuses or rewrites the benchmark's calls.
+
+The upstream is a bare ASGI echo (`bench/raw_upstream.py`) so that the benchmark measures Bastion, not its upstream;
+`--upstream sdk` uses the official SDK's low-level Server instead (`bench/echo_upstream.py`), which saturates a core
+far below what Bastion relays. The upstream's CPU is printed beside every figure, and a ratio is not reported when
+the upstream was at or above 90 % of a core while Bastion was in front of it: it would measure the upstream.
 
 The requests are the official SDK client's own: one `tools/call` is captured per target (headers and body, through
 an httpx2 request hook) and replayed by a generated wrk Lua script with a fresh JSON-RPC id per request. The modern
@@ -14,8 +19,11 @@ era (2026-07-28) is stateless single POSTs; the legacy era (2025-11-25) replays 
 per wrk connection and spreads the calls over those sessions. Every response is checked: status 200 and the echoed
 text, else it is counted and shown.
 
-Targets on a 2-core machine: through Bastion at least 50 % of direct throughput at c=64, at most 1 ms added p50 at
-c=1, gateway RSS at most 150 MB.
+`--profile FILE` samples the gateway with py-spy during the modern-era run at the highest concurrency, writes the
+collapsed stacks to FILE and prints where the gateway's time went (own time and inclusive time per function).
+
+Targets on a 2-core machine, audit on and rules configured: through Bastion at least 15 % of direct throughput at
+c=64 (12 % on PostgreSQL), at most 0.5 ms added p50 at c=1 (2 ms on PostgreSQL), gateway RSS at most 120 MB idle.
 """
 
 from __future__ import annotations
@@ -48,9 +56,14 @@ BASTION: Final = Path(sys.executable).with_name("bastion")
 START_TIMEOUT_S: Final = 60.0
 WRK_TIMEOUT_S: Final = 10
 RSS_SAMPLE_INTERVAL_S: Final = 0.1
-TARGET_RATIO_AT_64: Final = 0.5
-TARGET_ADDED_P50_MS_AT_1: Final = 1.0
-TARGET_RSS_MB: Final = 150.0
+TARGETS: Final = {  # database: (ratio of direct at c=64, added p50 ms at c=1)
+    "sqlite": (0.15, 0.5),
+    "postgresql": (0.12, 2.0),
+}
+TARGET_IDLE_RSS_MB: Final = 120.0
+SATURATED_CPU_PERCENT: Final = 90.0  # an upstream this busy is what a run measured
+PROFILE_RATE_HZ: Final = 250
+UPSTREAMS: Final = {"raw": "raw_upstream.py", "sdk": "echo_upstream.py"}
 MODERN: Final = "2026-07-28"
 LEGACY: Final = "legacy"
 # Headers wrk sets itself (Host, Content-Length) or that describe one connection rather than the request.
@@ -142,10 +155,13 @@ def _wait_ready(child: subprocess.Popen[bytes], url: str, log: Path) -> None:
     raise SystemExit(f"{url} did not answer within {START_TIMEOUT_S} s")
 
 
-def start_upstream(processes: Processes, tmp: Path, delay_ms: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
-    """The echo upstream (each call taking ``delay_ms``), answering; its process and MCP URL."""
+def start_upstream(
+    processes: Processes, tmp: Path, delay_ms: float = 0.0, kind: str = "sdk"
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The echo upstream of ``kind`` (see ``UPSTREAMS``; each call taking ``delay_ms``), answering; its process and
+    MCP URL."""
     port, log = _free_port(), tmp / "upstream.log"
-    args = [sys.executable, str(BENCH_DIR / "echo_upstream.py"), str(port)] + ([str(delay_ms)] if delay_ms else [])
+    args = [sys.executable, str(BENCH_DIR / UPSTREAMS[kind]), str(port)] + ([str(delay_ms)] if delay_ms else [])
     upstream = processes.start(args, {**os.environ}, log)
     url = f"http://127.0.0.1:{port}/mcp"
     _wait_ready(upstream, url, log)
@@ -202,11 +218,12 @@ def provision(env: dict[str, str], upstream_url: str, tmp: Path) -> str:
 
 
 def add_rules(env: dict[str, str]) -> None:
-    """Rules a real deployment has, none of which refuses the benchmark's calls: a deny for another member and a
-    rate limit far above what the benchmark sends."""
+    """Rules a real deployment has, none of which refuses or rewrites the benchmark's calls: a deny for another
+    member, a rate limit far above what the benchmark sends and a content rule that redacts card numbers."""
     _cli(env, "member", "create", "bob@example.com")
     _cli(env, "policy", "add", "--effect", "deny", "--subject-kind", "member", "--subject", "bob@example.com")
     _cli(env, "rate-limit", "add", "--per", "member", "--limit", "1000000/1s")
+    _cli(env, "content-rule", "add", "card-numbers", "--pattern", r"\b(?:\d[ -]?){13,16}\b", "--action", "redact")
 
 
 # --- the SDK client's requests ------------------------------------------------------------------------------------
@@ -487,10 +504,11 @@ def table(runs: list[Run]) -> str:
         pairs.setdefault((run.era, run.concurrency), {})[run.target] = run
     for (era, concurrency), pair in pairs.items():
         direct, through = pair["direct"], pair["bastion"]
-        ratio = through.rps / direct.rps if direct.rps else 0.0
+        ratio = _ratio(direct, through)
+        shown = "sat." if ratio is None else f"{ratio:.0%}"
         errors = sum(r.requests - r.ok for r in (direct, through))
         lines.append(
-            f"{era:<7} {concurrency:>3} | {_fmt_rps(direct.rps):>12} {_fmt_rps(through.rps):>13} {ratio:>6.0%} | "
+            f"{era:<7} {concurrency:>3} | {_fmt_rps(direct.rps):>12} {_fmt_rps(through.rps):>13} {shown:>6} | "
             f"{direct.p50_ms:>7.2f} / {direct.p99_ms:>7.2f} {through.p50_ms:>8.2f} / {through.p99_ms:>7.2f} "
             f"{through.p50_ms - direct.p50_ms:>9.2f} | {through.gateway_cpu_percent:>10.0f}% "
             f"{direct.upstream_cpu_percent:>7.0f}%/{through.upstream_cpu_percent:>6.0f}% "
@@ -503,6 +521,14 @@ def table(runs: list[Run]) -> str:
             if run.requests != run.ok
         )
     return "\n".join(lines)
+
+
+def _ratio(direct: Run, through: Run) -> float | None:
+    """Through Bastion as a share of direct, or None when the upstream was saturated while Bastion was in front of it
+    (the run then measured the upstream; direct runs are meant to take the upstream to its limit)."""
+    if through.upstream_cpu_percent >= SATURATED_CPU_PERCENT:
+        return None
+    return through.rps / direct.rps if direct.rps else 0.0
 
 
 def audit_table(runs: list[Run]) -> str:
@@ -528,23 +554,88 @@ def audit_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def verdicts(runs: list[Run], hwm_mb: float) -> list[str]:
+def verdicts(runs: list[Run], database: str, idle_mb: float) -> list[str]:
     out: list[str] = []
+    ratio_target, added_target = TARGETS.get(database.split()[0], TARGETS["postgresql"])
     by = {(r.era, r.target, r.concurrency): r for r in runs}
     for era in sorted({r.era for r in runs}):
         d64, b64 = by.get((era, "direct", 64)), by.get((era, "bastion", 64))
         if d64 and b64:
-            ratio = b64.rps / d64.rps
-            ok = "ok" if ratio >= TARGET_RATIO_AT_64 else "MISSED"
-            out.append(f"{era}: throughput at c=64 is {ratio:.0%} of direct (target >= 50 %): {ok}")
+            ratio = _ratio(d64, b64)
+            if ratio is None:
+                out.append(
+                    f"{era}: no ratio at c=64: the upstream was saturated behind Bastion "
+                    f"(>= {SATURATED_CPU_PERCENT:.0f} % CPU)"
+                )
+            else:
+                ok = "ok" if ratio >= ratio_target else "MISSED"
+                out.append(f"{era}: throughput at c=64 is {ratio:.1%} of direct (target >= {ratio_target:.0%}): {ok}")
         d1, b1 = by.get((era, "direct", 1)), by.get((era, "bastion", 1))
         if d1 and b1:
             added = b1.p50_ms - d1.p50_ms
-            ok = "ok" if added <= TARGET_ADDED_P50_MS_AT_1 else "MISSED"
-            out.append(f"{era}: added p50 at c=1 is {added:.2f} ms (target <= 1 ms): {ok}")
-    ok = "ok" if hwm_mb <= TARGET_RSS_MB else "MISSED"
-    out.append(f"gateway peak RSS (VmHWM) is {hwm_mb:.1f} MB (target <= 150 MB): {ok}")
+            ok = "ok" if added <= added_target else "MISSED"
+            out.append(f"{era}: added p50 at c=1 is {added:.2f} ms (target <= {added_target:g} ms): {ok}")
+    ok = "ok" if idle_mb <= TARGET_IDLE_RSS_MB else "MISSED"
+    out.append(f"gateway idle RSS is {idle_mb:.1f} MB (target <= {TARGET_IDLE_RSS_MB:.0f} MB): {ok}")
     return out
+
+
+# --- --profile -------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profiling(pid: int, out: Path, seconds: float) -> Generator[None, None, None]:
+    """py-spy samples ``pid`` while the block runs, writing collapsed stacks to ``out``."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    args = [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--output", str(out)]
+    args += ["--rate", str(PROFILE_RATE_HZ), "--duration", str(int(seconds) + 1), "--nonblocking"]
+    recorder = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
+    try:
+        yield
+    finally:
+        _, err = recorder.communicate(timeout=seconds + 60)
+        if recorder.returncode != 0:
+            raise SystemExit(f"py-spy failed ({recorder.returncode}): {err.decode(errors='replace')[-2000:]}")
+
+
+def profile_summary(collapsed: Path, top: int = 25) -> str:
+    """Own and inclusive time per function of py-spy's collapsed stacks, as shares of all samples."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text(encoding="utf-8").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    if not total:
+        return "py-spy recorded no samples"
+    lines = [f"{total:,} samples; own time (the function itself) and inclusive time (with what it calls):"]
+    width = max(len(f) for f in [*own, *inclusive])
+    width = min(width, 90)
+    lines.append(f"  {'own':>6}  {'function':<{width}}")
+    lines += [f"  {n / total:>6.1%}  {f[:width]:<{width}}" for f, n in sorted(own.items(), key=lambda x: -x[1])[:top]]
+    lines.append(f"  {'incl.':>6}  {'function':<{width}}")
+    lines += [
+        f"  {n / total:>6.1%}  {f[:width]:<{width}}" for f, n in sorted(inclusive.items(), key=lambda x: -x[1])[:top]
+    ]
+    return "\n".join(lines)
+
+
+def _frame(raw: str) -> str:
+    """``function (path/to/module.py:line)`` shortened to ``function (package/module.py)``."""
+    name, _, where = raw.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/src/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{name} ({path})" if path else name
 
 
 def _loadavg() -> str:
@@ -567,8 +658,10 @@ def main() -> None:
     parser.add_argument(
         "--rules",
         action="store_true",
-        help="measure with a policy rule and a rate limit in the workspace (neither refuses the benchmark's calls)",
+        help="measure with a policy rule, a rate limit and a content rule in the workspace (none refuses a call)",
     )
+    parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="raw", help="the echo upstream to use")
+    parser.add_argument("--profile", type=Path, help="py-spy the gateway (modern era, top concurrency) into FILE")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = parser.parse_args()
     wrk_binary()
@@ -579,7 +672,7 @@ def main() -> None:
     load_before = _loadavg()
     try:
         gw_port = _free_port()
-        upstream, upstream_url = start_upstream(processes, tmp)
+        upstream, upstream_url = start_upstream(processes, tmp, kind=args.upstream)
         env = bastion_env(tmp, args.database_url)
         token = provision(env, upstream_url, tmp)
         if args.rules:
@@ -606,9 +699,15 @@ def main() -> None:
         for target in targets:
             wrk(target.script, target.captured.url, 8, args.warmup, pids)
         runs: list[Run] = []
+        profiled = (eras[0], max(concurrencies), "bastion") if args.profile else None
         for era in eras:
             for concurrency in concurrencies:
-                runs.extend(measure(t, concurrency, args.duration, pids) for t in targets if t.era == era)
+                for target in (t for t in targets if t.era == era):
+                    if profiled == (era, concurrency, target.name):
+                        with profiling(bastion.pid, args.profile, args.duration):
+                            runs.append(measure(target, concurrency, args.duration, pids))
+                    else:
+                        runs.append(measure(target, concurrency, args.duration, pids))
         hwm_mb = _status_kb(bastion.pid, "VmHWM") / 1024
         rss_after_mb = _status_kb(bastion.pid, "VmRSS") / 1024
         load_after = _loadavg()
@@ -627,13 +726,16 @@ def main() -> None:
             "duration_s": args.duration,
             "gateway_rss_mb": {"idle": rss_idle_mb, "after": rss_after_mb, "peak_hwm": hwm_mb},
             "runs": [{**asdict(r), "rps": r.rps} for r in runs],
-            "verdicts": verdicts(runs, hwm_mb),
+            "upstream": args.upstream,
+            "rules": args.rules,
+            "verdicts": verdicts(runs, database, rss_idle_mb),
         }
         print(json.dumps(doc, indent=2))  # noqa: T201
         return
     print(  # noqa: T201
         f"tools/call echo, {args.duration:g} s per case, {os.cpu_count()} CPUs, database {database}, "
-        f"{'a policy rule and a rate limit in the workspace, ' if args.rules else ''}"
+        f"{args.upstream} upstream, "
+        f"{'a policy rule, a rate limit and a content rule, ' if args.rules else 'no rules, '}"
         f"load average {load_before} before, {load_after} after"
     )
     print(table(runs))  # noqa: T201
@@ -643,8 +745,11 @@ def main() -> None:
     print(  # noqa: T201
         f"gateway RSS: {rss_idle_mb:.1f} MB idle, {rss_after_mb:.1f} MB after the runs, {hwm_mb:.1f} MB peak (VmHWM)"
     )
-    for line in verdicts(runs, hwm_mb):
+    for line in verdicts(runs, database, rss_idle_mb):
         print(line)  # noqa: T201
+    if args.profile:
+        print(f"\nwhere the gateway's time went ({profiled[0]} era, c={profiled[1]}), stacks in {args.profile}:")  # noqa: T201
+        print(profile_summary(args.profile))  # noqa: T201
     if args.keep:
         print(f"logs and scripts kept in {tmp}")  # noqa: T201
 
