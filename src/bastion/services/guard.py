@@ -161,6 +161,13 @@ class Guard:
 
     # --- content rules --------------------------------------------------------------------------------------------
 
+    def scans(self, ruleset: RuleSet, principal: Principal, where: str) -> bool:
+        """Whether an enabled content rule of the caller's gateway reads ``where`` ("arguments" or "results")."""
+        return any(
+            rule.enabled and rule.target in (where, content.ContentTarget.BOTH)
+            for rule in content.for_gateway(ruleset.content, principal.gateway_id)
+        )
+
     def scan(self, ruleset: RuleSet, principal: Principal, value: Any, where: str) -> Any:
         """``value`` (JSON, or models as their JSON) with the content rules for ``where`` applied; ``value`` itself
         when no rule applies in this gateway.

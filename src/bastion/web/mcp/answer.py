@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,18 +23,15 @@ from bastion.services.audit import CallRecord
 from bastion.services.directory import Mounted
 from bastion.types import json_object
 from bastion.upstream.wire import WireResponse
-from bastion.web.mcp.fastpath import answer_status, jsonrpc_error, refused, upstream_failure
+from bastion.web.mcp.fastpath import answer_status, jsonrpc_error, refused, scanned_answer, upstream_failure
+from bastion.web.mcp.frames import EVENT_END, JSON, MAX_ANSWER_BYTES, SSE, AnswerTooLarge, fields, media
 from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
 
-MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024  # the largest JSON answer or event read from an upstream
 MAX_RESUMES: Final = 2  # as the SDK client: failed reconnections in a row to a stream that closed unanswered
 MAX_RETRY_S: Final = 5.0  # longest wait before resuming, whatever retry interval the upstream asked for
 DEFAULT_RETRY_S: Final = 0.1
 DRAIN_S: Final = 0.05  # longest an answered stream's remainder is read, for its connection to be reused
 SEND_TIMEOUT_S: Final = 5.0  # longest the call's answer waits for a caller that stopped reading
-_EVENT_END: Final = re.compile(rb"\r?\n\r?\n")
-_JSON: Final = b"application/json"
-_SSE: Final = b"text/event-stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +71,12 @@ class CallRequest:
     def progress_token(self) -> Any:
         return self.meta.get("progressToken") if self.meta is not None else None
 
-    def upstream_body(self, tool: str, upstream_id: str) -> bytes:
-        """The request as the upstream gets it: the server's own tool name, Bastion's id and progress token."""
+    def upstream_body(self, tool: str, upstream_id: str, arguments: dict[str, Any] | None) -> bytes:
+        """The request as the upstream gets it: the server's own tool name, the ``arguments`` as admission left them,
+        Bastion's id and progress token."""
         params: dict[str, Any] = {"name": tool}
-        if self.arguments is not None:
-            params["arguments"] = self.arguments
+        if arguments is not None:
+            params["arguments"] = arguments
         if self.meta is not None:
             meta = dict(self.meta)
             if "progressToken" in meta:  # the caller's token could be another caller's on the shared session
@@ -87,10 +84,6 @@ class CallRequest:
             params["_meta"] = meta
         message = {"jsonrpc": "2.0", "id": upstream_id, "method": "tools/call", "params": params}
         return json.dumps(message, separators=(",", ":")).encode()
-
-
-class _TooLarge(Exception):
-    pass
 
 
 @dataclass(slots=True)
@@ -143,6 +136,7 @@ class Answer(ABC):
         self.answered = False  # the caller has (or is being sent) the call's answer
         self.answered_upstream = False  # the upstream answered: there is nothing to cancel there
         self.posted = False  # the call was sent upstream
+        self.results: Callable[[Any], Any] | None = None  # the content rules the result must pass, if any
 
     # --- what the upstream may need in between (the subclass talks to it) -----------------------------------------
 
@@ -160,16 +154,16 @@ class Answer(ABC):
         """Pass the answer on: JSON as JSON, an event stream as events, resumed if it closes before the answer."""
         current = response
         try:
-            status, media = current.status_code, _media(current)
-            if status != 200 or media not in (_JSON, _SSE):
+            status, kind = current.status_code, _media(current)
+            if status != 200 or kind not in (JSON, SSE):
                 # A JSON-RPC error at an HTTP error status is still the call's answer (the SDK client reads it so).
-                if not (media == _JSON and await self._json(current)):
+                if not (kind == JSON and await self._json(current)):
                     self.record.upstream_status = f"http_{status}"
                     self.record.outcome, self.record.reason = "error", f"http_{status}"
                     message = f"upstream {self.mounted.alias!r} answered HTTP {status} without a JSON-RPC answer"
                     await self.fail(types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message))
                 return
-            if media == _JSON:
+            if kind == JSON:
                 if not await self._json(current) and not self.answered:
                     await self.ended()
                 return
@@ -192,10 +186,10 @@ class Answer(ABC):
                     current = await resume(stream.last_id)
                 except (OSError, UrlRefused):
                     current = _REFUSED
-                if _media(current) != _SSE:
+                if _media(current) != SSE:
                     await current.aclose()
                     current = _REFUSED
-        except _TooLarge:
+        except AnswerTooLarge:
             self.record.outcome, self.record.reason = "error", "upstream_answer_too_large"
             message = f"the answer of upstream {self.mounted.alias!r} is larger than {MAX_ANSWER_BYTES} bytes"
             await self.fail(types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message))
@@ -207,7 +201,7 @@ class Answer(ABC):
         while (chunk := await response.next_chunk()) is not None:
             body += chunk
             if len(body) > MAX_ANSWER_BYTES:
-                raise _TooLarge
+                raise AnswerTooLarge
         return await self._message(bytes(body), stream=False)
 
     async def _events(self, response: WireResponse, stream: _Stream) -> bool:
@@ -216,11 +210,11 @@ class Answer(ABC):
         delivered = False
         while (chunk := await response.next_chunk()) is not None:
             pending += chunk
-            while (end := _EVENT_END.search(pending, max(scan - 3, 0))) is not None:
+            while (end := EVENT_END.search(pending, max(scan - 3, 0))) is not None:
                 event = bytes(pending[: end.start()])
                 del pending[: end.end()]
                 scan = 0
-                data, event_id, retry_ms, comment = _fields(event)
+                data, event_id, retry_ms, comment = fields(event)
                 delivered = delivered or bool(data) or event_id is not None
                 stream.last_id = event_id if event_id is not None else stream.last_id
                 if retry_ms is not None:
@@ -237,7 +231,7 @@ class Answer(ABC):
                     await self._keepalive()
             scan = len(pending)
             if scan > MAX_ANSWER_BYTES:
-                raise _TooLarge
+                raise AnswerTooLarge
         return delivered
 
     async def _message(self, data: bytes, *, stream: bool) -> bool:
@@ -255,6 +249,8 @@ class Answer(ABC):
             self.record.upstream_status = status
             if status not in ("ok", "error"):
                 self.record.outcome, self.record.reason = "error", status
+            if self.results is not None:
+                message = scanned_answer(message, self.results)
             await self._answer(json.dumps(message, separators=(",", ":")).encode())
             return True
         if not stream or not isinstance(method, str):
@@ -277,7 +273,7 @@ class Answer(ABC):
 
     async def _start_stream(self) -> None:
         headers = [
-            (b"content-type", _SSE),
+            (b"content-type", SSE),
             (b"cache-control", b"no-cache, no-transform"),
             (b"x-accel-buffering", b"no"),
             (b"mcp-session-id", self._session_id),
@@ -299,7 +295,7 @@ class Answer(ABC):
                 await self.send({"type": "http.response.body", "body": event, "more_body": True})
             return
         headers = [
-            (b"content-type", _JSON),
+            (b"content-type", JSON),
             (b"content-length", str(len(data)).encode("ascii")),
             (b"mcp-session-id", self._session_id),
         ]
@@ -357,26 +353,4 @@ class Answer(ABC):
 
 
 def _media(response: WireResponse) -> bytes:
-    content_type = next((v for k, v in response.headers if k == b"content-type"), b"")
-    return content_type.split(b";")[0].strip().lower()
-
-
-def _fields(event: bytes) -> tuple[bytes, str | None, int | None, bool]:
-    """An SSE event's data (lines joined), its id, its retry interval in ms, and whether it had a comment."""
-    data: list[bytes] = []
-    event_id: str | None = None
-    retry_ms: int | None = None
-    comment = False
-    for line in event.splitlines():
-        if line.startswith(b":"):
-            comment = True
-            continue
-        field, _, value = line.partition(b":")
-        value = value.removeprefix(b" ")
-        if field == b"data":
-            data.append(value)
-        elif field == b"id" and b"\0" not in value:
-            event_id = value.decode("utf-8", "replace")
-        elif field == b"retry" and value.isdigit():
-            retry_ms = int(value)
-    return b"\n".join(data), event_id, retry_ms, comment
+    return media(response.headers)

@@ -11,6 +11,7 @@ upstream whose era is not yet known — takes the full path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from bastion.net.outbound import UrlRefused
 from bastion.services.audit import Audit, CallRecord
 from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
+from bastion.services.guard import ContentBlocked
 from bastion.services.proxy import Proxy
 from bastion.types import json_object
 from bastion.upstream.pool import UpstreamBusy, UpstreamPool
@@ -38,6 +40,7 @@ from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.transports import USER_AGENT
 from bastion.upstream.wire import WirePool, WireResponse
 from bastion.web.mcp import headers
+from bastion.web.mcp.frames import EVENT_END, MAX_ANSWER_BYTES, SSE, AnswerTooLarge, fields, media
 from bastion.web.mcp.server import REQUEST_TIMEOUT, UPSTREAM_UNAVAILABLE, to_jsonrpc
 
 logger = logging.getLogger("bastion.fastpath")
@@ -69,6 +72,15 @@ def replaying(messages: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replay
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A call past admission: its arguments as they go upstream, and the content rules its result must pass (None:
+    no rule reads results here, so the answer is relayed as it comes)."""
+
+    arguments: dict[str, Any] | None = field(repr=False)
+    results: Callable[[Any], Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,20 +162,23 @@ class FastPath:
         if declared is None and headers.sends_params(scope["headers"]):
             return False
         arguments: Any = call.get("arguments")
-        given = cast("dict[str, Any]", arguments) if isinstance(arguments, dict) else {}
-        params = headers.params(declared or {}, given)
+        given = cast("dict[str, Any]", arguments) if isinstance(arguments, dict) else None
         if await self.rejected(scope, send):
             return True
         record = call_record(principal, name, call)
         async with self._audit.call(record):
             try:
-                await self.admit(principal, mounted, tool, record)
+                admitted = await self.admit(principal, mounted, tool, record, given)
                 upstream, current = await self.upstream(principal, mounted)
             except BastionError as exc:
                 record.failed(exc.code)
                 await jsonrpc_error(send, message["id"], to_jsonrpc(exc).error)
                 return True
             call["name"] = tool
+            if admitted.arguments is not given:
+                call["arguments"] = admitted.arguments
+            # Derived from the arguments as they leave Bastion: a redacted value is redacted in its header too.
+            params = headers.params(declared or {}, admitted.arguments or {})
 
             async def renewed() -> Upstream | None:
                 """After a 401: the renewed token's headers, or None when there is nothing to renew."""
@@ -183,24 +198,20 @@ class FastPath:
                 record,
                 message["id"],
                 renewed,
+                admitted.results,
             )
         return True
 
     async def route(self, principal: Principal, name: str) -> tuple[Mounted, str] | None:
         """The server and its own tool name for a call the hot path may take, or None for the full path.
 
-        None when routing refuses the name (the full path gives the same refusal, worded by the SDK) or when the
-        workspace has content rules (those are the full path's: arguments and results must be read to be scanned).
-        Policy rules and rate limits are applied here as on the full path (``admit``).
+        None when routing refuses the name (the full path gives the same refusal, worded by the SDK). Policy rules,
+        rate limits and content rules are applied here as on the full path (``admit``).
         """
         try:
-            mounted, tool = await self._proxy.route_tool(principal, name)
+            return await self._proxy.route_tool(principal, name)
         except BastionError:
             return None
-        guard = self._proxy.guard
-        if guard is not None and (await guard.rules(principal.workspace_id)).content:
-            return None
-        return mounted, tool
 
     async def rejected(self, scope: Scope, send: Send) -> bool:
         """Answer a request whose Host or Origin is not allowed (as the SDK would) and say so."""
@@ -221,21 +232,31 @@ class FastPath:
         await rejection(scope, _no_body, send)
         return True
 
-    async def admit(self, principal: Principal, mounted: Mounted, tool: str, record: CallRecord) -> None:
-        """Apply policy and rate limits as the full path does (the decision goes on the record), then make the
-        call's event durable.
+    async def admit(
+        self, principal: Principal, mounted: Mounted, tool: str, record: CallRecord, arguments: dict[str, Any] | None
+    ) -> Admitted:
+        """Apply policy, rate limits and the content rules on arguments as the full path does (each decision goes
+        on the record), then make the call's event durable, with the arguments as the rules left them.
 
         Raises:
             PolicyDenied: a rule denies the call (the record says "denied").
             RateLimited: a limit has no room (the record says "limited").
+            ContentBlocked: a content rule blocks the arguments (the record says "blocked").
         """
         guard = self._proxy.guard
+        results: Callable[[Any], Any] | None = None
         if guard is not None:
             ruleset = await guard.admit(principal, mounted.alias, tool)
             await guard.count(ruleset, principal, record.name or tool)
+            if guard.scans(ruleset, principal, "arguments"):
+                arguments = cast("dict[str, Any]", guard.scan(ruleset, principal, arguments or {}, "arguments"))
+            if guard.scans(ruleset, principal, "results"):
+                results = functools.partial(guard.scan, ruleset, principal, where="results")
+
         else:
             record.server, record.decision = mounted.alias, "allow"
         await self._audit.open(record)
+        return Admitted(arguments, results)
 
     def _wire(self, mounted: Mounted) -> WirePool:
         server = mounted.server
@@ -275,6 +296,7 @@ class FastPath:
         record: CallRecord,
         request_id: Any,
         renewed: Callable[[], Awaitable[Upstream | None]],
+        results: Callable[[Any], Any] | None = None,
     ) -> None:
         passed = [*headers.to_upstream(scope["headers"]), ("mcp-name", tool), *params]
         timeout = mounted.server.call_timeout_s
@@ -303,27 +325,38 @@ class FastPath:
                     if response.status_code in (UNAUTHORIZED, FORBIDDEN):
                         await self.refusal(response, principal, mounted, record, send, request_id)
                         return
+                    kept = _Kept()
                     try:
-                        await send(
-                            {
-                                "type": "http.response.start",
-                                "status": response.status_code,
-                                "headers": headers.to_agent(response.headers),
-                            }
-                        )
-                        started = True
-                        kept = _Kept()
-                        async for chunk in response.chunks():
-                            kept.add(chunk)
-                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        if results is None:
+                            await send(
+                                {
+                                    "type": "http.response.start",
+                                    "status": response.status_code,
+                                    "headers": headers.to_agent(response.headers),
+                                }
+                            )
+                            started = True
+                            async for chunk in response.chunks():
+                                kept.add(chunk)
+                                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        else:
+                            scanned = ScannedRelay(send, request_id, results)
+                            try:
+                                await scanned.relay(response)
+                            finally:
+                                started = scanned.started
+                            record.upstream_status = scanned.status
                     finally:
                         await response.aclose()
-            if response.status_code >= 400:
-                record.outcome, record.reason = "error", f"http_{response.status_code}"
         except UpstreamBusy as exc:
             record.outcome, record.reason = "error", exc.code
             await jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
+        except AnswerTooLarge:
+            record.outcome, record.reason = "error", "upstream_answer_too_large"
+            if not started:
+                message = f"the answer of upstream {mounted.alias!r} is larger than {MAX_ANSWER_BYTES} bytes"
+                await jsonrpc_error(send, request_id, types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message))
         except (OSError, UrlRefused, TimeoutError) as exc:
             error = upstream_failure(exc, mounted, record)
             if started:  # the caller already has a status line: end the stream; its client sees it cut short
@@ -332,15 +365,15 @@ class FastPath:
                 return
             await jsonrpc_error(send, request_id, error)
         else:
-            if record.upstream_status is None and response.status_code >= 400:
-                record.upstream_status = f"http_{response.status_code}"
-            elif record.upstream_status is None:
-                # As the full path records it: a tool's error result, or the upstream's JSON-RPC error code.
+            if results is None:
                 content_type = next((v for k, v in response.headers if k == b"content-type"), b"")
-                answer = _answer_status(kept.body(), content_type, request_id)
-                record.upstream_status = answer
-                if answer not in ("ok", "error"):
-                    record.outcome, record.reason = "error", answer
+                record.upstream_status = _answer_status(kept.body(), content_type, request_id, response.status_code)
+            # As the full path records it: a tool's error result is "error", a JSON-RPC error its code (at whatever
+            # HTTP status it came), an HTTP error without an answer its status; a rule's block stays the outcome.
+            if record.upstream_status is None:
+                record.upstream_status = f"http_{response.status_code}"
+            if record.upstream_status not in ("ok", "error") and record.outcome == "ok":
+                record.outcome, record.reason = "error", record.upstream_status
 
     async def refusal(
         self,
@@ -368,6 +401,83 @@ class FastPath:
                 await jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
                 return
         await jsonrpc_error(send, request_id, refused(mounted, response.status_code))
+
+
+def scanned_answer(message: dict[str, Any], results: Callable[[Any], Any]) -> dict[str, Any]:
+    """A call's JSON-RPC answer with the content rules on results applied to its result: rewritten, or replaced by
+    the JSON-RPC error of the rule that blocks it (the rule's outcome is on the audit record)."""
+    result = message.get("result")
+    if not isinstance(result, dict):
+        return message
+    try:
+        scanned = results(result)
+    except ContentBlocked as exc:
+        error = to_jsonrpc(exc).error.model_dump(exclude_none=True)
+        return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
+    return {**message, "result": scanned}
+
+
+class ScannedRelay:
+    """Relays an answer whose result content rules must read: a JSON answer is read whole; an event stream passes
+    event by event, and only the event holding the call's answer is held until it is complete and scanned."""
+
+    def __init__(self, send: Send, request_id: Any, results: Callable[[Any], Any]) -> None:
+        self._send = send
+        self._request_id = request_id
+        self._results = results
+        self.started = False  # the caller has a status line
+        self.status: str | None = None  # the upstream's answer as the audit log records it (before the rules)
+
+    async def relay(self, response: WireResponse) -> None:
+        """Raises AnswerTooLarge (before anything is sent for a JSON answer) when the answer cannot be held."""
+        await self._relay(response)
+        if self.status is None and response.status_code < 400:
+            self.status = "ok"  # as the verbatim relay: the caller got the answer as it came
+
+    async def _relay(self, response: WireResponse) -> None:
+        passed = headers.to_agent(response.headers)
+        if media(response.headers) != SSE:
+            body = bytearray()
+            async for chunk in response.chunks():
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise AnswerTooLarge
+            raw = self._scanned(bytes(body)) or bytes(body)
+            await self._send({"type": "http.response.start", "status": response.status_code, "headers": passed})
+            self.started = True
+            await self._send({"type": "http.response.body", "body": raw, "more_body": False})
+            return
+        await self._send({"type": "http.response.start", "status": response.status_code, "headers": passed})
+        self.started = True
+        pending = bytearray()
+        async for chunk in response.chunks():
+            pending += chunk
+            while (end := EVENT_END.search(pending)) is not None:
+                event = bytes(pending[: end.end()])
+                del pending[: end.end()]
+                await self._send({"type": "http.response.body", "body": self._event(event), "more_body": True})
+            if len(pending) > MAX_ANSWER_BYTES:
+                raise AnswerTooLarge
+        if pending:
+            await self._send({"type": "http.response.body", "body": self._event(bytes(pending)), "more_body": True})
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _event(self, event: bytes) -> bytes:
+        """The event as the caller gets it: the call's answer scanned (its id kept), anything else as it came."""
+        data, event_id, _retry, _comment = fields(event)
+        scanned = self._scanned(data) if data else None
+        if scanned is None:
+            return event
+        head = f"id: {event_id}\r\n".encode() if event_id is not None else b""
+        return head + b"event: message\r\ndata: " + scanned + b"\r\n\r\n"
+
+    def _scanned(self, data: bytes) -> bytes | None:
+        """The JSON-RPC message in ``data`` with the rules applied when it is the call's answer, else None."""
+        message = json_object(data) if b'"id"' in data else None
+        if message is None or "method" in message or message.get("id") != self._request_id:
+            return None
+        self.status = answer_status(message)
+        return json.dumps(scanned_answer(message, self._results), separators=(",", ":")).encode()
 
 
 def upstream_failure(exc: OSError | UrlRefused | TimeoutError, mounted: Mounted, record: CallRecord) -> types.ErrorData:
@@ -414,13 +524,14 @@ class _Kept:
         return b"".join(self._chunks) if self._chunks is not None else None
 
 
-def _answer_status(body: bytes | None, content_type: bytes, request_id: Any) -> str:
-    """``ok``, ``error`` (a tool's error result) or the JSON-RPC error code of the upstream's answer.
+def _answer_status(body: bytes | None, content_type: bytes, request_id: Any, status_code: int = 200) -> str | None:
+    """``ok``, ``error`` (a tool's error result) or the JSON-RPC error code of the upstream's answer; None when an
+    HTTP error status came without a JSON-RPC answer.
 
-    Parsed only when the bytes could hold either (most answers hold neither); an answer too big to keep, or
-    one that cannot be read, is recorded as ``ok``: the caller got it as it came.
+    Parsed only when the bytes could hold an error (most answers hold none); an answer too big to keep, or one at
+    a success status that cannot be read, is recorded as ``ok``: the caller got it as it came.
     """
-    if body is None or (b'"error"' not in body and b'"isError"' not in body):
+    if body is None or (status_code < 400 and b'"error"' not in body and b'"isError"' not in body):
         return "ok"
     payloads = [body]
     if content_type.split(b";")[0].strip().lower() == b"text/event-stream":
@@ -440,7 +551,7 @@ def _answer_status(body: bytes | None, content_type: bytes, request_id: Any) -> 
         if fields.get("id") != request_id:
             continue
         return answer_status(fields)
-    return "ok"
+    return "ok" if status_code < 400 else None
 
 
 def answer_status(answer: dict[str, Any]) -> str:

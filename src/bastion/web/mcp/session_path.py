@@ -174,9 +174,12 @@ class _Call(Answer):
                 # Registered before the event is written: a cancel that comes meanwhile counts.
                 self._session.calls[key] = cancelled
                 try:
-                    await self._path.fast.admit(self._principal, self.mounted, tool, record)
+                    admitted = await self._path.fast.admit(
+                        self._principal, self.mounted, tool, record, self.request.arguments
+                    )
+                    self.results = admitted.results
                     self._upstream, self._current = await self._path.fast.upstream(self._principal, self.mounted)
-                    body = self.request.upstream_body(tool, self.upstream_id)
+                    body = self.request.upstream_body(tool, self.upstream_id, admitted.arguments)
                     async with self._path.pool.slot(server.id):
                         with anyio.fail_after(server.call_timeout_s):
                             await self._exchange(body)

@@ -1,0 +1,209 @@
+"""Every relay of a `tools/call` gives the same JSON-RPC answer and writes the same audit event.
+
+A call reaches its upstream one of three ways: as bytes on the 2026-era fast path, posted into the pooled upstream
+session on the handshake-era hot path, or through the SDK's server and client (the full path, which the settings'
+``fast_path=False`` forces). Each outcome is produced once per way, in each caller era, against one recording
+upstream with the rules a real workspace has (a policy rule, content rules on arguments and results, a rate
+limit), and the answers and audit events of the byte relays are compared with the full path's.
+
+How a call proves which way it went: the upstream sees the caller's own client name (``mcp``) only on the 2026-era
+fast path, and a request id of Bastion's own (``bastion-N``) only on the handshake-era hot path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import mcp_types as types
+import pytest
+import sqlalchemy as sa
+from mcp.server import Server, ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from starlette.types import ASGIApp
+
+from bastion.db import schema
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.content import ContentAction, ContentTarget
+from bastion.domain.models import ProtocolEra, Provisioning, ProvisionMode, Transport
+from bastion.domain.policy import Effect, SubjectKind
+from bastion.domain.ratelimits import LimitPer
+from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.services import connections, gateways, hosts, members, rules, servers
+from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings
+from bastion.web.app import create_app
+from bastion.web.mcp.server import CONTENT_BLOCKED
+from tests.mcp_support import gateway_client, mcp_app, serving
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+E = schema.audit_events
+CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
+ADA = "ada@example.com"
+MODERN = "2026-07-28"
+CARD = "4111111111111111"
+# Each outcome: a name, the tool called and its arguments. `hidden` is not provisioned; `forbidden` is denied.
+CALLS: list[tuple[str, str, dict[str, Any]]] = [
+    ("ok", "echo", {"text": "hello"}),
+    ("tool error", "fail", {}),
+    ("jsonrpc error", "boom", {}),
+    ("hidden tool", "hidden", {}),
+    ("denied", "forbidden", {}),
+    ("arguments masked", "echo", {"text": f"pay with {CARD}"}),
+    ("result redacted", "echo", {"text": "the code is secret-abc123"}),
+    ("arguments blocked", "echo", {"text": "DROP TABLE users"}),
+    ("result blocked", "echo", {"text": "classified TOPSECRET file"}),
+    ("within the limit", "echo", {"text": "once"}),
+    ("rate limited", "echo", {"text": "twice"}),
+]
+
+
+Call = tuple[str, dict[str, Any], Any, Any]
+
+
+@dataclass
+class Seen:
+    """What the upstream saw of each call: the tool, its arguments, who sent it and with which request id."""
+
+    calls: list[Call] = field(default_factory=list["Call"])
+
+
+def upstream(seen: Seen) -> ASGIApp:
+    """Both eras (the SDK's low-level Server): `echo` answers its text, `fail` a tool error, `boom` a JSON-RPC
+    error; `forbidden` and `hidden` would answer if they were ever reached."""
+
+    async def list_tools(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListToolsResult:
+        schema_ = {"type": "object", "properties": {"text": {"type": "string"}}}
+        names = ("echo", "fail", "boom", "forbidden", "hidden")
+        return types.ListToolsResult(tools=[types.Tool(name=n, description=n, input_schema=schema_) for n in names])
+
+    async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
+        meta = dict((ctx.params or {}).get("_meta", {}))
+        arguments = dict(params.arguments or {})
+        seen.calls.append((params.name, arguments, meta.get(CLIENT_INFO_KEY, {}).get("name"), ctx.request_id))
+        if params.name == "boom":
+            raise MCPError(types.INVALID_PARAMS, "boom: the upstream refuses this", {"why": "on purpose"})
+        text = str(arguments.get("text", params.name))
+        return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=params.name == "fail")
+
+    server: Server[Any] = Server("both-eras", version="1", on_list_tools=list_tools, on_call_tool=call_tool)
+    return mcp_app(server)
+
+
+async def _world(store: Store, hasher: KeyHasher, operator: Actor, url: str, era: ProtocolEra) -> str:
+    await servers.create(store, operator, ServerSpec("up", Transport.STREAMABLE_HTTP, url=url, era=era))
+    tools = Provisioning(ProvisionMode.ALLOW_SELECTED, frozenset({"echo", "fail", "boom", "forbidden"}))
+    await gateways.create(store, operator, GatewaySpec("g", servers=(GatewayServerSpec("up", tools=tools),)))
+    await hosts.create(store, operator, HostSpec("agent"))
+    await members.create(store, operator, MemberSpec(ADA, "Ada"))
+    await rules.create_policy(store, operator, effect=Effect.DENY, subject_kind=SubjectKind.ANY, name="forbidden")
+    for name, pattern, action, target in (
+        ("cards", r"\b\d{16}\b", ContentAction.MASK, ContentTarget.ARGUMENTS),
+        ("codes", r"secret-\w+", ContentAction.REDACT, ContentTarget.RESULTS),
+        ("no-drop", r"(?i)drop\s+table", ContentAction.BLOCK, ContentTarget.ARGUMENTS),
+        ("classified", r"TOPSECRET", ContentAction.BLOCK, ContentTarget.RESULTS),
+    ):
+        await rules.create_content_rule(store, operator, name=name, pattern=pattern, action=action, target=target)
+    _c, _t, token = await connections.create(store, hasher, operator, host="agent", gateway="g", member=ADA)
+    return token
+
+
+async def _run(
+    settings: Settings, store: Store, operator: Actor, token: str, mode: str, fast_path: bool
+) -> tuple[list[Any], list[Any]]:
+    """Every call of ``CALLS`` (after one unrecorded call that opens the upstream session); the answers and the
+    audit events, with what differs by nature between runs (rule ids, times) left out."""
+    async with store.transaction() as conn:
+        before = (await conn.execute(sa.select(sa.func.max(E.c.seq)))).scalar_one() or 0
+    answers: list[Any] = []
+    limit = None
+    chosen = settings.model_copy(update={"fast_path": fast_path})
+    async with serving(create_app(chosen, store)) as bastion, gateway_client(f"{bastion}/g/g/mcp", token, mode) as ada:
+        await ada.call_tool("up__echo", {"text": "warm"})  # the first call of an identity opens its upstream session
+        async with store.transaction() as conn:
+            before = (await conn.execute(sa.select(sa.func.max(E.c.seq)))).scalar_one()
+        for name, tool, arguments in CALLS:
+            if name == "within the limit":
+                limit = await rules.create_rate_limit(store, operator, per=LimitPer.MEMBER, limit="1/minute")
+            try:
+                result = await ada.call_tool(f"up__{tool}", arguments)
+                answers.append((name, [c.model_dump() for c in result.content], result.is_error))
+            except MCPError as exc:
+                data = dict(exc.error.data or {}) if isinstance(exc.error.data, dict) else exc.error.data
+                answers.append((name, exc.code, exc.message, data))
+    assert limit is not None
+    await rules.delete_rate_limit(store, operator, limit.rule.id)
+    async with store.transaction() as conn:
+        query = sa.select(E).where(E.c.method == "tools/call", E.c.seq > before).order_by(E.c.seq)
+        rows = [dict(row._mapping) for row in (await conn.execute(query)).all()]  # pyright: ignore[reportPrivateUsage]
+    events = [
+        (
+            row["name"],
+            row["outcome"],
+            row["reason"],
+            row["decision"],
+            row["upstream_status"],
+            row["args_preview"],
+            (row["detail"] or {}).get("content"),
+        )
+        for row in rows
+    ]
+    text = json.dumps([answers, events], default=str).replace(limit.rule.id, "<limit>")
+    doc = json.loads(text.replace(f"retry in {60}", "retry in N"))
+    return doc[0], doc[1]
+
+
+@pytest.mark.parametrize(("mode", "era"), [(MODERN, ProtocolEra.MODERN), ("legacy", ProtocolEra.LEGACY)])
+async def test_every_outcome_is_answered_and_audited_alike_by_the_byte_relay_and_the_full_path(
+    mode: str, era: ProtocolEra, settings: Settings, store: Store, hasher: KeyHasher, operator: Actor
+) -> None:
+    seen = Seen()
+    async with serving(upstream(seen)) as up:
+        token = await _world(store, hasher, operator, f"{up}/mcp", era)
+        fast_answers, fast_events = await _run(settings, store, operator, token, mode, fast_path=True)
+        fast_calls, seen.calls = seen.calls[1:], []
+        full_answers, full_events = await _run(settings, store, operator, token, mode, fast_path=False)
+        full_calls = seen.calls[1:]
+
+    # The byte relays served every call that reached the upstream; the full path none.
+    if mode == MODERN:
+        assert {client for _t, _a, client, _id in fast_calls} == {"mcp"}
+        assert {client for _t, _a, client, _id in full_calls} == {"bastion"}
+    else:
+        assert all(str(request_id).startswith("bastion-") for *_x, request_id in fast_calls)
+        assert not any(str(request_id).startswith("bastion-") for *_x, request_id in full_calls)
+    # The upstream saw the same calls, with the card masked and never the blocked or refused ones.
+    assert [(t, a) for t, a, _c, _i in fast_calls] == [(t, a) for t, a, _c, _i in full_calls]
+    assert [a.get("text") for t, a, _c, _i in fast_calls if t == "echo"] == [
+        "hello",
+        "pay with ************1111",
+        "the code is secret-abc123",
+        "classified TOPSECRET file",
+        "once",
+    ]
+
+    assert len(fast_answers) == len(full_answers) == len(CALLS)
+    for fast, full in zip(fast_answers, full_answers, strict=True):
+        assert fast == full, f"{fast[0]}: the byte relay answered {fast[1:]}, the full path {full[1:]}"
+    answers = {a[0]: a[1:] for a in full_answers}
+    assert answers["result redacted"][0][0]["text"] == "the code is [REDACTED]"
+    assert answers["result blocked"][0] == answers["arguments blocked"][0] == CONTENT_BLOCKED
+
+    assert len(fast_events) == len(full_events) == len(CALLS)
+    for fast, full in zip(fast_events, full_events, strict=True):
+        assert fast == full, f"{fast[0]}: the byte relay wrote {fast[1:]}, the full path {full[1:]}"
+    assert [e[1] for e in full_events] == [
+        "ok",
+        "ok",  # a tool's error result is an answered call (its upstream status says "error")
+        "error",
+        "error",
+        "denied",
+        "ok",
+        "ok",
+        "blocked",
+        "blocked",
+        "ok",
+        "limited",
+    ]
