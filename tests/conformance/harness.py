@@ -106,10 +106,12 @@ class Summary:
         }
 
 
-def compare(reference: Summary, candidate: Summary, *, required_only: bool = True) -> list[str]:
+def compare(reference: Summary, candidate: Summary, *, required_only: bool = True, at_least: bool = False) -> list[str]:
     """Every scenario whose outcome differs between two runs of the same requirement set (empty when equal).
 
-    Outcome means status plus passed/failed check counts; warnings are advisory and not compared.
+    Outcome means status plus passed/failed check counts; warnings are advisory and not compared. With
+    ``at_least``, a scenario the candidate passes where the reference fails is no difference (a gateway may
+    repair what a sloppy upstream sends).
     """
     if reference.requirements != candidate.requirements:
         return [f"requirement sets differ: {reference.requirements} vs {candidate.requirements}"]
@@ -120,6 +122,8 @@ def compare(reference: Summary, candidate: Summary, *, required_only: bool = Tru
             continue
         ref_outcome = (ref.status, ref.passed, ref.failed) if ref else None
         cand_outcome = (cand.status, cand.passed, cand.failed) if cand else None
+        if at_least and ref is not None and cand is not None and ref.status != "passed" and cand.status == "passed":
+            continue
         if ref_outcome != cand_outcome:
             differences.append(
                 f"{name}: {reference.label}={ref_outcome} {candidate.label}={cand_outcome}"

@@ -48,3 +48,7 @@ def test_compare_reports_required_scenarios_whose_outcome_differs() -> None:
         "caching: fixture=('passed', 2, 0) bastion=('failed', 1, 1) (failed checks: ['ttl'])"
     ]
     assert len(compare(reference, candidate, required_only=False)) == 2
+    # Passing where the reference fails is a difference, except when the candidate need only do at least as well.
+    assert compare(candidate, reference) == ["caching: bastion=('failed', 1, 1) fixture=('passed', 2, 0)"]
+    assert compare(candidate, reference, at_least=True) == []
+    assert compare(reference, candidate, at_least=True) == compare(reference, candidate)

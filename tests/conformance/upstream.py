@@ -20,14 +20,22 @@ POLL_S: Final = 0.05
 
 
 @contextmanager
-def serving_fixture(*, timeout: float = START_TIMEOUT_S) -> Generator[str]:
-    """``python -m tests.fixtures.conformance_server`` on a free port; yields its MCP URL once it is listening."""
+def serving_fixture(*, sloppy: bool = False, timeout: float = START_TIMEOUT_S) -> Generator[str]:
+    """``python -m tests.fixtures.conformance_server`` on a free port (``--sloppy`` with ``sloppy``); yields its MCP
+    URL once it is listening."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="conformance-fixture-") as tmp:
         stdout_path, stderr_path = Path(tmp) / "stdout", Path(tmp) / "stderr"
         with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tests.fixtures.conformance_server", "--port", str(port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.fixtures.conformance_server",
+                    "--port",
+                    str(port),
+                    *(["--sloppy"] if sloppy else []),
+                ],
                 cwd=REPO,
                 stdout=stdout,
                 stderr=stderr,

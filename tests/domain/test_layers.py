@@ -1,4 +1,4 @@
-"""Imports point down only: web/cli → services → db and the other adapters → domain (pure)."""
+"""Imports point down only: web/cli → pipeline → services → db and the other adapters → domain (pure)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,16 @@ THIRD_PARTY_BANNED_IN_DOMAIN: Final = frozenset({
 # Per layer, the bastion packages and modules it may not import (they sit at its level or above it).
 FORBIDDEN: Final = {
     "domain": ("bastion.db", "bastion.services", "bastion.web", "bastion.cli", "bastion.vault", "bastion.events",
-               "bastion.settings", "bastion.wiring"),
-    "services": ("bastion.web", "bastion.cli", "bastion.wiring"),
-    "db": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring"),
-    "vault": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring", "bastion.db"),
-    "events": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring"),
+               "bastion.settings", "bastion.wiring", "bastion.pipeline"),
+    "pipeline": ("bastion.web", "bastion.cli", "bastion.wiring"),
+    "services": ("bastion.web", "bastion.cli", "bastion.wiring", "bastion.pipeline"),
+    "db": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring", "bastion.pipeline"),
+    "vault": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring", "bastion.db", "bastion.pipeline"),
+    "events": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring", "bastion.pipeline"),
     "web": ("bastion.cli",),
-    "net": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring", "bastion.db", "bastion.oauth"),
-    "oauth": ("bastion.web", "bastion.cli", "bastion.wiring"),
+    "net": ("bastion.services", "bastion.web", "bastion.cli", "bastion.wiring", "bastion.db", "bastion.oauth",
+            "bastion.pipeline"),
+    "oauth": ("bastion.web", "bastion.cli", "bastion.wiring", "bastion.pipeline"),
 }  # fmt: skip
 
 

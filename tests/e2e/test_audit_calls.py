@@ -20,11 +20,11 @@ from bastion.domain.models import AuthKind, Provisioning, ProvisionMode, Transpo
 from bastion.domain.policy import Effect, SubjectKind
 from bastion.domain.ratelimits import LimitPer, Strategy
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.pipeline.errors import AUDIT_UNAVAILABLE, CONTENT_BLOCKED, POLICY_DENIED, RATE_LIMITED
 from bastion.services import connections, gateways, hosts, identities, members, rules, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
-from bastion.web.mcp.server import AUDIT_UNAVAILABLE, CONTENT_BLOCKED, POLICY_DENIED, RATE_LIMITED
 from tests.conftest import member_with_key
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 

@@ -24,12 +24,12 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.models import Transport
 from bastion.domain.specs import ServerSpec
+from bastion.pipeline.errors import POLICY_DENIED
 from bastion.services import hosts, members, principals, tokens
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
 from bastion.web.mcp.listeners import ACCESS_ENDED
-from bastion.web.mcp.server import POLICY_DENIED
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 from tests.processes import BASTION, clean_env
 from tests.worlds import ada_connected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
@@ -24,18 +25,20 @@ from bastion.domain.models import AuthKind, ProtocolEra, Provisioning, Provision
 from bastion.domain.policy import Effect, SubjectKind
 from bastion.domain.ratelimits import LimitPer
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.pipeline.answers import HOLD_BYTES, AnswerRelay
+from bastion.pipeline.errors import POLICY_DENIED, RATE_LIMITED
+from bastion.pipeline.frames import MAX_ANSWER_BYTES, AnswerTooLarge
 from bastion.services import connections, gateways, hosts, identities, members, rules, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
-from bastion.web.mcp.fastpath import _answer_status  # pyright: ignore[reportPrivateUsage]
-from bastion.web.mcp.server import POLICY_DENIED, RATE_LIMITED
 from tests.mcp_support import gateway_client, mcp_app, serving
 from tests.worlds import ada_connected
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
 E = schema.audit_events
+_JSON = b"application/json"
 
 
 def upstream(seen: list[dict[str, Any]]) -> ASGIApp:
@@ -223,30 +226,90 @@ async def test_the_audit_log_records_a_calls_outcome_alike_on_the_fast_and_the_f
 _SSE = b"text/event-stream"
 
 
+class _Answer:
+    """An upstream's HTTP answer as the relay reads it, arriving in ``parts``."""
+
+    def __init__(self, status_code: int, content_type: bytes, *parts: bytes) -> None:
+        self.status_code = status_code
+        self.headers = [(b"content-type", content_type)]
+        self._parts = parts
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for part in self._parts:
+            yield part
+
+
+async def _relayed(answer: _Answer, results: Any = None) -> tuple[str | None, bytes]:
+    """What the caller got of ``answer`` (call id 7), and the status the audit log records for it."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    relay = AnswerRelay(send, 7, results, answer.headers)
+    await relay.relay(answer)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == answer.status_code
+    assert sent[-1].get("more_body", False) is False
+    return relay.status, b"".join(m.get("body", b"") for m in sent[1:])
+
+
+_ERROR_LOG = b'event: message\r\ndata: {"jsonrpc":"2.0","method":"notifications/message","params":{"level":"error"}}'
+
+
 @pytest.mark.parametrize(
-    ("body", "content_type", "status"),
+    ("parts", "content_type", "http_status", "status"),
     [
-        (b'{"jsonrpc":"2.0","id":7,"result":{"content":[]}}', b"application/json", "ok"),
-        (b'{"jsonrpc":"2.0","id":7,"result":{"content":[],"isError":true}}', b"application/json", "error"),
-        (b'{"jsonrpc":"2.0","id":7,"error":{"code":-32602,"message":"bad"}}', b"application/json", "-32602"),
-        # Another message's error, or an error-looking text, is not this answer's.
-        (b'{"jsonrpc":"2.0","id":8,"error":{"code":-32602,"message":"bad"}}', b"application/json", "ok"),
+        ([b'{"jsonrpc":"2.0","id":7,"result":{"content":[],"resultType":"complete"}}'], _JSON, 200, "ok"),
         (
-            b'event: message\r\ndata: {"jsonrpc":"2.0","method":"notifications/message",'
-            b'"params":{"level":"error","data":"x"}}\r\n\r\n'
-            b'event: message\r\ndata: {"jsonrpc":"2.0","id":7,"result":{"isError":true,"content":[]}}\r\n\r\n',
-            b"text/event-stream; charset=utf-8",
+            [b'{"jsonrpc":"2.0","id":7,"result":{"content":[],"isError":true,"resultType":"complete"}}'],
+            _JSON,
+            200,
             "error",
         ),
-        (b'data: {"jsonrpc":"2.0","id":7,\ndata: "error":{"code":-1,"message":"m"}}\n\n', _SSE, "-1"),
-        (b'{"jsonrpc":"2.0","id":7,"result":{"isError":tru', b"application/json", "ok"),  # unreadable: as it came
-        (None, b"application/json", "ok"),  # too big to keep
+        ([b'{"jsonrpc":"2.0","id":7,"error":{"code":-32602,"message":"bad"}}'], _JSON, 200, "-32602"),
+        ([b'{"jsonrpc":"2.0","id":7,"error":{"code":-32602,"message":"bad"}}'], _JSON, 400, "-32602"),
+        ([b"<html>Bad Gateway</html>"], b"text/html", 502, None),  # an HTTP error without an answer
+        # Another message's error, or an error-looking text, is not this answer's.
+        ([b'{"jsonrpc":"2.0","id":8,"error":{"code":-32602,"message":"bad"}}'], _JSON, 200, "ok"),
+        (
+            [
+                _ERROR_LOG + b"\r\n\r\nevent: mes",
+                b'sage\r\ndata: {"jsonrpc":"2.0","id":7,"result":{"isError":true,"resultType":"complete"}}\r\n\r\n',
+            ],
+            b"text/event-stream; charset=utf-8",
+            200,
+            "error",
+        ),
+        ([b'data: {"jsonrpc":"2.0","id":7,\ndata: "error":{"code":-1,"message":"m"}}\n\n'], _SSE, 200, "-1"),
+        ([b'{"jsonrpc":"2.0","id":7,"result":{"isError":tru'], _JSON, 200, "ok"),  # unreadable: as it came
     ],
 )
-def test_an_answers_outcome_is_read_from_the_bytes_the_caller_got(
-    body: bytes | None, content_type: bytes, status: str
+async def test_an_answers_outcome_is_read_from_the_bytes_the_caller_got(
+    parts: list[bytes], content_type: bytes, http_status: int, status: str | None
 ) -> None:
-    assert _answer_status(body, content_type, 7) == status
+    got_status, body = await _relayed(_Answer(http_status, content_type, *parts))
+    assert got_status == status
+    assert body.replace(b"\r\n", b"\n") == b"".join(parts).replace(b"\r\n", b"\n")  # passed on as it came
+
+
+@pytest.mark.parametrize("content_type", [_JSON, _SSE])
+async def test_a_result_without_result_type_reaches_a_2026_caller_complete(content_type: bytes) -> None:
+    answer = b'{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"hi"}]}}'
+    framed = answer if content_type == _JSON else b"id: e1\r\nevent: message\r\ndata: " + answer + b"\r\n\r\n"
+    status, body = await _relayed(_Answer(200, content_type, framed[:20], framed[20:]))
+    assert status == "ok"
+    data = body if content_type == _JSON else body.split(b"data: ", 1)[1].strip()
+    assert json.loads(data)["result"] == {"content": [{"type": "text", "text": "hi"}], "resultType": "complete"}
+    if content_type == _SSE:
+        assert body.startswith(b"id: e1\r\n")  # the event keeps its id
+
+
+async def test_an_answer_too_large_to_hold_passes_as_it_came_unless_rules_must_read_it() -> None:
+    big = b'{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"' + b"x" * HOLD_BYTES + b'"}]}}'
+    status, body = await _relayed(_Answer(200, _JSON, big[: HOLD_BYTES // 2], big[HOLD_BYTES // 2 :]))
+    assert (status, body) == ("ok", big)
+    with pytest.raises(AnswerTooLarge):
+        await _relayed(_Answer(200, _JSON, big + b"x" * MAX_ANSWER_BYTES), results=lambda value: value)
 
 
 @pytest.mark.parametrize("mode", ["2026-07-28", "legacy"])

@@ -14,12 +14,12 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.models import Transport
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE
 from bastion.services import connections, gateways, hosts, members, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.upstream.pool import Lease, UpstreamPool
 from bastion.web.app import create_app
-from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 from tests.processes import free_port
 

@@ -27,11 +27,11 @@ from bastion.domain.actor import Actor
 from bastion.domain.identities import bearer_secret
 from bastion.domain.models import AuthKind, Transport
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.pipeline.errors import IDENTITY_REQUIRED
 from bastion.services import connections, gateways, hosts, identities, members, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
-from bastion.web.mcp.server import IDENTITY_REQUIRED
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 from tests.processes import HEAVY_TIMEOUT_S
 

@@ -31,11 +31,11 @@ from bastion.domain.models import ProtocolEra, Provisioning, ProvisionMode, Tran
 from bastion.domain.policy import Effect, SubjectKind
 from bastion.domain.ratelimits import LimitPer
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.pipeline.errors import CONTENT_BLOCKED
 from bastion.services import connections, gateways, hosts, members, rules, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.web.app import create_app
-from bastion.web.mcp.server import CONTENT_BLOCKED
 from tests.mcp_support import gateway_client, mcp_app, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]

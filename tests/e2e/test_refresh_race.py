@@ -26,12 +26,12 @@ from bastion.domain.identities import IdentityStatus
 from bastion.domain.models import AuthKind, ProtocolEra, Provisioning, ProvisionMode, Transport
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
 from bastion.oauth.model import ClientAuth
+from bastion.pipeline.errors import IDENTITY_NEEDS_REAUTH
 from bastion.services import apikeys, connections, gateways, hosts, members, servers, workspace
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings, generate_secrets
 from bastion.vault.sealer import Vault
 from bastion.web.app import create_app
-from bastion.web.mcp.server import IDENTITY_NEEDS_REAUTH
 from tests.fixtures.token_server import TokenServer, require_bearer
 from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
 from tests.oauth.refresh_support import oauth_client, oauth_identity

@@ -278,7 +278,8 @@ class Proxy:
     ) -> T:
         async with self._pool.turn(lease, mounted.server.call_timeout_s), self._pool.slot(mounted.server.id):
             try:
-                result = await fn(client)
+                with relay.in_flight(client.session):
+                    result = await fn(client)
             except MCPError as exc:
                 if record is not None:
                     record.upstream_status = str(exc.code)

@@ -7,17 +7,22 @@ context of the call that is waiting on the upstream, so each call sees its own d
 Over stdio and HTTP+SSE every upstream message arrives on one stream that names no call, so a session that
 may be asked anything (its profile declares a capability) takes its calls one at a time (``Turns``), and
 its read stream (``tagged``) hands each message on in the context of the call waiting when it was read.
+
+Some Streamable HTTP servers send their requests on the standalone stream without naming the call they are
+for. Such a request goes to the caller of the session's only call in flight (``in_flight``); with none, or
+with several (it cannot be told whose), it is refused.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncGenerator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncGenerator, Generator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
+from weakref import WeakKeyDictionary
 
 import anyio
 import mcp_types as types
@@ -126,12 +131,43 @@ async def tagged(transport: AbstractAsyncContextManager[Any], turns: Turns) -> A
         yield _TaggedReads(read, turns), write
 
 
+# The downstream requests of each upstream session's calls in flight, oldest first.
+_in_flight: WeakKeyDictionary[Any, list[ServerRequestContext[Any, Any]]] = WeakKeyDictionary()
+
+
+@contextmanager
+def in_flight(session: Any) -> Generator[None]:
+    """Count the current call (its ``downstream`` request) as in flight on the upstream ``session`` meanwhile."""
+    caller = downstream.get()
+    if caller is None:
+        yield
+        return
+    calls = _in_flight.setdefault(session, [])
+    calls.append(caller)
+    try:
+        yield
+    finally:
+        calls.remove(caller)
+        if not calls:
+            _in_flight.pop(session, None)
+
+
+def _caller(ctx: ClientRequestContext | None) -> ServerRequestContext[Any, Any] | None:
+    """Whom an upstream request is for: the call it came with, else the only call in flight on its session."""
+    caller = downstream.get()
+    if caller is None and ctx is not None:
+        calls = _in_flight.get(ctx.session)
+        if calls is not None and len(calls) == 1:
+            caller = calls[0]
+    return caller
+
+
 def is_legacy(ctx: ServerRequestContext[Any, Any]) -> bool:
     return ctx.protocol_version in HANDSHAKE_VERSIONS
 
 
-async def _ask(request: types.ServerRequest, result_type: type[Any]) -> Any:
-    caller = downstream.get()
+async def _ask(ctx: ClientRequestContext | None, request: types.ServerRequest, result_type: type[Any]) -> Any:
+    caller = _caller(ctx)
     if caller is None:
         return types.ErrorData(code=types.INVALID_REQUEST, message="no caller is waiting on this request")
     try:
@@ -146,16 +182,16 @@ async def _ask(request: types.ServerRequest, result_type: type[Any]) -> Any:
         return exc.error
 
 
-async def sampling(_ctx: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
-    return await _ask(types.CreateMessageRequest(params=params), types.CreateMessageResult)
+async def sampling(ctx: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
+    return await _ask(ctx, types.CreateMessageRequest(params=params), types.CreateMessageResult)
 
 
-async def elicitation(_ctx: ClientRequestContext, params: types.ElicitRequestParams) -> Any:
-    return await _ask(types.ElicitRequest(params=params), types.ElicitResult)
+async def elicitation(ctx: ClientRequestContext, params: types.ElicitRequestParams) -> Any:
+    return await _ask(ctx, types.ElicitRequest(params=params), types.ElicitResult)
 
 
-async def roots(_ctx: ClientRequestContext) -> Any:
-    return await _ask(types.ListRootsRequest(), types.ListRootsResult)
+async def roots(ctx: ClientRequestContext) -> Any:
+    return await _ask(ctx, types.ListRootsRequest(), types.ListRootsResult)
 
 
 async def logging(params: types.LoggingMessageNotificationParams) -> None:

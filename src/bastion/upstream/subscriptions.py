@@ -31,6 +31,7 @@ from bastion.upstream.pool import Kept, UpstreamPool, UpstreamUnavailable
 
 logger = logging.getLogger("bastion.upstream")
 UNSUBSCRIBE_TIMEOUT_S: Final = 10.0
+ACK_WAIT_S: Final = 3.0  # longest a listen stream's acknowledgement is waited for before it is presumed
 
 Release = Callable[[], None]
 Key = tuple[str, str | None, str]  # (server id, identity id or None, URI)
@@ -154,17 +155,38 @@ class ResourceSubscriptions:
             kept.release()
 
     async def _listen(self, client: Client, held: _Held, kept: Kept) -> None:
-        """A 2026-era subscription: a listen stream asking for the URI, open until nobody needs it."""
+        """A 2026-era subscription: a listen stream asking for the URI, open until nobody needs it.
+
+        An upstream that keeps the stream open without an acknowledgement the SDK can read (seen in the wild) is
+        presumed to honour it after ``ACK_WAIT_S``: the holder is not kept waiting for the whole call timeout, and
+        whatever updates the upstream sends on the stream still reach the session's message handler.
+        """
         relay.downstream.set(None)
         uri = held.key[2]
         try:
             with held.scope:
-                async with client.listen(resource_subscriptions=[uri]) as subscription:
-                    held.honoured = uri in (subscription.honored.resource_subscriptions or ())
-                    held.ready.set()
-                    if held.honoured:
-                        async for _event in subscription:
-                            pass  # its updates reach the session's message handler (the SDK tees them)
+                async with anyio.create_task_group() as waiting:
+                    unacknowledged = anyio.CancelScope()
+
+                    async def presume() -> None:
+                        with unacknowledged:
+                            await anyio.sleep(ACK_WAIT_S)
+                            logger.info(
+                                "an upstream listen stream was not acknowledged", extra={"server_id": held.key[0]}
+                            )
+                            held.honoured = True
+                            held.ready.set()
+
+                    waiting.start_soon(presume)
+                    async with client.listen(resource_subscriptions=[uri]) as subscription:
+                        unacknowledged.cancel()
+                        if not held.ready.is_set():
+                            held.honoured = uri in (subscription.honored.resource_subscriptions or ())
+                            held.ready.set()
+                        if held.honoured:
+                            async for _event in subscription:
+                                pass  # its updates reach the session's message handler (the SDK tees them)
+                    unacknowledged.cancel()
             if held.honoured:
                 self._lose(held)  # unless let go of: the upstream ended the stream
         except (MCPError, TimeoutError) as exc:  # before the acknowledgement: the holder that subscribed is told

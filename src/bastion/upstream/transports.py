@@ -19,6 +19,7 @@ from bastion.domain.models import ProtocolEra, Server, Transport
 from bastion.domain.specs import changes_how_commands_run
 from bastion.net.outbound import OutboundPolicy
 from bastion.upstream import refusals
+from bastion.upstream.liberal import liberal
 
 USER_AGENT: Final = "bastion-gateway"
 STREAM_READ_TIMEOUT_S: Final = 300.0
@@ -132,12 +133,12 @@ def open_transport(
     ``on_session_id`` hears the ``Mcp-Session-Id`` a Streamable HTTP server gives the session.
     """
     if server.transport is Transport.STREAMABLE_HTTP:
-        return _streamable(server, credential, policy, on_session_id)
+        return liberal(_streamable(server, credential, policy, on_session_id))
     if server.transport is Transport.SSE:
-        return _sse(server, credential, policy)
+        return liberal(_sse(server, credential, policy))
     assert server.command is not None  # noqa: S101  validated on create
     params = StdioServerParameters(
         command=server.command, args=list(server.args), env={**server.env, **credential.environment(server.token_env)}
     )
     # An upstream's stderr may echo its environment (our member's credential): it never reaches our logs.
-    return stdio_client(params, errlog=subprocess.DEVNULL)  # type: ignore[arg-type]  # passed on to open_process
+    return liberal(stdio_client(params, errlog=subprocess.DEVNULL))  # type: ignore[arg-type]  # passed on to open_process

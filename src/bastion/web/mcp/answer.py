@@ -19,13 +19,14 @@ import mcp_types as types
 from starlette.types import Send
 
 from bastion.net.outbound import UrlRefused
+from bastion.pipeline.answers import answer_status, scanned_answer
+from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE, refused, upstream_failure
+from bastion.pipeline.frames import EVENT_END, JSON, MAX_ANSWER_BYTES, SSE, AnswerTooLarge, fields, media
 from bastion.services.audit import CallRecord
 from bastion.services.directory import Mounted
 from bastion.types import json_object
 from bastion.upstream.wire import WireResponse
-from bastion.web.mcp.fastpath import answer_status, jsonrpc_error, refused, scanned_answer, upstream_failure
-from bastion.web.mcp.frames import EVENT_END, JSON, MAX_ANSWER_BYTES, SSE, AnswerTooLarge, fields, media
-from bastion.web.mcp.server import UPSTREAM_UNAVAILABLE
+from bastion.web.mcp.fastpath import jsonrpc_error
 
 MAX_RESUMES: Final = 2  # as the SDK client: failed reconnections in a row to a stream that closed unanswered
 MAX_RETRY_S: Final = 5.0  # longest wait before resuming, whatever retry interval the upstream asked for

@@ -29,10 +29,12 @@ from bastion.domain.connections import Principal
 from bastion.domain.models import ProtocolEra, Transport
 from bastion.errors import BastionError
 from bastion.net.outbound import UrlRefused
+from bastion.pipeline.answers import AnswerRelay
+from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE, refused, to_jsonrpc, upstream_failure
+from bastion.pipeline.frames import MAX_ANSWER_BYTES, AnswerTooLarge
 from bastion.services.audit import Audit, CallRecord
 from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
-from bastion.services.guard import ContentBlocked
 from bastion.services.proxy import Proxy
 from bastion.types import json_object
 from bastion.upstream.pool import UpstreamBusy, UpstreamPool
@@ -40,12 +42,9 @@ from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.transports import USER_AGENT
 from bastion.upstream.wire import WirePool, WireResponse
 from bastion.web.mcp import headers
-from bastion.web.mcp.frames import EVENT_END, MAX_ANSWER_BYTES, SSE, AnswerTooLarge, fields, media
-from bastion.web.mcp.server import REQUEST_TIMEOUT, UPSTREAM_UNAVAILABLE, to_jsonrpc
 
 logger = logging.getLogger("bastion.fastpath")
 MODERN: Final = "2026-07-28"
-MAX_READ_ANSWER_BYTES: Final = 1024 * 1024  # answers up to this size are read for the audit log's outcome
 _CHECKED: Final = frozenset({b"content-type", b"host", b"origin"})  # what the SDK's Host/Origin check reads
 MAX_PASSED_CHECKS: Final = 256  # header combinations remembered as passing that check
 
@@ -325,30 +324,13 @@ class FastPath:
                     if response.status_code in (UNAUTHORIZED, FORBIDDEN):
                         await self.refusal(response, principal, mounted, record, send, request_id)
                         return
-                    kept = _Kept()
+                    relay = AnswerRelay(send, request_id, results, headers.to_agent(response.headers))
                     try:
-                        if results is None:
-                            await send(
-                                {
-                                    "type": "http.response.start",
-                                    "status": response.status_code,
-                                    "headers": headers.to_agent(response.headers),
-                                }
-                            )
-                            started = True
-                            async for chunk in response.chunks():
-                                kept.add(chunk)
-                                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                            await send({"type": "http.response.body", "body": b"", "more_body": False})
-                        else:
-                            scanned = ScannedRelay(send, request_id, results)
-                            try:
-                                await scanned.relay(response)
-                            finally:
-                                started = scanned.started
-                            record.upstream_status = scanned.status
+                        await relay.relay(response)
                     finally:
+                        started = relay.started
                         await response.aclose()
+                    record.upstream_status = relay.status
         except UpstreamBusy as exc:
             record.outcome, record.reason = "error", exc.code
             await jsonrpc_error(send, request_id, to_jsonrpc(exc).error)
@@ -365,9 +347,6 @@ class FastPath:
                 return
             await jsonrpc_error(send, request_id, error)
         else:
-            if results is None:
-                content_type = next((v for k, v in response.headers if k == b"content-type"), b"")
-                record.upstream_status = _answer_status(kept.body(), content_type, request_id, response.status_code)
             # As the full path records it: a tool's error result is "error", a JSON-RPC error its code (at whatever
             # HTTP status it came), an HTTP error without an answer its status; a rule's block stays the outcome.
             if record.upstream_status is None:
@@ -403,173 +382,12 @@ class FastPath:
         await jsonrpc_error(send, request_id, refused(mounted, response.status_code))
 
 
-def scanned_answer(message: dict[str, Any], results: Callable[[Any], Any]) -> dict[str, Any]:
-    """A call's JSON-RPC answer with the content rules on results applied to its result: rewritten, or replaced by
-    the JSON-RPC error of the rule that blocks it (the rule's outcome is on the audit record)."""
-    result = message.get("result")
-    if not isinstance(result, dict):
-        return message
-    try:
-        scanned = results(result)
-    except ContentBlocked as exc:
-        error = to_jsonrpc(exc).error.model_dump(exclude_none=True)
-        return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
-    return {**message, "result": scanned}
-
-
-class ScannedRelay:
-    """Relays an answer whose result content rules must read: a JSON answer is read whole; an event stream passes
-    event by event, and only the event holding the call's answer is held until it is complete and scanned."""
-
-    def __init__(self, send: Send, request_id: Any, results: Callable[[Any], Any]) -> None:
-        self._send = send
-        self._request_id = request_id
-        self._results = results
-        self.started = False  # the caller has a status line
-        self.status: str | None = None  # the upstream's answer as the audit log records it (before the rules)
-
-    async def relay(self, response: WireResponse) -> None:
-        """Raises AnswerTooLarge (before anything is sent for a JSON answer) when the answer cannot be held."""
-        await self._relay(response)
-        if self.status is None and response.status_code < 400:
-            self.status = "ok"  # as the verbatim relay: the caller got the answer as it came
-
-    async def _relay(self, response: WireResponse) -> None:
-        passed = headers.to_agent(response.headers)
-        if media(response.headers) != SSE:
-            body = bytearray()
-            async for chunk in response.chunks():
-                body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    raise AnswerTooLarge
-            raw = self._scanned(bytes(body)) or bytes(body)
-            await self._send({"type": "http.response.start", "status": response.status_code, "headers": passed})
-            self.started = True
-            await self._send({"type": "http.response.body", "body": raw, "more_body": False})
-            return
-        await self._send({"type": "http.response.start", "status": response.status_code, "headers": passed})
-        self.started = True
-        pending = bytearray()
-        async for chunk in response.chunks():
-            pending += chunk
-            while (end := EVENT_END.search(pending)) is not None:
-                event = bytes(pending[: end.end()])
-                del pending[: end.end()]
-                await self._send({"type": "http.response.body", "body": self._event(event), "more_body": True})
-            if len(pending) > MAX_ANSWER_BYTES:
-                raise AnswerTooLarge
-        if pending:
-            await self._send({"type": "http.response.body", "body": self._event(bytes(pending)), "more_body": True})
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    def _event(self, event: bytes) -> bytes:
-        """The event as the caller gets it: the call's answer scanned (its id kept), anything else as it came."""
-        data, event_id, _retry, _comment = fields(event)
-        scanned = self._scanned(data) if data else None
-        if scanned is None:
-            return event
-        head = f"id: {event_id}\r\n".encode() if event_id is not None else b""
-        return head + b"event: message\r\ndata: " + scanned + b"\r\n\r\n"
-
-    def _scanned(self, data: bytes) -> bytes | None:
-        """The JSON-RPC message in ``data`` with the rules applied when it is the call's answer, else None."""
-        message = json_object(data) if b'"id"' in data else None
-        if message is None or "method" in message or message.get("id") != self._request_id:
-            return None
-        self.status = answer_status(message)
-        return json.dumps(scanned_answer(message, self._results), separators=(",", ":")).encode()
-
-
-def upstream_failure(exc: OSError | UrlRefused | TimeoutError, mounted: Mounted, record: CallRecord) -> types.ErrorData:
-    """Record an unreachable or too slow upstream on ``record``; the JSON-RPC error the caller gets for it."""
-    timed_out = isinstance(exc, TimeoutError)
-    record.outcome, record.reason = "error", "upstream_timeout" if timed_out else "upstream_unavailable"
-    record.upstream_status = "timeout" if timed_out else "unavailable"
-    logger.info("fast path upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
-    if timed_out:
-        return types.ErrorData(code=REQUEST_TIMEOUT, message="the upstream server did not answer in time")
-    reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
-    return types.ErrorData(
-        code=UPSTREAM_UNAVAILABLE,
-        message=f"upstream {mounted.alias!r} is unavailable{reason}",
-        data={"code": "upstream_unavailable"},
-    )
-
-
 def call_record(principal: Principal, name: str, call: dict[str, Any]) -> CallRecord:
     """The audit record of a `tools/call` of ``name`` with ``call``'s arguments."""
     record = CallRecord(method="tools/call", gateway=principal.gateway_slug, principal=principal, name=name)
     arguments = call.get("arguments")
     record.arguments = dict(arguments) if isinstance(arguments, dict) else None  # pyright: ignore[reportUnknownArgumentType]
     return record
-
-
-class _Kept:
-    """The answer's bytes as they pass, up to a bound, to read its outcome afterwards (None beyond the bound)."""
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] | None = []
-        self._size = 0
-
-    def add(self, chunk: bytes) -> None:
-        if self._chunks is None:
-            return
-        self._size += len(chunk)
-        if self._size > MAX_READ_ANSWER_BYTES:
-            self._chunks = None
-        else:
-            self._chunks.append(chunk)
-
-    def body(self) -> bytes | None:
-        return b"".join(self._chunks) if self._chunks is not None else None
-
-
-def _answer_status(body: bytes | None, content_type: bytes, request_id: Any, status_code: int = 200) -> str | None:
-    """``ok``, ``error`` (a tool's error result) or the JSON-RPC error code of the upstream's answer; None when an
-    HTTP error status came without a JSON-RPC answer.
-
-    Parsed only when the bytes could hold an error (most answers hold none); an answer too big to keep, or one at
-    a success status that cannot be read, is recorded as ``ok``: the caller got it as it came.
-    """
-    if body is None or (status_code < 400 and b'"error"' not in body and b'"isError"' not in body):
-        return "ok"
-    payloads = [body]
-    if content_type.split(b";")[0].strip().lower() == b"text/event-stream":
-        events = body.replace(b"\r\n", b"\n").split(b"\n\n")
-        payloads = [
-            b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
-            for event in events
-        ]
-    for payload in payloads:
-        try:
-            message: Any = json.loads(payload)
-        except (ValueError, RecursionError):
-            continue
-        if not isinstance(message, dict):
-            continue
-        fields = cast("dict[str, Any]", message)
-        if fields.get("id") != request_id:
-            continue
-        return answer_status(fields)
-    return "ok" if status_code < 400 else None
-
-
-def answer_status(answer: dict[str, Any]) -> str:
-    """``ok``, ``error`` (a tool's error result) or the JSON-RPC error code of one JSON-RPC answer."""
-    error = answer.get("error")
-    if isinstance(error, dict):
-        return str(cast("dict[str, Any]", error).get("code"))
-    result = answer.get("result")
-    return "error" if isinstance(result, dict) and cast("dict[str, Any]", result).get("isError") is True else "ok"
-
-
-def refused(mounted: Mounted, status: int = UNAUTHORIZED) -> types.ErrorData:
-    what = "the credential" if status == UNAUTHORIZED else "the call"
-    return types.ErrorData(
-        code=UPSTREAM_UNAVAILABLE,
-        message=f"upstream {mounted.alias!r} refused {what} (HTTP {status})",
-        data={"code": "upstream_refused_credential" if status == UNAUTHORIZED else "upstream_forbidden"},
-    )
 
 
 def _routing_headers_match(scope: Scope, name: str) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from functools import wraps
-from typing import Any, Final, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import mcp_types as types
@@ -18,14 +18,14 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from bastion import __version__
 from bastion.domain.connections import Principal
-from bastion.errors import BastionError, NotFound, ValidationFailed
-from bastion.services.audit import Audit, AuditUnavailable, CallRecord, before_forwarding, current_record
-from bastion.services.guard import ContentBlocked, PolicyDenied, RateLimited
+from bastion.pipeline.errors import (
+    to_jsonrpc,
+)
+from bastion.services.audit import Audit, CallRecord, before_forwarding, current_record
 from bastion.services.principals import Resolver
-from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired, Proxy, RoundTrip
+from bastion.services.proxy import Proxy, RoundTrip
 from bastion.types import JSONValue
 from bastion.upstream import relay
-from bastion.upstream.pool import UpstreamBusy, UpstreamUnavailable
 from bastion.web.mcp.listeners import Listeners, ListenStreams, join
 from bastion.web.mcp.sentinel import Sentinel
 from bastion.web.mcp.sessions import Handshakes
@@ -33,60 +33,7 @@ from bastion.web.mcp.sessions import Handshakes
 logger = logging.getLogger("bastion.mcp")
 current_principal: ContextVar[Principal | None] = ContextVar("bastion_principal", default=None)
 
-# Implementation-defined JSON-RPC server errors (-32000..-32099) for what only a gateway can say.
-IDENTITY_REQUIRED: Final = -32050
-IDENTITY_NEEDS_REAUTH: Final = -32051
-UPSTREAM_UNAVAILABLE: Final = -32052
-REQUEST_TIMEOUT: Final = -32001
-AUDIT_UNAVAILABLE: Final = -32053
-POLICY_DENIED: Final = -32054
-RATE_LIMITED: Final = -32055
-CONTENT_BLOCKED: Final = -32056
-AUDIT_RETRY_AFTER_S: Final = 5
-
 R = TypeVar("R")
-
-
-def to_jsonrpc(error: BaseException) -> MCPError:
-    """The one place Bastion errors become JSON-RPC errors on the MCP wire."""
-    if isinstance(error, MCPError):
-        return error
-    if isinstance(error, IdentityRequired):
-        return MCPError(IDENTITY_REQUIRED, error.detail, {"code": error.code})
-    if isinstance(error, IdentityNeedsReauth):
-        data: dict[str, Any] = {"code": error.code}
-        if error.reconnect is not None:
-            data["reconnect"] = error.reconnect  # where the member connects the identity again
-        return MCPError(IDENTITY_NEEDS_REAUTH, error.detail, data)
-    if isinstance(error, AuditUnavailable):
-        # The HTTP equivalent is 503 with Retry-After; on the MCP wire the request gets its own error.
-        return MCPError(
-            AUDIT_UNAVAILABLE, error.detail, {"code": error.code, "status": 503, "retryAfter": AUDIT_RETRY_AFTER_S}
-        )
-    if isinstance(error, PolicyDenied):
-        return MCPError(POLICY_DENIED, error.detail, {"code": error.code, "rule": error.rule_id})
-    if isinstance(error, RateLimited):
-        data = {"code": error.code, "rule": error.rule_id, "retryAfter": error.retry_after_s, "status": 429}
-        return MCPError(RATE_LIMITED, error.detail, data)
-    if isinstance(error, ContentBlocked):
-        return MCPError(CONTENT_BLOCKED, error.detail, {"code": error.code, "rule": error.rule_name})
-    if isinstance(error, UpstreamBusy):
-        data = {"code": error.code, "status": 503, "retryAfter": error.retry_after_s}
-        return MCPError(UPSTREAM_UNAVAILABLE, error.detail, data)
-    if isinstance(error, UpstreamUnavailable):
-        return MCPError(UPSTREAM_UNAVAILABLE, error.detail, {"code": error.code})
-    if isinstance(error, NotFound) and error.field == "uri":
-        return MCPError(
-            types.INVALID_PARAMS, "Resource not found", {"uri": error.detail.removeprefix("Resource not found: ")}
-        )
-    if isinstance(error, ValidationFailed | NotFound):
-        return MCPError(types.INVALID_PARAMS, error.detail, {"code": error.code})
-    if isinstance(error, BastionError):
-        return MCPError(types.INTERNAL_ERROR, error.detail, {"code": error.code})
-    if isinstance(error, TimeoutError):
-        return MCPError(REQUEST_TIMEOUT, "the upstream server did not answer in time")
-    logger.exception("unexpected error in an MCP handler", exc_info=error)
-    return MCPError(types.INTERNAL_ERROR, "internal error; the request id identifies it in the logs")
 
 
 def _principal() -> Principal:

@@ -40,6 +40,7 @@ from bastion.domain.connections import Principal
 from bastion.domain.models import ProtocolEra, Transport
 from bastion.errors import BastionError
 from bastion.net.outbound import UrlRefused
+from bastion.pipeline.errors import to_jsonrpc
 from bastion.services.audit import Audit
 from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
@@ -51,7 +52,6 @@ from bastion.upstream.relay import HANDSHAKE_VERSIONS, NO_PROFILE
 from bastion.upstream.wire import WireResponse
 from bastion.web.mcp.answer import Answer, CallRequest
 from bastion.web.mcp.fastpath import FastPath, Upstream, call_record
-from bastion.web.mcp.server import to_jsonrpc
 from bastion.web.mcp.sessions import SESSION_HEADER, Handshake, Handshakes
 
 REQUEST_CANCELLED: Final = -32800  # what the SDK answers a cancelled handshake-era request with
