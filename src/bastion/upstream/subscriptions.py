@@ -31,7 +31,7 @@ from bastion.upstream.pool import Kept, UpstreamPool, UpstreamUnavailable
 
 logger = logging.getLogger("bastion.upstream")
 UNSUBSCRIBE_TIMEOUT_S: Final = 10.0
-ACK_WAIT_S: Final = 3.0  # longest a listen stream's acknowledgement is waited for before it is presumed
+ACK_WAIT_S: Final = 2.0  # longest a listen stream's acknowledgement is waited for before it is presumed
 
 Release = Callable[[], None]
 Key = tuple[str, str | None, str]  # (server id, identity id or None, URI)
