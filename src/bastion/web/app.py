@@ -25,6 +25,9 @@ from bastion.db.store import Store
 from bastion.events import pg as pg_events
 from bastion.events.notices import NoticeRelay
 from bastion.events.replicas import Replica
+from bastion.pipeline.admission import Admission
+from bastion.pipeline.handshake import HandshakeRelay
+from bastion.pipeline.modern import ModernRelay
 from bastion.services import janitor
 from bastion.services.delivery import Sender, Worker
 from bastion.settings import Settings
@@ -166,8 +169,10 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
         max_request_body_size=settings.max_request_body_bytes,
     )
     handshakes.bind(mcp_manager)
-    fast_path = FastPath(parts.proxy, parts.pool, parts.audit, TransportSecurityMiddleware(security))
-    handshake_path = HandshakePath(fast_path, parts.proxy, parts.pool, parts.audit, handshakes)
+    admission = Admission(parts.proxy, parts.pool, parts.audit)
+    modern = ModernRelay(admission)
+    fast_path = FastPath(admission, modern, TransportSecurityMiddleware(security))
+    handshake_path = HandshakePath(fast_path, HandshakeRelay(admission, modern), handshakes)
     mcp_endpoint = McpEndpoint(
         parts.resolver,
         mcp_manager,
@@ -219,7 +224,7 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
                 yield
             finally:
                 lifecycle.draining = True
-                await fast_path.close()
+                await admission.close()
                 tasks.cancel_scope.cancel()
         if store is None:
             await parts.close()

@@ -1,38 +1,86 @@
-"""The wire work of the handshake-era hot path: the request it posts, and the answer it relays to the caller.
+"""The handshake-era relay: a `tools/call` on a live session, posted into the pooled upstream session.
 
-``CallRequest`` is a caller's `tools/call` as the hot path accepts it; ``Answer`` reads an upstream's answer
-(JSON, or an event stream it may have to resume) and tells the caller the call's result, its progress and its
-log messages, in the framing the SDK's own server would have used.
+A handshake-era (2025-11-25 and earlier) caller's `tools/call` to a handshake-era Streamable HTTP upstream is
+forwarded without the SDK's session server and client, which cost most of such a call's CPU. What the full path
+would decide is decided the same way (session bound to the token, Host/Origin, routing, provisioning, policy,
+rate limits, content rules, the audit event before anything leaves), and the call goes into the upstream session Bastion's pool already holds
+for this identity. That session is shared by every caller of the identity, so the request is rebuilt from
+the call's name, arguments and `_meta`, with Bastion's own request id and progress token (``bastion-N``),
+mapped back on the answer and on progress notifications. The answer is re-framed: JSON stays JSON; an event
+stream's events are re-sent without upstream event ids (a caller resuming with one would reach the SDK's event
+store, which never saw it), and Bastion itself resumes an upstream stream that closes before the answer. Of
+the upstream's notifications on the call's stream, progress and log messages reach the caller, and change
+notices go where the pooled session's would (``UpstreamNotices``). The caller's `notifications/cancelled`
+for a call in flight here is answered as the SDK answers it (-32800) and passed on upstream.
+
+Only sessions whose caller declared no sampling, elicitation or roots are served here: a request from the
+upstream could otherwise need the caller, and only the full path relays those. Should the upstream ask
+anything all the same (a ping), Bastion answers it as its upstream client would. Everything else, and the
+first call of an identity (which opens the upstream session), takes the full path.
+
+``CallRequest`` is a caller's `tools/call` as this relay accepts it; ``Answer`` reads an upstream's answer (JSON,
+or an event stream it may have to resume) and tells the caller the call's result, its progress and its log
+messages, in the framing the SDK's own server would have used; ``HandshakeCall`` is one call through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 import anyio
 import mcp_types as types
-from starlette.types import Send
+from mcp.shared.subscriptions import (
+    PromptsListChanged,
+    ResourcesListChanged,
+    ResourceUpdated,
+    ServerEvent,
+    ToolsListChanged,
+)
 
+from bastion.domain.connections import Principal
+from bastion.errors import BastionError
 from bastion.net.outbound import UrlRefused
-from bastion.pipeline.answers import answer_status, scanned_answer
-from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE, refused, upstream_failure
+from bastion.pipeline.admission import Admission, Upstream, call_record, send_error
+from bastion.pipeline.answers import Send, answer_status, scanned_answer
+from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE, refused, to_jsonrpc, upstream_failure
 from bastion.pipeline.frames import EVENT_END, JSON, MAX_ANSWER_BYTES, SSE, AnswerTooLarge, fields, media
+from bastion.pipeline.modern import ModernRelay
 from bastion.services.audit import CallRecord
+from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
 from bastion.types import json_object
+from bastion.upstream.notifications import Notice
+from bastion.upstream.pool import Lease
+from bastion.upstream.relay import NO_PROFILE
 from bastion.upstream.wire import WireResponse
-from bastion.web.mcp.fastpath import jsonrpc_error
 
 MAX_RESUMES: Final = 2  # as the SDK client: failed reconnections in a row to a stream that closed unanswered
 MAX_RETRY_S: Final = 5.0  # longest wait before resuming, whatever retry interval the upstream asked for
 DEFAULT_RETRY_S: Final = 0.1
 DRAIN_S: Final = 0.05  # longest an answered stream's remainder is read, for its connection to be reused
 SEND_TIMEOUT_S: Final = 5.0  # longest the call's answer waits for a caller that stopped reading
+REQUEST_CANCELLED: Final = -32800  # what the SDK answers a cancelled handshake-era request with
+SESSION_HEADER: Final = "mcp-session-id"
+_CHANGES: Final[dict[str, ServerEvent]] = {
+    "notifications/tools/list_changed": ToolsListChanged(),
+    "notifications/prompts/list_changed": PromptsListChanged(),
+    "notifications/resources/list_changed": ResourcesListChanged(),
+}
+
+
+class Session(Protocol):
+    """The caller's handshake-era session, as a call on it sees it: its id, and its calls in flight (to cancel)."""
+
+    session_id: str
+    calls: dict[Any, anyio.CancelScope]
+
+    def call_key(self, request_id: Any) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,7 +381,7 @@ class Answer(ABC):
             return
         self.answered = self.started = self._closed = True
         with anyio.move_on_after(SEND_TIMEOUT_S, shield=True), contextlib.suppress(OSError):
-            await jsonrpc_error(self.send, self.request.request_id, error)
+            await send_error(self.send, self.request.request_id, error)
 
     async def failed(self, exc: OSError | UrlRefused | TimeoutError) -> None:
         await self.fail(upstream_failure(exc, self.mounted, self.record))
@@ -355,3 +403,196 @@ class Answer(ABC):
 
 def _media(response: WireResponse) -> bytes:
     return media(response.headers)
+
+
+class HandshakeRelay:
+    """Relays handshake-era calls into pooled upstream sessions (see the module docstring)."""
+
+    def __init__(self, admission: Admission, modern: ModernRelay) -> None:
+        self.admission = admission
+        self._modern = modern
+        self._ids = itertools.count(1)
+
+    def upstream_id(self) -> str:
+        """A request id of Bastion's own: the upstream session is shared by all of an identity's callers."""
+        return f"bastion-{next(self._ids)}"
+
+    async def lease(self, principal: Principal, mounted: Mounted) -> Lease:
+        """The pooled session for the identity's current credential, opened if needed."""
+        proxy = self.admission.proxy
+        credential = await proxy.credential(principal, proxy.identity_for(principal, mounted))
+        return await self.admission.pool.lease(
+            mounted.server, credential, NO_PROFILE, generation=generation_of(credential)
+        )
+
+    async def refusal(
+        self, response: WireResponse, principal: Principal, mounted: Mounted, record: CallRecord, send: Send, rid: Any
+    ) -> None:
+        await self._modern.refusal(response, principal, mounted, record, send, rid)
+
+    async def call(
+        self,
+        principal: Principal,
+        mounted: Mounted,
+        session: Session,
+        send: Send,
+        request: CallRequest,
+        identity_id: str | None,
+        tool: str,
+        lease: Lease,
+    ) -> None:
+        await HandshakeCall(self, principal, mounted, session, send, request, identity_id).run(tool, lease)
+
+
+class HandshakeCall(Answer):
+    """One forwarded call: its upstream request, the answer's stream, and what the caller is sent."""
+
+    def __init__(
+        self,
+        path: HandshakeRelay,
+        principal: Principal,
+        mounted: Mounted,
+        session: Session,
+        send: Send,
+        request: CallRequest,
+        identity_id: str | None,
+    ) -> None:
+        record = call_record(principal, request.name, {"arguments": request.arguments})
+        super().__init__(send, request, path.upstream_id(), mounted, session.session_id.encode(), record)
+        self._path = path
+        self._principal = principal
+        self._session = session
+        self._identity_id = identity_id
+        self._upstream: Upstream | None = None
+        self._lease: Lease | None = None
+        self._current: str | None = None
+
+    async def run(self, tool: str, lease: Lease) -> None:
+        # The pooled session stays open for this call even if an edit takes it out of the pool meanwhile.
+        with self._path.admission.pool.using(lease):
+            await self._run(tool, lease)
+
+    async def _run(self, tool: str, lease: Lease) -> None:
+        key = self._session.call_key(self.request.request_id)
+        record = self.record
+        server = self.mounted.server
+        self._lease = lease
+        async with self._path.admission.audit.call(record):
+            with anyio.CancelScope() as cancelled:
+                # Registered before the event is written: a cancel that comes meanwhile counts.
+                self._session.calls[key] = cancelled
+                try:
+                    admitted = await self._path.admission.admit(
+                        self._principal, self.mounted, tool, record, self.request.arguments
+                    )
+                    self.results = admitted.results
+                    self._upstream, self._current = await self._path.admission.upstream(self._principal, self.mounted)
+                    body = self.request.upstream_body(tool, self.upstream_id, admitted.arguments)
+                    async with self._path.admission.pool.slot(server.id):
+                        with anyio.fail_after(server.call_timeout_s):
+                            await self._exchange(body)
+                except BastionError as exc:
+                    await self.fail_with(exc)
+                except (OSError, UrlRefused, TimeoutError) as exc:
+                    await self.failed(exc)
+                finally:
+                    if self._session.calls.get(key) is cancelled:
+                        del self._session.calls[key]
+            if cancelled.cancelled_caught and not self.answered:
+                record.outcome, record.reason = "error", "cancelled"
+                await self.fail(types.ErrorData(code=REQUEST_CANCELLED, message="Request cancelled"))
+            await self.end()
+            if not self.answered_upstream and self.posted:
+                await self._cancel_upstream(
+                    "the caller cancelled the request" if cancelled.cancelled_caught else "the call was abandoned"
+                )
+
+    async def _exchange(self, body: bytes) -> None:
+        response = await self._post(body)
+        status = response.status_code
+        if status == Answer.UNAUTHORIZED or (status == Answer.NOT_FOUND and self._lease_session_id() is not None):
+            # Nothing was done upstream: renew a refused token once, or open a fresh session for a forgotten one.
+            await response.aclose()
+            if status == Answer.UNAUTHORIZED:
+                if not await self._path.admission.proxy.renew(self._principal, self._identity_id, self._current):
+                    await self.refused_credential()
+                    return
+            else:
+                assert self._lease is not None  # noqa: S101  set by run
+                # The old generation's session stays, for calls still on it.
+                self._path.admission.pool.forget(self._lease)
+            self._lease = await self._path.lease(self._principal, self.mounted)
+            self._upstream, self._current = await self._path.admission.upstream(self._principal, self.mounted)
+            response = await self._post(body)
+        if response.status_code in (Answer.UNAUTHORIZED, Answer.FORBIDDEN):
+            self.started = self.answered = self.answered_upstream = True
+            await self._path.refusal(
+                response, self._principal, self.mounted, self.record, self.send, self.request.request_id
+            )
+            return
+        await self.relay(response, self._resume)
+
+    def _headers(self) -> list[tuple[str, str]]:
+        assert self._upstream is not None and self._lease is not None  # noqa: S101  set by run
+        headers = [*self._upstream.headers, ("mcp-protocol-version", self._lease.protocol_version or "")]
+        if self._lease.session_id is not None:
+            headers.append((SESSION_HEADER, self._lease.session_id))
+        return headers
+
+    def _lease_session_id(self) -> str | None:
+        return self._lease.session_id if self._lease is not None else None
+
+    async def _post(self, body: bytes) -> WireResponse:
+        assert self._upstream is not None  # noqa: S101  set by run
+        headers = [
+            *self._headers(),
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+        ]
+        response = await self._upstream.wire.post(
+            headers, body, first_byte_timeout_s=self.mounted.server.call_timeout_s
+        )
+        self.posted = True
+        return response
+
+    async def _resume(self, last_event_id: str) -> WireResponse:
+        """The call's stream again, from after ``last_event_id`` (the upstream closed it before answering)."""
+        assert self._upstream is not None  # noqa: S101  set by run
+        headers = [*self._headers(), ("accept", "text/event-stream"), ("last-event-id", last_event_id)]
+        return await self._upstream.wire.get(headers, first_byte_timeout_s=self.mounted.server.call_timeout_s)
+
+    async def reply_upstream(self, request: dict[str, Any]) -> None:
+        """Answer a request of the upstream's as Bastion's upstream client would for a caller that declared nothing."""
+        if request.get("method") == "ping":
+            reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"], "result": {}}
+        else:
+            error = {"code": types.METHOD_NOT_FOUND, "message": f"the client does not support {request.get('method')}"}
+            reply = {"jsonrpc": "2.0", "id": request["id"], "error": error}
+        response = await self._post(json.dumps(reply).encode())
+        await response.aclose()
+
+    def notice(self, method: str, params: Any) -> None:
+        """A change the upstream announced on the call's stream: told where the pooled session's would be."""
+        event = _CHANGES.get(method)
+        if method == "notifications/resources/updated" and isinstance(params, dict):
+            uri = cast("dict[str, Any]", params).get("uri")
+            event = ResourceUpdated(uri=uri) if isinstance(uri, str) else None
+        if event is not None:
+            self._path.admission.pool.notices.publish(Notice(self.mounted.server.id, self._identity_id, event))
+
+    async def _cancel_upstream(self, reason: str) -> None:
+        notice = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": self.upstream_id, "reason": reason},
+        }
+        with anyio.move_on_after(Answer.CANCEL_TIMEOUT_S, shield=True):
+            try:
+                response = await self._post(json.dumps(notice).encode())
+                await response.aclose()
+            except (OSError, UrlRefused, TimeoutError):
+                return  # best effort: the upstream may be what failed
+
+    async def fail_with(self, exc: BastionError) -> None:
+        self.record.failed(exc.code)
+        await self.fail(to_jsonrpc(exc).error)
