@@ -40,6 +40,64 @@ PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG_URL", "postgresql+psycopg://postg
 ENGINES = ("sqlite", "postgresql")
 
 
+# Modules whose tests take tens of seconds each, with a rough weight (their seconds on a 2-core machine). Under
+# pytest-xdist they are handed out first, one module to the worker with the least weight so far (``_heaviest_first``),
+# so that the long poles start at once instead of ending the run alone.
+HEAVY_MODULES: dict[str, int] = {
+    "tests/e2e/test_conformance_auth.py": 200,
+    "tests/e2e/test_conformance.py": 80,
+    "tests/web/test_access_matrix.py": 80,
+    "tests/e2e/test_isolation.py": 70,
+    "tests/browser/test_enrollment_journey.py": 70,
+    "tests/e2e/test_replicas.py": 60,
+    "tests/e2e/test_audit_durability.py": 60,
+    "tests/e2e/test_churn.py": 40,
+    "tests/e2e/test_changes_hold.py": 40,
+    "tests/e2e/test_server_everything.py": 30,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        items[:] = _heaviest_first(items, workers)
+
+
+def _heaviest_first(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """``items`` laid out for xdist's work-stealing scheduler, which gives each worker one contiguous, equal share
+    of the list at the start: each share begins with whole heavy modules (largest first, to the lightest share),
+    and the other tests, in their order, fill the shares up to equal length."""
+    modules: dict[str, list[pytest.Item]] = {}
+    light: list[pytest.Item] = []
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        if module in HEAVY_MODULES:
+            modules.setdefault(module, []).append(item)
+        else:
+            light.append(item)
+    shares: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    weights = [0] * workers
+    for module in sorted(modules, key=lambda m: (-HEAVY_MODULES[m], m)):
+        lightest = weights.index(min(weights))
+        shares[lightest].extend(modules[module])
+        weights[lightest] += HEAVY_MODULES[module]
+    # The scheduler's shares: len(pending) // remaining workers, in turn.
+    sizes: list[int] = []
+    left = len(items)
+    for remaining in range(workers, 0, -1):
+        sizes.append(left // remaining)
+        left -= sizes[-1]
+    ordered: list[pytest.Item] = []
+    start = 0
+    for share, size in zip(shares, sizes, strict=True):
+        take = max(size - len(share), 0)
+        ordered.extend(share)
+        ordered.extend(light[start : start + take])
+        start += take
+    ordered.extend(light[start:])
+    return ordered
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -153,11 +153,19 @@ async def test_the_sloppy_fixture_is_sloppy() -> None:
     from mcp.client.streamable_http import streamable_http_client
     from pydantic import ValidationError
 
-    with serving_fixture(sloppy=True) as url:
-        async with Client(streamable_http_client(url), mode="2026-07-28") as client:
+    from tests.fixtures import conformance_server
+    from tests.mcp_support import serving
+
+    try:
+        async with (
+            serving(conformance_server.create_app(sloppy=True)) as base,
+            Client(streamable_http_client(f"{base}/mcp"), mode="2026-07-28") as client,
+        ):
             with pytest.raises(ValidationError, match="resultType"):
                 await client.call_tool("test_simple_text", {})
             with anyio.move_on_after(1) as waited:
                 async with client.listen(resource_subscriptions=["test://watched-resource"]):
                     pass
             assert waited.cancelled_caught
+    finally:
+        conformance_server.SLOPPY["on"] = False

@@ -3,8 +3,8 @@
 A handshake-era (2025-11-25 and earlier) caller's `tools/call` to a handshake-era Streamable HTTP upstream is
 forwarded without the SDK's session server and client, which cost most of such a call's CPU. What the full path
 would decide is decided the same way (session bound to the token, Host/Origin, routing, provisioning, policy,
-rate limits, content rules, the audit event before anything leaves), and the call goes into the upstream session Bastion's pool already holds
-for this identity. That session is shared by every caller of the identity, so the request is rebuilt from
+rate limits, content rules, the audit event before anything leaves), and the call goes into the upstream
+session Bastion's pool already holds for this identity. That session is shared by every caller of the identity, so the request is rebuilt from
 the call's name, arguments and `_meta`, with Bastion's own request id and progress token (``bastion-N``),
 mapped back on the answer and on progress notifications. The answer is re-framed: JSON stays JSON; an event
 stream's events are re-sent without upstream event ids (a caller resuming with one would reach the SDK's event
