@@ -2,16 +2,16 @@
 
 A handshake-era (2025-11-25 and earlier) caller's `tools/call` to a handshake-era Streamable HTTP upstream is
 forwarded without the SDK's session server and client, which cost most of such a call's CPU. What the full path
-would decide is decided the same way (session bound to the token, Host/Origin, routing, provisioning, policy,
-rate limits, content rules, the audit event before anything leaves), and the call goes into the upstream
-session Bastion's pool already holds for this identity. That session is shared by every caller of the identity, so the request is rebuilt from
-the call's name, arguments and `_meta`, with Bastion's own request id and progress token (``bastion-N``),
-mapped back on the answer and on progress notifications. The answer is re-framed: JSON stays JSON; an event
-stream's events are re-sent without upstream event ids (a caller resuming with one would reach the SDK's event
-store, which never saw it), and Bastion itself resumes an upstream stream that closes before the answer. Of
-the upstream's notifications on the call's stream, progress and log messages reach the caller, and change
-notices go where the pooled session's would (``UpstreamNotices``). The caller's `notifications/cancelled`
-for a call in flight here is answered as the SDK answers it (-32800) and passed on upstream.
+would decide is decided the same way (session bound to the token, Host/Origin, routing, provisioning, policy, rate
+limits, content rules, the audit event before anything leaves), and the call goes into the upstream session
+Bastion's pool already holds for this identity. That session is shared by every caller of the identity, so the
+request is rebuilt from the call's name, arguments and `_meta`, with Bastion's own request id and progress token
+(``bastion-N``), mapped back on the answer and on progress notifications. The answer is re-framed: JSON stays JSON;
+an event stream's events are re-sent without upstream event ids (a caller resuming with one would reach the SDK's
+event store, which never saw it), and Bastion itself resumes an upstream stream that closes before the answer. Of
+the upstream's notifications on the call's stream, progress and log messages reach the caller, and change notices
+go where the pooled session's would (``UpstreamNotices``). The caller's `notifications/cancelled` for a call in
+flight here is answered as the SDK answers it (-32800) and passed on upstream.
 
 Only sessions whose caller declared no sampling, elicitation or roots are served here: a request from the
 upstream could otherwise need the caller, and only the full path relays those. Should the upstream ask
