@@ -10,6 +10,7 @@ from mcp.client import Client
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server, ServerRequestContext
+from mcp.shared.exceptions import MCPError
 
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
@@ -92,3 +93,24 @@ async def test_a_2026_result_without_result_type_reaches_a_2026_caller_as_a_comp
             second = await ada.call_tool("up__hello", {})  # on the fast path once the upstream's era is known
     assert [t.name for t in tools.tools] == ["up__ask", "up__hello"]
     assert first.content[0].text == second.content[0].text == "hello"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mode", [MODERN, "legacy"])
+async def test_a_resource_a_handshake_era_upstream_does_not_have_is_invalid_params_naming_the_uri(
+    mode: str, settings: Settings, store: Store, hasher: KeyHasher, operator: Actor
+) -> None:
+    async def read_resource(_ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams) -> Any:
+        raise MCPError(-32002, "Resource not found", {"uri": str(params.uri)})
+
+    server: Server[Any] = Server("legacy-resources", version="1", on_read_resource=read_resource)
+    async with serving(mcp_app(server)) as up:
+        spec = ServerSpec("up", Transport.STREAMABLE_HTTP, url=f"{up}/mcp", era=ProtocolEra.LEGACY)
+        token = await ada_connected(store, hasher, operator, spec)
+        async with (
+            serving(create_app(settings, store)) as bastion,
+            gateway_client(f"{bastion}/g/g/mcp", token, mode) as ada,
+        ):
+            with pytest.raises(MCPError) as caught:
+                await ada.read_resource("test://missing")
+    assert caught.value.code == types.INVALID_PARAMS
+    assert caught.value.error.data == {"uri": "test://missing"}

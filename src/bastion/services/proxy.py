@@ -501,6 +501,10 @@ class Proxy:
                 return await self._call(principal, mounted, read)
             except (MCPError, IdentityRequired, IdentityNeedsReauth, UpstreamUnavailable) as exc:
                 last_error = exc
+        if isinstance(last_error, MCPError) and _resource_not_found(last_error):
+            # Whatever the upstream's era called it (-32002 before 2026-07-28), the caller hears it as the spec
+            # now says: invalid params naming the URI.
+            raise NotFound(f"Resource not found: {uri}", field="uri") from last_error
         if isinstance(last_error, MCPError | BastionError):
             raise last_error
         raise NotFound(f"Resource not found: {uri}", field="uri")
@@ -620,3 +624,13 @@ def _item_name(item: Any) -> str:
         if value is not None:
             return str(value)
     return str(getattr(item, "name", ""))
+
+
+LEGACY_RESOURCE_NOT_FOUND: Final = -32002  # what handshake-era servers answer for an unknown URI
+
+
+def _resource_not_found(error: MCPError) -> bool:
+    """Whether an upstream's error for `resources/read` says the resource does not exist."""
+    return error.code == LEGACY_RESOURCE_NOT_FOUND or (
+        error.code == types.INVALID_PARAMS and "not found" in error.message.lower()
+    )
