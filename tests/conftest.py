@@ -46,7 +46,7 @@ ENGINES = ("sqlite", "postgresql")
 HEAVY_MODULES: dict[str, int] = {
     "tests/e2e/test_conformance_auth.py": 200,
     "tests/e2e/test_conformance.py": 80,
-    "tests/web/test_access_matrix.py": 80,
+    "tests/web/test_access_matrix.py": 50,
     "tests/e2e/test_isolation.py": 70,
     "tests/browser/test_enrollment_journey.py": 70,
     "tests/e2e/test_replicas.py": 60,

@@ -353,6 +353,10 @@ async def test_every_write_operation_has_an_example_body(client: httpx2.AsyncCli
     assert stale == set(), f"examples for operations that no longer exist: {stale}"
 
 
+# Access is decided in the web layer from the caller's role, the same on either database, and the full matrix (about
+# a thousand calls) is the suite's costliest test: it runs on PostgreSQL, the database of multi-replica installs.
+# Every route's own behaviour on both databases is the route tests' (tests/web/test_*.py).
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_each_capability_opens_exactly_the_routes_that_declare_it(
     client: httpx2.AsyncClient, store: Store, hasher: KeyHasher, operator: Actor
 ) -> None:

