@@ -8,15 +8,14 @@ POSTs and legacy sessions), the way a small real server would.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import AsyncGenerator
 from typing import Any, Final
 
 import anyio
 import mcp_types as types
-import uvicorn
 from mcp.server import Server, ServerRequestContext
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from raw_upstream import serve  # a sibling script, not a package
 from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -51,20 +50,5 @@ def build_app(delay_s: float = 0.0) -> Starlette:
     return Starlette(routes=[Route("/mcp", Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
 
 
-def main() -> None:
-    port = int(sys.argv[1])
-    delay_ms = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
-    uvicorn.run(
-        build_app(delay_ms / 1000),
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-    )
-
-
 if __name__ == "__main__":
-    main()
+    serve(build_app)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import secrets
 import sys
+from collections.abc import Callable
 from typing import Any, Final
 
 import anyio
@@ -145,11 +146,13 @@ async def _error(send: Send, request_id: Any, code: int, message: str, status: i
     await _reply(send, status, raw, _JSON)
 
 
-def main() -> None:
+def serve(build: Callable[[float], Any]) -> None:
+    """Serve the app ``build(delay_s)`` makes as ``python SCRIPT PORT [DELAY_MS]`` asks: uvicorn with uvloop and
+    httptools on 127.0.0.1 (both echo upstreams run this way)."""
     port = int(sys.argv[1])
     delay_ms = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     uvicorn.run(
-        RawEcho(delay_ms / 1000),
+        build(delay_ms / 1000),
         host="127.0.0.1",
         port=port,
         loop="uvloop",
@@ -162,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    serve(RawEcho)

@@ -115,11 +115,11 @@ class Admission:
         if guard is not None:
             ruleset = await guard.admit(principal, mounted.alias, tool)
             await guard.count(ruleset, principal, record.name or tool)
-            if guard.scans(ruleset, principal, "arguments"):
+            scanned = guard.scanned(ruleset, principal) if ruleset.content else frozenset[str]()
+            if "arguments" in scanned:
                 arguments = cast("dict[str, Any]", guard.scan(ruleset, principal, arguments or {}, "arguments"))
-            if guard.scans(ruleset, principal, "results"):
+            if "results" in scanned:
                 results = functools.partial(guard.scan, ruleset, principal, where="results")
-
         else:
             record.server, record.decision = mounted.alias, "allow"
         await self.audit.open(record)

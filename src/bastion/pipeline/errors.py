@@ -10,6 +10,7 @@ from mcp.shared.exceptions import MCPError
 
 from bastion.errors import BastionError, NotFound, ValidationFailed
 from bastion.net.outbound import UrlRefused
+from bastion.pipeline.frames import MAX_ANSWER_BYTES
 from bastion.services.audit import AuditUnavailable, CallRecord
 from bastion.services.directory import Mounted
 from bastion.services.guard import ContentBlocked, PolicyDenied, RateLimited
@@ -87,6 +88,13 @@ def upstream_failure(exc: OSError | UrlRefused | TimeoutError, mounted: Mounted,
         message=f"upstream {mounted.alias!r} is unavailable{reason}",
         data={"code": "upstream_unavailable"},
     )
+
+
+def answer_too_large(mounted: Mounted, record: CallRecord) -> types.ErrorData:
+    """Record an answer too large to hold on ``record``; the JSON-RPC error the caller gets for it."""
+    record.outcome, record.reason = "error", "upstream_answer_too_large"
+    message = f"the answer of upstream {mounted.alias!r} is larger than {MAX_ANSWER_BYTES} bytes"
+    return types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message)
 
 
 def refused(mounted: Mounted, status: int = UNAUTHORIZED) -> types.ErrorData:

@@ -48,7 +48,7 @@ from bastion.errors import BastionError
 from bastion.net.outbound import UrlRefused
 from bastion.pipeline.admission import Admission, Upstream, call_record, send_error
 from bastion.pipeline.answers import Send, answer_status, scanned_answer
-from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE, refused, to_jsonrpc, upstream_failure
+from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE, answer_too_large, refused, to_jsonrpc, upstream_failure
 from bastion.pipeline.frames import EVENT_END, JSON, MAX_ANSWER_BYTES, SSE, AnswerTooLarge, fields, media
 from bastion.pipeline.modern import ModernRelay
 from bastion.services.audit import CallRecord
@@ -239,9 +239,7 @@ class Answer(ABC):
                     await current.aclose()
                     current = _REFUSED
         except AnswerTooLarge:
-            self.record.outcome, self.record.reason = "error", "upstream_answer_too_large"
-            message = f"the answer of upstream {self.mounted.alias!r} is larger than {MAX_ANSWER_BYTES} bytes"
-            await self.fail(types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message))
+            await self.fail(answer_too_large(self.mounted, self.record))
         finally:
             await current.aclose()
 
@@ -410,7 +408,7 @@ class HandshakeRelay:
 
     def __init__(self, admission: Admission, modern: ModernRelay) -> None:
         self.admission = admission
-        self._modern = modern
+        self.modern = modern  # whose refusal mapping a 401 or 403 that stands gets
         self._ids = itertools.count(1)
 
     def upstream_id(self) -> str:
@@ -424,24 +422,6 @@ class HandshakeRelay:
         return await self.admission.pool.lease(
             mounted.server, credential, NO_PROFILE, generation=generation_of(credential)
         )
-
-    async def refusal(
-        self, response: WireResponse, principal: Principal, mounted: Mounted, record: CallRecord, send: Send, rid: Any
-    ) -> None:
-        await self._modern.refusal(response, principal, mounted, record, send, rid)
-
-    async def call(
-        self,
-        principal: Principal,
-        mounted: Mounted,
-        session: Session,
-        send: Send,
-        request: CallRequest,
-        identity_id: str | None,
-        tool: str,
-        lease: Lease,
-    ) -> None:
-        await HandshakeCall(self, principal, mounted, session, send, request, identity_id).run(tool, lease)
 
 
 class HandshakeCall(Answer):
@@ -526,7 +506,7 @@ class HandshakeCall(Answer):
             response = await self._post(body)
         if response.status_code in (Answer.UNAUTHORIZED, Answer.FORBIDDEN):
             self.started = self.answered = self.answered_upstream = True
-            await self._path.refusal(
+            await self._path.modern.refusal(
                 response, self._principal, self.mounted, self.record, self.send, self.request.request_id
             )
             return

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import anyio
-import mcp_types as types
 
 from bastion.domain.connections import Principal
 from bastion.errors import BastionError
@@ -24,8 +23,8 @@ from bastion.net.outbound import UrlRefused
 from bastion.pipeline import headers
 from bastion.pipeline.admission import Admission, Upstream, call_record, send_error
 from bastion.pipeline.answers import AnswerRelay, Send
-from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE, refused, to_jsonrpc, upstream_failure
-from bastion.pipeline.frames import MAX_ANSWER_BYTES, AnswerTooLarge
+from bastion.pipeline.errors import answer_too_large, refused, to_jsonrpc, upstream_failure
+from bastion.pipeline.frames import AnswerTooLarge
 from bastion.services.audit import CallRecord
 from bastion.services.directory import Mounted
 from bastion.upstream.pool import UpstreamBusy
@@ -145,10 +144,9 @@ class ModernRelay:
             record.outcome, record.reason = "error", exc.code
             await send_error(send, request_id, to_jsonrpc(exc).error)
         except AnswerTooLarge:
-            record.outcome, record.reason = "error", "upstream_answer_too_large"
+            error = answer_too_large(mounted, record)
             if not started:
-                message = f"the answer of upstream {mounted.alias!r} is larger than {MAX_ANSWER_BYTES} bytes"
-                await send_error(send, request_id, types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message))
+                await send_error(send, request_id, error)
         except (OSError, UrlRefused, TimeoutError) as exc:
             error = upstream_failure(exc, mounted, record)
             if started:  # the caller already has a status line: end the stream; its client sees it cut short

@@ -161,12 +161,14 @@ class Guard:
 
     # --- content rules --------------------------------------------------------------------------------------------
 
-    def scans(self, ruleset: RuleSet, principal: Principal, where: str) -> bool:
-        """Whether an enabled content rule of the caller's gateway reads ``where`` ("arguments" or "results")."""
-        return any(
-            rule.enabled and rule.target in (where, content.ContentTarget.BOTH)
-            for rule in content.for_gateway(ruleset.content, principal.gateway_id)
-        )
+    def scanned(self, ruleset: RuleSet, principal: Principal) -> frozenset[str]:
+        """What the enabled content rules of the caller's gateway read: "arguments", "results", both or neither."""
+        read: set[str] = set()
+        for rule in content.for_gateway(ruleset.content, principal.gateway_id):
+            if rule.enabled:
+                both = rule.target is content.ContentTarget.BOTH
+                read.update(("arguments", "results") if both else (rule.target.value,))
+        return frozenset(read)
 
     def scan(self, ruleset: RuleSet, principal: Principal, value: Any, where: str) -> Any:
         """``value`` (JSON, or models as their JSON) with the content rules for ``where`` applied; ``value`` itself

@@ -186,7 +186,6 @@ class ResourceSubscriptions:
                         if held.honoured:
                             async for _event in subscription:
                                 pass  # its updates reach the session's message handler (the SDK tees them)
-                    unacknowledged.cancel()
             if held.honoured:
                 self._lose(held)  # unless let go of: the upstream ended the stream
         except (MCPError, TimeoutError) as exc:  # before the acknowledgement: the holder that subscribed is told

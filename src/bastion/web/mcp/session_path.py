@@ -16,7 +16,7 @@ from starlette.types import Scope, Send
 from bastion.domain.connections import Principal
 from bastion.domain.models import ProtocolEra, Transport
 from bastion.errors import BastionError
-from bastion.pipeline.handshake import CallRequest, HandshakeRelay
+from bastion.pipeline.handshake import CallRequest, HandshakeCall, HandshakeRelay
 from bastion.services.directory import Mounted
 from bastion.types import json_object
 from bastion.upstream.relay import HANDSHAKE_VERSIONS, NO_PROFILE
@@ -70,7 +70,7 @@ class HandshakePath:
         if await self.fast.rejected(scope, send):
             return True
         self._sessions.touch(session.session_id, mounted.server.call_timeout_s)
-        await self._relay.call(principal, mounted, session, send, request, identity_id, tool, lease)
+        await HandshakeCall(self._relay, principal, mounted, session, send, request, identity_id).run(tool, lease)
         self._sessions.touch(session.session_id)
         return True
 
