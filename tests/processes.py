@@ -45,6 +45,12 @@ def clean_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def uncovered_env() -> dict[str, str]:
+    """This process's environment without coverage's subprocess hook, for a test peer written in Python: coverage
+    measures only Bastion, and tracing a peer's every call only slows it (its start most, on a loaded machine)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+
+
 def run_bastion(*args: str, env: Mapping[str, str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BASTION), *args], env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False

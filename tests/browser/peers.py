@@ -20,12 +20,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
-from tests.processes import free_port
+from tests.processes import START_TIMEOUT_S, free_port, uncovered_env
 
 REPO: Final = Path(__file__).resolve().parents[2]
 OIDC_AS_DIR: Final = REPO / "tests" / "fixtures" / "oidc_as"
 OIDC_AS_MODULES: Final = REPO / ".tools" / "oidc_as" / "node_modules"
-START_TIMEOUT_S: Final = 30.0
 POLL_S: Final = 0.05
 # The test users of tests/fixtures/oidc_as/server.mjs: username -> password.
 AS_USERS: Final = {"ada": "ada-password", "grace": "grace-password"}
@@ -136,5 +135,5 @@ def upstream_resource() -> tuple[int, str]:
 def protected_upstream(port: int, issuer: str) -> Generator[Peer]:
     """``python -m tests.fixtures.protected_upstream`` on ``port`` trusting ``issuer``; ``ready["url"]``: MCP URL."""
     command = [sys.executable, "-m", "tests.fixtures.protected_upstream", "--port", str(port), "--issuer", issuer]
-    with _running("protected-upstream", command, REPO) as peer:
+    with _running("protected-upstream", command, REPO, uncovered_env()) as peer:
         yield peer

@@ -12,10 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from tests.processes import free_port
+from tests.processes import START_TIMEOUT_S, free_port, uncovered_env
 
 REPO: Final = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S: Final = 30.0
 POLL_S: Final = 0.05
 
 
@@ -37,6 +36,7 @@ def serving_fixture(*, sloppy: bool = False, timeout: float = START_TIMEOUT_S) -
                     *(["--sloppy"] if sloppy else []),
                 ],
                 cwd=REPO,
+                env=uncovered_env(),
                 stdout=stdout,
                 stderr=stderr,
             )
