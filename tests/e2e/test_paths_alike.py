@@ -13,30 +13,46 @@ fast path, and a request id of Bastion's own (``bastion-N``) only on the handsha
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import mcp_types as types
 import pytest
 import sqlalchemy as sa
 from mcp.server import Server, ServerRequestContext
 from mcp.shared.exceptions import MCPError
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.content import ContentAction, ContentTarget
-from bastion.domain.models import ProtocolEra, Provisioning, ProvisionMode, Transport
+from bastion.domain.identities import IdentitySecret
+from bastion.domain.models import AuthKind, ProtocolEra, Provisioning, ProvisionMode, Transport
 from bastion.domain.policy import Effect, SubjectKind
 from bastion.domain.ratelimits import LimitPer
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
-from bastion.pipeline.errors import CONTENT_BLOCKED
-from bastion.services import connections, gateways, hosts, members, rules, servers
+from bastion.oauth.model import ClientAuth
+from bastion.pipeline.errors import (
+    CONTENT_BLOCKED,
+    IDENTITY_NEEDS_REAUTH,
+    IDENTITY_REQUIRED,
+    REQUEST_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+)
+from bastion.services import connections, gateways, hosts, identities, members, rules, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
+from bastion.vault.sealer import Vault
 from bastion.web.app import create_app
+from bastion.web.mcp.fastpath import read_body, replaying
+from tests.fixtures.token_server import TokenServer, require_bearer
 from tests.mcp_support import gateway_client, mcp_app, serving
+from tests.oauth.refresh_support import oauth_client, oauth_identity
+from tests.processes import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 E = schema.audit_events
@@ -207,3 +223,210 @@ async def test_every_outcome_is_answered_and_audited_alike_by_the_byte_relay_and
         "ok",
         "limited",
     ]
+
+
+# --- failures: credentials, timeouts, missing and broken identities, an upstream away or forgetful ------------------
+
+
+@dataclass
+class Gate:
+    """What the protected upstream does to the next calls: refuse each `tools/call` with ``status`` (a standing 401
+    or 403), or answer a session's next request with 404 (``forget``: it no longer knows the session)."""
+
+    status: int | None = None
+    forget: bool = False
+
+
+def gated(inner: ASGIApp, gate: Gate) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        sent = dict(scope.get("headers", [])) if scope["type"] == "http" else {}
+        if gate.forget and b"mcp-session-id" in sent:
+            gate.forget = False
+            await _answer(send, 404, [])
+            return
+        if gate.status is not None and scope["type"] == "http" and scope["method"] == "POST":
+            body, messages = await read_body(receive)
+            if json.loads(body).get("method") == "tools/call":  # both eras (the 2025 one has no Mcp-Method)
+                challenge = b'Bearer error="insufficient_scope", scope="crm:write"'
+                await _answer(send, gate.status, [(b"www-authenticate", challenge)])
+                return
+            receive = replaying(messages, receive)
+        await inner(scope, receive, send)
+
+    return app
+
+
+async def _answer(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def slow_upstream() -> ASGIApp:
+    """Both eras: `echo` answers its text, `slow` answers after longer than Bastion waits for it."""
+
+    async def list_tools(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListToolsResult:
+        schema_ = {"type": "object", "properties": {"text": {"type": "string"}}}
+        return types.ListToolsResult(tools=[types.Tool(name=n, input_schema=schema_) for n in ("echo", "slow")])
+
+    async def call_tool(_ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
+        if params.name == "slow":
+            await anyio.sleep(SLOW_S)
+        text = str((params.arguments or {}).get("text", params.name))
+        return types.CallToolResult(content=[types.TextContent(type="text", text=text)])
+
+    server: Server[Any] = Server("slow", version="1", on_list_tools=list_tools, on_call_tool=call_tool)
+    return mcp_app(server)
+
+
+SLOW_S = 3.0
+CALL_TIMEOUT_S = 1.0
+FAILURES = [
+    "ok",
+    "401 then refresh",
+    "standing 401",
+    "standing 403",
+    "timeout",
+    "upstream forgot its session",
+    "missing identity",
+    "upstream down",
+    "needs reauthorization",
+    "needs reauthorization again",
+]
+
+
+@dataclass
+class Failing:
+    """The world of the failures: "crm" (OAuth, behind ``tokens``' resource check and ``gate``), "other" (a per-user
+    bearer server nobody holds an identity for) and "gone" (nothing listens there), in gateway "g"."""
+
+    tokens: TokenServer
+    gate: Gate
+    issuer: str
+    resource: str
+    row: str
+
+
+async def _failing_world(store: Store, operator: Actor, up: str, issuer: str, tokens: TokenServer, era: ProtocolEra,
+                         gate: Gate, vault: Vault) -> Failing:  # fmt: skip
+    resource = f"{up}/mcp"
+    crm = ServerSpec("crm", Transport.STREAMABLE_HTTP, url=resource, auth_kind=AuthKind.OAUTH, era=era,
+                     call_timeout_s=CALL_TIMEOUT_S)  # fmt: skip
+    await servers.create(store, operator, crm)
+    await servers.create(store, operator, ServerSpec("other", Transport.STREAMABLE_HTTP, url=resource,
+                                                     auth_kind=AuthKind.BEARER, era=era))  # fmt: skip
+    closed = f"http://127.0.0.1:{free_port()}/mcp"
+    await servers.create(store, operator, ServerSpec("gone", Transport.STREAMABLE_HTTP, url=closed, era=era))
+    members_ = (GatewayServerSpec("crm"), GatewayServerSpec("other"), GatewayServerSpec("gone"))
+    await gateways.create(store, operator, GatewaySpec("g", servers=members_))
+    await hosts.create(store, operator, HostSpec("agent"))
+    tokens.register("bastion-client", "client_secret_post", "client-secret-value")
+    row = await oauth_client(store, vault, operator, server="crm", issuer=issuer, client_id="bastion-client",
+                             auth_method=ClientAuth.POST, secret="client-secret-value")  # fmt: skip
+    return Failing(tokens, gate, issuer, resource, row)
+
+
+async def _person(store: Store, vault: Vault, hasher: KeyHasher, operator: Actor, world: Failing, email: str
+                  ) -> tuple[str, str]:  # fmt: skip
+    """A member with an OAuth identity for "crm" and a pasted one for "other", connected to "g": their Bastion
+    token and the pasted identity's id."""
+    await members.create(store, operator, MemberSpec(email, email.partition("@")[0]))
+    access, refresh = world.tokens.grant(world.resource)
+    await oauth_identity(store, vault, hasher, operator, server="crm", owner=email, issuer=world.issuer,
+                         client_row=world.row, access_token=access, refresh_token=refresh,
+                         expires_at=datetime.now(UTC) + timedelta(hours=1), resource=world.resource)  # fmt: skip
+    pasted = await identities.create(store, vault, hasher, operator, server="other",
+                                     secret=IdentitySecret(token=f"pasted-{email}"), owner=email)  # fmt: skip
+    _c, _t, token = await connections.create(store, hasher, operator, host="agent", gateway="g", member=email)
+    return token, pasted.id
+
+
+async def _fail_all(settings: Settings, store: Store, operator: Actor, world: Failing, person: tuple[str, str],
+                    mode: str, fast_path: bool) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    """Each of ``FAILURES`` in turn, on one client; the answers and the audit events (ids and times left out)."""
+    async with store.transaction() as conn:
+        before = (await conn.execute(sa.select(sa.func.max(E.c.seq)))).scalar_one() or 0
+    answers: list[Any] = []
+    chosen = settings.model_copy(update={"fast_path": fast_path})
+    token, pasted = person
+    async with serving(create_app(chosen, store)) as bastion, gateway_client(f"{bastion}/g/g/mcp", token, mode) as ada:
+        for name in FAILURES:
+            tool, arguments = "crm__echo", {"text": name}
+            if name == "401 then refresh":
+                for access in list(world.tokens.access_tokens):
+                    world.tokens.expire(access)  # revoked at the AS: the next call is refused once
+            elif name in ("standing 401", "standing 403"):
+                world.gate.status = int(name[-3:])
+            elif name == "timeout":
+                world.gate.status, tool = None, "crm__slow"
+            elif name == "upstream forgot its session":
+                world.gate.forget = True
+            elif name == "missing identity":
+                await identities.delete(store, operator, pasted)  # deleted while the connection still names it
+                tool = "other__echo"
+            elif name == "upstream down":
+                tool = "gone__echo"
+            elif name == "needs reauthorization":
+                world.tokens.access_tokens.clear()
+                world.tokens.refresh_tokens.clear()  # the grant was revoked: the refresh is refused
+            try:
+                result = await ada.call_tool(tool, arguments)
+                answers.append((name, [c.model_dump() for c in result.content], result.is_error))
+            except MCPError as exc:
+                data = dict(exc.error.data or {}) if isinstance(exc.error.data, dict) else exc.error.data
+                answers.append((name, exc.code, exc.message, data))
+    async with store.transaction() as conn:
+        query = sa.select(E).where(E.c.method == "tools/call", E.c.seq > before).order_by(E.c.seq)
+        rows = [dict(row._mapping) for row in (await conn.execute(query)).all()]  # pyright: ignore[reportPrivateUsage]
+    events = [(r["name"], r["outcome"], r["reason"], r["decision"], r["upstream_status"]) for r in rows]
+    text = json.dumps([answers, events], default=str)
+    text = re.sub(r"/me/identities/[0-9a-f-]+/", "/me/identities/<id>/", text)
+    doc = json.loads(re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", text))
+    return doc[0], doc[1]
+
+
+@pytest.mark.parametrize(("mode", "era"), [(MODERN, ProtocolEra.MODERN), ("legacy", ProtocolEra.LEGACY)])
+async def test_every_failure_is_answered_and_audited_alike_by_the_byte_relay_and_the_full_path(
+    mode: str, era: ProtocolEra, settings: Settings, store: Store, vault: Vault, hasher: KeyHasher, operator: Actor
+) -> None:
+    tokens, gate = TokenServer(), Gate()
+    async with serving(tokens.app()) as issuer, serving(require_bearer(gated(slow_upstream(), gate), tokens)) as up:
+        world = await _failing_world(store, operator, up, issuer, tokens, era, gate, vault)
+        ada = await _person(store, vault, hasher, operator, world, ADA)
+        fast_answers, fast_events = await _fail_all(settings, store, operator, world, ada, mode, fast_path=True)
+        gate.status, gate.forget = None, False
+        bob = await _person(store, vault, hasher, operator, world, "bob@example.com")
+        full_answers, full_events = await _fail_all(settings, store, operator, world, bob, mode, fast_path=False)
+
+    assert len(fast_answers) == len(full_answers) == len(FAILURES)
+    for fast, full in zip(fast_answers, full_answers, strict=True):
+        assert fast == full, f"{fast[0]}: the byte relay answered {fast[1:]}, the full path {full[1:]}"
+    assert len(fast_events) == len(full_events)
+    for fast, full in zip(fast_events, full_events, strict=True):
+        assert fast == full, f"the byte relay wrote {fast}, the full path {full}"
+    answers = {a[0]: a[1:] for a in full_answers}
+    for name in ("ok", "401 then refresh", "upstream forgot its session"):
+        assert answers[name][0][0]["text"] == name  # answered, after a refresh or in a fresh upstream session
+    codes = {name: (a[0], a[2]["code"]) for name, a in answers.items() if isinstance(a[0], int)}
+    assert codes == {
+        "standing 401": (UPSTREAM_UNAVAILABLE, "upstream_refused_credential"),
+        "standing 403": (IDENTITY_NEEDS_REAUTH, "identity_needs_scope"),  # it asked for more scope
+        "timeout": (REQUEST_TIMEOUT, "upstream_timeout"),
+        "missing identity": (IDENTITY_REQUIRED, "identity_required"),
+        "upstream down": (UPSTREAM_UNAVAILABLE, "upstream_unavailable"),
+        "needs reauthorization": (IDENTITY_NEEDS_REAUTH, "identity_needs_reauth"),
+        "needs reauthorization again": (IDENTITY_NEEDS_REAUTH, "identity_needs_reauth"),
+    }
+    assert [tuple(e[1:]) for e in full_events] == [
+        ("ok", "no policy rule applies", "allow", "ok"),
+        ("ok", "no policy rule applies", "allow", "ok"),
+        ("error", "upstream_refused_credential", "allow", "401"),
+        ("error", "identity_needs_scope", "allow", "403"),
+        ("error", "upstream_timeout", "allow", "timeout"),
+        ("ok", "no policy rule applies", "allow", "ok"),
+        ("error", "identity_required", "allow", None),
+        ("error", "upstream_unavailable", "allow", "unavailable"),
+        ("error", "identity_needs_reauth", "allow", "401"),
+        ("error", "identity_needs_reauth", "allow", None),
+    ]
+    # One refresh per person for the 401, one for the standing 401, one refused (invalid_grant), then none.
+    assert len(tokens.refreshes) == 6

@@ -15,7 +15,7 @@ from bastion.services.audit import AuditUnavailable, CallRecord
 from bastion.services.directory import Mounted
 from bastion.services.guard import ContentBlocked, PolicyDenied, RateLimited
 from bastion.services.proxy import IdentityNeedsReauth, IdentityRequired
-from bastion.upstream.pool import UpstreamBusy, UpstreamUnavailable
+from bastion.upstream.pool import UpstreamBusy, UpstreamUnavailable, refused_by
 
 logger = logging.getLogger("bastion.mcp")
 UNAUTHORIZED: Final = 401
@@ -69,7 +69,7 @@ def to_jsonrpc(error: BaseException) -> MCPError:
     if isinstance(error, BastionError):
         return MCPError(types.INTERNAL_ERROR, error.detail, {"code": error.code})
     if isinstance(error, TimeoutError):
-        return MCPError(REQUEST_TIMEOUT, "the upstream server did not answer in time")
+        return MCPError(REQUEST_TIMEOUT, "the upstream server did not answer in time", {"code": "upstream_timeout"})
     logger.exception("unexpected error in an MCP handler", exc_info=error)
     return MCPError(types.INTERNAL_ERROR, "internal error; the request id identifies it in the logs")
 
@@ -81,7 +81,7 @@ def upstream_failure(exc: OSError | UrlRefused | TimeoutError, mounted: Mounted,
     record.upstream_status = "timeout" if timed_out else "unavailable"
     logger.info("upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
     if timed_out:
-        return types.ErrorData(code=REQUEST_TIMEOUT, message="the upstream server did not answer in time")
+        return to_jsonrpc(exc).error
     reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
     return types.ErrorData(
         code=UPSTREAM_UNAVAILABLE,
@@ -97,11 +97,9 @@ def answer_too_large(mounted: Mounted, record: CallRecord) -> types.ErrorData:
     return types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message)
 
 
-def refused(mounted: Mounted, status: int = UNAUTHORIZED) -> types.ErrorData:
-    """The error for an upstream that refused the member's credential (401) or the call (403)."""
-    what = "the credential" if status == UNAUTHORIZED else "the call"
-    return types.ErrorData(
-        code=UPSTREAM_UNAVAILABLE,
-        message=f"upstream {mounted.alias!r} refused {what} (HTTP {status})",
-        data={"code": "upstream_refused_credential" if status == UNAUTHORIZED else "upstream_forbidden"},
-    )
+def refused(mounted: Mounted, record: CallRecord, status: int = UNAUTHORIZED) -> types.ErrorData:
+    """Record on ``record`` that the upstream refused the member's credential (401) or the call (403) and nothing
+    renewed it; the JSON-RPC error the caller gets for it (the full path's ``Proxy`` says the same)."""
+    error = refused_by(mounted.alias, status)
+    record.outcome, record.reason, record.upstream_status = "error", error.code, str(status)
+    return to_jsonrpc(error).error

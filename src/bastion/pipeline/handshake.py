@@ -385,9 +385,7 @@ class Answer(ABC):
         await self.fail(upstream_failure(exc, self.mounted, self.record))
 
     async def refused_credential(self) -> None:
-        self.record.outcome, self.record.reason = "error", f"http_{Answer.UNAUTHORIZED}"
-        self.record.upstream_status = str(Answer.UNAUTHORIZED)
-        await self.fail(refused(self.mounted))
+        await self.fail(refused(self.mounted, self.record))
 
     async def ended(self) -> None:
         """The upstream's answer ended without the call's result."""
@@ -494,6 +492,7 @@ class HandshakeCall(Answer):
             # Nothing was done upstream: renew a refused token once, or open a fresh session for a forgotten one.
             await response.aclose()
             if status == Answer.UNAUTHORIZED:
+                self.record.upstream_status = str(status)  # until the retry answers (a renewal may fail instead)
                 if not await self._path.admission.proxy.renew(self._principal, self._identity_id, self._current):
                     await self.refused_credential()
                     return

@@ -122,12 +122,11 @@ class ModernRelay:
                             fresh = await renewed()
                         except BastionError as exc:
                             record.outcome, record.reason = "error", exc.code
+                            record.upstream_status = str(UNAUTHORIZED)
                             await send_error(send, request_id, to_jsonrpc(exc).error)
                             return
                         if fresh is None:
-                            record.outcome, record.reason = "error", "http_401"
-                            record.upstream_status = str(UNAUTHORIZED)
-                            await send_error(send, request_id, refused(mounted))
+                            await send_error(send, request_id, refused(mounted, record))
                             return
                         response = await fresh.wire.post([*fresh.headers, *passed], body, first_byte_timeout_s=timeout)
                     if response.status_code in (UNAUTHORIZED, FORBIDDEN):
@@ -178,8 +177,7 @@ class ModernRelay:
         """
         challenges = [v.decode("latin-1") for k, v in response.headers if k == b"www-authenticate"]
         await response.aclose()
-        record.outcome, record.reason = "error", f"http_{response.status_code}"
-        record.upstream_status = str(response.status_code)
+        error = refused(mounted, record, response.status_code)
         if response.status_code == FORBIDDEN:
             try:
                 await self._proxy.step_up(principal, mounted, challenges)
@@ -187,4 +185,4 @@ class ModernRelay:
                 record.reason = exc.code
                 await send_error(send, request_id, to_jsonrpc(exc).error)
                 return
-        await send_error(send, request_id, refused(mounted, response.status_code))
+        await send_error(send, request_id, error)

@@ -34,7 +34,15 @@ from bastion.services.directory import Directory, GatewayView, Mounted
 from bastion.services.guard import Guard
 from bastion.upstream import refusals, relay
 from bastion.upstream.notifications import Notice, UpstreamNotices
-from bastion.upstream.pool import Lease, SessionRetired, UpstreamPool, UpstreamRefused, UpstreamUnavailable
+from bastion.upstream.pool import (
+    Lease,
+    SessionRetired,
+    UpstreamPool,
+    UpstreamRefused,
+    UpstreamUnavailable,
+    refused_by,
+)
+from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED, Refusal
 from bastion.upstream.subscriptions import Key, Release, ResourceSubscriptions
 from bastion.upstream.transports import Credential
 from bastion.vault.sealer import Vault
@@ -55,6 +63,16 @@ class RoundTrip:
 
     input_responses: Any = None
     request_state: str | None = None
+
+
+def _raise_standing(mounted: Mounted, refusal: Refusal, exc: Exception) -> None:
+    """A refusal that stands becomes the byte relays' error for it, never the SDK's generic one (else: returns)."""
+    status = FORBIDDEN if refusal.forbidden is not None else UNAUTHORIZED if refusal.seen else None
+    if status is None:
+        return
+    if isinstance(exc, UpstreamRefused):
+        raise exc
+    raise refused_by(mounted.alias, status, refusal.generation) from exc
 
 
 def _client_closed(exc: RuntimeError) -> bool:
@@ -240,14 +258,35 @@ class Proxy:
             try:
                 return await self._attempt(principal, mounted, fn)
             except (MCPError, UpstreamUnavailable) as exc:
-                if refusal.forbidden is not None:  # 403: more scope may help (the member reconnects for it)
-                    await self.step_up(principal, mounted, refusal.forbidden)
+                await self._refused(principal, mounted, refusal, exc)
                 rejected = exc.generation if isinstance(exc, UpstreamRefused) else refusal.generation
                 if rejected is None or not await self.renew(principal, self.identity_for(principal, mounted), rejected):
+                    _raise_standing(mounted, refusal, exc)
                     raise
         # The upstream refused the access token (HTTP 401), so it did not act on the call: one retry with the
         # renewed token is safe. A second refusal is the caller's answer.
-        return await self._attempt(principal, mounted, fn)
+        with refusals.watching() as refusal:
+            try:
+                return await self._attempt(principal, mounted, fn)
+            except (MCPError, UpstreamUnavailable) as exc:
+                await self._refused(principal, mounted, refusal, exc)
+                _raise_standing(mounted, refusal, exc)
+                raise
+
+    async def _refused(self, principal: Principal, mounted: Mounted, refusal: Refusal, exc: Exception) -> None:
+        """Note what the upstream answered (the SDK reports a refusal as a generic error, and a session it could not
+        open as no answer); after a 403, say so if more scope would help (raises IdentityNeedsScope with the
+        reconnect link)."""
+        record = current_record()
+        status = FORBIDDEN if refusal.forbidden is not None else UNAUTHORIZED if refusal.seen else None
+        if isinstance(exc, UpstreamRefused):
+            status = UNAUTHORIZED
+        if record is not None and status is not None:
+            record.upstream_status = str(status)
+        elif record is not None and record.upstream_status is None and type(exc) is UpstreamUnavailable:
+            record.upstream_status = "unavailable"
+        if refusal.forbidden is not None:
+            await self.step_up(principal, mounted, refusal.forbidden)
 
     async def _attempt(self, principal: Principal, mounted: Mounted, fn: Callable[[Client], Awaitable[T]]) -> T:
         try:
@@ -278,7 +317,9 @@ class Proxy:
     ) -> T:
         async with self._pool.turn(lease, mounted.server.call_timeout_s), self._pool.slot(mounted.server.id):
             try:
-                with relay.in_flight(client.session):
+                # The server's call timeout, Bastion's own on every relay: the SDK is given none, so a slow upstream
+                # gets the same error here as on the byte relays (and the SDK tells the upstream the call is off).
+                with relay.in_flight(client.session), anyio.fail_after(mounted.server.call_timeout_s):
                     result = await fn(client)
             except MCPError as exc:
                 if record is not None:
@@ -289,17 +330,21 @@ class Proxy:
                     self._pool.forget(lease)
                     raise SessionRetired(f"upstream {mounted.alias!r} no longer knows the session; retry") from exc
                 if exc.code == types.CONNECTION_CLOSED:
-                    # The pooled session is dead: forget it so the next call opens a fresh one.
+                    # The pooled session is dead (or never reached the upstream): forget it so the next call opens
+                    # a fresh one. Said as the byte relays say it: the SDK cannot tell a refused connection apart.
+                    if record is not None:
+                        record.upstream_status = "unavailable"
                     identity_id = self.identity_for(principal, mounted)
                     if identity_id is not None:
                         self._pool.discard(identity_id=identity_id)
                     else:
                         self._pool.discard(server_id=mounted.server.id)
-                    raise UpstreamUnavailable(f"upstream {mounted.alias!r} closed the connection") from exc
+                    raise UpstreamUnavailable(f"upstream {mounted.alias!r} is unavailable") from exc
                 raise
             except TimeoutError:
                 if record is not None:
                     record.upstream_status = "timeout"
+                    record.failed("upstream_timeout")
                 raise
             except RuntimeError as exc:
                 if not _client_closed(exc):
@@ -425,7 +470,6 @@ class Proxy:
     ) -> Any:
         """The upstream's result; for a 2026-era caller an input-required result passes through to it."""
         mounted, tool = await self._route(principal, name, "tools")
-        timeout = mounted.server.call_timeout_s
         guard = self._guard
         ruleset = None
         if guard is not None:
@@ -443,13 +487,13 @@ class Proxy:
                 return await client.session.call_tool(
                     tool,
                     arguments,
-                    timeout,
+                    None,
                     progress,
                     input_responses=round_trip.input_responses,
                     request_state=round_trip.request_state,
                     allow_input_required=True,
                 )
-            return await client.call_tool(tool, arguments, read_timeout_seconds=timeout, progress_callback=progress)
+            return await client.call_tool(tool, arguments, progress_callback=progress)
 
         result = await self._call(principal, mounted, call)
         if guard is not None and ruleset is not None and ruleset.content and isinstance(result, BaseModel):

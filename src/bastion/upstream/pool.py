@@ -29,10 +29,12 @@ from bastion.errors import BastionError, Unavailable
 from bastion.net.outbound import OutboundPolicy
 from bastion.upstream import refusals, relay
 from bastion.upstream.notifications import UpstreamNotices
+from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.relay import NO_PROFILE, Profile
 from bastion.upstream.transports import Credential, client_mode, open_transport
 
 logger = logging.getLogger("bastion.upstream")
+BACKSTOP_S: Final = 1.0  # the SDK's own request timeout runs this much longer than the server's call timeout
 DEFAULT_MAX_SESSIONS: Final = 512
 DEFAULT_IDLE_S: Final = 300.0
 DEFAULT_PER_SERVER_CONCURRENCY: Final = 64
@@ -66,6 +68,20 @@ class UpstreamRefused(UpstreamUnavailable):
     def __init__(self, detail: str, *, generation: str | None) -> None:
         super().__init__(detail)
         self.generation = generation  # which access token was refused (refusals.generation), never the token
+
+
+class UpstreamForbidden(UpstreamUnavailable):
+    """The upstream answered HTTP 403 to a call: the credential stands, but not for this."""
+
+    code = "upstream_forbidden"
+    title = "Upstream refused the call"
+
+
+def refused_by(alias: str, status: int, generation: str | None = None) -> UpstreamUnavailable:
+    """What a call gets when upstream ``alias`` refuses it with ``status`` (401 or 403) and nothing renews it."""
+    if status == FORBIDDEN:
+        return UpstreamForbidden(f"upstream {alias!r} refused the call (HTTP {status})")
+    return UpstreamRefused(f"upstream {alias!r} refused the credential (HTTP {status})", generation=generation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,7 +436,8 @@ class UpstreamPool:
                 async with Client(
                     transport,
                     mode="legacy" if server.transport is Transport.SSE else client_mode(server),  # type: ignore[arg-type]
-                    read_timeout_seconds=server.call_timeout_s,
+                    # A backstop: a call's own timeout is Bastion's (``Proxy``), the same error on every relay.
+                    read_timeout_seconds=server.call_timeout_s + BACKSTOP_S,
                     client_info=CLIENT_INFO,
                     cache=None,
                     message_handler=self.notices.handler(session.key.server_id, session.key.identity_id),
@@ -433,10 +450,7 @@ class UpstreamPool:
             except Exception as exc:  # noqa: BLE001  reported to the waiting caller, never raised in the pool task
                 session.error = exc
                 if refusal.seen:
-                    name = server.name
-                    session.error = UpstreamRefused(
-                        f"upstream {name!r} refused the credential (HTTP 401)", generation=refusal.generation
-                    )
+                    session.error = refused_by(server.name, UNAUTHORIZED, refusal.generation)
                 logger.info(
                     "upstream session ended", extra={"server_id": session.key.server_id, "error": _describe(exc)}
                 )
