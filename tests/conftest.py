@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import hypothesis
 import pytest
 import sqlalchemy as sa
 
@@ -30,6 +31,11 @@ from bastion.services.apikeys import KeyHasher
 from bastion.services.audit import AuditKeys
 from bastion.settings import Settings, generate_secrets
 from bastion.web.app import create_app
+
+# Tests never time: no deadline per example (on a loaded machine a slow example would be re-run and reported
+# as flaky, or as failing, for how long it took rather than what it did).
+hypothesis.settings.register_profile("bastion", deadline=None)
+hypothesis.settings.load_profile("bastion")
 
 # xdist workers get COLUMNS=80 from their launcher; the CLI's tables are read here as a pipe sees them.
 os.environ.pop("COLUMNS", None)

@@ -84,22 +84,27 @@ def world(tmp_path: Path) -> Generator[World]:
     )
     with authorization_server([resource]) as auth, protected_upstream(upstream_port, auth.ready["issuer"]) as upstream:
         admin_key = _cli(env, tmp_path, "init", "--owner-email", "admin@example.com")["owner"]["api_key"]
-        _cli(env, tmp_path, "server", "create", SERVER, "--url", resource, "--auth-kind", "oauth")
-        _cli(env, tmp_path, "gateway", "create", GATEWAY, "--server", SERVER)
-        _cli(env, tmp_path, "host", "create", HOST, "--description", "The research team's agent")
-        for person in PEOPLE:
-            _cli(env, tmp_path, "member", "create", person.email)
-        link = _cli(env, tmp_path, "link", "create", "--host", HOST, "--gateway", GATEWAY, "--note", "Research notes",
-                    "--max-uses", str(len(PEOPLE)))  # fmt: skip
         with serving(env, tmp_path, port=bastion_port) as bastion:
-            invitations: dict[str, str] = {}
-            with httpx2.Client(base_url=f"{bastion.base_url}/api/v1", timeout=30) as api:
+            # The rest as an admin's script would do it, through the API of the running gateway (the CLI's own
+            # commands have their tests; each one here would be a cold process start on a loaded machine).
+            with httpx2.Client(base_url=f"{bastion.base_url}/api/v1", timeout=30,
+                               headers={"Authorization": f"Bearer {admin_key}"}) as api:  # fmt: skip
+
+                def create(path: str, body: dict[str, Any]) -> Any:
+                    created = api.post(path, json=body)
+                    assert created.status_code == 201, f"POST {path}: {created.status_code} {created.text}"
+                    return created.json()
+
+                create("/servers", {"name": SERVER, "transport": "streamable_http", "url": resource,
+                                    "auth_kind": "oauth"})  # fmt: skip
+                create("/gateways", {"slug": GATEWAY, "servers": [{"server": SERVER}]})
+                create("/hosts", {"name": HOST, "description": "The research team's agent"})
+                invitations: dict[str, str] = {}
                 for person in PEOPLE:
-                    invited = api.post(
-                        f"/members/{person.email}/invitation", headers={"Authorization": f"Bearer {admin_key}"}
-                    )
-                    assert invited.status_code == 201, invited.text
-                    invitations[person.email] = invited.json()["url"]
+                    create("/members", {"email": person.email, "name": person.login.title()})
+                    invitations[person.email] = create(f"/members/{person.email}/invitation", {})["url"]
+                link = create("/links", {"host": HOST, "gateway": GATEWAY, "note": "Research notes",
+                                         "max_uses": len(PEOPLE)})  # fmt: skip
             yield World(bastion, auth, upstream, resource, link["url"], invitations, env)
 
 
