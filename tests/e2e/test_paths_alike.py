@@ -280,12 +280,14 @@ def slow_upstream() -> ASGIApp:
 
 SLOW_S = 3.0
 CALL_TIMEOUT_S = 1.0
+CANCEL_AFTER_S = 0.5
 FAILURES = [
     "ok",
     "401 then refresh",
     "standing 401",
     "standing 403",
     "timeout",
+    "cancelled",
     "upstream forgot its session",
     "missing identity",
     "upstream down",
@@ -368,6 +370,12 @@ async def _fail_all(settings: Settings, store: Store, operator: Actor, world: Fa
             elif name == "needs reauthorization":
                 world.tokens.access_tokens.clear()
                 world.tokens.refresh_tokens.clear()  # the grant was revoked: the refresh is refused
+            elif name == "cancelled":
+                tool = "crm__slow"
+                with anyio.move_on_after(CANCEL_AFTER_S):  # the caller gives up on the call mid-flight
+                    await ada.call_tool(tool, arguments)
+                answers.append((name, "cancelled by the caller"))
+                continue
             try:
                 result = await ada.call_tool(tool, arguments)
                 answers.append((name, [c.model_dump() for c in result.content], result.is_error))
@@ -406,6 +414,7 @@ async def test_every_failure_is_answered_and_audited_alike_by_the_byte_relay_and
     answers = {a[0]: a[1:] for a in full_answers}
     for name in ("ok", "401 then refresh", "upstream forgot its session"):
         assert answers[name][0][0]["text"] == name  # answered, after a refresh or in a fresh upstream session
+    assert answers["cancelled"] == ["cancelled by the caller"]
     codes = {name: (a[0], a[2]["code"]) for name, a in answers.items() if isinstance(a[0], int)}
     assert codes == {
         "standing 401": (UPSTREAM_UNAVAILABLE, "upstream_refused_credential"),
@@ -422,6 +431,7 @@ async def test_every_failure_is_answered_and_audited_alike_by_the_byte_relay_and
         ("error", "upstream_refused_credential", "allow", "401"),
         ("error", "identity_needs_scope", "allow", "403"),
         ("error", "upstream_timeout", "allow", "timeout"),
+        ("error", "cancelled", "allow", None),
         ("ok", "no policy rule applies", "allow", "ok"),
         ("error", "identity_required", "allow", None),
         ("error", "upstream_unavailable", "allow", "unavailable"),

@@ -20,6 +20,7 @@ from bastion.types import json_object
 
 HOLD_BYTES: Final = 1024 * 1024  # a JSON answer up to this size is held to be read; larger ones pass as they come
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # an ASGI send: the caller's side of the HTTP exchange
+Receive = Callable[[], Awaitable[dict[str, Any]]]  # an ASGI receive, once the request body is read: its disconnect
 Results = Callable[[Any], Any]  # the content rules on results, applied to one result (raises ContentBlocked)
 
 

@@ -22,7 +22,7 @@ from bastion.errors import BastionError
 from bastion.net.outbound import UrlRefused
 from bastion.pipeline import headers
 from bastion.pipeline.admission import Admission, Upstream, call_record, send_error
-from bastion.pipeline.answers import AnswerRelay, Send
+from bastion.pipeline.answers import AnswerRelay, Receive, Send
 from bastion.pipeline.errors import answer_too_large, refused, to_jsonrpc, upstream_failure
 from bastion.pipeline.frames import AnswerTooLarge
 from bastion.services.audit import CallRecord
@@ -49,8 +49,10 @@ class ModernRelay:
         tool: str,
         declared: Any,
         send: Send,
+        receive: Receive,
     ) -> None:
-        """Admit the call ``message`` (a `tools/call` routed to ``tool`` at ``mounted``) and relay it."""
+        """Admit the call ``message`` (a `tools/call` routed to ``tool`` at ``mounted``) and relay it; a caller that
+        hangs up meanwhile cancels it (the upstream's request is closed, which is how a 2026-era call is cancelled)."""
         call: dict[str, Any] = message["params"]
         name: str = call["name"]
         arguments: Any = call.get("arguments")
@@ -76,20 +78,23 @@ class ModernRelay:
                     return None
                 return (await self._admission.upstream(principal, mounted))[0]
 
-            await self._forward(
-                request_headers,
-                json.dumps(message, separators=(",", ":")).encode(),
-                tool,
-                principal,
-                mounted,
-                upstream,
-                params,
-                send,
-                record,
-                message["id"],
-                renewed,
-                admitted.results,
-            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_hang_up, receive, record, tg.cancel_scope)
+                await self._forward(
+                    request_headers,
+                    json.dumps(message, separators=(",", ":")).encode(),
+                    tool,
+                    principal,
+                    mounted,
+                    upstream,
+                    params,
+                    send,
+                    record,
+                    message["id"],
+                    renewed,
+                    admitted.results,
+                )
+                tg.cancel_scope.cancel()
 
     async def _forward(
         self,
@@ -186,3 +191,13 @@ class ModernRelay:
                 await send_error(send, request_id, to_jsonrpc(exc).error)
                 return
         await send_error(send, request_id, error)
+
+
+async def _cancel_on_hang_up(receive: Receive, record: CallRecord, scope: anyio.CancelScope) -> None:
+    """Cancel the call when its caller disconnects before its answer was relayed (the body is read: the next message
+    can only be that)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if record.upstream_status is None and record.outcome == "ok":  # neither answered nor refused yet
+        record.failed("cancelled")
+        scope.cancel()

@@ -193,9 +193,9 @@ class Audit:
         try:
             yield record
         except BaseException as exc:
-            if record.outcome == "ok":
-                record.outcome = "error"
-                record.reason = record.reason or getattr(exc, "code", None) or type(exc).__name__
+            # The error's reason replaces the policy decision's (an allowed call that failed says why it failed).
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            record.failed("cancelled" if cancelled else getattr(exc, "code", None) or type(exc).__name__)
             raise
         finally:
             _current.reset(token)

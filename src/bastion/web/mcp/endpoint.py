@@ -98,7 +98,7 @@ class McpEndpoint:
         scope["headers"] = [(name, value.strip()) for name, value in scope["headers"]]
         if self._fast is not None and self._fast.eligible(scope):
             body, messages = await read_body(receive)
-            if await self._fast.handle(scope, body, send, principal):
+            if await self._fast.handle(scope, body, receive, send, principal):
                 return
             receive = replaying(messages, receive)
         elif self._handshake is not None and self._handshake.eligible(scope):

@@ -61,7 +61,7 @@ class FastPath:
         headers = dict(scope["headers"])
         return headers.get(b"mcp-protocol-version") == MODERN.encode() and headers.get(b"mcp-method") == b"tools/call"
 
-    async def handle(self, scope: Scope, body: bytes, send: Send, principal: Principal) -> bool:
+    async def handle(self, scope: Scope, body: bytes, receive: Receive, send: Send, principal: Principal) -> bool:
         """Relay the call and return True, or return False (nothing sent) for the full path to take it."""
         message = json_object(body)
         if message is None:  # the full path answers it with the JSON-RPC parse error
@@ -87,7 +87,7 @@ class FastPath:
             return False
         if await self.rejected(scope, send):
             return True
-        await self._relay.call(scope["headers"], message, principal, mounted, tool, declared, send)
+        await self._relay.call(scope["headers"], message, principal, mounted, tool, declared, send, receive)
         return True
 
     async def rejected(self, scope: Scope, send: Send) -> bool:
