@@ -10,7 +10,7 @@ holds the call's answer is parsed, and only when it could need a change or holds
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final, Protocol, cast
 
 from bastion.pipeline.errors import to_jsonrpc
@@ -20,7 +20,7 @@ from bastion.types import json_object
 
 HOLD_BYTES: Final = 1024 * 1024  # a JSON answer up to this size is held to be read; larger ones pass as they come
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # an ASGI send: the caller's side of the HTTP exchange
-Receive = Callable[[], Awaitable[dict[str, Any]]]  # an ASGI receive, once the request body is read: its disconnect
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]  # an ASGI receive (after the body: the disconnect)
 Results = Callable[[Any], Any]  # the content rules on results, applied to one result (raises ContentBlocked)
 
 
