@@ -9,11 +9,12 @@ JSON-RPC error, never the upstream's challenge.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import anyio
 
@@ -32,6 +33,7 @@ from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.wire import WireResponse
 
 logger = logging.getLogger("bastion.fastpath")
+HANG_UP_CHECK_S: Final = 0.25  # a call still out after this long watches for its caller hanging up
 
 
 class ModernRelay:
@@ -78,23 +80,25 @@ class ModernRelay:
                     return None
                 return (await self._admission.upstream(principal, mounted))[0]
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_cancel_on_hang_up, receive, record, tg.cancel_scope)
-                await self._forward(
-                    request_headers,
-                    json.dumps(message, separators=(",", ":")).encode(),
-                    tool,
-                    principal,
-                    mounted,
-                    upstream,
-                    params,
-                    send,
-                    record,
-                    message["id"],
-                    renewed,
-                    admitted.results,
-                )
-                tg.cancel_scope.cancel()
+            with anyio.CancelScope() as scope:
+                hang_up = _HangUp(receive, record, scope)
+                try:
+                    await self._forward(
+                        request_headers,
+                        json.dumps(message, separators=(",", ":")).encode(),
+                        tool,
+                        principal,
+                        mounted,
+                        upstream,
+                        params,
+                        send,
+                        record,
+                        message["id"],
+                        renewed,
+                        admitted.results,
+                    )
+                finally:
+                    hang_up.close()
 
     async def _forward(
         self,
@@ -193,11 +197,27 @@ class ModernRelay:
         await send_error(send, request_id, error)
 
 
-async def _cancel_on_hang_up(receive: Receive, record: CallRecord, scope: anyio.CancelScope) -> None:
-    """Cancel the call when its caller disconnects before its answer was relayed (the body is read: the next message
-    can only be that)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    if record.upstream_status is None and record.outcome == "ok":  # neither answered nor refused yet
-        record.failed("cancelled")
-        scope.cancel()
+class _HangUp:
+    """Cancels a call whose caller hangs up before its answer was relayed (the body is read: the next message
+    ``receive`` gives can only be the disconnect). It starts watching once the call has been out for
+    ``HANG_UP_CHECK_S``: a quick call costs a timer, not a task; a hang-up before then is seen then."""
+
+    def __init__(self, receive: Receive, record: CallRecord, scope: anyio.CancelScope) -> None:
+        self._receive, self._record, self._scope = receive, record, scope
+        self._timer = asyncio.get_running_loop().call_later(HANG_UP_CHECK_S, self._watch)
+        self._task: asyncio.Task[None] | None = None
+
+    def _watch(self) -> None:
+        self._task = asyncio.ensure_future(self._wait())
+
+    async def _wait(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self._record.upstream_status is None and self._record.outcome == "ok":  # neither answered nor refused
+            self._record.failed("cancelled")
+            self._scope.cancel()
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
