@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,3 +241,19 @@ def test_0007_adds_token_env_empty_and_dropping_it_keeps_servers_and_what_points
             assert conn.execute(sa.select(identities.c.id, identities.c.server_id)).all() == [("i", "gh")]
     finally:
         engine.dispose()
+
+
+def test_the_head_the_code_names_is_the_newest_migration_alembic_finds() -> None:
+    """``migrate.HEAD`` lets a restart skip importing Alembic; it must name the one head of migrations/versions."""
+    from alembic.script import ScriptDirectory
+
+    assert ScriptDirectory.from_config(migrate.alembic_config("sqlite://")).get_heads() == [migrate.HEAD]
+
+
+def test_a_database_at_the_head_is_upgraded_without_importing_alembic(empty_url: str) -> None:
+    migrate.upgrade(empty_url)
+    code = "import sys; from bastion.db import migrate; migrate.upgrade(sys.argv[1]); print('alembic' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code, empty_url], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert migrate.current(empty_url) == migrate.HEAD
