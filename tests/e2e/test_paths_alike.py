@@ -266,11 +266,12 @@ def slow_upstream() -> ASGIApp:
 
     async def list_tools(_ctx: ServerRequestContext[Any, Any], _p: Any) -> types.ListToolsResult:
         schema_ = {"type": "object", "properties": {"text": {"type": "string"}}}
-        return types.ListToolsResult(tools=[types.Tool(name=n, input_schema=schema_) for n in ("echo", "slow")])
+        names = ("echo", "slow", "patient")
+        return types.ListToolsResult(tools=[types.Tool(name=n, input_schema=schema_) for n in names])
 
     async def call_tool(_ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> Any:
-        if params.name == "slow":
-            await anyio.sleep(SLOW_S)
+        if params.name in ("slow", "patient"):
+            await anyio.sleep(SLOW_S if params.name == "slow" else PATIENT_S)
         text = str((params.arguments or {}).get("text", params.name))
         return types.CallToolResult(content=[types.TextContent(type="text", text=text)])
 
@@ -279,10 +280,12 @@ def slow_upstream() -> ASGIApp:
 
 
 SLOW_S = 3.0
+PATIENT_S = 0.6  # longer than the byte relay waits before it watches for its caller hanging up, within the timeout
 CALL_TIMEOUT_S = 1.0
 CANCEL_AFTER_S = 0.5
 FAILURES = [
     "ok",
+    "answered after a while",
     "401 then refresh",
     "standing 401",
     "standing 403",
@@ -353,7 +356,9 @@ async def _fail_all(settings: Settings, store: Store, operator: Actor, world: Fa
     async with serving(create_app(chosen, store)) as bastion, gateway_client(f"{bastion}/g/g/mcp", token, mode) as ada:
         for name in FAILURES:
             tool, arguments = "crm__echo", {"text": name}
-            if name == "401 then refresh":
+            if name == "answered after a while":
+                tool = "crm__patient"
+            elif name == "401 then refresh":
                 for access in list(world.tokens.access_tokens):
                     world.tokens.expire(access)  # revoked at the AS: the next call is refused once
             elif name in ("standing 401", "standing 403"):
@@ -412,7 +417,7 @@ async def test_every_failure_is_answered_and_audited_alike_by_the_byte_relay_and
     for fast, full in zip(fast_events, full_events, strict=True):
         assert fast == full, f"the byte relay wrote {fast}, the full path {full}"
     answers = {a[0]: a[1:] for a in full_answers}
-    for name in ("ok", "401 then refresh", "upstream forgot its session"):
+    for name in ("ok", "answered after a while", "401 then refresh", "upstream forgot its session"):
         assert answers[name][0][0]["text"] == name  # answered, after a refresh or in a fresh upstream session
     assert answers["cancelled"] == ["cancelled by the caller"]
     codes = {name: (a[0], a[2]["code"]) for name, a in answers.items() if isinstance(a[0], int)}
@@ -426,6 +431,7 @@ async def test_every_failure_is_answered_and_audited_alike_by_the_byte_relay_and
         "needs reauthorization again": (IDENTITY_NEEDS_REAUTH, "identity_needs_reauth"),
     }
     assert [tuple(e[1:]) for e in full_events] == [
+        ("ok", "no policy rule applies", "allow", "ok"),
         ("ok", "no policy rule applies", "allow", "ok"),
         ("ok", "no policy rule applies", "allow", "ok"),
         ("error", "upstream_refused_credential", "allow", "401"),

@@ -81,7 +81,7 @@ class ModernRelay:
                 return (await self._admission.upstream(principal, mounted))[0]
 
             with anyio.CancelScope() as scope:
-                hang_up = _HangUp(receive, record, scope)
+                hang_up = _HangUp(receive, send, record, scope)
                 try:
                     await self._forward(
                         request_headers,
@@ -91,7 +91,7 @@ class ModernRelay:
                         mounted,
                         upstream,
                         params,
-                        send,
+                        hang_up.send,
                         record,
                         message["id"],
                         renewed,
@@ -198,14 +198,22 @@ class ModernRelay:
 
 
 class _HangUp:
-    """Cancels a call whose caller hangs up before its answer was relayed (the body is read: the next message
-    ``receive`` gives can only be the disconnect). It starts watching once the call has been out for
-    ``HANG_UP_CHECK_S``: a quick call costs a timer, not a task; a hang-up before then is seen then."""
+    """Cancels a call whose caller hangs up before its answer was sent in full. Once the body is read, ``receive``
+    gives only a disconnect: the caller's, or the server's note that the answer went out (``send`` tells the two
+    apart). It starts watching once the call has been out for ``HANG_UP_CHECK_S``: a quick call costs a timer, not
+    a task; a hang-up before then is seen then."""
 
-    def __init__(self, receive: Receive, record: CallRecord, scope: anyio.CancelScope) -> None:
-        self._receive, self._record, self._scope = receive, record, scope
+    def __init__(self, receive: Receive, send: Send, record: CallRecord, scope: anyio.CancelScope) -> None:
+        self._receive, self._send, self._record, self._scope = receive, send, record, scope
+        self._answered = False
         self._timer = asyncio.get_running_loop().call_later(HANG_UP_CHECK_S, self._watch)
         self._task: asyncio.Task[None] | None = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """The caller's ``send``, noting when the answer's last part has gone out."""
+        await self._send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self._answered = True
 
     def _watch(self) -> None:
         self._task = asyncio.ensure_future(self._wait())
@@ -213,7 +221,7 @@ class _HangUp:
     async def _wait(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass
-        if self._record.upstream_status is None and self._record.outcome == "ok":  # neither answered nor refused
+        if not self._answered and self._record.outcome == "ok":  # neither answered in full nor refused
             self._record.failed("cancelled")
             self._scope.cancel()
 
