@@ -51,7 +51,10 @@ def uncovered_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
 
 
-def run_bastion(*args: str, env: Mapping[str, str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_bastion(
+    *args: str, env: Mapping[str, str], cwd: Path, timeout: float = START_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """`bastion ARGS` to its end; ``timeout`` is an upper bound only, as for a server's start."""
     return subprocess.run(
         [str(BASTION), *args], env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
     )
