@@ -35,17 +35,25 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serving(app: ASGIApp, port: int | None = None) -> AsyncGenerator[str, None]:
+async def serving(app: ASGIApp, port: int | None = None, *, http: Any = "auto") -> AsyncGenerator[str, None]:
     """Run ``app`` (lifespan included) on ``port`` or a free 127.0.0.1 port; yields the base URL; always stops.
 
-    The socket is bound here and handed to uvicorn: no other process can take the port in between."""
+    The socket is bound here and handed to uvicorn: no other process can take the port in between. ``http`` is
+    uvicorn's HTTP protocol (`bastion serve` uses `web.edge.protocol`)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port or 0))
     port = sock.getsockname()[1]
     # A long keep-alive: uvicorn's 5 s default races clients reusing a connection it is just closing.
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False, timeout_keep_alive=120
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=http,
+        log_config=None,
+        lifespan="on",
+        access_log=False,
+        timeout_keep_alive=120,
     )
     server = _Server(config)
     with sock:

@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     max_request_body_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BODY_BYTES, gt=0)
+    head_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client has to send a request's head (request line and headers) once it has connected "
+        "or begun the head; a slower one gets 408 and is closed",
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="Open client connections `serve` holds; at the bound the oldest one still sending its head (then "
+        "the oldest idle one) makes room, and only when none can is a new one refused with 503",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list[str],
         description="Host headers the MCP endpoint accepts besides loopback and BASTION_PUBLIC_URL's (`name:port`, "

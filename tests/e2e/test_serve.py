@@ -20,6 +20,7 @@ import httpx2
 import pytest
 
 from bastion.settings import generate_secrets
+from bastion.web import edge
 from tests.processes import (
     BASTION,
     START_TIMEOUT_S,
@@ -63,6 +64,11 @@ def _check_a_healthy_server_then_stop_it(server: Server) -> list[dict[str, Any]]
         supplied = client.get("/healthz", headers={"x-request-id": "e2e-probe-1"})
         assert supplied.headers["x-request-id"] == "e2e-probe-1"
 
+        # The listener's own limits (web/edge.py) hold before the app: an oversized head never reaches it.
+        oversized = client.get("/healthz", headers={"x-big": "a" * edge.MAX_HEAD_BYTES})
+        assert oversized.status_code == 431
+        assert oversized.json()["detail"] == f"the request head is over {edge.MAX_HEAD_BYTES} bytes"
+
     assert server.terminate(timeout=GRACEFUL_S + 5) == 0
 
     logs = _log_lines(server)
@@ -72,6 +78,8 @@ def _check_a_healthy_server_then_stop_it(server: Server) -> list[dict[str, Any]]
         assert requests[request_id]["status"] == 200
     assert any(e.get("logger") == "bastion.serve" and e["msg"] == "bastion listening" for e in logs)
     assert any("stop signal received" in e["msg"] for e in logs)
+    door = [e for e in logs if e.get("logger") == "bastion.edge"]
+    assert [(e["level"], e["refused"]) for e in door] == [("warning", {"request head too large": 1})], door
     return logs
 
 

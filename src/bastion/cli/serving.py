@@ -1,4 +1,4 @@
-"""`bastion serve`: uvicorn (uvloop and httptools when present) with draining on SIGTERM."""
+"""`bastion serve`: uvicorn (httptools behind the door's limits, uvloop when present) with draining on SIGTERM."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from bastion.cli import boot, instances
 from bastion.cli.output import err_console, fail
 from bastion.errors import BastionError, ConfigError
 from bastion.settings import Settings, load_settings
+from bastion.web import edge
 from bastion.web.app import Lifecycle, create_app
 from bastion.web.logs import configure_logging
 
@@ -132,7 +133,8 @@ def _serve_on(sock: socket.socket, settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        # Request heads bounded in size, fields and time, and open connections bounded, before any app code runs.
+        http=edge.protocol(edge.Limits(settings.head_timeout_s, settings.max_connections)),
         lifespan="on",
         log_config=None,
         access_log=False,

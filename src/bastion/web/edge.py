@@ -1,0 +1,254 @@
+"""The listener's own limits, held before a request reaches the app (and so before any authentication).
+
+A request head (request line and headers) is bounded in bytes and in fields, and must arrive within
+`head_timeout_s` of the connection opening or of its first byte. Open connections are bounded too: at the
+bound, a new connection takes the place of the oldest one still sending its head, then of the oldest idle
+keep-alive one, and only when neither exists is it refused (503). A flood of half-sent heads therefore
+never keeps /healthz (or anyone whose head arrives whole) out. Refusals are counted and logged as one
+summary line per minute at most, never one line each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, ClassVar, Final
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+logger = logging.getLogger("bastion.edge")
+
+MAX_HEAD_BYTES: Final = 32 * 1024
+MAX_HEADER_FIELDS: Final = 100
+SUMMARY_EVERY_S: Final = 60.0
+_TOO_LARGE: Final = f"the request head is over {MAX_HEAD_BYTES} bytes"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    head_timeout_s: float
+    max_connections: int
+
+
+def _problem(status: HTTPStatus, detail: str) -> bytes:
+    problem = {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
+    return json.dumps(problem).encode()
+
+
+def _raw_answer(status: HTTPStatus, detail: str) -> bytes:
+    body = _problem(status, detail)
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def _refusal_app(status: HTTPStatus, detail: str) -> Any:
+    body = _problem(status, detail)
+
+    async def app(_scope: Any, _receive: Any, send: Any) -> None:
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": status.value, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class Tally:
+    """Counts refusals by kind and logs them as one summary line, at most once per ``every_s``."""
+
+    def __init__(
+        self, what: str, every_s: float = SUMMARY_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._what = what
+        self._every_s = every_s
+        self._clock = clock
+        self._counts: Counter[str] = Counter()
+        self._logged_at = -every_s
+
+    def note(self, kind: str) -> None:
+        self._counts[kind] += 1
+        now = self._clock()
+        if now - self._logged_at >= self._every_s:
+            counts = dict(self._counts)
+            logger.warning(
+                "%s: %s", self._what, ", ".join(f"{n} {k}" for k, n in counts.items()), extra={"refused": counts}
+            )
+            self._counts.clear()
+            self._logged_at = now
+
+
+class Door:
+    """The connections of one listener: which are still sending a head, which idle between requests."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.tally = Tally("connections refused at the door")
+        self._open: set[EdgeProtocol] = set()
+        # Insertion-ordered: the first key is the oldest.
+        self._heads: dict[EdgeProtocol, None] = {}
+        self._idle: dict[EdgeProtocol, None] = {}
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    def admit(self, connection: EdgeProtocol) -> bool:
+        """Whether ``connection`` may stay; at the bound, the oldest half-sent head or idle connection makes room."""
+        if len(self._open) >= self.limits.max_connections:
+            victim = next(iter(self._heads), None) or next(iter(self._idle), None)
+            if victim is None:
+                self.tally.note("at the connection limit")
+                return False
+            self.forget(victim)
+            victim.evict()
+            self.tally.note("evicted to make room")
+        self._open.add(connection)
+        self._heads[connection] = None
+        return True
+
+    def head_begun(self, connection: EdgeProtocol) -> None:
+        self._idle.pop(connection, None)
+        if connection in self._open:
+            self._heads[connection] = None
+
+    def head_ended(self, connection: EdgeProtocol) -> None:
+        self._heads.pop(connection, None)
+
+    def idle(self, connection: EdgeProtocol) -> None:
+        if connection in self._open:
+            self._idle[connection] = None
+
+    def forget(self, connection: EdgeProtocol) -> None:
+        self._open.discard(connection)
+        self._heads.pop(connection, None)
+        self._idle.pop(connection, None)
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the door's limits; `protocol(limits)` binds it to one listener's door."""
+
+    door: ClassVar[Door]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # the bytes arriving belong to a request head
+        self._head_begun = False
+        self._head_bytes = 0  # received since the head began (a head still arriving is measured by these)
+        self._head_size = 0  # of the head as parsed: request target and header fields
+        self._fields = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self.door.admit(self):
+            transport.write(_raw_answer(HTTPStatus.SERVICE_UNAVAILABLE, "too many open connections; retry shortly"))
+            transport.close()
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.door.forget(self)
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # A head that completed within this data was measured as parsed (on_headers_complete): the same data
+        # may carry the start of the body. One still arriving is measured by the bytes received since it began.
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._close_with(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE, "request head too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begun = True
+        self._head_size = 0
+        self._fields = 0
+        self.door.head_begun(self)
+        self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        self.door.head_ended(self)
+        self._in_head = False
+        self._head_begun = False
+        self._head_bytes = 0
+        if self._fields > MAX_HEADER_FIELDS:
+            refusal = f"the request has over {MAX_HEADER_FIELDS} header fields"
+        elif self._head_size > MAX_HEAD_BYTES:
+            refusal = _TOO_LARGE
+        else:
+            super().on_headers_complete()
+            return
+        self.door.tally.note("request head too large")
+        app = self.app
+        self.app = _refusal_app(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, refusal)
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+
+    def on_response_complete(self) -> None:
+        queued = bool(self.pipeline)
+        super().on_response_complete()
+        if not queued and not self._head_begun and not self.transport.is_closing():
+            self.door.idle(self)
+
+    def evict(self) -> None:
+        """Closes this connection to make room for a newer one (it is still sending its head, or idle)."""
+        self._disarm_head_timer()
+        self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.door.limits.head_timeout_s, self._head_too_slow)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            timeout = self.door.limits.head_timeout_s
+            detail = f"the request head did not arrive within {timeout:g} s"
+            self._close_with(HTTPStatus.REQUEST_TIMEOUT, detail, "request head too slow")
+
+    def _close_with(self, status: HTTPStatus, detail: str, kind: str) -> None:
+        self.door.tally.note(kind)
+        self.door.forget(self)
+        self._disarm_head_timer()
+        self.transport.write(_raw_answer(status, detail))
+        self.transport.close()
+
+
+def protocol(limits: Limits) -> type[EdgeProtocol]:
+    """An `EdgeProtocol` class with a door of its own, for one uvicorn listener (`uvicorn.Config(http=...)`)."""
+    return type("EdgeProtocol", (EdgeProtocol,), {"door": Door(limits)})
