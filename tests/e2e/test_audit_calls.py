@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import anyio
@@ -139,7 +140,9 @@ async def test_an_audit_log_that_cannot_be_written_refuses_the_call_and_nothing_
     hasher: KeyHasher,
     operator: Actor,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="bastion.audit")
     recorder = Recorder()
 
     def broken(*_args: Any) -> None:
@@ -165,6 +168,10 @@ async def test_an_audit_log_that_cannot_be_written_refuses_the_call_and_nothing_
     refused = [e for e in await _events(store) if e["reason"] == "audit_unavailable"]
     assert len(refused) == 2 and all(e["outcome"] == "error" for e in refused)
     await _verified(store, settings)
+    # Two failed writes, one log line (with its traceback): an outage is summarised, not logged per call.
+    failures = [r for r in caplog.records if r.name == "bastion.audit" and r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in failures] == ["audit writes failed: 1 OSError"]
+    assert failures[0].exc_info is not None
 
 
 @pytest.mark.parametrize("mode", MODES)

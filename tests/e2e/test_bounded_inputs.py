@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
@@ -23,6 +25,7 @@ MODERN_HEADERS = {
     "Content-Type": "application/json",
     "MCP-Protocol-Version": "2026-07-28",
 }
+LEGACY_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 CALL: dict[str, Any] = {
     "jsonrpc": "2.0",
     "id": 1,
@@ -45,8 +48,9 @@ def _jsonrpc_error(response: httpx2.Response) -> int:
 
 
 async def test_deep_nesting_batches_and_oversize_bodies_are_refused_and_the_gateway_keeps_serving(
-    settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor
+    settings: Settings, store: Store, vault: Any, hasher: KeyHasher, operator: Actor, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     recorder = Recorder()
     async with serving(recording_upstream(recorder)) as upstream:
         tokens = await _world(store, vault, hasher, operator, f"{upstream}/mcp")
@@ -64,6 +68,17 @@ async def test_deep_nesting_batches_and_oversize_bodies_are_refused_and_the_gate
             big = await http.post("/g/sales/mcp", json=oversize, headers={**headers, "Mcp-Name": "crm__echo"})
             assert big.status_code == 413
 
+            async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: refused while streaming in
+                for _ in range(4):
+                    yield b" " * (LIMIT // 2)
+
+            legacy = {**LEGACY_HEADERS, "Authorization": headers["Authorization"]}
+            for era in ({**headers, "Mcp-Name": "crm__echo"}, legacy):
+                streamed = await http.post("/g/sales/mcp", content=chunks(), headers=era)
+                assert streamed.status_code == 413, streamed.text
+
             fine = await http.post("/g/sales/mcp", json=CALL, headers={**headers, "Mcp-Name": "crm__echo"})
             assert fine.status_code == 200 and "still here" in fine.text, fine.text
     assert [c.arguments for c in recorder.tool_calls] == [{"text": "still here"}]
+    # A refused body is one request log line, never a traceback.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []

@@ -79,7 +79,7 @@ def _check_a_healthy_server_then_stop_it(server: Server) -> list[dict[str, Any]]
     assert any(e.get("logger") == "bastion.serve" and e["msg"] == "bastion listening" for e in logs)
     assert any("stop signal received" in e["msg"] for e in logs)
     door = [e for e in logs if e.get("logger") == "bastion.edge"]
-    assert [(e["level"], e["refused"]) for e in door] == [("warning", {"request head too large": 1})], door
+    assert [(e["level"], e["counts"]) for e in door] == [("warning", {"request head too large": 1})], door
     return logs
 
 

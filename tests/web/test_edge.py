@@ -249,17 +249,3 @@ async def test_refusals_are_logged_as_one_summary_line_per_period_not_one_line_e
             assert _status(await _until_closed(stream)) == 431
     lines = [r.getMessage() for r in caplog.records if r.name == "bastion.edge"]
     assert lines == ["connections refused at the door: 1 request head too large"]
-
-
-def test_a_tally_logs_its_first_refusal_at_once_then_what_gathered_once_a_period_has_passed(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.WARNING, logger="bastion.edge")
-    now = [100.0]
-    tally = edge.Tally("refused", every_s=60, clock=lambda: now[0])
-    for at, kind in ((100, "slow"), (110, "slow"), (120, "large"), (161, "slow"), (170, "large")):
-        now[0] = at
-        tally.note(kind)
-    lines = [r.getMessage() for r in caplog.records if r.name == "bastion.edge"]
-    assert lines == ["refused: 1 slow", "refused: 2 slow, 1 large"]
-    assert [r.__dict__["refused"] for r in caplog.records] == [{"slow": 1}, {"slow": 2, "large": 1}]

@@ -75,3 +75,19 @@ async def test_a_body_within_the_limit_is_served(
 ) -> None:
     response = await small_client.post(f"{API}/hosts", json={"name": "small"}, headers=owner_headers)
     assert response.status_code == 201, response.text
+
+
+async def test_a_streamed_body_within_the_limit_reaches_the_app_whole(
+    small_client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for part in (b'{"name": "chun', b'ked", "descrip', b'tion": "in parts"}'):
+            yield part
+
+    response = await small_client.post(
+        f"{API}/hosts", content=chunks(), headers={**owner_headers, "content-type": "application/json"}
+    )
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 201, response.text
+    created = await small_client.get(f"{API}/hosts/chunked", headers=owner_headers)
+    assert created.json()["description"] == "in parts"

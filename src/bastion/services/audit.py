@@ -33,6 +33,7 @@ from bastion.domain.connections import Principal
 from bastion.domain.ids import new_id
 from bastion.errors import BastionError
 from bastion.services.principals import Refused
+from bastion.summaries import Tally
 from bastion.types import JSONValue
 
 logger = logging.getLogger("bastion.audit")
@@ -147,6 +148,7 @@ class Audit:
         self._tg: TaskGroup | None = None
         self._draining = False
         self._wake = anyio.Event()  # set when seals should be written at once rather than after the delay
+        self._failures = Tally(logger, "audit writes failed", level=logging.ERROR)
 
     # --- building events ------------------------------------------------------------------------------------------
 
@@ -329,7 +331,8 @@ class Audit:
             with anyio.CancelScope(shield=True):
                 await self._store.journal(lambda journal: self._write(journal, batch), inline=len(batch) <= INLINE_MAX)
         except Exception as exc:
-            logger.exception("audit write failed", extra={"events": len(batch)})
+            # During an outage every batch fails: one line (with its traceback) a minute, not one per call.
+            self._failures.note(type(exc).__name__, error=exc)
             batch.error = exc
             # Decided events (seals, refusals) are kept for the next commit; pending ones fail their callers.
             # When the database is up but refused the data, they are kept in a reduced form that any

@@ -13,20 +13,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bastion.summaries import Tally
+
 logger = logging.getLogger("bastion.edge")
 
 MAX_HEAD_BYTES: Final = 32 * 1024
 MAX_HEADER_FIELDS: Final = 100
-SUMMARY_EVERY_S: Final = 60.0
 _TOO_LARGE: Final = f"the request head is over {MAX_HEAD_BYTES} bytes"
 
 
@@ -65,36 +63,12 @@ def _refusal_app(status: HTTPStatus, detail: str) -> Any:
     return app
 
 
-class Tally:
-    """Counts refusals by kind and logs them as one summary line, at most once per ``every_s``."""
-
-    def __init__(
-        self, what: str, every_s: float = SUMMARY_EVERY_S, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._what = what
-        self._every_s = every_s
-        self._clock = clock
-        self._counts: Counter[str] = Counter()
-        self._logged_at = -every_s
-
-    def note(self, kind: str) -> None:
-        self._counts[kind] += 1
-        now = self._clock()
-        if now - self._logged_at >= self._every_s:
-            counts = dict(self._counts)
-            logger.warning(
-                "%s: %s", self._what, ", ".join(f"{n} {k}" for k, n in counts.items()), extra={"refused": counts}
-            )
-            self._counts.clear()
-            self._logged_at = now
-
-
 class Door:
     """The connections of one listener: which are still sending a head, which idle between requests."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.tally = Tally("connections refused at the door")
+        self.tally = Tally(logger, "connections refused at the door")
         self._open: set[EdgeProtocol] = set()
         # Insertion-ordered: the first key is the oldest.
         self._heads: dict[EdgeProtocol, None] = {}

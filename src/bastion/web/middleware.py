@@ -61,7 +61,12 @@ class RequestContext:
 
 
 class BodyLimit:
-    """Refuses bodies over the limit before reading them (Content-Length) or while streaming them in."""
+    """Refuses bodies over the limit before the app runs: by Content-Length, or by reading a body of unknown length
+    (chunked) in full first, within the limit, and handing it to the app as one message.
+
+    A body the HTTP parser has framed by Content-Length cannot outgrow it; a chunked one is read here, so an app
+    never starts reading a body that is then cut off (and never reports that as a client disconnect).
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -72,37 +77,36 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await _too_large(send, self.max_bytes)
-            return
-        received = 0
-        refused = False
-        started = False
-
-        async def limited() -> Message:
-            # The app wraps errors raised while it reads the body (FastAPI turns them into 400), so the
-            # refusal is sent from here and the app is told the client left; whatever it sends after is dropped.
-            nonlocal received, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    refused = True
-                    if not started:
-                        await _too_large(send, self.max_bytes)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if refused:
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await _too_large(send, self.max_bytes)
                 return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body was whole: nobody to answer
+            chunk: bytes = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                await _too_large(send, self.max_bytes)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        await self.app(scope, limited, guarded_send)
+        async def replay() -> Message:
+            nonlocal whole
+            if whole is not None:
+                message, whole = whole, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send: Send, max_bytes: int) -> None:
