@@ -145,6 +145,15 @@ class Settings(BaseSettings):
     upstream_queue: int = Field(
         default=256, ge=0, description="Calls that may wait for a slot per upstream server; more are refused at once"
     )
+    upstream_failures_to_open: int = Field(
+        default=5,
+        ge=1,
+        description="Failures in a row (no connection, no session, timeout) after which an upstream server's calls "
+        "are refused at once (-32052 upstream_failing with retryAfter) until a probe call succeeds",
+    )
+    upstream_open_s: float = Field(
+        default=5.0, gt=0, description="How long a failing upstream's calls are refused before the first probe"
+    )
     outbound_allow_loopback: bool = Field(
         default=False,
         description="Tests and local development only: let Bastion fetch http:// URLs and loopback addresses "

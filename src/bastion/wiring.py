@@ -124,6 +124,7 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
     from bastion.services.principals import Resolver
     from bastion.services.proxy import Proxy
     from bastion.services.ratelimits import RateLimiter
+    from bastion.upstream.breaker import Breakers
     from bastion.upstream.pool import UpstreamPool
 
     if store is None:
@@ -140,6 +141,7 @@ def build(settings: Settings, store: Store | None = None) -> Parts:
         per_server_concurrency=settings.upstream_concurrency,
         per_server_queue=settings.upstream_queue,
         outbound=OutboundPolicy.from_settings(settings),
+        breakers=Breakers(failures_to_open=settings.upstream_failures_to_open, open_s=settings.upstream_open_s),
     )
     directory = Directory(store)
     # Token endpoints and revocation endpoints are reached through the same outbound policy as upstreams.

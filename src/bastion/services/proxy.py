@@ -142,12 +142,14 @@ class Proxy:
         elif event.subject is Subject.SERVER:
             self._forget_schemas(event.id)
             self._pool.discard(server_id=event.id)
+            self._pool.breakers.forget(event.id)  # how it is reached changed: try it afresh
         elif event.subject is Subject.ALL:
             # Events may have been missed: no cached schema or open session can be trusted to be current.
             self._schemas.clear()
             self._schema_keys.clear()
             self._credentials.forget()
             self._pool.discard_all()
+            self._pool.breakers.forget()
 
     def _on_notice(self, notice: Notice) -> None:
         if isinstance(notice.event, ToolsListChanged):

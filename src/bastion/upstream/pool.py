@@ -28,6 +28,7 @@ from bastion.domain.models import Server, Transport
 from bastion.errors import BastionError, Unavailable
 from bastion.net.outbound import OutboundPolicy
 from bastion.upstream import refusals, relay
+from bastion.upstream.breaker import Breakers
 from bastion.upstream.notifications import UpstreamNotices
 from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.relay import NO_PROFILE, Profile
@@ -57,6 +58,17 @@ class UpstreamBusy(UpstreamUnavailable):
     status = 503
     title = "Upstream busy"
     retry_after_s = BUSY_RETRY_AFTER_S
+
+
+class UpstreamFailing(UpstreamBusy):
+    """The upstream kept failing, so its circuit is open: refused at once, with how long to wait (upstream/breaker)."""
+
+    code = "upstream_failing"
+    title = "Upstream failing"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 class UpstreamRefused(UpstreamUnavailable):
@@ -179,8 +191,11 @@ class UpstreamPool:
         per_server_queue: int = DEFAULT_PER_SERVER_QUEUE,
         outbound: OutboundPolicy | None = None,
         notices: UpstreamNotices | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         self._max = max_sessions
+        # Which upstream servers keep failing: their calls are refused at once, then probed back.
+        self.breakers = breakers or Breakers()
         # What HTTP upstreams may be reached; strict unless the settings opt in (wiring passes them).
         self.outbound = outbound or OutboundPolicy()
         # Where sessions' list_changed notifications go, tagged with the (server, identity) they came from.
@@ -226,12 +241,33 @@ class UpstreamPool:
 
         Raises:
             UpstreamBusy: every slot is taken and the queue is full (a slow upstream cannot pile up callers).
+            UpstreamFailing: the upstream kept failing (its circuit is open); or another call is probing it.
         """
+        self._refuse_if_failing(server_id, probe=True)
         limiter = self.limiter(server_id)
-        if limiter.value < 1 and limiter.statistics().tasks_waiting >= self._queue:
-            raise UpstreamBusy("this upstream server is at its limit of concurrent calls; retry shortly")
-        async with limiter:
-            yield
+        try:
+            if limiter.value < 1 and limiter.statistics().tasks_waiting >= self._queue:
+                raise UpstreamBusy("this upstream server is at its limit of concurrent calls; retry shortly")
+            async with limiter:
+                yield
+        except BaseException as exc:
+            # The upstream not answering is a failure; any answer, even an error or a refusal, is not; a call that
+            # never went (busy) or was called off says nothing of it.
+            if isinstance(exc, TimeoutError | OSError) or type(exc) is UpstreamUnavailable:
+                self.breakers.failed(server_id)
+            elif isinstance(exc, UpstreamBusy | anyio.get_cancelled_exc_class()):
+                self.breakers.abandoned(server_id)
+            else:
+                self.breakers.succeeded(server_id)
+            raise
+        self.breakers.succeeded(server_id)
+
+    def _refuse_if_failing(self, server_id: str, *, probe: bool) -> None:
+        wait_s = self.breakers.refusal(server_id, probe=probe)
+        if wait_s is not None:
+            raise UpstreamFailing(
+                f"this upstream server keeps failing; calls to it are refused for {wait_s} s", retry_after_s=wait_s
+            )
 
     async def client(
         self, server: Server, credential: Credential, profile: Profile = NO_PROFILE, *, generation: str | None = None
@@ -251,12 +287,14 @@ class UpstreamPool:
         key = SessionKey(server.id, server.reach, credential.identity_id, profile, generation)
         session = self._sessions.get(key)
         if session is None:
+            self._refuse_if_failing(server.id, probe=False)
             session = self._open(key, server, credential)
         with anyio.move_on_after(server.connect_timeout_s + 1.0):
             await session.ready.wait()
         if not session.ready.is_set():
             session.scope.cancel()
-            self._sessions.pop(key, None)
+            if self._sessions.pop(key, None) is not None:  # counted once, not once per waiter
+                self.breakers.failed(server.id)
             raise UpstreamUnavailable(f"upstream {server.name!r} did not answer within {server.connect_timeout_s:g} s")
         if session.error is not None or session.client is None:
             self._sessions.pop(key, None)
@@ -451,6 +489,8 @@ class UpstreamPool:
                 session.error = exc
                 if refusal.seen:
                     session.error = refused_by(server.name, UNAUTHORIZED, refusal.generation)
+                else:  # no session, or one the upstream dropped: it is not answering
+                    self.breakers.failed(server.id)
                 logger.info(
                     "upstream session ended", extra={"server_id": session.key.server_id, "error": _describe(exc)}
                 )
