@@ -46,6 +46,7 @@ from bastion.pipeline.errors import (
 from bastion.services import connections, gateways, hosts, identities, members, rules, servers
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
+from bastion.upstream import budget
 from bastion.vault.sealer import Vault
 from bastion.web.app import create_app
 from bastion.web.mcp.fastpath import read_body, replaying
@@ -235,6 +236,7 @@ class Gate:
 
     status: int | None = None
     forget: bool = False
+    forget_call: bool = False  # as ``forget``, for the next `tools/call` only (not a stream or a notification)
 
 
 def gated(inner: ASGIApp, gate: Gate) -> ASGIApp:
@@ -244,12 +246,17 @@ def gated(inner: ASGIApp, gate: Gate) -> ASGIApp:
             gate.forget = False
             await _answer(send, 404, [])
             return
-        if gate.status is not None and scope["type"] == "http" and scope["method"] == "POST":
+        if (gate.status is not None or gate.forget_call) and scope["type"] == "http" and scope["method"] == "POST":
             body, messages = await read_body(receive)
             if json.loads(body).get("method") == "tools/call":  # both eras (the 2025 one has no Mcp-Method)
-                challenge = b'Bearer error="insufficient_scope", scope="crm:write"'
-                await _answer(send, gate.status, [(b"www-authenticate", challenge)])
-                return
+                if gate.forget_call and b"mcp-session-id" in sent:
+                    gate.forget_call = False
+                    await _answer(send, 404, [])
+                    return
+                if gate.status is not None:
+                    challenge = b'Bearer error="insufficient_scope", scope="crm:write"'
+                    await _answer(send, gate.status, [(b"www-authenticate", challenge)])
+                    return
             receive = replaying(messages, receive)
         await inner(scope, receive, send)
 
@@ -447,3 +454,61 @@ async def test_every_failure_is_answered_and_audited_alike_by_the_byte_relay_and
     ]
     # One refresh per person for the 401, one for the standing 401, one refused (invalid_grant), then none.
     assert len(tokens.refreshes) == 6
+
+
+@pytest.mark.parametrize(("mode", "era"), [(MODERN, ProtocolEra.MODERN), ("legacy", ProtocolEra.LEGACY)])
+async def test_a_retry_over_the_servers_budget_is_not_made_and_both_relays_say_so_alike(
+    mode: str,
+    era: ProtocolEra,
+    settings: Settings,
+    store: Store,
+    vault: Vault,
+    hasher: KeyHasher,
+    operator: Actor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One retry in the budget, and nothing earns another: by calls or by time.
+    monkeypatch.setattr(budget, "BURST", 1.0)
+    monkeypatch.setattr(budget, "RATIO", 0.0)
+    monkeypatch.setattr(budget, "MIN_PER_S", 0.0)
+    tokens, gate = TokenServer(), Gate()
+    seen: dict[bool, tuple[list[Any], list[Any], int]] = {}
+    async with serving(tokens.app()) as issuer, serving(require_bearer(gated(slow_upstream(), gate), tokens)) as up:
+        world = await _failing_world(store, operator, up, issuer, tokens, era, gate, vault)
+        for fast_path, email in ((True, ADA), (False, "bob@example.com")):
+            token, _pasted = await _person(store, vault, hasher, operator, world, email)
+            async with store.transaction() as conn:
+                before = (await conn.execute(sa.select(sa.func.max(E.c.seq)))).scalar_one() or 0
+            refreshed = len(tokens.refreshes)
+            answers: list[Any] = []
+            chosen = settings.model_copy(update={"fast_path": fast_path})
+            async with (
+                serving(create_app(chosen, store)) as bastion,
+                gateway_client(f"{bastion}/g/g/mcp", token, mode) as client,
+            ):
+                gate.status = 401  # every call refused: the first renews and retries, the second may not
+                steps = ["standing 401", "standing 401 over budget"]
+                if era is ProtocolEra.LEGACY:
+                    steps.append("forgotten session over budget")
+                for step in steps:
+                    if step == "forgotten session over budget":
+                        gate.status, gate.forget_call = None, True
+                    with pytest.raises(MCPError) as caught:
+                        await client.call_tool("crm__echo", {"text": step})
+                    answers.append((step, caught.value.code, caught.value.message, caught.value.error.data))
+                gate.status, gate.forget_call = None, False
+            async with store.transaction() as conn:
+                query = sa.select(E).where(E.c.method == "tools/call", E.c.seq > before).order_by(E.c.seq)
+                rows = [r._mapping for r in (await conn.execute(query)).all()]  # pyright: ignore[reportPrivateUsage]
+            events = [(r["outcome"], r["reason"], r["upstream_status"]) for r in rows]
+            seen[fast_path] = (answers, events, len(tokens.refreshes) - refreshed)
+
+    assert seen[True] == seen[False], f"the byte relay: {seen[True]}; the full path: {seen[False]}"
+    answers, events, refreshes = seen[True]
+    assert refreshes == 1  # the first call's renewal spent the budget: the second call was not retried
+    refused = (UPSTREAM_UNAVAILABLE, "upstream 'crm' refused the credential (HTTP 401)")
+    assert [a[1:3] for a in answers[:2]] == [refused, refused]
+    assert events[:2] == [("error", "upstream_refused_credential", "401")] * 2
+    if era is ProtocolEra.LEGACY:
+        assert answers[2][1:3] == (UPSTREAM_UNAVAILABLE, "upstream 'crm' no longer knows the session")
+        assert events[2][:2] == ("error", "upstream_unavailable")

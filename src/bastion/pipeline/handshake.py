@@ -56,7 +56,7 @@ from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
 from bastion.types import json_object
 from bastion.upstream.notifications import Notice
-from bastion.upstream.pool import Lease
+from bastion.upstream.pool import Lease, UpstreamUnavailable
 from bastion.upstream.relay import NO_PROFILE
 from bastion.upstream.wire import WireResponse
 
@@ -493,11 +493,15 @@ class HandshakeCall(Answer):
             await response.aclose()
             if status == Answer.UNAUTHORIZED:
                 self.record.upstream_status = str(status)  # until the retry answers (a renewal may fail instead)
-                if not await self._path.admission.proxy.renew(self._principal, self._identity_id, self._current):
+                proxy = self._path.admission.proxy
+                if not await proxy.renew(self._principal, self.mounted, self._identity_id, self._current):
                     await self.refused_credential()
                     return
             else:
                 assert self._lease is not None  # noqa: S101  set by run
+                if not self._path.admission.pool.retries.may_retry(self.mounted.server.id):
+                    self.record.upstream_status = str(status)
+                    raise UpstreamUnavailable(f"upstream {self.mounted.alias!r} no longer knows the session")
                 # The old generation's session stays, for calls still on it.
                 self._path.admission.pool.forget(self._lease)
             self._lease = await self._path.lease(self._principal, self.mounted)

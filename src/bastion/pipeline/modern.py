@@ -76,7 +76,8 @@ class ModernRelay:
 
             async def renewed() -> Upstream | None:
                 """After a 401: the renewed token's headers, or None when there is nothing to renew."""
-                if not await self._proxy.renew(principal, self._proxy.identity_for(principal, mounted), current):
+                identity_id = self._proxy.identity_for(principal, mounted)
+                if not await self._proxy.renew(principal, mounted, identity_id, current):
                     return None
                 return (await self._admission.upstream(principal, mounted))[0]
 

@@ -225,8 +225,13 @@ class Proxy:
         """Which access token calls for this identity carry now (renewed first if about to expire)."""
         return await self._credentials.generation(principal.workspace_id, identity_id)
 
-    async def renew(self, principal: Principal, identity_id: str | None, rejected: str | None) -> bool:
-        """Refresh an OAuth identity whose token ``rejected`` an upstream refused; False: nothing to renew."""
+    async def renew(
+        self, principal: Principal, mounted: Mounted, identity_id: str | None, rejected: str | None
+    ) -> bool:
+        """Refresh an OAuth identity whose token ``rejected`` upstream ``mounted`` refused, for one retry of the call;
+        False: nothing to renew, or no retry within the server's budget (upstream/budget.py)."""
+        if not self._pool.retries.may_retry(mounted.server.id):
+            return False
         return await self._credentials.renew(principal.workspace_id, identity_id, rejected)
 
     async def _client(self, principal: Principal, mounted: Mounted) -> Lease:
@@ -262,7 +267,8 @@ class Proxy:
             except (MCPError, UpstreamUnavailable) as exc:
                 await self._refused(principal, mounted, refusal, exc)
                 rejected = exc.generation if isinstance(exc, UpstreamRefused) else refusal.generation
-                if rejected is None or not await self.renew(principal, self.identity_for(principal, mounted), rejected):
+                identity_id = self.identity_for(principal, mounted)
+                if rejected is None or not await self.renew(principal, mounted, identity_id, rejected):
                     _raise_standing(mounted, refusal, exc)
                     raise
         # The upstream refused the access token (HTTP 401), so it did not act on the call: one retry with the
@@ -293,9 +299,11 @@ class Proxy:
     async def _attempt(self, principal: Principal, mounted: Mounted, fn: Callable[[Client], Awaitable[T]]) -> T:
         try:
             return await self._attempt_on(await self._client(principal, mounted), principal, mounted, fn)
-        except SessionRetired:
+        except SessionRetired as exc:
             # The call never reached the upstream: the session it waited for was closed under it. The retired
-            # session is out of the pool, so this opens (or joins) a fresh one.
+            # session is out of the pool, so this opens (or joins) a fresh one, within the server's retry budget.
+            if not self._pool.retries.may_retry(mounted.server.id):
+                raise UpstreamUnavailable(str(exc).removesuffix("; retry")) from exc
             return await self._attempt_on(await self._client(principal, mounted), principal, mounted, fn)
 
     async def _attempt_on(
@@ -329,6 +337,8 @@ class Proxy:
                 if refusals.session_lost():
                     # The upstream answered 404: it forgot the session (restarted, expired), so it did not act on
                     # the call. Close the session; the retry opens a fresh one (``_attempt``).
+                    if record is not None:
+                        record.upstream_status = "404"  # as the byte relay says it, should no retry follow
                     self._pool.forget(lease)
                     raise SessionRetired(f"upstream {mounted.alias!r} no longer knows the session; retry") from exc
                 if exc.code == types.CONNECTION_CLOSED:

@@ -29,6 +29,7 @@ from bastion.errors import BastionError, Unavailable
 from bastion.net.outbound import OutboundPolicy
 from bastion.upstream import refusals, relay
 from bastion.upstream.breaker import Breakers
+from bastion.upstream.budget import RetryBudgets
 from bastion.upstream.notifications import UpstreamNotices
 from bastion.upstream.refusals import FORBIDDEN, UNAUTHORIZED
 from bastion.upstream.relay import NO_PROFILE, Profile
@@ -192,10 +193,13 @@ class UpstreamPool:
         outbound: OutboundPolicy | None = None,
         notices: UpstreamNotices | None = None,
         breakers: Breakers | None = None,
+        retries: RetryBudgets | None = None,
     ) -> None:
         self._max = max_sessions
         # Which upstream servers keep failing: their calls are refused at once, then probed back.
         self.breakers = breakers or Breakers()
+        # How many retries (after a renewal, in a fresh session) each server's calls have earned.
+        self.retries = retries or RetryBudgets()
         # What HTTP upstreams may be reached; strict unless the settings opt in (wiring passes them).
         self.outbound = outbound or OutboundPolicy()
         # Where sessions' list_changed notifications go, tagged with the (server, identity) they came from.
@@ -249,6 +253,7 @@ class UpstreamPool:
             if limiter.value < 1 and limiter.statistics().tasks_waiting >= self._queue:
                 raise UpstreamBusy("this upstream server is at its limit of concurrent calls; retry shortly")
             async with limiter:
+                self.retries.called(server_id)
                 yield
         except BaseException as exc:
             # The upstream not answering is a failure; any answer, even an error or a refusal, is not; a call that
