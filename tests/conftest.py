@@ -58,6 +58,7 @@ HEAVY_MODULES: dict[str, int] = {
     "tests/e2e/test_isolation.py": 70,
     "tests/e2e/test_replicas.py": 60,
     "tests/e2e/test_audit_durability.py": 60,
+    "tests/e2e/test_database_outage.py": 40,
     "tests/e2e/test_churn.py": 40,
     "tests/e2e/test_changes_hold.py": 40,
     "tests/e2e/test_server_everything.py": 30,
