@@ -25,6 +25,7 @@ logger = logging.getLogger("bastion.edge")
 
 MAX_HEAD_BYTES: Final = 32 * 1024
 MAX_HEADER_FIELDS: Final = 100
+SWEEP_EVERY_S: Final = 1.0  # how often half-sent heads are checked against the timeout (at most)
 _TOO_LARGE: Final = f"the request head is over {MAX_HEAD_BYTES} bytes"
 
 
@@ -64,21 +65,26 @@ def _refusal_app(status: HTTPStatus, detail: str) -> Any:
 
 
 class Door:
-    """The connections of one listener: which are still sending a head, which idle between requests."""
+    """The connections of one listener: which are still sending a head (since when), which idle between requests.
+
+    One sweep, while any head is arriving, closes those not whole within the timeout: no timer per request.
+    """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.tally = Tally(logger, "connections refused at the door")
         self._open: set[EdgeProtocol] = set()
-        # Insertion-ordered: the first key is the oldest.
-        self._heads: dict[EdgeProtocol, None] = {}
+        # Insertion-ordered, so by when each head began: the first key is the oldest.
+        self._heads: dict[EdgeProtocol, float] = {}
         self._idle: dict[EdgeProtocol, None] = {}
+        self._sweep_every_s = min(SWEEP_EVERY_S, limits.head_timeout_s / 4)
+        self._sweep: asyncio.TimerHandle | None = None
 
     @property
     def open(self) -> int:
         return len(self._open)
 
-    def admit(self, connection: EdgeProtocol) -> bool:
+    def admit(self, connection: EdgeProtocol, now: float) -> bool:
         """Whether ``connection`` may stay; at the bound, the oldest half-sent head or idle connection makes room."""
         if len(self._open) >= self.limits.max_connections:
             victim = next(iter(self._heads), None) or next(iter(self._idle), None)
@@ -86,28 +92,47 @@ class Door:
                 self.tally.note("at the connection limit")
                 return False
             self.forget(victim)
-            victim.evict()
+            victim.transport.close()
             self.tally.note("evicted to make room")
         self._open.add(connection)
-        self._heads[connection] = None
+        self._heads[connection] = now
+        self._sweep_soon(connection.loop)
         return True
 
     def head_begun(self, connection: EdgeProtocol) -> None:
-        self._idle.pop(connection, None)
-        if connection in self._open:
-            self._heads[connection] = None
+        if self._idle.pop(connection, 0) is None:  # a keep-alive connection's next request: its head starts now
+            self._heads[connection] = connection.loop.time()
+            self._sweep_soon(connection.loop)
 
     def head_ended(self, connection: EdgeProtocol) -> None:
         self._heads.pop(connection, None)
 
     def idle(self, connection: EdgeProtocol) -> None:
-        if connection in self._open:
+        if connection in self._open and connection not in self._heads:  # not already sending its next head
             self._idle[connection] = None
 
     def forget(self, connection: EdgeProtocol) -> None:
         self._open.discard(connection)
         self._heads.pop(connection, None)
         self._idle.pop(connection, None)
+
+    def _sweep_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._sweep_every_s, self._sweep_heads, loop)
+
+    def _sweep_heads(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep = None
+        began_by = loop.time() - self.limits.head_timeout_s
+        late: list[EdgeProtocol] = []
+        for connection, began in self._heads.items():
+            if began > began_by:
+                break
+            late.append(connection)
+        for connection in late:
+            self.forget(connection)
+            connection.head_too_slow()
+        if self._heads:
+            self._sweep_soon(loop)
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -118,23 +143,16 @@ class EdgeProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # the bytes arriving belong to a request head
-        self._head_begun = False
-        self._head_bytes = 0  # received since the head began (a head still arriving is measured by these)
-        self._head_size = 0  # of the head as parsed: request target and header fields
-        self._fields = 0
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # received since the head began: at least the head's size
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if not self.door.admit(self):
+        if not self.door.admit(self, self.loop.time()):
             transport.write(_raw_answer(HTTPStatus.SERVICE_UNAVAILABLE, "too many open connections; retry shortly"))
             transport.close()
-            return
-        self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.door.forget(self)
-        self._disarm_head_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -148,32 +166,14 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_begun = True
-        self._head_size = 0
-        self._fields = 0
         self.door.head_begun(self)
-        self._arm_head_timer()
-
-    def on_url(self, url: bytes) -> None:
-        self._head_size += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields += 1
-        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
-        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._disarm_head_timer()
         self.door.head_ended(self)
         self._in_head = False
-        self._head_begun = False
+        refusal = self._refusal()
         self._head_bytes = 0
-        if self._fields > MAX_HEADER_FIELDS:
-            refusal = f"the request has over {MAX_HEADER_FIELDS} header fields"
-        elif self._head_size > MAX_HEAD_BYTES:
-            refusal = _TOO_LARGE
-        else:
+        if refusal is None:
             super().on_headers_complete()
             return
         self.door.tally.note("request head too large")
@@ -184,6 +184,16 @@ class EdgeProtocol(HttpToolsProtocol):
         finally:
             self.app = app
 
+    def _refusal(self) -> str | None:
+        if len(self.headers) > MAX_HEADER_FIELDS:
+            return f"the request has over {MAX_HEADER_FIELDS} header fields"
+        # The bytes received bound the head's size from above: it is measured as parsed only when they are over.
+        if self._head_bytes > MAX_HEAD_BYTES and len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > (
+            MAX_HEAD_BYTES
+        ):
+            return _TOO_LARGE
+        return None
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True
@@ -191,34 +201,18 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         queued = bool(self.pipeline)
         super().on_response_complete()
-        if not queued and not self._head_begun and not self.transport.is_closing():
+        if not queued and not self.transport.is_closing():
             self.door.idle(self)
 
-    def evict(self) -> None:
-        """Closes this connection to make room for a newer one (it is still sending its head, or idle)."""
-        self._disarm_head_timer()
-        self.transport.close()
-
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.door.limits.head_timeout_s, self._head_too_slow)
-
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
+    def head_too_slow(self) -> None:
+        """Called by the door's sweep: the head did not arrive whole within the timeout."""
         if not self.transport.is_closing():
-            timeout = self.door.limits.head_timeout_s
-            detail = f"the request head did not arrive within {timeout:g} s"
+            detail = f"the request head did not arrive within {self.door.limits.head_timeout_s:g} s"
             self._close_with(HTTPStatus.REQUEST_TIMEOUT, detail, "request head too slow")
 
     def _close_with(self, status: HTTPStatus, detail: str, kind: str) -> None:
         self.door.tally.note(kind)
         self.door.forget(self)
-        self._disarm_head_timer()
         self.transport.write(_raw_answer(status, detail))
         self.transport.close()
 
