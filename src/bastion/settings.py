@@ -145,6 +145,12 @@ class Settings(BaseSettings):
     upstream_queue: int = Field(
         default=256, ge=0, description="Calls that may wait for a slot per upstream server; more are refused at once"
     )
+    token_max_lifetime_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Longest lifetime of the access tokens (`bst_`) and host keys (`bsh_`) Bastion mints: one minted "
+        "without an expiry gets this one, one asked to live longer is refused; unset, they live until revoked",
+    )
     upstream_failures_to_open: int = Field(
         default=5,
         ge=1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from bastion.db.audit import ChainKeys
@@ -62,6 +63,8 @@ def store_from(settings: Settings) -> Store:
         return OutboundPolicy.from_settings(settings)
 
     store.outbound = outbound
+    if settings.token_max_lifetime_days is not None:
+        store.token_lifetime = timedelta(days=settings.token_max_lifetime_days)
     return store
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -42,6 +43,7 @@ class _Busy(Exception):
 _PENDING_EVENTS = "bastion_pending_events"
 _VAULT = "bastion_vault"
 _OUTBOUND = "bastion_outbound"
+_LIFETIME = "bastion_token_lifetime"
 _IN_TRANSACTION: ContextVar[bool] = ContextVar("bastion_in_transaction", default=False)
 # Threads ``write`` may use at once: its own, so the audit writes before every MCP call never queue behind other
 # work on anyio's shared pool (password hashing, DNS look-ups). Within the sync engine's pool (5 + 10 overflow).
@@ -58,6 +60,12 @@ def outbound_of(conn: AsyncConnection) -> OutboundPolicy | None:
     """The install's outbound policy, for URLs a change registers (None: a store made without settings)."""
     policy: Callable[[], OutboundPolicy] | None = conn.info.get(_OUTBOUND)
     return policy() if policy is not None else None
+
+
+def token_lifetime_of(conn: AsyncConnection) -> timedelta | None:
+    """The longest lifetime of the tokens and keys this store's transactions mint (None: until revoked)."""
+    lifetime: timedelta | None = conn.info.get(_LIFETIME)
+    return lifetime
 
 
 def sealer(conn: AsyncConnection) -> Vault:
@@ -105,6 +113,8 @@ class Store:
         self.replica_id: str | None = None
         # What outbound URLs the install allows: a URL a change registers gets the verdict a connection would.
         self.outbound: Callable[[], OutboundPolicy] | None = None
+        # How long a token or host key minted here may live at most (BASTION_TOKEN_MAX_LIFETIME_DAYS).
+        self.token_lifetime: timedelta | None = None
         database = engine.url.database
         self._changes = (
             changes.ChangeWatcher(database)
@@ -165,6 +175,7 @@ class Store:
             info[_PENDING_EVENTS] = pending
             info[_VAULT] = self.vault
             info[_OUTBOUND] = self.outbound
+            info[_LIFETIME] = self.token_lifetime
             await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation that came during BEGIN lands here
             with anyio.CancelScope(shield=deferred):
                 yield conn
@@ -200,6 +211,7 @@ class Store:
             info.pop(_PENDING_EVENTS, None)
             info.pop(_VAULT, None)
             info.pop(_OUTBOUND, None)
+            info.pop(_LIFETIME, None)
             if not conn.invalidated:  # an invalidated connection's info is cleared before the pool reuses it
                 take_recorded(conn)  # a rolled-back transaction's audit events go with it (the connection is pooled)
             with anyio.CancelScope(shield=True):

@@ -7,27 +7,26 @@ Shown once, stored as an HMAC digest like API keys and access tokens. Admins wit
 from __future__ import annotations
 
 import hmac
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
 
 from bastion.db import crud, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store
-from bastion.domain import naming, tokens
+from bastion.db.store import Store, token_lifetime_of
+from bastion.domain import lifetimes, naming, tokens
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
 from bastion.domain.webhooks import HostCaller, HostKey
-from bastion.errors import Forbidden, Unauthenticated, ValidationFailed
+from bastion.errors import Forbidden, Unauthenticated
 from bastion.services import hosts
 from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
 
 T = schema.host_keys
 H = schema.hosts
-MAX_KEY_LIFETIME: Final = timedelta(days=3650)
 MANAGE: Final = (Capability.HOSTS_MANAGE, Capability.TOKENS_MANAGE)
 READ: Final = (*MANAGE, Capability.ADMIN_VIEW)
 
@@ -53,11 +52,10 @@ async def create(
     actor.require_any(*MANAGE)
     name = naming.display_name(name)
     now = datetime.now(UTC)
-    if expires_at is not None and not now < expires_at <= now + MAX_KEY_LIFETIME:
-        raise ValidationFailed("expires_at must be in the future and within ten years", field="expires_at")
     secret = tokens.mint(tokens.HOST_KEY_PREFIX)
     key_id = new_id()
     async with store.transaction() as conn:
+        expires_at = lifetimes.expiry(now, expires_at, token_lifetime_of(conn))
         target = await hosts.find(conn, actor.workspace_id, host)
         await conn.execute(
             T.insert().values(

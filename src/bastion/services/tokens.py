@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, schema
 from bastion.db.crud import Page
-from bastion.db.store import Store, emit
+from bastion.db.store import Store, emit, token_lifetime_of
+from bastion.domain import lifetimes
 from bastion.domain import tokens as token_format
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.connections import AccessToken
 from bastion.domain.ids import new_id
 from bastion.domain.webhooks import EventType
-from bastion.errors import ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import hosts, members, outbox
 from bastion.services.actions import action
@@ -26,7 +26,6 @@ from bastion.types import WorkspaceId
 
 T = schema.access_tokens
 C = schema.connections
-MAX_TOKEN_LIFETIME: Final = timedelta(days=3650)
 
 
 def row_to_token(row: sa.Row[Any]) -> AccessToken:
@@ -46,8 +45,7 @@ async def mint(
     conn: AsyncConnection, hasher: KeyHasher, workspace_id: str, connection_id: str, expires_at: datetime | None
 ) -> tuple[AccessToken, str]:
     now = datetime.now(UTC)
-    if expires_at is not None and not now < expires_at <= now + MAX_TOKEN_LIFETIME:
-        raise ValidationFailed("expires_at must be in the future and within ten years", field="expires_at")
+    expires_at = lifetimes.expiry(now, expires_at, token_lifetime_of(conn))
     secret = token_format.mint(token_format.ACCESS_TOKEN_PREFIX)
     token_id = new_id()
     await conn.execute(
