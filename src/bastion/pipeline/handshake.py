@@ -56,7 +56,7 @@ from bastion.services.credentials import generation_of
 from bastion.services.directory import Mounted
 from bastion.types import json_object
 from bastion.upstream.notifications import Notice
-from bastion.upstream.pool import Lease, UpstreamUnavailable
+from bastion.upstream.pool import Lease
 from bastion.upstream.relay import NO_PROFILE
 from bastion.upstream.wire import WireResponse
 
@@ -500,8 +500,13 @@ class HandshakeCall(Answer):
             else:
                 assert self._lease is not None  # noqa: S101  set by run
                 if not self._path.admission.pool.retries.may_retry(self.mounted.server.id):
+                    # Answered here, not raised: the upstream did answer (404), which is no failure of it.
+                    self.record.outcome, self.record.reason = "error", "upstream_unavailable"
                     self.record.upstream_status = str(status)
-                    raise UpstreamUnavailable(f"upstream {self.mounted.alias!r} no longer knows the session")
+                    message = f"upstream {self.mounted.alias!r} no longer knows the session"
+                    data = {"code": "upstream_unavailable"}
+                    await self.fail(types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message, data=data))
+                    return
                 # The old generation's session stays, for calls still on it.
                 self._path.admission.pool.forget(self._lease)
             self._lease = await self._path.lease(self._principal, self.mounted)
