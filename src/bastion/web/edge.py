@@ -118,11 +118,18 @@ class Door:
 
     def _sweep_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._sweep is None:
-            self._sweep = loop.call_later(self._sweep_every_s, self._sweep_heads, loop)
+            due = loop.time() + self._sweep_every_s
+            self._sweep = loop.call_at(due, self._sweep_heads, loop, due)
 
-    def _sweep_heads(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _sweep_heads(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
         self._sweep = None
-        began_by = loop.time() - self.limits.head_timeout_s
+        now = loop.time()
+        if now - due > self._sweep_every_s:
+            # The loop was held up (uvloop runs due timers before it reads): bytes that arrived meanwhile are read
+            # before any head is judged late.
+            self._sweep_soon(loop)
+            return
+        began_by = now - self.limits.head_timeout_s
         late: list[EdgeProtocol] = []
         for connection, began in self._heads.items():
             if began > began_by:
