@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import httpx2
 import pytest
 
 from tests.mcp_support import Recorder, gateway_client, recording_upstream
@@ -53,6 +54,17 @@ def _provision(env: dict[str, str], cwd: Path, upstream: str) -> str:
         env, cwd, "connection", "create", "--member", "ada@example.com", "--host", "agent", "--gateway", "sales"
     )["secret"]
     return token
+
+
+async def _refuses_new_connections(base_url: str) -> None:
+    while True:
+        try:
+            async with httpx2.AsyncClient(base_url=base_url, timeout=5) as fresh:
+                await fresh.get("/healthz")
+        except (httpx2.ConnectError, httpx2.ReadError, httpx2.RemoteProtocolError):
+            # Refused outright, or reset from the backlog of a listener that has just closed: not served either way.
+            return
+        await anyio.sleep(0.05)
 
 
 def _call_events(data_dir: Path) -> list[dict[str, Any]]:
@@ -124,6 +136,10 @@ async def test_sigterm_lets_in_flight_calls_finish_and_flushes_every_event_befor
                     with anyio.fail_after(20):
                         await recorder.arrived.wait()
                     server.process.send_signal(signal.SIGTERM)
+                    # Draining: new connections are refused while the held call is still out at the upstream.
+                    with anyio.fail_after(20):
+                        await _refuses_new_connections(server.base_url)
+                    assert not recorder.release.is_set() and answers == [str(i) for i in range(10)]
                     recorder.release.set()  # the upstream answers while the gateway drains
             code = await anyio.to_thread.run_sync(lambda: server.process.wait(timeout=30))
     assert code == 0
