@@ -119,6 +119,11 @@ class Credentials:
             return (await self._live(workspace_id, identity_id, None)).generation
         return held.generation
 
+    def would_refresh(self, identity_id: str | None, rejected: str | None) -> bool:
+        """Whether renewing after ``rejected`` was refused means a refresh: this process still hands out that token."""
+        held = self._held.get(identity_id) if identity_id is not None else None
+        return held is not None and rejected is not None and held.generation == rejected
+
     async def renew(self, workspace_id: str, identity_id: str | None, rejected: str | None) -> bool:
         """After an upstream refused the token ``rejected`` (HTTP 401): refresh it unless someone already did.
 
