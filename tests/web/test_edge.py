@@ -130,7 +130,11 @@ async def test_a_head_over_the_byte_bound_is_refused_431_before_the_app_sees_it(
         await whole.send(_get("/healthz", b"X-Big: " + b"a" * edge.MAX_HEAD_BYTES))
         answer = await _until_closed(whole)
         assert _status(answer) == 431
-        assert _problem(answer)["detail"] == f"the request head is over {edge.MAX_HEAD_BYTES} bytes"
+        problem = _problem(answer)
+        assert (problem["code"], problem["detail"]) == (
+            "request_head_too_large",
+            f"the request head is over {edge.MAX_HEAD_BYTES} bytes",
+        )
 
         # Still arriving (no end of head yet): refused once the bytes received pass the bound.
         endless = await door.connect()
@@ -155,7 +159,11 @@ async def test_a_head_with_more_header_fields_than_the_bound_is_refused_431() ->
         await over.send(_get("/healthz", *fields, b"X-One-More: v", close=True))
         answer = await _until_closed(over)
         assert _status(answer) == 431
-        assert _problem(answer)["detail"] == f"the request has over {edge.MAX_HEADER_FIELDS} header fields"
+        problem = _problem(answer)
+        assert (problem["code"], problem["detail"]) == (
+            "request_head_too_large",
+            f"the request has over {edge.MAX_HEADER_FIELDS} header fields",
+        )
     assert app.seen == ["/healthz"]
 
 
@@ -185,7 +193,11 @@ async def test_a_head_not_sent_in_time_gets_408_while_slow_answers_and_idle_keep
         for stream in (half, silent):
             answer = await _until_closed(stream)
             assert _status(answer) == 408
-            assert _problem(answer)["detail"] == "the request head did not arrive within 0.5 s"
+            problem = _problem(answer)
+            assert (problem["code"], problem["detail"]) == (
+                "request_head_too_slow",
+                "the request head did not arrive within 0.5 s",
+            )
 
         # Both timers ran out: the call whose head arrived whole, and the idle connection, were not cut.
         app.release.set()
@@ -231,7 +243,11 @@ async def test_a_new_connection_is_refused_503_only_when_every_open_one_is_busy(
         refused = await door.connect()
         answer = await _until_closed(refused)
         assert _status(answer) == 503
-        assert _problem(answer)["detail"] == "too many open connections; retry shortly"
+        problem = _problem(answer)
+        assert (problem["code"], problem["detail"]) == (
+            "too_many_connections",
+            "too many open connections; retry shortly",
+        )
         app.release.set()
         for stream in busy:
             assert _status(await _until_closed(stream)) == 200

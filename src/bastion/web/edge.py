@@ -11,7 +11,6 @@ summary line per minute at most, never one line each.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -20,6 +19,7 @@ from typing import Any, ClassVar, Final
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bastion.summaries import Tally
+from bastion.web.problems import problem_bytes
 
 logger = logging.getLogger("bastion.edge")
 
@@ -27,6 +27,8 @@ MAX_HEAD_BYTES: Final = 32 * 1024
 MAX_HEADER_FIELDS: Final = 100
 SWEEP_EVERY_S: Final = 1.0  # how often half-sent heads are checked against the timeout (at most)
 _TOO_LARGE: Final = f"the request head is over {MAX_HEAD_BYTES} bytes"
+_TOO_MANY: Final = "too many open connections; retry shortly"
+_HEAD_TOO_LARGE: Final = "request_head_too_large"  # the problem's code; the tally counts it with spaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +37,8 @@ class Limits:
     max_connections: int
 
 
-def _problem(status: HTTPStatus, detail: str) -> bytes:
-    problem = {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
-    return json.dumps(problem).encode()
-
-
-def _raw_answer(status: HTTPStatus, detail: str) -> bytes:
-    body = _problem(status, detail)
+def _raw_answer(status: HTTPStatus, code: str, detail: str) -> bytes:
+    body = problem_bytes(status.value, code, status.phrase, detail)
     head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/problem+json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -49,8 +46,8 @@ def _raw_answer(status: HTTPStatus, detail: str) -> bytes:
     return head.encode("ascii") + body
 
 
-def _refusal_app(status: HTTPStatus, detail: str) -> Any:
-    body = _problem(status, detail)
+def _refusal_app(status: HTTPStatus, code: str, detail: str) -> Any:
+    body = problem_bytes(status.value, code, status.phrase, detail)
 
     async def app(_scope: Any, _receive: Any, send: Any) -> None:
         headers = [
@@ -79,10 +76,6 @@ class Door:
         self._idle: dict[EdgeProtocol, None] = {}
         self._sweep_every_s = min(SWEEP_EVERY_S, limits.head_timeout_s / 4)
         self._sweep: asyncio.TimerHandle | None = None
-
-    @property
-    def open(self) -> int:
-        return len(self._open)
 
     def admit(self, connection: EdgeProtocol, now: float) -> bool:
         """Whether ``connection`` may stay; at the bound, the oldest half-sent head or idle connection makes room."""
@@ -155,7 +148,8 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if not self.door.admit(self, self.loop.time()):
-            transport.write(_raw_answer(HTTPStatus.SERVICE_UNAVAILABLE, "too many open connections; retry shortly"))
+            refusal = _raw_answer(HTTPStatus.SERVICE_UNAVAILABLE, "too_many_connections", _TOO_MANY)
+            transport.write(refusal)
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -169,7 +163,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # A head that completed within this data was measured as parsed (on_headers_complete): the same data
         # may carry the start of the body. One still arriving is measured by the bytes received since it began.
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-            self._close_with(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _TOO_LARGE, "request head too large")
+            self._close_with(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _HEAD_TOO_LARGE, _TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -183,9 +177,9 @@ class EdgeProtocol(HttpToolsProtocol):
         if refusal is None:
             super().on_headers_complete()
             return
-        self.door.tally.note("request head too large")
+        self.door.tally.note(_HEAD_TOO_LARGE.replace("_", " "))
         app = self.app
-        self.app = _refusal_app(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, refusal)
+        self.app = _refusal_app(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, _HEAD_TOO_LARGE, refusal)
         try:
             super().on_headers_complete()
         finally:
@@ -215,12 +209,12 @@ class EdgeProtocol(HttpToolsProtocol):
         """Called by the door's sweep: the head did not arrive whole within the timeout."""
         if not self.transport.is_closing():
             detail = f"the request head did not arrive within {self.door.limits.head_timeout_s:g} s"
-            self._close_with(HTTPStatus.REQUEST_TIMEOUT, detail, "request head too slow")
+            self._close_with(HTTPStatus.REQUEST_TIMEOUT, "request_head_too_slow", detail)
 
-    def _close_with(self, status: HTTPStatus, detail: str, kind: str) -> None:
-        self.door.tally.note(kind)
+    def _close_with(self, status: HTTPStatus, code: str, detail: str) -> None:
+        self.door.tally.note(code.replace("_", " "))
         self.door.forget(self)
-        self.transport.write(_raw_answer(status, detail))
+        self.transport.write(_raw_answer(status, code, detail))
         self.transport.close()
 
 
