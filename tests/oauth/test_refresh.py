@@ -150,6 +150,49 @@ async def test_concurrent_callers_in_one_process_share_one_refresh(world: World)
     assert got[0].secret.access_token in world.server.access_tokens
 
 
+async def test_of_calls_refused_with_one_token_only_the_one_that_refreshes_asks_the_retry_budget(world: World) -> None:
+    identity_id, access, _refresh = await world.identity(expires_in_s=3600)
+    world.server.delay_s = 0.2  # every caller arrives while the one refresh is in flight
+    refresher = world.refresher()
+    asked: list[str] = []
+
+    def may_retry(server_id: str) -> bool:
+        asked.append(server_id)
+        return True
+
+    got: list[Live] = []
+
+    async def call() -> None:
+        live = await refresher.live(
+            world.operator.workspace_id, identity_id, rejected=generation(access), may_retry=may_retry
+        )
+        got.append(live)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(call)
+    assert len(asked) == 1
+    assert len(world.server.refreshes) == 1
+    assert {live.secret.access_token for live in got} == {got[0].secret.access_token} != {access}
+
+
+async def test_a_refusal_the_retry_budget_does_not_cover_leaves_the_token_unrefreshed(world: World) -> None:
+    identity_id, access, _refresh = await world.identity(expires_in_s=3600)
+    refresher = world.refresher()
+    live = await refresher.live(
+        world.operator.workspace_id, identity_id, rejected=generation(access), may_retry=lambda _server: False
+    )
+    assert live.secret.access_token == access
+    assert world.server.refreshes == []
+    # A token that is expiring is refreshed whatever the budget says: no call could use it otherwise.
+    expiring_id, expiring, _refresh = await world.identity(expires_in_s=-5)
+    live = await refresher.live(
+        world.operator.workspace_id, expiring_id, rejected=generation(expiring), may_retry=lambda _server: False
+    )
+    assert live.secret.access_token != expiring
+    assert len(world.server.refreshes) == 1
+
+
 async def test_invalid_grant_marks_the_identity_needs_reauth_once_with_an_audit_event(world: World) -> None:
     identity_id, _access, refresh = await world.identity(expires_in_s=-5)
     world.server.refresh_tokens.discard(refresh)  # revoked at the server: the grant is gone

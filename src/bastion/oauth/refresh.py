@@ -166,12 +166,21 @@ class Refresher:
         """Whether an access token expiring at ``moment`` must be refreshed before use."""
         return moment is not None and moment - self.skew <= datetime.now(UTC)
 
-    async def live(self, workspace_id: str, identity_id: str, *, rejected: str | None = None) -> Live:
+    async def live(
+        self,
+        workspace_id: str,
+        identity_id: str,
+        *,
+        rejected: str | None = None,
+        may_retry: Callable[[str], bool] | None = None,
+    ) -> Live:
         """The identity's credential, refreshed first if it expires within the skew or is the one refused.
 
         Args:
             rejected: the generation of an access token an upstream refused (401); refreshed only if it is
                 still the stored one (otherwise someone refreshed it already).
+            may_retry: asked with the identity's server id by the one call whose rejection leads to a refresh
+                (the others waiting meanwhile find it done): False leaves the refused token as it is.
 
         Raises:
             NeedsReauth: the identity is (now) marked ``needs_reauth``.
@@ -188,6 +197,13 @@ class Refresher:
             state = await self._read(workspace_id, identity_id)  # another coroutine or process may have done it
             if not self._due(state, rejected):
                 return state.live
+            if (
+                may_retry is not None
+                and state.live.generation == rejected
+                and not self.expiring(state.live.expires_at)
+                and not may_retry(state.server_id)
+            ):
+                return state.live  # refused only because of the rejection, and its retry is not in the budget
             return await self._refresh(state, rejected)
 
     def _due(self, state: _State, rejected: str | None) -> bool:

@@ -9,6 +9,7 @@ An identity that cannot be refreshed fails with ``IdentityNeedsReauth``, whose m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -119,25 +120,33 @@ class Credentials:
             return (await self._live(workspace_id, identity_id, None)).generation
         return held.generation
 
-    def would_refresh(self, identity_id: str | None, rejected: str | None) -> bool:
-        """Whether renewing after ``rejected`` was refused means a refresh: this process still hands out that token."""
-        held = self._held.get(identity_id) if identity_id is not None else None
-        return held is not None and rejected is not None and held.generation == rejected
-
-    async def renew(self, workspace_id: str, identity_id: str | None, rejected: str | None) -> bool:
+    async def renew(
+        self,
+        workspace_id: str,
+        identity_id: str | None,
+        rejected: str | None,
+        may_retry: Callable[[str], bool] | None = None,
+    ) -> bool:
         """After an upstream refused the token ``rejected`` (HTTP 401): refresh it unless someone already did.
 
-        Returns False when there is nothing to renew (not an OAuth identity this process handed out).
+        Returns whether the call may retry with a renewed token: False when there is nothing to renew (not an
+        OAuth identity this process handed out) or when ``may_retry`` refused the refresh (`Refresher.live`).
         """
         if identity_id is None or rejected is None or self._refresher is None or identity_id not in self._held:
             return False
-        await self._live(workspace_id, identity_id, rejected)
-        return True
+        live = await self._live(workspace_id, identity_id, rejected, may_retry)
+        return live.generation != rejected
 
-    async def _live(self, workspace_id: str, identity_id: str, rejected: str | None) -> Live:
+    async def _live(
+        self,
+        workspace_id: str,
+        identity_id: str,
+        rejected: str | None,
+        may_retry: Callable[[str], bool] | None = None,
+    ) -> Live:
         assert self._refresher is not None  # noqa: S101  callers check
         try:
-            live = await self._refresher.live(workspace_id, identity_id, rejected=rejected)
+            live = await self._refresher.live(workspace_id, identity_id, rejected=rejected, may_retry=may_retry)
         except NeedsReauth:
             self._held.pop(identity_id, None)
             raise self.needs_reauth(identity_id) from None

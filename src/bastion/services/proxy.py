@@ -104,7 +104,6 @@ class Proxy:
     ) -> None:
         self._store = store
         self._credentials = Credentials(store, vault, refresher, public_url)
-        self._renewing: set[str] = set()  # identities whose refresh a call has paid for and awaits
         self._guard = guard
         self._vault = vault
         self._pool = pool
@@ -232,22 +231,13 @@ class Proxy:
         """Refresh an OAuth identity whose token ``rejected`` upstream ``mounted`` refused, for one retry of the call;
         False: nothing to renew, or no refresh within the server's retry budget (upstream/budget.py).
 
-        The budget is spent by the call whose renewal refreshes: calls refused with the same token meanwhile (or
-        after another call renewed it) retry with the renewed token for free, so an expiry under load costs one.
+        The budget is spent by the call whose renewal refreshes (`Refresher.live`): calls refused with the same
+        token meanwhile (or after another call renewed it) retry with the renewed token for free, so an expiry
+        under load costs one.
         """
-        if (
-            identity_id is not None
-            and identity_id not in self._renewing
-            and self._credentials.would_refresh(identity_id, rejected)
-        ):
-            if not self._pool.retries.may_retry(mounted.server.id):
-                return False
-            self._renewing.add(identity_id)
-            try:
-                return await self._credentials.renew(principal.workspace_id, identity_id, rejected)
-            finally:
-                self._renewing.discard(identity_id)
-        return await self._credentials.renew(principal.workspace_id, identity_id, rejected)
+        return await self._credentials.renew(
+            principal.workspace_id, identity_id, rejected, self._pool.retries.may_retry
+        )
 
     async def _client(self, principal: Principal, mounted: Mounted) -> Lease:
         identity_id = self.identity_for(principal, mounted)
