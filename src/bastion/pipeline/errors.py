@@ -77,17 +77,22 @@ def to_jsonrpc(error: BaseException) -> MCPError:
 def upstream_failure(exc: OSError | UrlRefused | TimeoutError, mounted: Mounted, record: CallRecord) -> types.ErrorData:
     """Record an unreachable or too slow upstream on ``record``; the JSON-RPC error the caller gets for it."""
     timed_out = isinstance(exc, TimeoutError)
-    record.outcome, record.reason = "error", "upstream_timeout" if timed_out else "upstream_unavailable"
-    record.upstream_status = "timeout" if timed_out else "unavailable"
+    record.outcome, record.reason, record.upstream_status = "error", "upstream_timeout", "timeout"
     logger.info("upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
     if timed_out:
         return to_jsonrpc(exc).error
     reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
-    return types.ErrorData(
-        code=UPSTREAM_UNAVAILABLE,
-        message=f"upstream {mounted.alias!r} is unavailable{reason}",
-        data={"code": "upstream_unavailable"},
-    )
+    return unavailable(mounted, record, f"is unavailable{reason}")
+
+
+def unavailable(
+    mounted: Mounted, record: CallRecord, what: str, upstream_status: str = "unavailable"
+) -> types.ErrorData:
+    """Record on ``record`` that upstream ``mounted`` gave no result (``what`` says how: "is unavailable", ...)
+    and, where it answered, with which status; the JSON-RPC error the caller gets for it."""
+    record.outcome, record.reason, record.upstream_status = "error", "upstream_unavailable", upstream_status
+    message = f"upstream {mounted.alias!r} {what}"
+    return types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message, data={"code": "upstream_unavailable"})
 
 
 def answer_too_large(mounted: Mounted, record: CallRecord) -> types.ErrorData:

@@ -48,7 +48,14 @@ from bastion.errors import BastionError
 from bastion.net.outbound import UrlRefused
 from bastion.pipeline.admission import Admission, Upstream, call_record, send_error
 from bastion.pipeline.answers import Send, answer_status, scanned_answer
-from bastion.pipeline.errors import UPSTREAM_UNAVAILABLE, answer_too_large, refused, to_jsonrpc, upstream_failure
+from bastion.pipeline.errors import (
+    UPSTREAM_UNAVAILABLE,
+    answer_too_large,
+    refused,
+    to_jsonrpc,
+    unavailable,
+    upstream_failure,
+)
 from bastion.pipeline.frames import EVENT_END, JSON, MAX_ANSWER_BYTES, SSE, AnswerTooLarge, fields, media
 from bastion.pipeline.modern import ModernRelay
 from bastion.services.audit import CallRecord
@@ -389,12 +396,7 @@ class Answer(ABC):
 
     async def ended(self) -> None:
         """The upstream's answer ended without the call's result."""
-        self.record.outcome, self.record.reason = "error", "upstream_unavailable"
-        self.record.upstream_status = "unavailable"
-        message = f"upstream {self.mounted.alias!r} ended its answer without a result"
-        await self.fail(
-            types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message, data={"code": "upstream_unavailable"})
-        )
+        await self.fail(unavailable(self.mounted, self.record, "ended its answer without a result"))
 
 
 def _media(response: WireResponse) -> bytes:
@@ -501,11 +503,8 @@ class HandshakeCall(Answer):
                 assert self._lease is not None  # noqa: S101  set by run
                 if not self._path.admission.pool.retries.may_retry(self.mounted.server.id):
                     # Answered here, not raised: the upstream did answer (404), which is no failure of it.
-                    self.record.outcome, self.record.reason = "error", "upstream_unavailable"
-                    self.record.upstream_status = str(status)
-                    message = f"upstream {self.mounted.alias!r} no longer knows the session"
-                    data = {"code": "upstream_unavailable"}
-                    await self.fail(types.ErrorData(code=UPSTREAM_UNAVAILABLE, message=message, data=data))
+                    forgot = unavailable(self.mounted, self.record, "no longer knows the session", str(status))
+                    await self.fail(forgot)
                     return
                 # The old generation's session stays, for calls still on it.
                 self._path.admission.pool.forget(self._lease)
