@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from bastion.cli.keyring_file import NewKey, add_primary_key, new_key
+from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.identities import IdentitySecret
 from bastion.services import identities, workspace
@@ -22,6 +24,7 @@ from bastion.vault.sealer import Vault
 from tests.cli.conftest import Cli, secret_file, with_store
 from tests.cli.test_identities import open_secret
 
+T = schema.identities
 TOKENS = [f"ghp_{n}" + "RoTaTe" * 5 + f"{n:04d}" for n in range(3)]
 
 
@@ -211,3 +214,34 @@ def test_rotate_with_the_keyring_in_the_environment_prints_the_new_values_and_ed
     assert "BASTION_VAULT_KEYS" in retired.stderr
     assert [open_secret(db_url, i).token for i in ids] == TOKENS
     assert {p: p.read_bytes() for p in files_before} == files_before
+
+
+def test_rebind_binds_seals_made_before_0010_with_progress_then_status_shows_none_pending(
+    file_cli: Cli, cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    ids = store_identities(file_cli, tmp_path)
+    entries, primary = keyring_in(config_file(cli_env))
+    vault = Vault(Keyring({primary: base64.b64decode(entries[primary])}, primary))
+
+    async def as_before_0010(store: Store) -> None:
+        async with store.transaction() as conn:
+            await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
+            for identity_id, token in zip(ids, TOKENS, strict=True):
+                row = (await conn.execute(sa.select(T).where(T.c.id == identity_id))).one()
+                sealed = vault.seal(row.workspace_id, row.id, IdentitySecret(token=token))
+                unbound = {
+                    "dek_wrapped": sealed.dek_wrapped,
+                    "secret_sealed": sealed.secret_sealed,
+                    "sealed_bound": False,
+                }
+                await conn.execute(T.update().where(T.c.id == identity_id).values(unbound))
+
+    with_store(db_url, as_before_0010)
+    assert file_cli.json("vault", "status")["pending_rebind"] == 3
+    assert "3 identity seal(s) not yet bound" in file_cli("vault", "status").stdout
+    assert open_secret(db_url, ids[0]).token == TOKENS[0]  # an upgrade loses nothing before rebind
+    done = file_cli("vault", "rebind")
+    assert "bound 3 identity seal(s) to their server and owner; 0 remain" in done.stderr
+    assert file_cli.json("vault", "rebind") == {"rebound": 0, "remaining": 0}
+    assert file_cli.json("vault", "status")["pending_rebind"] == 0
+    assert [open_secret(db_url, identity_id).token for identity_id in ids] == TOKENS

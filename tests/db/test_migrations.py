@@ -257,3 +257,37 @@ def test_a_database_at_the_head_is_upgraded_without_importing_alembic(empty_url:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     assert migrate.current(empty_url) == migrate.HEAD
+
+
+def test_0010_leaves_existing_seals_unbound_and_refuses_to_go_back_below_a_bound_one(empty_url: str) -> None:
+    """Rows sealed before 0010 stay as they are (rebind re-seals them online); their workspace is not yet marked."""
+    migrate.upgrade(empty_url, "0009")
+    now = datetime.now(UTC)
+    server = {"description": "", "transport": "stdio", "url": None, "command": "npx", "args": [], "env": {}}
+    server |= {"auth_kind": "bearer", "oauth": None, "era": "auto", "connect_timeout_s": 5.0, "call_timeout_s": 30.0}
+    server |= {"version": 1, "created_at": now, "updated_at": now, "workspace_id": "w", "token_env": None}
+    identity = {"workspace_id": "w", "owner_id": None, "kind": "bearer", "status": "active", "label": "shared"}
+    identity |= {"fingerprint": "f", "last4": "abcd", "details": {}, "kek_id": "k", "dek_wrapped": b"d"}
+    identity |= {"secret_sealed": b"s", "version": 1, "created_at": now, "updated_at": now, "server_id": "gh"}
+    workspaces, identities = schema.workspaces, schema.identities
+    engine = sa.create_engine(sync_url(empty_url))
+    try:
+        with engine.begin() as conn:
+            # Only the columns named are written, so these inserts hold at 0009 too.
+            conn.execute(workspaces.insert().values(id="w", name="w", created_at=now))
+            conn.execute(schema.servers.insert().values(id="gh", name="gh", **server))
+            conn.execute(identities.insert().values(id="old", **identity))
+        migrate.upgrade(empty_url)
+        with engine.begin() as conn:
+            assert conn.execute(sa.select(identities.c.sealed_bound)).scalar_one() is False
+            assert conn.execute(sa.select(workspaces.c.seals_bound_at)).scalar_one() is None
+            conn.execute(identities.insert().values(id="new", sealed_bound=True, **identity))
+        with pytest.raises(RuntimeError, match="1 row"):
+            migrate.downgrade(empty_url, "0009")
+        with engine.begin() as conn:
+            conn.execute(identities.delete().where(identities.c.id == "new"))
+        migrate.downgrade(empty_url, "0009")
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT id FROM identities")).scalars().all() == ["old"]
+    finally:
+        engine.dispose()

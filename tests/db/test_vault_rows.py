@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import anyio
 import pytest
 import sqlalchemy as sa
 
@@ -16,8 +17,11 @@ from bastion.domain.models import Transport
 from bastion.domain.specs import MemberSpec, ServerSpec
 from bastion.services import identities, members, rotation, servers, vault_keys
 from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings
 from bastion.vault.crypto import Keyring, UnknownKey, VaultError
-from bastion.vault.sealer import Vault
+from bastion.vault.sealer import Unbound, Vault
+from bastion.web.app import create_app
+from tests.mcp_support import serving
 
 pytestmark = pytest.mark.anyio
 T = schema.identities
@@ -120,3 +124,150 @@ def test_every_registered_table_has_the_key_id_column_rotation_reads() -> None:
         columns: Any = entry.table.c
         assert entry.kek_column in columns and entry.wrapped_column in columns
         assert all(column in columns for column in entry.sealed_columns)
+
+
+async def _repoint(store: Store, identity_id: str, **values: str | None) -> None:
+    async with store.transaction() as conn:
+        await conn.execute(T.update().where(T.c.id == identity_id).values(values))
+
+
+async def test_a_row_re_pointed_to_another_member_or_server_does_not_open(
+    store: Store, vault: Vault, hasher: KeyHasher, operator: Actor
+) -> None:
+    first, _second = await _two_rows(store, vault, hasher, operator)
+    await servers.create(store, operator, ServerSpec("crm", Transport.STREAMABLE_HTTP, "https://crm.example.com/mcp"))
+    async with store.transaction() as conn:
+        row = (await conn.execute(sa.select(T).where(T.c.id == first))).one()
+        bob_id = (await conn.execute(sa.select(T.c.owner_id).where(T.c.id == _second))).scalar_one()
+        crm_id = (await servers.find(conn, operator.workspace_id, "crm")).id
+    assert row.sealed_bound is True
+    for change in ({"owner_id": bob_id}, {"owner_id": None}, {"server_id": crm_id}):
+        await _repoint(store, first, **change)
+        with pytest.raises(VaultError) as caught:
+            await identities.open_secret(store, vault, operator.workspace_id, first)
+        assert ADA_SECRET not in str(caught.value)
+        await _repoint(store, first, owner_id=row.owner_id, server_id=row.server_id)
+        assert (await identities.open_secret(store, vault, operator.workspace_id, first)).token == ADA_SECRET
+
+
+async def _unbound(store: Store, vault: Vault, identity_id: str, secret: str) -> bytes:
+    """Seal ``identity_id`` again as releases before 0010 did (bound to workspace and id only); the old dek."""
+    async with store.transaction() as conn:
+        row = (await conn.execute(sa.select(T).where(T.c.id == identity_id))).one()
+        sealed = vault.seal(row.workspace_id, row.id, bearer_secret(secret))
+        values = {"dek_wrapped": sealed.dek_wrapped, "secret_sealed": sealed.secret_sealed, "sealed_bound": False}
+        await conn.execute(T.update().where(T.c.id == identity_id).values(values))
+    return sealed.dek_wrapped
+
+
+async def _bound_at(store: Store, operator: Actor) -> Any:
+    async with store.transaction() as conn:
+        query = sa.select(schema.workspaces.c.seals_bound_at).where(schema.workspaces.c.id == operator.workspace_id)
+        return (await conn.execute(query)).scalar_one()
+
+
+async def test_a_new_workspace_refuses_unbound_seals_from_the_start(
+    store: Store, vault: Vault, hasher: KeyHasher, operator: Actor
+) -> None:
+    first, _second = await _two_rows(store, vault, hasher, operator)
+    assert await _bound_at(store, operator) is not None
+    await _unbound(store, vault, first, ADA_SECRET)  # an old ciphertext restored: never sealed here unbound
+    assert await rotation.unbound(store) == 0  # not pending: refused
+    with pytest.raises(Unbound):
+        await identities.open_secret(store, vault, operator.workspace_id, first)
+    assert await rotation.rebind(store, vault, mark=True) == 0  # and never laundered into a bound seal
+    with pytest.raises(Unbound):
+        await identities.open_secret(store, vault, operator.workspace_id, first)
+
+
+async def test_rebind_re_seals_an_upgraded_workspace_then_marking_refuses_unbound_rows(
+    store: Store, vault: Vault, hasher: KeyHasher, operator: Actor
+) -> None:
+    first, second = await _two_rows(store, vault, hasher, operator)
+    async with store.transaction() as conn:  # as migration 0010 leaves a workspace that existed before it
+        await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
+    await _unbound(store, vault, first, ADA_SECRET)
+    old_second = await _unbound(store, vault, second, BOB_SECRET)
+    async with store.transaction() as conn:
+        old = (await conn.execute(sa.select(T).where(T.c.id == second))).one()
+    assert await rotation.unbound(store) == 2
+    # Until rebind has run, a row sealed the old way opens (an upgrade loses nothing).
+    assert (await identities.open_secret(store, vault, operator.workspace_id, first)).token == ADA_SECRET
+    batches: list[int] = []
+    # What `serve` does at start: re-seal, not mark (a replica of the older release may still seal unbound).
+    assert await rotation.rebind(store, vault, mark=False, batch=1, progress=batches.append) == 2
+    assert batches == [1, 1] and await rotation.unbound(store) == 0 and await _bound_at(store, operator) is None
+    assert (await identities.open_secret(store, vault, operator.workspace_id, first)).token == ADA_SECRET
+    assert (await identities.open_secret(store, vault, operator.workspace_id, second)).token == BOB_SECRET
+    async with store.transaction() as conn:
+        rebound = (await conn.execute(sa.select(T).where(T.c.id == second))).one()
+        rebound_events = sa.select(schema.audit_events).where(schema.audit_events.c.method == "vault.rebound")
+        events = (await conn.execute(rebound_events)).all()
+    assert rebound.sealed_bound is True and rebound.dek_wrapped != old_second
+    assert sum(e.detail["rows"] for e in events) == 2
+    # What `vault rebind` does once every replica is upgraded: nothing left to re-seal, so the workspace is marked.
+    assert await rotation.rebind(store, vault, mark=True) == 0
+    assert await _bound_at(store, operator) is not None
+    # An old ciphertext restored over the row (and flagged unbound again) no longer opens, nor is it re-sealed.
+    restore = {"dek_wrapped": old.dek_wrapped, "secret_sealed": old.secret_sealed, "sealed_bound": False}
+    async with store.transaction() as conn:
+        await conn.execute(T.update().where(T.c.id == second).values(restore))
+    with pytest.raises(Unbound):
+        await identities.open_secret(store, vault, operator.workspace_id, second)
+    assert await rotation.rebind(store, vault, mark=True) == 0
+
+
+async def test_a_seal_that_does_not_open_is_left_and_keeps_its_workspace_unmarked(
+    store: Store, vault: Vault, hasher: KeyHasher, operator: Actor
+) -> None:
+    first, second = await _two_rows(store, vault, hasher, operator)
+    async with store.transaction() as conn:
+        await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
+    await _unbound(store, vault, first, ADA_SECRET)
+    await _unbound(store, vault, second, BOB_SECRET)
+    await _swap(store, first, second, ("secret_sealed",))  # neither opens now
+    assert await rotation.rebind(store, vault, mark=True) == 0
+    assert await rotation.unbound(store) == 2 and await _bound_at(store, operator) is None
+    await _swap(store, first, second, ("secret_sealed",))
+    assert await rotation.rebind(store, vault, mark=True) == 2
+    assert await _bound_at(store, operator) is not None
+
+
+async def test_rotation_rewraps_bound_seals_and_they_still_open(
+    store: Store, vault: Vault, hasher: KeyHasher, operator: Actor
+) -> None:
+    first, _second = await _two_rows(store, vault, hasher, operator)
+    after = Vault(Keyring({**vault.keyring.keys(), "k2": os.urandom(32)}, "k2"))
+    assert await rotation.rewrap(store, after, operator) == 2
+    assert (await identities.open_secret(store, after, operator.workspace_id, first)).token == ADA_SECRET
+
+
+async def test_serving_re_seals_old_rows_bound_at_start_and_leaves_marking_to_the_operator(
+    store: Store,
+    vault: Vault,
+    hasher: KeyHasher,
+    operator: Actor,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, second = await _two_rows(store, vault, hasher, operator)
+    async with store.transaction() as conn:
+        await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
+    await _unbound(store, vault, first, ADA_SECRET)
+    await _unbound(store, vault, second, BOB_SECRET)
+    real, ran = rotation.rebind, anyio.Event()
+    marks: list[bool] = []
+
+    async def watched(target: Store, with_vault: Vault, *, mark: bool) -> int:
+        marks.append(mark)
+        done = await real(target, with_vault, mark=mark)  # the real re-seal, observed: says when it has run
+        ran.set()
+        return done
+
+    monkeypatch.setattr(rotation, "rebind", watched)
+    async with serving(create_app(settings, store)):
+        with anyio.fail_after(10):  # a bound on waiting, not a timing: the re-seal runs in the background
+            await ran.wait()
+    assert marks == [False] and await rotation.unbound(store) == 0
+    assert (await identities.open_secret(store, vault, operator.workspace_id, second)).token == BOB_SECRET
+    assert await _bound_at(store, operator) is None

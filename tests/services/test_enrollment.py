@@ -79,6 +79,31 @@ async def test_a_drafted_token_survives_key_rotation_and_opens_as_the_identity_a
     assert opened.token == "ada-drafted-credential"
 
 
+async def test_a_draft_sealed_before_0010_is_bound_to_its_enrolling_member_by_rebind(
+    store: Store, hasher: KeyHasher, operator: Actor, vault: Vault
+) -> None:
+    owner = await build_world(store, operator, "http://127.0.0.1:9/mcp")
+    secret = await new_link(store, hasher, owner)
+    ada = await _signed_in(store, hasher, operator, "ada@example.com")
+    draft = await enrollment.start(store, hasher, ada, secret)
+    await enrollment.set_token(store, vault, hasher, ada, draft.id, "crm", bearer_secret("ada-drafted-credential"))
+    async with store.transaction() as conn:  # as 0010 finds a draft sealed by the release before
+        row = (await conn.execute(sa.select(schema.draft_identities))).one()
+        assert (row.owner_id, row.sealed_bound) == (ada.member.id, True)
+        old = vault.seal(row.workspace_id, row.id, bearer_secret("ada-drafted-credential"))
+        unbound = {"dek_wrapped": old.dek_wrapped, "secret_sealed": old.secret_sealed, "sealed_bound": False}
+        await conn.execute(schema.draft_identities.update().values(owner_id=None, **unbound))
+        await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
+    assert await rotation.rebind(store, vault, mark=True) == 1
+    async with store.transaction() as conn:
+        rebound = (await conn.execute(sa.select(schema.draft_identities))).one()
+    assert (rebound.owner_id, rebound.sealed_bound) == (ada.member.id, True)
+    enrolled = await enrollment.approve(store, hasher, ada, draft.id)
+    identity_id = enrolled.connection.identities["crm"]
+    opened = await identities.open_secret(store, vault, ada.member.workspace_id, identity_id)
+    assert opened.token == "ada-drafted-credential"
+
+
 async def test_an_approval_that_fails_leaves_the_draft_and_creates_nothing(
     store: Store, hasher: KeyHasher, operator: Actor, vault: Vault
 ) -> None:

@@ -20,6 +20,7 @@ from bastion.cli.keyring_file import (
 )
 from bastion.cli.options import JsonFlag
 from bastion.cli.output import console, emit_json, emit_record, emit_table, progress_bar, success, warn
+from bastion.domain.capabilities import Capability
 from bastion.errors import ConfigError, NotFound
 from bastion.services import rotation
 from bastion.settings import check_secrets, load_settings
@@ -58,6 +59,7 @@ def status(json_out: JsonFlag = False) -> None:
             **_source(file_keyring(ctx.settings)),
             "primary_key_id": ctx.vault.keyring.primary_id,
             "pending_rewrap": await rotation.remaining(ctx.store, ctx.vault),
+            "pending_rebind": await rotation.unbound(ctx.store),
             "keys": keys,
         }
 
@@ -68,7 +70,8 @@ def status(json_out: JsonFlag = False) -> None:
     emit_table(doc["keys"], COLUMNS, title="Vault keys")
     where = doc["config_file"] or "the environment (BASTION_VAULT_KEYS)"
     console.print(
-        f"keyring from {where}; {doc['pending_rewrap']} row(s) not yet under the primary key",
+        f"keyring from {where}; {doc['pending_rewrap']} row(s) not yet under the primary key; "
+        f"{doc['pending_rebind']} identity seal(s) not yet bound to server and owner",
         markup=False,
         highlight=False,
     )
@@ -158,6 +161,24 @@ def rewrap(batch: Batch = rotation.DEFAULT_BATCH, json_out: JsonFlag = False) ->
         emit_json(doc)
     else:
         success(f"re-wrapped {doc['rewrapped']} row(s) under {doc['primary_key_id']}; {doc['remaining']} remain")
+
+
+@vault_app.command("rebind")
+def rebind(batch: Batch = rotation.DEFAULT_BATCH, json_out: JsonFlag = False) -> None:
+    """Bind every identity seal to its server and owner, then refuse unbound ones. Run it after an upgrade to 0010,
+    once every replica runs it (`bastion serve` re-seals at start too, but older replicas may still seal unbound)."""
+
+    async def body(ctx: CliContext) -> dict[str, Any]:
+        ctx.actor.require(Capability.IDENTITIES_MANAGE)
+        with progress_bar("binding identity seals to server and owner", await rotation.unbound(ctx.store)) as advance:
+            done = await rotation.rebind(ctx.store, ctx.vault, mark=True, batch=batch, progress=advance)
+        return {"rebound": done, "remaining": await rotation.unbound(ctx.store)}
+
+    doc = run_with(body)
+    if json_out:
+        emit_json(doc)
+    else:
+        success(f"bound {doc['rebound']} identity seal(s) to their server and owner; {doc['remaining']} remain")
 
 
 @vault_app.command("retire")

@@ -62,6 +62,8 @@ workspaces: Final = sa.Table(
     _id(),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
+    # Since when every identity seal here binds server and owner (db/seals.py): an unbound one is refused after.
+    sa.Column("seals_bound_at", UTCDateTime(), nullable=True),
 )
 
 roles: Final = sa.Table(
@@ -204,6 +206,8 @@ identities: Final = sa.Table(
     sa.Column("kek_id", sa.String(64), nullable=False),
     sa.Column("dek_wrapped", sa.LargeBinary, nullable=False),
     sa.Column("secret_sealed", sa.LargeBinary, nullable=False),
+    # Whether the seal binds server_id and owner_id too (vault.sealer.Binding); False only for seals made before.
+    sa.Column("sealed_bound", sa.Boolean, nullable=False, server_default=sa.false()),
     *_stamps(),
     sa.Index("ix_identities_owner_server", "owner_id", "server_id"),
     sa.Index("ix_identities_kek_id", "kek_id"),
@@ -523,6 +527,9 @@ draft_identities: Final = sa.Table(
     sa.Column("kek_id", sa.String(64), nullable=True),
     sa.Column("dek_wrapped", sa.LargeBinary, nullable=True),
     sa.Column("secret_sealed", sa.LargeBinary, nullable=True),
+    # The enrolling member, whom the seal binds with server_id as it will bind the identity (as on identities).
+    sa.Column("owner_id", sa.String(ID), nullable=True),
+    sa.Column("sealed_bound", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.UniqueConstraint("draft_id", "alias"),
     sa.Index("ix_draft_identities_kek_id", "kek_id"),

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, schema
+from bastion.db.seals import binding_for
 from bastion.db.store import Store, emit
 from bastion.domain.actor import Actor
 from bastion.domain.identities import IdentityKind, IdentitySecret, IdentityStatus
@@ -42,7 +43,7 @@ from bastion.services import vault_keys
 from bastion.services.actions import action
 from bastion.types import JSONObject, WorkspaceId
 from bastion.upstream.refusals import generation
-from bastion.vault.sealer import Vault
+from bastion.vault.sealer import Binding, Vault
 
 if TYPE_CHECKING:
     from bastion.services.apikeys import KeyHasher  # services.apikeys imports members, which imports us
@@ -256,7 +257,9 @@ class Refresher:
             status=IdentityStatus(row.status),
             version=row.version,
             details=details,
-            secret=self._vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed),
+            secret=self._vault.open(
+                row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed, await binding_for(conn, row)
+            ),
             client=client,
         )
 
@@ -323,7 +326,7 @@ class Refresher:
         tokens are merged into what it holds now, so nothing written meanwhile is lost.
         """
         new = IdentitySecret(access_token=answer.access_token, refresh_token=answer.refresh_token or used)
-        sealed = self._vault.seal(state.workspace_id, state.identity_id, new)
+        sealed = self._vault.seal(state.workspace_id, state.identity_id, new, Binding(state.server_id, state.owner_id))
         async with self._store.transaction() as conn:
             for _attempt in range(COMMIT_ATTEMPTS):
                 current = await self._read_in(conn, state.workspace_id, state.identity_id)
@@ -342,6 +345,7 @@ class Refresher:
                         kek_id=sealed.kek_id,
                         dek_wrapped=sealed.dek_wrapped,
                         secret_sealed=sealed.secret_sealed,
+                        sealed_bound=True,
                         fingerprint=self._hasher.digest(answer.access_token)[:8].hex(),
                         last4=answer.access_token[-4:] if len(answer.access_token) >= 12 else "…",
                         details=details,

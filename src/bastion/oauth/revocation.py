@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import schema
+from bastion.db.seals import binding_for
 from bastion.domain.identities import IdentityKind
 from bastion.errors import BastionError
 from bastion.oauth import tokens
@@ -68,11 +69,14 @@ class Revoker:
 
     async def gather_rows(self, conn: AsyncConnection, found: Iterable[sa.Row[Any]]) -> list[Revocation]:
         """Revocations for rows sealed like identities (``id``, ``workspace_id``, ``details``, ``dek_wrapped``,
-        ``secret_sealed``): an identity's, or an enrollment draft's OAuth choice, sealed under its future id."""
+        ``secret_sealed`` and the binding's ``server_id``, ``owner_id``, ``sealed_bound``): an identity's, or an
+        enrollment draft's OAuth choice, sealed under its future id."""
         out: list[Revocation] = []
         for row in found:
             details = dict(row.details)
-            secret = self._vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed)
+            secret = self._vault.open(
+                row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed, await binding_for(conn, row)
+            )
             client_row = details.get("oauth_client")
             endpoint = details.get("revocation_endpoint")
             out.append(

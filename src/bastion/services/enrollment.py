@@ -34,7 +34,7 @@ from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
 from bastion.services.sessions import Lifetimes, SignedIn
 from bastion.types import JSONObject, MemberId, ServerId, WorkspaceId
-from bastion.vault.sealer import Vault
+from bastion.vault.sealer import Binding, Vault
 
 logger = logging.getLogger("bastion.enrollment")
 
@@ -404,7 +404,7 @@ async def _seal_choice(
     # The identity's id is chosen now and bound into the ciphertext, and is the draft row's id too: approval moves
     # the sealed bytes as they are, and key rotation re-wraps draft rows like identity rows.
     identity_id = new_id()
-    sealed = vault.seal(draft.workspace_id, identity_id, secret)
+    sealed = vault.seal(draft.workspace_id, identity_id, secret, Binding(slot.server.id, draft.member_id))
     await vault_keys.record_seal(conn, sealed.kek_id)
     fingerprint, last4 = identities.fingerprint(hasher, secret)
     replaced = await _replace_choice(
@@ -422,6 +422,8 @@ async def _seal_choice(
             "kek_id": sealed.kek_id,
             "dek_wrapped": sealed.dek_wrapped,
             "secret_sealed": sealed.secret_sealed,
+            "owner_id": draft.member_id,
+            "sealed_bound": True,
         },
     )
     return _except(replaced, secret)
@@ -584,6 +586,7 @@ async def _create_identity(conn: AsyncConnection, who: SignedIn, row: sa.Row[Any
             kek_id=row.kek_id,
             dek_wrapped=row.dek_wrapped,
             secret_sealed=row.secret_sealed,
+            sealed_bound=row.sealed_bound,
             version=1,
             created_at=now,
             updated_at=now,
@@ -677,7 +680,7 @@ async def replace_secret(
                 replaced = _except(await revoker.gather(conn, current.workspace_id, I.c.id == current.id), secret)
             except Exception as exc:  # noqa: BLE001  the old grant unreadable: reconnecting must still work
                 logger.warning("the replaced OAuth grant could not be opened for revocation (%s)", type(exc).__name__)
-        sealed = vault.seal(current.workspace_id, current.id, secret)
+        sealed = vault.seal(current.workspace_id, current.id, secret, Binding(current.server_id, current.owner_id))
         await vault_keys.record_seal(conn, sealed.kek_id)
         fingerprint, last4 = identities.fingerprint(hasher, secret)
         await crud.update_versioned(
@@ -689,6 +692,7 @@ async def replace_secret(
                 "kek_id": sealed.kek_id,
                 "dek_wrapped": sealed.dek_wrapped,
                 "secret_sealed": sealed.secret_sealed,
+                "sealed_bound": True,
                 "fingerprint": fingerprint,
                 "last4": last4,
                 "details": {**dict(details), "header_names": ["Authorization"]},

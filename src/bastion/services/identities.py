@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.db import crud, schema
 from bastion.db.crud import Page
+from bastion.db.seals import binding_for
 from bastion.db.store import Store, emit
 from bastion.domain import naming
 from bastion.domain.actor import Actor
@@ -24,7 +25,7 @@ from bastion.services import members, servers, vault_keys
 from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
 from bastion.types import JSONObject, JSONValue, MemberId, ServerId, WorkspaceId
-from bastion.vault.sealer import Vault
+from bastion.vault.sealer import Binding, Vault
 
 T = schema.identities
 
@@ -93,7 +94,7 @@ async def create(
         else:
             raise ValidationFailed("name the member who owns this identity, or make it global", field="member")
         _check_access(actor, owner_id)
-        sealed = vault.seal(actor.workspace_id, identity_id, secret)
+        sealed = vault.seal(actor.workspace_id, identity_id, secret, Binding(target.id, owner_id))
         await vault_keys.record_seal(conn, sealed.kek_id)
         fp, last4 = fingerprint(hasher, secret)
         header_names = sorted(secret.headers) if secret.headers else (["Authorization"] if secret.primary() else [])
@@ -112,6 +113,7 @@ async def create(
                 kek_id=sealed.kek_id,
                 dek_wrapped=sealed.dek_wrapped,
                 secret_sealed=sealed.secret_sealed,
+                sealed_bound=True,
                 version=1,
                 created_at=now,
                 updated_at=now,
@@ -187,15 +189,17 @@ async def update(
             values["status"] = status.value
         if secret is not None:
             row = await crud.fetch_one(conn, T, T.c.id == current.id, what="identity")
-            was = vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed)
+            binding = await binding_for(conn, row)
+            was = vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed, binding)
             presents_another = was.outbound_headers() != secret.outbound_headers()
-            sealed = vault.seal(actor.workspace_id, current.id, secret)
+            sealed = vault.seal(actor.workspace_id, current.id, secret, Binding(row.server_id, row.owner_id))
             await vault_keys.record_seal(conn, sealed.kek_id)
             fp, last4 = fingerprint(hasher, secret)
             values.update(
                 kek_id=sealed.kek_id,
                 dek_wrapped=sealed.dek_wrapped,
                 secret_sealed=sealed.secret_sealed,
+                sealed_bound=True,
                 fingerprint=fp,
                 last4=last4,
             )
@@ -243,4 +247,5 @@ async def open_secret(store: Store, vault: Vault, workspace_id: str, identity_id
     """The plaintext credential, for the data plane only (no actor: the caller already resolved a Principal)."""
     async with store.transaction() as conn:
         row = await crud.fetch_one(conn, T, T.c.workspace_id == workspace_id, T.c.id == identity_id, what="identity")
-    return vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed)
+        binding = await binding_for(conn, row)
+    return vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed, binding)

@@ -24,7 +24,9 @@ async def ensure_workspace(store: Store, name: str = "Default") -> Workspace:
             return rows.workspace(existing)
         now = datetime.now(UTC)
         workspace_id = new_id()
-        await conn.execute(schema.workspaces.insert().values(id=workspace_id, name=name, created_at=now))
+        await conn.execute(
+            schema.workspaces.insert().values(id=workspace_id, name=name, created_at=now, seals_bound_at=now)
+        )
         await _ensure_builtin_roles(conn, workspace_id)
         return Workspace(id=rows.WorkspaceId(workspace_id), name=name, created_at=now)
 

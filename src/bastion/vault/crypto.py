@@ -1,8 +1,9 @@
 """Envelope encryption: a random data key per identity, sealed by a key-encryption key from a keyring.
 
 Every ciphertext is ``b"v1" | len(key_id) | key_id | nonce(12) | ciphertext+tag(16)``. Associated
-data binds ``workspace_id | identity_id | field`` so a ciphertext copied to another row or field fails
-to open. Nothing here touches storage; callers pass the bytes in and out.
+data binds ``workspace_id | identity_id | field`` (and for an identity, its server and owner) so a ciphertext
+copied to another row or field, or a row re-pointed to another server or member, fails to open. Nothing here
+touches storage; callers pass the bytes in and out.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class UnknownKey(VaultError):
     code = "vault_unknown_key"
 
 
-def associated_data(workspace_id: str, identity_id: str, field: str) -> bytes:
-    for part in (workspace_id, identity_id, field):
+def associated_data(workspace_id: str, identity_id: str, field: str, *bound: str) -> bytes:
+    """``workspace_id|identity_id|field``, then whatever else the row is ``bound`` to (its server, its owner)."""
+    parts = (workspace_id, identity_id, field, *bound)
+    for part in parts:
         if "|" in part:
             raise ValueError("associated data parts must not contain '|'")
-    return f"{workspace_id}|{identity_id}|{field}".encode()
+    return "|".join(parts).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import AsyncGenerator
@@ -28,7 +29,7 @@ from bastion.events.replicas import Replica
 from bastion.pipeline.admission import Admission
 from bastion.pipeline.handshake import HandshakeRelay
 from bastion.pipeline.modern import ModernRelay
-from bastion.services import janitor
+from bastion.services import janitor, rotation
 from bastion.services.delivery import Sender, Worker
 from bastion.settings import Settings
 from bastion.web import ui
@@ -45,6 +46,8 @@ from bastion.web.oauth_routes import client_metadata_route
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from fastapi.routing import APIRoute
+
+    from bastion.vault.sealer import Vault
 
 
 @dataclass(slots=True)
@@ -106,7 +109,27 @@ def _new_api() -> FastAPI:
     return api
 
 
+logger = logging.getLogger("bastion.app")
 CHANGE_POLL_S: Final = 0.25
+REBIND_RETRY_S: Final = 60.0
+
+
+async def _rebind_seals(store: Store, vault: Vault) -> None:
+    """Migration 0010's online half: identities sealed unbound are re-sealed bound to server and owner.
+
+    They open meanwhile, and until `bastion vault rebind` marks their workspace (db/seals.py); a failure (the
+    database away) tries again.
+    """
+    while True:
+        try:
+            done = await rotation.rebind(store, vault, mark=False)  # older replicas may still seal unbound
+        except Exception as exc:  # noqa: BLE001  serving goes on; the next attempt (or `vault rebind`) finishes it
+            logger.warning("binding identity seals to server and owner failed (%s); trying again", type(exc).__name__)
+            await anyio.sleep(REBIND_RETRY_S)
+            continue
+        if done:
+            logger.info("bound identity seals to their server and owner", extra={"rows": done})
+        return
 
 
 async def _freshen_every(store: Store, interval_s: float) -> None:
@@ -215,6 +238,7 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
                 )
             )
             tasks.start_soon(webhook_worker.run)
+            tasks.start_soon(_rebind_seals, parts.store, parts.vault)
             if parts.store.dialect == "sqlite":
                 # What a CLI commits reaches this process within a poll (the data plane looks before each call).
                 tasks.start_soon(_freshen_every, parts.store, CHANGE_POLL_S)

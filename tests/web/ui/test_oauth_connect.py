@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from bastion.db import schema
+from bastion.db.seals import binding_for
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.identities import IdentityKind, IdentityStatus
@@ -64,7 +65,8 @@ async def _through_the_authorization_server(browser: Browser, started: httpx2.Re
 async def _secret_of(store: Store, vault: Any, identity_id: str) -> Any:
     async with store.transaction() as conn:
         row = (await conn.execute(sa.select(schema.identities).where(schema.identities.c.id == identity_id))).one()
-    return vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed)
+        binding = await binding_for(conn, row)
+    return vault.open(row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed, binding)
 
 
 async def test_connecting_with_oauth_fills_the_draft_and_approval_makes_an_oauth_identity(
