@@ -150,20 +150,29 @@ async def test_a_row_re_pointed_to_another_member_or_server_does_not_open(
         assert (await identities.open_secret(store, vault, operator.workspace_id, first)).token == ADA_SECRET
 
 
-async def _unbound(store: Store, vault: Vault, identity_id: str, secret: str) -> bytes:
-    """Seal ``identity_id`` again as releases before 0010 did (bound to workspace and id only); the old dek."""
+async def _unbound(store: Store, vault: Vault, identity_id: str, secret: str) -> None:
+    """Seal ``identity_id`` again as releases before 0010 did (bound to workspace and id only)."""
     async with store.transaction() as conn:
         row = (await conn.execute(sa.select(T).where(T.c.id == identity_id))).one()
         sealed = vault.seal(row.workspace_id, row.id, bearer_secret(secret))
         values = {"dek_wrapped": sealed.dek_wrapped, "secret_sealed": sealed.secret_sealed, "sealed_bound": False}
         await conn.execute(T.update().where(T.c.id == identity_id).values(values))
-    return sealed.dek_wrapped
 
 
 async def _bound_at(store: Store, operator: Actor) -> Any:
     async with store.transaction() as conn:
         query = sa.select(schema.workspaces.c.seals_bound_at).where(schema.workspaces.c.id == operator.workspace_id)
         return (await conn.execute(query)).scalar_one()
+
+
+async def _as_before_0010(store: Store, vault: Vault, hasher: KeyHasher, operator: Actor) -> tuple[str, str]:
+    """Two identities as migration 0010 finds them: sealed unbound, in a workspace not yet marked."""
+    first, second = await _two_rows(store, vault, hasher, operator)
+    async with store.transaction() as conn:
+        await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
+    await _unbound(store, vault, first, ADA_SECRET)
+    await _unbound(store, vault, second, BOB_SECRET)
+    return first, second
 
 
 async def test_a_new_workspace_refuses_unbound_seals_from_the_start(
@@ -183,13 +192,10 @@ async def test_a_new_workspace_refuses_unbound_seals_from_the_start(
 async def test_rebind_re_seals_an_upgraded_workspace_then_marking_refuses_unbound_rows(
     store: Store, vault: Vault, hasher: KeyHasher, operator: Actor
 ) -> None:
-    first, second = await _two_rows(store, vault, hasher, operator)
-    async with store.transaction() as conn:  # as migration 0010 leaves a workspace that existed before it
-        await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
-    await _unbound(store, vault, first, ADA_SECRET)
-    old_second = await _unbound(store, vault, second, BOB_SECRET)
+    first, second = await _as_before_0010(store, vault, hasher, operator)
     async with store.transaction() as conn:
         old = (await conn.execute(sa.select(T).where(T.c.id == second))).one()
+    old_second = old.dek_wrapped
     assert await rotation.unbound(store) == 2
     # Until rebind has run, a row sealed the old way opens (an upgrade loses nothing).
     assert (await identities.open_secret(store, vault, operator.workspace_id, first)).token == ADA_SECRET
@@ -220,11 +226,7 @@ async def test_rebind_re_seals_an_upgraded_workspace_then_marking_refuses_unboun
 async def test_a_seal_that_does_not_open_is_left_and_keeps_its_workspace_unmarked(
     store: Store, vault: Vault, hasher: KeyHasher, operator: Actor
 ) -> None:
-    first, second = await _two_rows(store, vault, hasher, operator)
-    async with store.transaction() as conn:
-        await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
-    await _unbound(store, vault, first, ADA_SECRET)
-    await _unbound(store, vault, second, BOB_SECRET)
+    first, second = await _as_before_0010(store, vault, hasher, operator)
     await _swap(store, first, second, ("secret_sealed",))  # neither opens now
     assert await rotation.rebind(store, vault, mark=True) == 0
     assert await rotation.unbound(store) == 2 and await _bound_at(store, operator) is None
@@ -250,11 +252,7 @@ async def test_serving_re_seals_old_rows_bound_at_start_and_leaves_marking_to_th
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    first, second = await _two_rows(store, vault, hasher, operator)
-    async with store.transaction() as conn:
-        await conn.execute(schema.workspaces.update().values(seals_bound_at=None))
-    await _unbound(store, vault, first, ADA_SECRET)
-    await _unbound(store, vault, second, BOB_SECRET)
+    _first, second = await _as_before_0010(store, vault, hasher, operator)
     real, ran = rotation.rebind, anyio.Event()
     marks: list[bool] = []
 
