@@ -34,6 +34,7 @@ def event_body(
     token_id: str | None = None,
     claim_code: str | None = None,
     event_id: str | None = None,
+    **extra: str | None,
 ) -> bytes:
     """The JSON body of one event, in the wire format of Bastion's webhooks."""
     data: dict[str, Any] = {
@@ -48,6 +49,7 @@ def event_body(
         "claim_code": claim_code,
         "claim_expires_at": "2030-01-01T00:00:00Z" if claim_code else None,
         "mcp_url": f"http://bastion.test/g/{gateway}/mcp" if gateway else None,
+        **extra,
     }
     return json.dumps({"type": kind, "timestamp": "2026-01-01T00:00:00Z", "data": data}).encode("utf-8")
 

@@ -95,6 +95,29 @@ async def test_a_disabled_host_or_connection_keeps_the_token_and_re_enabling_res
     assert (await token_map.credential("ada@example.com")).token == "bst_ada"
 
 
+async def test_a_token_about_to_expire_is_followed_by_its_successor_in_either_order(token_map: TokenMap) -> None:
+    for connection, successor_first in (("c1", True), ("c2", False)):
+        old, new = f"{connection}-old", f"{connection}-new"
+        created = event_body("connection.created", version=1, connection_id=connection, token="bst_o", token_id=old)
+        successor = event_body("token.minted", version=2, connection_id=connection, token="bst_n", token_id=new)
+        expiring = event_body(
+            "token.expiring",
+            version=3,
+            connection_id=connection,
+            token_id=old,
+            expires_at="2026-02-01T00:00:00Z",
+            successor_token_id=new,
+        )
+        parsed = parse_event(expiring)
+        assert (parsed.token_id, parsed.expires_at, parsed.successor_token_id) == (old, "2026-02-01T00:00:00Z", new)
+        for body in (created, successor, expiring) if successor_first else (created, expiring, successor):
+            await token_map.apply(parse_event(body))
+        (found,) = [e for e in await token_map.enrollments() if e.connection_id == connection]
+        assert (found.status, found.token_id, found.version) == ("active", new, 3)
+    with pytest.raises(ValueError, match=r"token\.expiring event names the token"):
+        parse_event(event_body("token.expiring", version=4, expires_at="2026-02-01T00:00:00Z"))
+
+
 async def test_a_person_not_in_the_map_is_not_enrolled_and_gets_the_link(token_map: TokenMap) -> None:
     with pytest.raises(NotEnrolled) as caught:
         await token_map.credential("grace@example.com", link=LINK)

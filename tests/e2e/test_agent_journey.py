@@ -6,7 +6,8 @@ the web pages (pasting their own upstream credential); Bastion's webhook hands t
 redeems it and its map holds the person; the agent asks a tool as that person and the upstream sees the person's own
 credential; the audit log names them. Disabling the host refuses the next call with a clear error and keeps the
 person in the map; enabling it again restores calls. And: the agent is down while events are produced; once back,
-every event arrives, one of them retried out of order, and the map ends in the state of the newest events.
+every event arrives, one of them retried out of order, and the map ends in the state of the newest events. And: a
+token about to expire is succeeded, and the agent moves to the successor with nobody copying a token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,6 +42,7 @@ GATEWAY: Final = "sales"
 SERVER: Final = "crm"
 TOOL: Final = f"{SERVER}__whoami"
 WAIT_S: Final = 60  # Bastion retries with backoff: a delivery after an outage may take a few retry rounds
+SHORT_LIFETIME: Final = timedelta(seconds=8)  # announced a quarter of it (2 s) ahead of its expiry
 TOKEN_ON_PAGE: Final = re.compile(r'id="token" type="text" readonly value="(bst_[A-Za-z0-9]+)"')
 
 
@@ -123,6 +126,7 @@ async def world(tmp_path: Path) -> AsyncGenerator[World]:
             BASTION_DATA_DIR=str(tmp_path / "data"),
             BASTION_PUBLIC_URL=f"http://127.0.0.1:{bastion_port}",
             BASTION_OUTBOUND_ALLOW_LOOPBACK="true",  # the upstream and the agent listen on http://127.0.0.1
+            BASTION_JANITOR_INTERVAL_S="1",  # tokens about to expire are announced within a second
             **{f"BASTION_{k.upper()}": v for k, v in generate_secrets().items()},
         )
         admin_key = _cli(env, tmp_path, "init", "--owner-email", "admin@example.com")["owner"]["api_key"]
@@ -372,3 +376,42 @@ async def test_events_produced_while_the_agent_is_down_all_arrive_and_end_in_the
     assert (409, "failed") in outcomes
     assert outcomes.count((200, "delivered")) == len(listed["items"])
     assert {e.type for e in inbox.events} >= produced | {"connection.created", "host.disabled", "host.enabled"}
+
+
+def _token_event(kind: str, token_id: str | None) -> Callable[[list[Event]], bool]:
+    return lambda events: any(e.type == kind and e.token_id == token_id for e in events)
+
+
+async def test_a_token_about_to_expire_is_succeeded_and_the_agent_moves_to_the_successor(world: World) -> None:
+    inbox = Inbox()
+    async with running_agent(world, inbox) as agent:
+        await enroll(world, ADA)
+        await inbox.wait_for("Ada's connection", _about(ADA, "connection.created"))
+        (enrolled,) = await agent.token_map.enrollments(ADA.email)
+        # Ada's connection is left with one token, which expires in a few seconds.
+        expires_at = datetime.now(UTC) + SHORT_LIFETIME
+        connection = f"/connections/{enrolled.connection_id}"
+        short = await _ok(
+            await world.admin.post(f"{connection}/tokens", json={"expires_at": expires_at.isoformat()}), 201
+        )
+        await _ok(await world.admin.post(f"/tokens/{enrolled.token_id}/revoke"))
+        short_id = short["token"]["id"]
+        await inbox.wait_for("the short-lived token", _token_event("token.minted", short_id))
+
+        await inbox.wait_for("token.expiring", _token_event("token.expiring", short_id))
+        expiring = next(e for e in inbox.events if e.type == "token.expiring")
+        assert expiring.successor_token_id is not None and expiring.expires_at is not None
+        assert datetime.fromisoformat(expiring.expires_at) == datetime.fromisoformat(short["token"]["expires_at"])
+        await inbox.wait_for("the successor", _token_event("token.minted", expiring.successor_token_id))
+        (moved,) = await agent.token_map.enrollments(ADA.email)
+        assert (moved.status, moved.token_id) == ("active", expiring.successor_token_id)
+
+        # Past the short-lived token's expiry, the agent still calls as Ada: with the successor.
+        await anyio.sleep(max(0.0, (expires_at - datetime.now(UTC)).total_seconds()) + 0.5)
+        answered = await ask(agent, ADA)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["answer"] == ADA.credential
+        tokens = (await _ok(await world.admin.get("/tokens", params={"member": ADA.email})))["items"]
+        by_id = {t["id"]: t for t in tokens}
+        assert by_id[expiring.successor_token_id]["revoked_at"] is None
+        assert by_id[expiring.successor_token_id]["last_used_at"] is not None

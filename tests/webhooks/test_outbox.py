@@ -13,7 +13,7 @@ from bastion.db.store import Store
 from bastion.domain import tokens as token_format
 from bastion.domain.actor import Actor
 from bastion.domain.specs import HostSpec
-from bastion.domain.webhooks import TokenDelivery
+from bastion.domain.webhooks import SUBSCRIBABLE, TokenDelivery
 from bastion.services import connections, endpoints, hosts, members, outbox, rotation, tokens, webhooks
 from bastion.services.apikeys import KeyHasher
 from tests.webhooks.support import ADA, GATEWAY, World, build_world
@@ -147,7 +147,7 @@ async def test_a_host_s_webhook_url_is_its_first_endpoint_and_waits_for_a_secret
     host = await hosts.create(world.store, world.operator, HostSpec("crm-agent", webhook_url=URL))
     (endpoint,) = await webhooks.list_endpoints(world.store, world.operator, host.id)
     assert (endpoint.url, endpoint.from_host, endpoint.secrets) == (URL, True, ())
-    assert endpoint.token_delivery is TokenDelivery.CLAIM_CODE and len(endpoint.event_types) == 7
+    assert endpoint.token_delivery is TokenDelivery.CLAIM_CODE and endpoint.event_types == SUBSCRIBABLE
 
     await hosts.update(world.store, world.operator, host.id, {"webhook_url": URL + "/v2"})
     (moved,) = await webhooks.list_endpoints(world.store, world.operator, host.id)

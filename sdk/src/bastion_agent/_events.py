@@ -10,6 +10,7 @@ EventType = Literal[
     "connection.created",
     "token.minted",
     "token.revoked",
+    "token.expiring",
     "connection.disabled",
     "connection.enabled",
     "host.disabled",
@@ -17,7 +18,14 @@ EventType = Literal[
     "webhook.test",
 ]
 CONNECTION_EVENTS: Final[frozenset[str]] = frozenset(
-    {"connection.created", "token.minted", "token.revoked", "connection.disabled", "connection.enabled"}
+    {
+        "connection.created",
+        "token.minted",
+        "token.revoked",
+        "token.expiring",
+        "connection.disabled",
+        "connection.enabled",
+    }
 )
 HOST_EVENTS: Final[frozenset[str]] = frozenset({"host.disabled", "host.enabled"})
 MAX_BODY_BYTES: Final = 64 * 1024
@@ -46,6 +54,9 @@ class Event:
     token_id: str | None = None
     mcp_url: str | None = None
     claim_expires_at: str | None = None
+    # token.expiring: when ``token_id`` expires, and the token minted to succeed it (delivered as token.minted).
+    expires_at: str | None = None
+    successor_token_id: str | None = None
     token: str | None = field(default=None, repr=False)
     claim_code: str | None = field(default=None, repr=False)
 
@@ -101,6 +112,8 @@ def parse_event(body: bytes) -> Event:
         token_id=_text(data, "token_id"),
         mcp_url=_text(data, "mcp_url"),
         claim_expires_at=_text(data, "claim_expires_at"),
+        expires_at=_text(data, "expires_at"),
+        successor_token_id=_text(data, "successor_token_id"),
         token=_text(data, "token"),
         claim_code=_text(data, "claim_code"),
     )
@@ -108,8 +121,8 @@ def parse_event(body: bytes) -> Event:
         raise ValueError(f"a {kind} event names its host, connection and member")
     if kind in HOST_EVENTS and not event.host:
         raise ValueError(f"a {kind} event names its host")
-    if kind == "token.revoked" and event.token_id is None:
-        raise ValueError("a token.revoked event names the token")
+    if kind in ("token.revoked", "token.expiring") and event.token_id is None:
+        raise ValueError(f"a {kind} event names the token")
     if event.token is not None and event.token_id is None:
         raise ValueError("an event carrying a token names its token id")
     return event

@@ -274,7 +274,11 @@ access_tokens: Final = sa.Table(
     sa.Column("expires_at", UTCDateTime(), nullable=True),
     sa.Column("revoked_at", UTCDateTime(), nullable=True),
     sa.Column("last_used_at", UTCDateTime(), nullable=True),
+    # When the host was told it expires soon (token.expiring, once), and the token minted to succeed it, if any.
+    sa.Column("expiry_noticed_at", UTCDateTime(), nullable=True),
+    sa.Column("successor_id", sa.String(ID), nullable=True),
     sa.Index("ix_access_tokens_connection_id", "connection_id"),
+    sa.Index("ix_access_tokens_expires_at", "expires_at"),
 )
 
 # --- Policy, content rules and rate limits (all read into memory per workspace; few rows) ---------------------

@@ -47,6 +47,7 @@ class EventType(StrEnum):
     CONNECTION_CREATED = "connection.created"
     TOKEN_MINTED = "token.minted"  # noqa: S105  an event name, not a secret
     TOKEN_REVOKED = "token.revoked"  # noqa: S105  an event name, not a secret
+    TOKEN_EXPIRING = "token.expiring"  # noqa: S105  an event name, not a secret
     CONNECTION_DISABLED = "connection.disabled"
     CONNECTION_ENABLED = "connection.enabled"
     HOST_DISABLED = "host.disabled"
@@ -226,6 +227,9 @@ class EventSubject:
     member_id: str | None = None
     member_email: str | None = None
     token_id: str | None = None
+    # token.expiring only: when the token expires, and the token minted to succeed it (None: none was).
+    expires_at: datetime | None = None
+    successor_token_id: str | None = None
 
 
 def payload(
@@ -250,8 +254,16 @@ def payload(
             "claim_code": None,
             "claim_expires_at": None,
             "mcp_url": None,
+            **_expiring(event_type, subject),
         },
     }
+
+
+def _expiring(event_type: EventType, subject: EventSubject) -> JSONObject:
+    if event_type is not EventType.TOKEN_EXPIRING:
+        return {}
+    expires_at = iso(subject.expires_at) if subject.expires_at is not None else None
+    return {"expires_at": expires_at, "successor_token_id": subject.successor_token_id}
 
 
 def body_bytes(

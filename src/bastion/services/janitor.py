@@ -5,6 +5,8 @@ signing in) and web sessions that can no longer be used are otherwise only clean
 person who starts or finishes something. ``run`` sweeps every ``interval_s`` for as long as the app serves
 (one task per process; the deletes are idempotent, so replicas may overlap). A failing sweep is logged by
 name and error type only (never a value: statements may carry digests) and tried again next time.
+
+It also announces tokens about to expire (`tokens.announce_expiring`), handing their hosts successors.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import anyio
 from bastion.db import changes
 from bastion.db.store import Store
 from bastion.oauth.revocation import Revoker
-from bastion.services import enrollment, oauth_connect, sessions, sso
+from bastion.services import enrollment, oauth_connect, sessions, sso, tokens
+from bastion.services.apikeys import KeyHasher
 from bastion.services.sessions import Lifetimes
 
 __all__ = ["DEFAULT_INTERVAL_S", "Swept", "run", "sweep"]
@@ -38,6 +41,7 @@ class Swept:
     sign_in_states: int | None
     sessions: int | None
     change_log: int | None = 0  # rows of the embedded database's change log older than an hour (db/changes.py)
+    expiring: int | None = 0  # tokens announced as expiring (not deleted: tokens.announce_expiring)
 
 
 async def _part(name: str, work: Callable[[], Awaitable[int]]) -> int | None:
@@ -48,10 +52,13 @@ async def _part(name: str, work: Callable[[], Awaitable[int]]) -> int | None:
         return None
 
 
-async def sweep(store: Store, lifetimes: Lifetimes, revoker: Revoker | None = None) -> Swept:
+async def sweep(
+    store: Store, lifetimes: Lifetimes, revoker: Revoker | None = None, hasher: KeyHasher | None = None
+) -> Swept:
     """Delete everything expired once; each part on its own, so one failing leaves the others done.
 
-    ``revoker``: revokes the OAuth grants expired enrollment drafts held (RFC 7009).
+    ``revoker``: revokes the OAuth grants expired enrollment drafts held (RFC 7009). ``hasher``: announces tokens
+    about to expire too (it mints their successors).
     """
     return Swept(
         drafts=await _part("enrollment drafts", lambda: enrollment.sweep(store, revoker, lifetimes)),
@@ -59,6 +66,7 @@ async def sweep(store: Store, lifetimes: Lifetimes, revoker: Revoker | None = No
         sign_in_states=await _part("sign-in states", lambda: sso.purge_states(store)),
         sessions=await _part("web sessions", lambda: sessions.sweep(store, lifetimes)),
         change_log=await _part("change log", lambda: _prune_changes(store)),
+        expiring=await _part("expiring tokens", lambda: tokens.announce_expiring(store, hasher)) if hasher else 0,
     )
 
 
@@ -68,7 +76,12 @@ async def _prune_changes(store: Store) -> int:
 
 
 async def run(
-    store: Store, lifetimes: Lifetimes, *, interval_s: float = DEFAULT_INTERVAL_S, revoker: Revoker | None = None
+    store: Store,
+    lifetimes: Lifetimes,
+    *,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    revoker: Revoker | None = None,
+    hasher: KeyHasher | None = None,
 ) -> NoReturn:
     """Sweep every ``interval_s`` (the first after one interval: starting up stays quick) until cancelled.
 
@@ -78,11 +91,11 @@ async def run(
     while True:
         await anyio.sleep(interval_s)
         with anyio.CancelScope(shield=True):
-            await _sweep_and_log(store, lifetimes, revoker)
+            await _sweep_and_log(store, lifetimes, revoker, hasher)
 
 
-async def _sweep_and_log(store: Store, lifetimes: Lifetimes, revoker: Revoker | None) -> None:
-    swept = await sweep(store, lifetimes, revoker)
+async def _sweep_and_log(store: Store, lifetimes: Lifetimes, revoker: Revoker | None, hasher: KeyHasher | None) -> None:
+    swept = await sweep(store, lifetimes, revoker, hasher)
     counts = {
         "drafts": swept.drafts,
         "oauth_states": swept.oauth_states,
@@ -93,3 +106,5 @@ async def _sweep_and_log(store: Store, lifetimes: Lifetimes, revoker: Revoker | 
     deleted = {name: count for name, count in counts.items() if count}
     if deleted:
         logger.info("janitor: deleted expired rows", extra=deleted)
+    if swept.expiring:
+        logger.info("janitor: announced tokens about to expire", extra={"tokens": swept.expiring})

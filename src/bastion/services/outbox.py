@@ -67,11 +67,14 @@ async def connection_event(
     token_id: str | None = None,
     secret: str | None = None,
     hasher: KeyHasher | None = None,
+    expires_at: datetime | None = None,
+    successor_token_id: str | None = None,
 ) -> int:
     """Queue ``event_type`` about a connection for its host's endpoints; returns how many rows were written.
 
     ``token_id`` names the token the event is about; ``secret`` (the plaintext token, for connection.created and
-    token.minted) is sealed, never stored as is; ``hasher`` digests the claim codes made for it.
+    token.minted) is sealed, never stored as is; ``hasher`` digests the claim codes made for it. ``expires_at``
+    and ``successor_token_id`` are what a token.expiring event says.
     """
     c = schema.connections
     row = (
@@ -94,6 +97,8 @@ async def connection_event(
         member_id=row.member_id,
         member_email=row.email,
         token_id=token_id,
+        expires_at=expires_at,
+        successor_token_id=successor_token_id,
     )
     version = await _bump(conn, c, connection_id)
     handed = secret if event_type in CARRIES_TOKEN else None

@@ -1,9 +1,15 @@
-"""Access tokens (`bst_…`): minted for a connection, shown once, stored as an HMAC digest; listed and revoked."""
+"""Access tokens (`bst_…`): minted for a connection, shown once, stored as an HMAC digest; listed and revoked.
+
+A token that expires is announced to its host once ahead of time (``token.expiring``), with a successor minted and
+handed over as ``token.minted`` when the host takes tokens by webhook: an agent (the SDK uses the newest token) moves
+to it without anyone copying a token. The old one works until it expires.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -17,15 +23,19 @@ from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.connections import AccessToken
 from bastion.domain.ids import new_id
+from bastion.domain.models import MemberStatus
 from bastion.domain.webhooks import EventType
 from bastion.events.bus import Changed, Subject
-from bastion.services import hosts, members, outbox
+from bastion.services import endpoints, hosts, members, outbox
 from bastion.services.actions import action
 from bastion.services.apikeys import KeyHasher
-from bastion.types import WorkspaceId
+from bastion.types import JSONObject, WorkspaceId
 
+logger = logging.getLogger("bastion.tokens")
 T = schema.access_tokens
 C = schema.connections
+EXPIRING_AHEAD: Final = timedelta(days=7)  # at most: a quarter of the token's lifetime when that is shorter
+_RENEWER: Final = "bastion (renewing tokens ahead of expiry)"
 
 
 def row_to_token(row: sa.Row[Any]) -> AccessToken:
@@ -109,3 +119,85 @@ async def revoke(store: Store, actor: Actor, token_id: str) -> AccessToken:
             await outbox.connection_event(conn, EventType.TOKEN_REVOKED, row.connection_id, token_id=token_id)
             action(conn, actor, "token.revoked", f"token:{token_id}", {"connection": row.connection_id})
         return row_to_token(await crud.fetch_one(conn, T, T.c.id == token_id, what="token"))
+
+
+def expiring_from(created_at: datetime, expires_at: datetime) -> datetime:
+    """When a token minted at ``created_at`` and expiring at ``expires_at`` is announced as expiring.
+
+    A quarter of its lifetime ahead (at most `EXPIRING_AHEAD`), so a successor minted then, with the same lifetime,
+    is announced only after as long again: renewal never runs in a loop however short tokens live.
+    """
+    return expires_at - min(EXPIRING_AHEAD, (expires_at - created_at) / 4)
+
+
+async def announce_expiring(store: Store, hasher: KeyHasher, *, now: datetime | None = None) -> int:
+    """Announce every token now due (`expiring_from`) once, minting successors; returns how many were announced.
+
+    Each token in a transaction of its own, claimed by a conditional update: replicas sweeping at once announce
+    each token once. A successor is minted only for a live connection whose host has an endpoint taking
+    ``token.minted``, with the same lifetime (within the workspace's longest).
+    """
+    now = now or datetime.now(UTC)
+    async with store.transaction() as conn:
+        found = (
+            await conn.execute(
+                sa.select(T.c.id, T.c.created_at, T.c.expires_at).where(
+                    T.c.expires_at.is_not(None),
+                    T.c.expires_at > now,
+                    T.c.expires_at <= now + EXPIRING_AHEAD,
+                    T.c.revoked_at.is_(None),
+                    T.c.expiry_noticed_at.is_(None),
+                )
+            )
+        ).all()
+    announced = 0
+    for row in found:
+        if expiring_from(row.created_at, row.expires_at) <= now:
+            announced += await _announce(store, hasher, row.id, now)
+    return announced
+
+
+async def _announce(store: Store, hasher: KeyHasher, token_id: str, now: datetime) -> int:
+    async with store.transaction() as conn:
+        claimed = await conn.execute(
+            T.update().where(T.c.id == token_id, T.c.expiry_noticed_at.is_(None)).values(expiry_noticed_at=now)
+        )
+        if not claimed.rowcount:
+            return 0  # another replica announced it
+        token = row_to_token(await crud.fetch_one(conn, T, T.c.id == token_id, what="token"))
+        assert token.expires_at is not None  # noqa: S101  selected for it
+        connection = (
+            await conn.execute(
+                sa.select(C.c.host_id, C.c.enabled, schema.members.c.status)
+                .join(schema.members, schema.members.c.id == C.c.member_id)
+                .where(C.c.id == token.connection_id)
+            )
+        ).one()
+        actor = Actor(token.workspace_id, None, frozenset(), _RENEWER)
+        successor: AccessToken | None = None
+        live = connection.enabled and connection.status == MemberStatus.ACTIVE.value
+        if live and await endpoints.subscribed(conn, connection.host_id, EventType.TOKEN_MINTED):
+            lifetime = token.expires_at - token.created_at
+            ask = datetime.now(UTC) + min(lifetime, token_lifetime_of(conn) or lifetime)
+            successor, secret = await mint(conn, hasher, token.workspace_id, token.connection_id, ask)
+            await conn.execute(T.update().where(T.c.id == token.id).values(successor_id=successor.id))
+            await outbox.connection_event(
+                conn, EventType.TOKEN_MINTED, token.connection_id, token_id=successor.id, secret=secret, hasher=hasher
+            )
+            detail: JSONObject = {"connection": token.connection_id, "succeeds": token.id}
+            action(conn, actor, "token.minted", f"token:{successor.id}", detail)
+        await outbox.connection_event(
+            conn,
+            EventType.TOKEN_EXPIRING,
+            token.connection_id,
+            token_id=token.id,
+            expires_at=token.expires_at,
+            successor_token_id=successor.id if successor is not None else None,
+        )
+        noted: JSONObject = {
+            "expires_at": token.expires_at.isoformat(),
+            "successor": successor.id if successor else None,
+        }
+        action(conn, actor, "token.expiring", f"token:{token.id}", noted)
+    logger.info("token expiring announced", extra={"token_id": token_id, "successor": successor is not None})
+    return 1

@@ -227,7 +227,8 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
                         replica=replica,
                     )
                 )
-            # Expired drafts, OAuth states and sessions are deleted on a schedule, not only in passing.
+            # Expired drafts, OAuth states and sessions are deleted on a schedule, not only in passing; tokens
+            # about to expire are announced (and succeeded) on the same schedule.
             tasks.start_soon(
                 partial(
                     janitor.run,
@@ -235,6 +236,7 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
                     ui_ctx.lifetimes,
                     interval_s=settings.janitor_interval_s,
                     revoker=parts.revoker,
+                    hasher=parts.hasher,
                 )
             )
             tasks.start_soon(webhook_worker.run)
