@@ -92,6 +92,9 @@ def test_malformed_headers_are_rejected_before_any_signature_check() -> None:
         verifier.verify({**good, "webhook-timestamp": "12.5"}, body)
     with pytest.raises(WebhookRejected, match="malformed webhook-id"):
         verifier.verify({**good, "webhook-id": "msg 1"}, body)
+    # Twelve digits reach past year 9999 (found by tests/fuzz): refused as from the future, not an overflow.
+    with pytest.raises(WebhookRejected, match="too far in the future"):
+        verifier.verify({**good, "webhook-timestamp": "601793300106"}, body)
     # Signatures of other schemes and undecodable ones are skipped, not fatal: one good v1 signature is enough.
     noisy = {**good, "webhook-signature": "v1a,abc v1,%%% " + good["webhook-signature"]}
     assert verifier.verify(noisy, body).webhook_id == "msg_1"

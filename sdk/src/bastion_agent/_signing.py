@@ -114,12 +114,13 @@ class WebhookVerifier:
             raise WebhookRejected("malformed webhook-id header")
         if not _TIMESTAMP.fullmatch(timestamp):
             raise WebhookRejected("malformed webhook-timestamp header")
-        sent = datetime.fromtimestamp(int(timestamp), UTC)
-        now = now or datetime.now(UTC)
-        if sent < now - self.tolerance:
+        # Compared in seconds: a timestamp far beyond any datetime (year 9999) is refused, not an overflow.
+        sent_s, now = int(timestamp), now or datetime.now(UTC)
+        if sent_s < now.timestamp() - self.tolerance.total_seconds():
             raise WebhookRejected("webhook timestamp is too old")
-        if sent > now + self.tolerance:
+        if sent_s > now.timestamp() + self.tolerance.total_seconds():
             raise WebhookRejected("webhook timestamp is too far in the future")
+        sent = datetime.fromtimestamp(sent_s, UTC)
         presented = _presented(signature)
         for key in self._keys:
             expected = _mac(key, webhook_id, timestamp, body)
