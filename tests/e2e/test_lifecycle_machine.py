@@ -1,0 +1,211 @@
+"""The lifecycle of tokens, hosts and connections as a hypothesis state machine, on a real gateway.
+
+Hypothesis mints and revokes tokens, disables and enables the agent's host and people's connections, and calls a
+tool with any token, in either protocol era, in any order. After each step the gateway must agree with a model of
+what should hold: a revoked token never authenticates, a disabled host or connection never reaches the upstream,
+an admitted call carries its person's own credential and writes exactly one audit event in their name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import pytest
+import sqlalchemy as sa
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+
+from bastion import wiring
+from bastion.db import schema
+from bastion.db.store import Store
+from bastion.domain.actor import Actor
+from bastion.domain.identities import bearer_secret
+from bastion.domain.models import AuthKind, Transport
+from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
+from bastion.services import connections, gateways, hosts, identities, members, servers, tokens, workspace
+from bastion.services.apikeys import KeyHasher
+from bastion.settings import Settings
+from bastion.vault.sealer import Vault
+from bastion.web.app import create_app
+from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
+from tests.processes import HEAVY_TIMEOUT_S
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
+
+PEOPLE: Final = 2
+MODES: Final = ("legacy", "2026-07-28")
+E = schema.audit_events
+
+
+@dataclass
+class World:
+    store: Store
+    vault: Vault
+    hasher: KeyHasher
+    operator: Actor
+    recorder: Recorder
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def _world(app_settings: Settings) -> AsyncGenerator[World]:
+    store = wiring.store_from(app_settings)
+    try:
+        await workspace.ensure_workspace(store)
+        operator = Actor.local_operator((await workspace.default_workspace(store)).id)
+        vault, hasher = wiring.vault_from(app_settings), wiring.hasher_from(app_settings)
+        recorder = Recorder()
+        async with serving(recording_upstream(recorder)) as upstream:
+            crm = ServerSpec("crm", Transport.STREAMABLE_HTTP, url=f"{upstream}/mcp", auth_kind=AuthKind.BEARER)
+            await servers.create(store, operator, crm)
+            await gateways.create(store, operator, GatewaySpec("sales", servers=(GatewayServerSpec("crm"),)))
+            async with serving(create_app(app_settings, store)) as bastion:
+                yield World(store, vault, hasher, operator, recorder, f"{bastion}/g/sales/mcp")
+    finally:
+        await store.close()
+
+
+@dataclass
+class Token:
+    id: str
+    secret: str
+    person: int
+    revoked: bool = False
+
+
+@dataclass
+class Person:
+    email: str
+    credential: str
+    connection_id: str
+    enabled: bool = True
+    admitted: int = 0  # calls that reached the upstream as them
+
+
+@dataclass
+class Example:
+    """One run of the machine: a host, people and tokens of its own, so runs never see each other's state."""
+
+    host: str
+    people: list[Person] = field(default_factory=list[Person])
+    tokens: list[Token] = field(default_factory=list[Token])
+    host_enabled: bool = True
+
+
+async def _start(world: World, number: int) -> Example:
+    example = Example(f"agent-{number}")
+    await hosts.create(world.store, world.operator, HostSpec(example.host))
+    for index in range(PEOPLE):
+        email, credential = f"p{number}-{index}@example.com", f"Bearer own-credential-{number}-{index}"
+        await members.create(world.store, world.operator, MemberSpec(email, f"Person {index}"))
+        await identities.create(
+            world.store, world.vault, world.hasher, world.operator, server="crm", owner=email,
+            secret=bearer_secret(credential),
+        )  # fmt: skip
+        connection, token, secret = await connections.create(
+            world.store, world.hasher, world.operator, host=example.host, gateway="sales", member=email
+        )
+        example.people.append(Person(email, credential, connection.id))
+        example.tokens.append(Token(token.id, secret, index))
+    return example
+
+
+async def _call(world: World, secret: str, mode: str, nonce: str) -> str | None:
+    """The answer of `crm__whoami` called with ``secret``, or None when the gateway refused the call."""
+    try:
+        async with gateway_client(world.url, secret, mode) as client:
+            result = await client.call_tool("crm__whoami", {"nonce": nonce})
+    except Exception:  # noqa: BLE001  any refusal, at the door (401/403) or as a JSON-RPC error: the model decides
+        return None
+    if result.is_error:
+        return None
+    content: Any = result.content[0]
+    return str(content.text)
+
+
+async def _audited(world: World, email: str) -> int:
+    async with world.store.transaction() as conn:
+        member = await members.find(conn, world.operator.workspace_id, email)
+        query = sa.select(sa.func.count()).where(E.c.method == "tools/call", E.c.member_id == member.id)
+        return int((await conn.execute(query)).scalar_one())
+
+
+def _machine(portal: BlockingPortal, world: World, seen: dict[str, int]) -> type[RuleBasedStateMachine]:
+    """The machine; ``seen`` counts the calls it made by outcome, so the run can show it was not vacuous."""
+    numbers = itertools.count()
+    nonces = itertools.count()
+
+    class Lifecycle(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example = portal.call(_start, world, next(numbers))
+
+        @rule(person=st.integers(0, PEOPLE - 1))
+        def mint(self, person: int) -> None:
+            connection_id = self.example.people[person].connection_id
+            token, secret = portal.call(
+                connections.mint_token, world.store, world.hasher, world.operator, connection_id
+            )
+            self.example.tokens.append(Token(token.id, secret, person))
+
+        @precondition(lambda self: any(not t.revoked for t in self.example.tokens))
+        @rule(data=st.data())
+        def revoke(self, data: st.DataObject) -> None:
+            token = data.draw(st.sampled_from([t for t in self.example.tokens if not t.revoked]))
+            portal.call(tokens.revoke, world.store, world.operator, token.id)
+            token.revoked = True
+
+        @rule()
+        def toggle_host(self) -> None:
+            self.example.host_enabled = not self.example.host_enabled
+            portal.call(hosts.set_enabled, world.store, world.operator, self.example.host, self.example.host_enabled)
+
+        @rule(person=st.integers(0, PEOPLE - 1))
+        def toggle_connection(self, person: int) -> None:
+            who = self.example.people[person]
+            who.enabled = not who.enabled
+            portal.call(connections.set_enabled, world.store, world.operator, who.connection_id, who.enabled)
+
+        @rule(data=st.data(), mode=st.sampled_from(MODES))
+        def call(self, data: st.DataObject, mode: str) -> None:
+            token = data.draw(st.sampled_from(self.example.tokens))
+            who = self.example.people[token.person]
+            nonce = f"nonce-{next(nonces)}"
+            answer = portal.call(_call, world, token.secret, mode, nonce)
+            reached = [c for c in world.recorder.tool_calls if c.arguments.get("nonce") == nonce]
+            admitted = not token.revoked and self.example.host_enabled and who.enabled
+            seen["admitted" if admitted else "refused"] += 1
+            if not admitted:
+                assert answer is None, f"a call with a token that must be refused was answered: {answer!r}"
+                assert reached == [], "a refused call reached the upstream"
+            else:
+                assert answer == who.credential, f"{who.email} was answered {answer!r}"
+                assert [c.authorization for c in reached] == [who.credential]
+                who.admitted += 1
+            # Exactly one audit event per admitted call, in the caller's name (written before it was forwarded).
+            assert portal.call(_audited, world, who.email) == who.admitted
+
+    return Lifecycle
+
+
+def test_tokens_hosts_and_connections_hold_their_invariants_in_any_order(settings: Settings) -> None:
+    with start_blocking_portal() as portal, portal.wrap_async_context_manager(_world(settings)) as world:
+        seen = {"admitted": 0, "refused": 0}
+        machine = _machine(portal, world, seen)
+        run_state_machine_as_test(
+            machine,
+            settings=hypothesis_settings(
+                max_examples=10,
+                stateful_step_count=20,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+            ),
+        )
+    assert seen["admitted"] > 0 and seen["refused"] > 0, seen
