@@ -11,6 +11,7 @@ summary line per minute at most, never one line each.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -18,8 +19,8 @@ from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bastion.errors import problem_document
 from bastion.summaries import Tally
-from bastion.web.problems import problem_bytes
 
 logger = logging.getLogger("bastion.edge")
 
@@ -37,8 +38,13 @@ class Limits:
     max_connections: int
 
 
+def _problem(status: HTTPStatus, code: str, detail: str) -> bytes:
+    """The API's problem document (web/problems.py writes the same), without importing the web framework."""
+    return json.dumps(problem_document(status.value, code, status.phrase, detail)).encode()
+
+
 def _raw_answer(status: HTTPStatus, code: str, detail: str) -> bytes:
-    body = problem_bytes(status.value, code, status.phrase, detail)
+    body = _problem(status, code, detail)
     head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/problem+json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -47,7 +53,7 @@ def _raw_answer(status: HTTPStatus, code: str, detail: str) -> bytes:
 
 
 def _refusal_app(status: HTTPStatus, code: str, detail: str) -> Any:
-    body = problem_bytes(status.value, code, status.phrase, detail)
+    body = _problem(status, code, detail)
 
     async def app(_scope: Any, _receive: Any, send: Any) -> None:
         headers = [
