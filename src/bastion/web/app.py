@@ -9,20 +9,22 @@ from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion import __version__, wiring
 from bastion.db.store import Store
+from bastion.errors import problem_document
 from bastion.events import pg as pg_events
 from bastion.events.notices import NoticeRelay
 from bastion.events.replicas import Replica
@@ -82,6 +84,7 @@ def _new_api() -> FastAPI:
     from fastapi import FastAPI
 
     from bastion.web import problems
+    from bastion.web.api import openapi
     from bastion.web.api.routes import router
     from bastion.web.api.routes_accounts import router as accounts_router
     from bastion.web.api.routes_audit import router as audit_router
@@ -100,6 +103,14 @@ def _new_api() -> FastAPI:
         "(`Authorization: Bearer bsk_…`). Errors are application/problem+json with a stable `code`.",
     )
     problems.install(api)
+    generated = api.openapi
+
+    def documented() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            api.openapi_schema = openapi.document(generated())
+        return api.openapi_schema
+
+    api.openapi = documented  # type: ignore[method-assign]  # FastAPI's documented way to customise it
     api.include_router(router)
     api.include_router(identity_router)
     api.include_router(audit_router)
@@ -112,6 +123,15 @@ def _new_api() -> FastAPI:
 logger = logging.getLogger("bastion.app")
 CHANGE_POLL_S: Final = 0.25
 REBIND_RETRY_S: Final = 60.0
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """A path no route matches: a problem under /api/ (as the API answers everything), plain text elsewhere."""
+    if request.url.path.startswith("/api/"):
+        body = problem_document(404, "not_found", "Not Found", "no such path in the admin API")
+        return JSONResponse(body, status_code=404, media_type="application/problem+json")
+    detail = exc.detail if isinstance(exc, HTTPException) else "Not Found"
+    return PlainTextResponse(detail, status_code=404)
 
 
 async def _rebind_seals(store: Store, vault: Vault) -> None:
@@ -279,6 +299,7 @@ def create_app(settings: Settings, store: Store | None = None) -> McpFirst:
             *ui_routes,
         ],
         lifespan=lifespan,
+        exception_handlers={404: _not_found},
     )
     app.state.lifecycle = lifecycle
     return McpFirst(
