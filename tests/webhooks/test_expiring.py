@@ -12,6 +12,7 @@ import time_machine
 from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
+from bastion.domain.connections import AccessToken, Connection
 from bastion.domain.webhooks import EventType, TokenDelivery
 from bastion.services import connections, janitor, tokens
 from bastion.services.apikeys import KeyHasher
@@ -26,6 +27,14 @@ LIFETIME = timedelta(days=2)  # announced half a day ahead: a quarter of its lif
 @pytest.fixture
 async def world(store: Store, hasher: KeyHasher, operator: Actor) -> World:
     return await build_world(store, hasher, operator)
+
+
+async def _connect(world: World, expires_at: datetime) -> tuple[Connection, AccessToken, str]:
+    """Ada's connection to the host through "sales", with a token that expires at ``expires_at``."""
+    return await connections.create(
+        world.store, world.hasher, world.operator, host=world.host.name, gateway="sales", member=ADA,
+        token_expires_at=expires_at,
+    )  # fmt: skip
 
 
 async def _token(world: World, token_id: str) -> sa.Row[object]:
@@ -48,15 +57,7 @@ def test_a_token_is_announced_a_quarter_of_its_lifetime_ahead_and_at_most_a_week
 async def test_a_token_due_is_announced_once_with_a_successor_the_host_receives(world: World) -> None:
     endpoint, _secret = await world.endpoint("https://a.example.com", delivery=TokenDelivery.TOKEN)
     now = datetime.now(UTC)
-    connection, token, _ = await connections.create(
-        world.store,
-        world.hasher,
-        world.operator,
-        host=world.host.name,
-        gateway="sales",
-        member=ADA,
-        token_expires_at=now + LIFETIME,
-    )
+    connection, token, _ = await _connect(world, now + LIFETIME)
     assert await tokens.announce_expiring(world.store, world.hasher, now=now + timedelta(hours=35)) == 0  # not due
     with time_machine.travel(now + timedelta(hours=37), tick=True):  # the successor is minted then, as in life
         assert await tokens.announce_expiring(world.store, world.hasher) == 1
@@ -84,15 +85,7 @@ async def test_a_token_due_is_announced_once_with_a_successor_the_host_receives(
 async def test_without_an_endpoint_taking_tokens_it_is_announced_without_a_successor(world: World) -> None:
     endpoint, _secret = await world.endpoint("https://a.example.com", types=["token.expiring"])
     now = datetime.now(UTC)
-    _connection, token, _ = await connections.create(
-        world.store,
-        world.hasher,
-        world.operator,
-        host=world.host.name,
-        gateway="sales",
-        member=ADA,
-        token_expires_at=now + LIFETIME,
-    )
+    _connection, token, _ = await _connect(world, now + LIFETIME)
     assert await tokens.announce_expiring(world.store, world.hasher, now=now + timedelta(hours=37)) == 1
     assert (await _token(world, token.id)).successor_id is None
     assert len(await world.rows(T)) == 1  # nobody would receive a successor: none is minted
@@ -107,18 +100,7 @@ async def test_without_an_endpoint_taking_tokens_it_is_announced_without_a_succe
 async def test_revoked_expired_and_disabled_connections_get_no_successor(world: World) -> None:
     await world.endpoint("https://a.example.com", delivery=TokenDelivery.TOKEN)
     now = datetime.now(UTC)
-    made = [
-        await connections.create(
-            world.store,
-            world.hasher,
-            world.operator,
-            host=world.host.name,
-            gateway="sales",
-            member=ADA,
-            token_expires_at=now + LIFETIME,
-        )
-        for _ in range(2)
-    ]
+    made = [await _connect(world, now + LIFETIME) for _ in range(2)]
     (_revoked_connection, revoked, _), (disabled_connection, disabled, _) = made
     await tokens.revoke(world.store, world.operator, revoked.id)
     await connections.set_enabled(world.store, world.operator, disabled_connection.id, enabled=False)
@@ -132,15 +114,7 @@ async def test_revoked_expired_and_disabled_connections_get_no_successor(world: 
 async def test_the_janitor_announces_tokens_with_its_sweep(world: World) -> None:
     await world.endpoint("https://a.example.com", delivery=TokenDelivery.TOKEN)
     soon = datetime.now(UTC) + timedelta(minutes=4)
-    await connections.create(
-        world.store,
-        world.hasher,
-        world.operator,
-        host=world.host.name,
-        gateway="sales",
-        member=ADA,
-        token_expires_at=soon,
-    )
+    await _connect(world, soon)
     async with world.store.transaction() as conn:  # as if minted 20 minutes ago: announced 6 minutes ahead, so due
         await conn.execute(T.update().values(created_at=soon - timedelta(minutes=24)))
     swept = await janitor.sweep(world.store, Lifetimes(), hasher=world.hasher)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, cast, get_args
 
 EventType = Literal[
     "connection.created",
@@ -17,17 +17,9 @@ EventType = Literal[
     "host.enabled",
     "webhook.test",
 ]
-CONNECTION_EVENTS: Final[frozenset[str]] = frozenset(
-    {
-        "connection.created",
-        "token.minted",
-        "token.revoked",
-        "token.expiring",
-        "connection.disabled",
-        "connection.enabled",
-    }
-)
 HOST_EVENTS: Final[frozenset[str]] = frozenset({"host.disabled", "host.enabled"})
+# Every other event but webhook.test is about one person's connection (and names it, and them).
+CONNECTION_EVENTS: Final[frozenset[str]] = frozenset(get_args(EventType)) - HOST_EVENTS - {"webhook.test"}
 MAX_BODY_BYTES: Final = 64 * 1024
 
 
