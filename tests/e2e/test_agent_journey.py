@@ -42,7 +42,8 @@ GATEWAY: Final = "sales"
 SERVER: Final = "crm"
 TOOL: Final = f"{SERVER}__whoami"
 WAIT_S: Final = 60  # Bastion retries with backoff: a delivery after an outage may take a few retry rounds
-SHORT_LIFETIME: Final = timedelta(seconds=8)  # announced a quarter of it (2 s) ahead of its expiry
+# Announced a quarter of it (5 s) ahead of its expiry: room for a sweep (every second) held up on a busy machine.
+SHORT_LIFETIME: Final = timedelta(seconds=20)
 TOKEN_ON_PAGE: Final = re.compile(r'id="token" type="text" readonly value="(bst_[A-Za-z0-9]+)"')
 
 
@@ -388,7 +389,7 @@ async def test_a_token_about_to_expire_is_succeeded_and_the_agent_moves_to_the_s
         await enroll(world, ADA)
         await inbox.wait_for("Ada's connection", _about(ADA, "connection.created"))
         (enrolled,) = await agent.token_map.enrollments(ADA.email)
-        # Ada's connection is left with one token, which expires in a few seconds.
+        # Ada's connection is left with one token, which expires soon; the agent uses it, so it is succeeded.
         expires_at = datetime.now(UTC) + SHORT_LIFETIME
         connection = f"/connections/{enrolled.connection_id}"
         short = await _ok(
@@ -397,21 +398,20 @@ async def test_a_token_about_to_expire_is_succeeded_and_the_agent_moves_to_the_s
         await _ok(await world.admin.post(f"/tokens/{enrolled.token_id}/revoke"))
         short_id = short["token"]["id"]
         await inbox.wait_for("the short-lived token", _token_event("token.minted", short_id))
+        assert (await ask(agent, ADA)).status_code == 200
 
         await inbox.wait_for("token.expiring", _token_event("token.expiring", short_id))
-        expiring = next(e for e in inbox.events if e.type == "token.expiring")
+        expiring = next(e for e in inbox.events if e.type == "token.expiring" and e.token_id == short_id)
         assert expiring.successor_token_id is not None and expiring.expires_at is not None
         assert datetime.fromisoformat(expiring.expires_at) == datetime.fromisoformat(short["token"]["expires_at"])
         await inbox.wait_for("the successor", _token_event("token.minted", expiring.successor_token_id))
         (moved,) = await agent.token_map.enrollments(ADA.email)
         assert (moved.status, moved.token_id) == ("active", expiring.successor_token_id)
 
-        # Past the short-lived token's expiry, the agent still calls as Ada: with the successor.
-        await anyio.sleep(max(0.0, (expires_at - datetime.now(UTC)).total_seconds()) + 0.5)
+        # The agent calls as Ada with the successor, with nobody having copied a token.
         answered = await ask(agent, ADA)
         assert answered.status_code == 200, answered.text
         assert answered.json()["answer"] == ADA.credential
         tokens = (await _ok(await world.admin.get("/tokens", params={"member": ADA.email})))["items"]
-        by_id = {t["id"]: t for t in tokens}
-        assert by_id[expiring.successor_token_id]["revoked_at"] is None
-        assert by_id[expiring.successor_token_id]["last_used_at"] is not None
+        successor = next(t for t in tokens if t["id"] == expiring.successor_token_id)
+        assert successor["revoked_at"] is None and successor["last_used_at"] is not None

@@ -14,7 +14,7 @@ from bastion.db.store import Store
 from bastion.domain.actor import Actor
 from bastion.domain.connections import AccessToken, Connection
 from bastion.domain.webhooks import EventType, TokenDelivery
-from bastion.services import connections, janitor, tokens
+from bastion.services import connections, hosts, janitor, tokens
 from bastion.services.apikeys import KeyHasher
 from bastion.services.sessions import Lifetimes
 from tests.webhooks.support import ADA, World, build_world
@@ -29,12 +29,17 @@ async def world(store: Store, hasher: KeyHasher, operator: Actor) -> World:
     return await build_world(store, hasher, operator)
 
 
-async def _connect(world: World, expires_at: datetime) -> tuple[Connection, AccessToken, str]:
-    """Ada's connection to the host through "sales", with a token that expires at ``expires_at``."""
-    return await connections.create(
+async def _connect(world: World, expires_at: datetime, *, used: bool = True) -> tuple[Connection, AccessToken, str]:
+    """Ada's connection to the host through "sales", with a token that expires at ``expires_at`` and, when
+    ``used``, has been used (only a token in use is succeeded)."""
+    made = await connections.create(
         world.store, world.hasher, world.operator, host=world.host.name, gateway="sales", member=ADA,
         token_expires_at=expires_at,
     )  # fmt: skip
+    if used:
+        async with world.store.transaction() as conn:
+            await conn.execute(T.update().where(T.c.id == made[1].id).values(last_used_at=datetime.now(UTC)))
+    return made
 
 
 async def _token(world: World, token_id: str) -> sa.Row[object]:
@@ -97,18 +102,42 @@ async def test_without_an_endpoint_taking_tokens_it_is_announced_without_a_succe
     )
 
 
-async def test_revoked_expired_and_disabled_connections_get_no_successor(world: World) -> None:
+async def test_revoked_unused_and_disabled_connections_tokens_get_no_successor(world: World) -> None:
     await world.endpoint("https://a.example.com", delivery=TokenDelivery.TOKEN)
     now = datetime.now(UTC)
-    made = [await _connect(world, now + LIFETIME) for _ in range(2)]
-    (_revoked_connection, revoked, _), (disabled_connection, disabled, _) = made
+    (_c, revoked, _), (disabled_connection, disabled, _) = [await _connect(world, now + LIFETIME) for _ in range(2)]
+    _c, unused, _ = await _connect(world, now + LIFETIME, used=False)
     await tokens.revoke(world.store, world.operator, revoked.id)
     await connections.set_enabled(world.store, world.operator, disabled_connection.id, enabled=False)
-    assert await tokens.announce_expiring(world.store, world.hasher, now=now + timedelta(hours=37)) == 1
+    assert await tokens.announce_expiring(world.store, world.hasher, now=now + timedelta(hours=37)) == 2
     assert (await _token(world, revoked.id)).expiry_noticed_at is None
-    assert (await _token(world, disabled.id)).successor_id is None
+    for announced in (disabled, unused):  # told it expires; nobody uses the one, the other is switched off
+        row = await _token(world, announced.id)
+        assert row.expiry_noticed_at is not None and row.successor_id is None
+    assert len(await world.rows(T)) == 3
     # Past its expiry a token is no longer announced: it is refused at the gateway instead.
     assert await tokens.announce_expiring(world.store, world.hasher, now=now + LIFETIME + timedelta(seconds=1)) == 0
+
+
+async def test_a_disabled_host_gets_no_successor_and_revoking_a_token_revokes_its_successor(world: World) -> None:
+    await world.endpoint("https://a.example.com", delivery=TokenDelivery.TOKEN)
+    now = datetime.now(UTC)
+    _c, first, _ = await _connect(world, now + LIFETIME)
+    await hosts.set_enabled(world.store, world.operator, world.host.name, enabled=False)
+    assert await tokens.announce_expiring(world.store, world.hasher, now=now + timedelta(hours=37)) == 1
+    assert (await _token(world, first.id)).successor_id is None
+
+    await hosts.set_enabled(world.store, world.operator, world.host.name, enabled=True)
+    _c, second, _ = await _connect(world, now + LIFETIME)
+    with time_machine.travel(now + timedelta(hours=37), tick=True):
+        assert await tokens.announce_expiring(world.store, world.hasher) == 1
+    successor_id = (await _token(world, second.id)).successor_id
+    assert successor_id is not None
+    # An admin who revokes the token cuts the agent off: the successor Bastion minted for it goes too.
+    await tokens.revoke(world.store, world.operator, second.id)
+    assert (await _token(world, successor_id)).revoked_at is not None
+    revoked = [r.token_id for r in await world.outbox() if r.event_type == "token.revoked"]
+    assert revoked == [second.id, successor_id]
 
 
 async def test_the_janitor_announces_tokens_with_its_sweep(world: World) -> None:

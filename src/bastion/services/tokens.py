@@ -112,12 +112,21 @@ async def revoke(store: Store, actor: Actor, token_id: str) -> AccessToken:
         owner = (await conn.execute(sa.select(C.c.member_id).where(C.c.id == row.connection_id))).scalar_one()
         if owner != actor.member_id:
             actor.require(Capability.TOKENS_MANAGE)
-        if row.revoked_at is None:
-            await conn.execute(T.update().where(T.c.id == token_id).values(revoked_at=datetime.now(UTC)))
-            emit(conn, Changed(Subject.TOKEN, token_id))
-            await outbox.forget_token(conn, token_id)
-            await outbox.connection_event(conn, EventType.TOKEN_REVOKED, row.connection_id, token_id=token_id)
-            action(conn, actor, "token.revoked", f"token:{token_id}", {"connection": row.connection_id})
+        # A token Bastion minted to succeed this one (token.expiring) goes with it: revoking cuts the agent off.
+        chain, successor = [row], row.successor_id
+        while successor is not None:
+            following = await crud.fetch_one(conn, T, T.c.id == successor, what="token")
+            chain.append(following)
+            successor = following.successor_id
+        for revoked in (r for r in chain if r.revoked_at is None):
+            await conn.execute(T.update().where(T.c.id == revoked.id).values(revoked_at=datetime.now(UTC)))
+            emit(conn, Changed(Subject.TOKEN, revoked.id))
+            await outbox.forget_token(conn, revoked.id)
+            await outbox.connection_event(conn, EventType.TOKEN_REVOKED, row.connection_id, token_id=revoked.id)
+            detail: JSONObject = {"connection": row.connection_id}
+            if revoked is not row:
+                detail["succeeds"] = chain[chain.index(revoked) - 1].id
+            action(conn, actor, "token.revoked", f"token:{revoked.id}", detail)
         return row_to_token(await crud.fetch_one(conn, T, T.c.id == token_id, what="token"))
 
 
@@ -134,8 +143,10 @@ async def announce_expiring(store: Store, hasher: KeyHasher, *, now: datetime | 
     """Announce every token now due (`expiring_from`) once, minting successors; returns how many were announced.
 
     Each token in a transaction of its own, claimed by a conditional update: replicas sweeping at once announce
-    each token once. A successor is minted only for a live connection whose host has an endpoint taking
-    ``token.minted``, with the same lifetime (within the workspace's longest).
+    each token once, and a token revoked meanwhile is not. A successor is minted only for a token in use (used
+    since it was minted: one nobody uses is left to expire) whose connection, member, host and gateway are all
+    enabled and whose host has an endpoint taking ``token.minted``, with the same lifetime (within the workspace's
+    longest). Revoking a token revokes its successors (`revoke`).
     """
     now = now or datetime.now(UTC)
     async with store.transaction() as conn:
@@ -159,25 +170,29 @@ async def announce_expiring(store: Store, hasher: KeyHasher, *, now: datetime | 
 
 async def _announce(store: Store, hasher: KeyHasher, token_id: str, now: datetime) -> int:
     async with store.transaction() as conn:
-        claimed = await conn.execute(
-            T.update().where(T.c.id == token_id, T.c.expiry_noticed_at.is_(None)).values(expiry_noticed_at=now)
-        )
+        unclaimed = (T.c.expiry_noticed_at.is_(None), T.c.revoked_at.is_(None), T.c.expires_at > now)
+        claimed = await conn.execute(T.update().where(T.c.id == token_id, *unclaimed).values(expiry_noticed_at=now))
         if not claimed.rowcount:
-            return 0  # another replica announced it
+            return 0  # another replica announced it, or it was revoked meanwhile
         token = row_to_token(await crud.fetch_one(conn, T, T.c.id == token_id, what="token"))
         assert token.expires_at is not None  # noqa: S101  selected for it
+        m, h, g = schema.members, schema.hosts, schema.gateways
         connection = (
             await conn.execute(
-                sa.select(C.c.host_id, C.c.enabled, schema.members.c.status)
-                .join(schema.members, schema.members.c.id == C.c.member_id)
+                sa.select(C.c.host_id, C.c.enabled, m.c.status, h.c.enabled.label("host_on"), g.c.enabled.label("on"))
+                .join(m, m.c.id == C.c.member_id)
+                .join(h, h.c.id == C.c.host_id)
+                .join(g, g.c.id == C.c.gateway_id)
                 .where(C.c.id == token.connection_id)
             )
         ).one()
         actor = Actor(token.workspace_id, None, frozenset(), _RENEWER)
         successor: AccessToken | None = None
-        live = connection.enabled and connection.status == MemberStatus.ACTIVE.value
-        if live and await endpoints.subscribed(conn, connection.host_id, EventType.TOKEN_MINTED):
+        live = connection.enabled and connection.host_on and connection.on
+        in_use = token.last_used_at is not None and live and connection.status == MemberStatus.ACTIVE.value
+        if in_use and await endpoints.subscribed(conn, connection.host_id, EventType.TOKEN_MINTED):
             lifetime = token.expires_at - token.created_at
+            # Asked within the workspace's longest lifetime, which `mint` would refuse to exceed.
             ask = datetime.now(UTC) + min(lifetime, token_lifetime_of(conn) or lifetime)
             successor, secret = await mint(conn, hasher, token.workspace_id, token.connection_id, ask)
             await conn.execute(T.update().where(T.c.id == token.id).values(successor_id=successor.id))
