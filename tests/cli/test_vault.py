@@ -237,11 +237,15 @@ def test_rebind_binds_seals_made_before_0010_with_progress_then_status_shows_non
                 await conn.execute(T.update().where(T.c.id == identity_id).values(unbound))
 
     with_store(db_url, as_before_0010)
-    assert file_cli.json("vault", "status")["pending_rebind"] == 3
-    assert "3 identity seal(s) not yet bound" in file_cli("vault", "status").stdout
+    status = file_cli.json("vault", "status")
+    assert (status["pending_rebind"], status["workspaces_accepting_unbound"]) == (3, 1)
+    shown = file_cli("vault", "status")
+    assert "3 identity seal(s) not yet bound" in shown.stdout
+    assert "1 workspace(s) still accept seals not bound" in shown.stderr
     assert open_secret(db_url, ids[0]).token == TOKENS[0]  # an upgrade loses nothing before rebind
     done = file_cli("vault", "rebind")
     assert "bound 3 identity seal(s) to their server and owner; 0 remain" in done.stderr
     assert file_cli.json("vault", "rebind") == {"rebound": 0, "remaining": 0}
-    assert file_cli.json("vault", "status")["pending_rebind"] == 0
+    status = file_cli.json("vault", "status")
+    assert (status["pending_rebind"], status["workspaces_accepting_unbound"]) == (0, 0)
     assert [open_secret(db_url, identity_id).token for identity_id in ids] == TOKENS

@@ -60,6 +60,7 @@ def status(json_out: JsonFlag = False) -> None:
             "primary_key_id": ctx.vault.keyring.primary_id,
             "pending_rewrap": await rotation.remaining(ctx.store, ctx.vault),
             "pending_rebind": await rotation.unbound(ctx.store),
+            "workspaces_accepting_unbound": await rotation.unmarked(ctx.store),
             "keys": keys,
         }
 
@@ -75,6 +76,11 @@ def status(json_out: JsonFlag = False) -> None:
         markup=False,
         highlight=False,
     )
+    if doc["workspaces_accepting_unbound"]:
+        warn(
+            f"{doc['workspaces_accepting_unbound']} workspace(s) still accept seals not bound to server and owner: "
+            "run `bastion vault rebind` once every replica runs this release"
+        )
 
 
 @vault_app.command("rotate")

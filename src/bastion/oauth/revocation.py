@@ -25,6 +25,7 @@ from bastion.errors import BastionError
 from bastion.oauth import tokens
 from bastion.oauth.model import ClientCredentials, OAuthError
 from bastion.oauth.refresh import client_credentials
+from bastion.vault.crypto import VaultError
 from bastion.vault.sealer import Vault
 
 logger = logging.getLogger("bastion.oauth")
@@ -70,13 +71,19 @@ class Revoker:
     async def gather_rows(self, conn: AsyncConnection, found: Iterable[sa.Row[Any]]) -> list[Revocation]:
         """Revocations for rows sealed like identities (``id``, ``workspace_id``, ``details``, ``dek_wrapped``,
         ``secret_sealed`` and the binding's ``server_id``, ``owner_id``, ``sealed_bound``): an identity's, or an
-        enrollment draft's OAuth choice, sealed under its future id."""
+        enrollment draft's OAuth choice, sealed under its future id. A row whose seal does not open (tampered,
+        or unbound where every seal is bound) is logged and left out: its grant cannot be revoked, and that must
+        not keep the row from being deleted."""
         out: list[Revocation] = []
         for row in found:
             details = dict(row.details)
-            secret = self._vault.open(
-                row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed, await binding_for(conn, row)
-            )
+            try:
+                secret = self._vault.open(
+                    row.workspace_id, row.id, row.dek_wrapped, row.secret_sealed, await binding_for(conn, row)
+                )
+            except VaultError as exc:
+                logger.warning("an OAuth grant could not be opened to revoke it (%s)", exc.code, extra={"row": row.id})
+                continue
             client_row = details.get("oauth_client")
             endpoint = details.get("revocation_endpoint")
             out.append(

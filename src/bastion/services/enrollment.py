@@ -618,7 +618,9 @@ async def approve(
             raise ValidationFailed(f"connect {', '.join(missing)} first", field="identities")
         await links.consume(conn, view.info.link, who.member.email, who.actor)
         choices: dict[str, str] = {}
-        held = {r.alias: r for r in (await conn.execute(sa.select(DI).where(DI.c.draft_id == draft.id))).all()}
+        # Locked: a `vault rebind` re-sealing these rows meanwhile waits, so the identities get what it wrote.
+        chosen = sa.select(DI).where(DI.c.draft_id == draft.id).with_for_update()
+        held = {r.alias: r for r in (await conn.execute(chosen)).all()}
         for slot in view.slots:
             row = held[slot.alias]
             if row.source != Source.EXISTING.value:

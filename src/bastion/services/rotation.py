@@ -4,8 +4,9 @@ Only the wrapped data keys change; sealed fields keep their data key, so a batch
 holding either key keep working throughout.
 
 `rebind` is the other online migration: it re-seals identities (and enrollment drafts) sealed before seals were
-bound to their server and owner (`vault.sealer.Binding`), and once none is left this process's vault refuses
-unbound seals. `bastion serve` runs it in the background at start; `bastion vault rebind` runs it by hand.
+bound to their server and owner (`vault.sealer.Binding`). `bastion serve` runs it in the background at start;
+`bastion vault rebind` runs it by hand and then marks each workspace with none left (``seals_bound_at``), after
+which every process refuses an unbound seal there (db/seals.py).
 """
 
 from __future__ import annotations
@@ -163,6 +164,13 @@ async def rewrap(
 def _unbound_in(entry: SealedColumns) -> sa.ColumnElement[bool]:
     table = entry.table
     return sa.and_(table.c.kek_id.is_not(None), table.c.sealed_bound.is_(False))
+
+
+async def unmarked(store: Store) -> int:
+    """How many workspaces still accept unbound seals: `bastion vault rebind` has not marked them yet."""
+    async with store.transaction() as conn:
+        query = sa.select(sa.func.count()).select_from(W).where(W.c.seals_bound_at.is_(None))
+        return int((await conn.execute(query)).scalar_one())
 
 
 async def unbound(store: Store) -> int:
