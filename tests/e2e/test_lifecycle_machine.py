@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import httpx2
 import pytest
 import sqlalchemy as sa
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -21,6 +22,8 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from bastion import wiring
 from bastion.db import schema
@@ -34,7 +37,7 @@ from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.vault.sealer import Vault
 from bastion.web.app import create_app
-from tests.mcp_support import Recorder, gateway_client, recording_upstream, serving
+from tests.mcp_support import Recorder, recording_upstream, serving
 from tests.processes import HEAVY_TIMEOUT_S
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
@@ -42,6 +45,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 PEOPLE: Final = 2
 MODES: Final = ("legacy", "2026-07-28")
 E = schema.audit_events
+# A revoked token is refused as unauthenticated; a disabled host or connection as forbidden.
+REFUSALS: Final = frozenset({"http 401", "http 403"})
 
 
 @dataclass
@@ -117,17 +122,34 @@ async def _start(world: World, number: int) -> Example:
     return example
 
 
-async def _call(world: World, secret: str, mode: str, nonce: str) -> str | None:
-    """The answer of `crm__whoami` called with ``secret``, or None when the gateway refused the call."""
+@dataclass(frozen=True)
+class Answer:
+    text: str | None = None  # what `crm__whoami` answered, when the call was admitted
+    refused: str | None = None  # how the gateway refused it: "http 401", "http 403" or "jsonrpc <code>"
+
+
+async def _call(world: World, secret: str, mode: str, nonce: str) -> Answer:
+    """`crm__whoami` called with ``secret``, and the HTTP statuses the gateway answered it with.
+
+    The SDK turns a 401 or 403 into a generic JSON-RPC error, so the statuses are read off the wire.
+    """
+    statuses: list[int] = []
+
+    async def record(response: httpx2.Response) -> None:
+        statuses.append(response.status_code)
+
+    hooks = {"response": [record]}
     try:
-        async with gateway_client(world.url, secret, mode) as client:
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {secret}"}, timeout=30, event_hooks=hooks) as http,
+            Client(streamable_http_client(world.url, http_client=http), mode=mode, cache=None) as client,  # type: ignore[arg-type]
+        ):
             result = await client.call_tool("crm__whoami", {"nonce": nonce})
-    except Exception:  # noqa: BLE001  any refusal, at the door (401/403) or as a JSON-RPC error: the model decides
-        return None
-    if result.is_error:
-        return None
+    except Exception:  # noqa: BLE001  what the gateway answered decides, below
+        refused = [status for status in statuses if status >= 400]
+        return Answer(refused=f"http {refused[0]}" if refused else f"no refusal on the wire: {statuses}")
     content: Any = result.content[0]
-    return str(content.text)
+    return Answer(refused="tool error") if result.is_error else Answer(text=str(content.text))
 
 
 async def _audited(world: World, email: str) -> int:
@@ -183,10 +205,10 @@ def _machine(portal: BlockingPortal, world: World, seen: dict[str, int]) -> type
             admitted = not token.revoked and self.example.host_enabled and who.enabled
             seen["admitted" if admitted else "refused"] += 1
             if not admitted:
-                assert answer is None, f"a call with a token that must be refused was answered: {answer!r}"
+                assert answer.refused in REFUSALS, f"a call that must be refused got {answer!r}"
                 assert reached == [], "a refused call reached the upstream"
             else:
-                assert answer == who.credential, f"{who.email} was answered {answer!r}"
+                assert answer.text == who.credential, f"{who.email} got {answer!r}"
                 assert [c.authorization for c in reached] == [who.credential]
                 who.admitted += 1
             # Exactly one audit event per admitted call, in the caller's name (written before it was forwarded).

@@ -33,8 +33,8 @@ PREFIXES: Final = (
 )
 WEBHOOK_SECRET: Final = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a fixed test secret, base64 of 24 bytes
 NOW: Final = datetime(2026, 12, 7, tzinfo=UTC)
-_VAULT: Final = Vault(Keyring({"k1": bytes(range(32))}, "k1"))
-_VERIFIER: Final = WebhookVerifier([WEBHOOK_SECRET])
+VAULT: Final = Vault(Keyring({"k1": bytes(range(32))}, "k1"))
+VERIFIER: Final = WebhookVerifier([WEBHOOK_SECRET])
 
 
 def _text(data: bytes) -> str:
@@ -62,7 +62,7 @@ def ciphertext(data: bytes) -> None:
     cut = len(data) // 2
     for binding in (None, Binding("server", "owner")):
         with contextlib.suppress(VaultError):
-            _VAULT.open("ws", "identity", data[:cut], data[cut:], binding)
+            VAULT.open("ws", "identity", data[:cut], data[cut:], binding)
 
 
 def webhook(data: bytes) -> None:
@@ -73,7 +73,7 @@ def webhook(data: bytes) -> None:
     headers = {name: _text(value) for name, value in zip(names, lines, strict=False)}
     body = lines[3] if len(lines) > 3 else b""
     with contextlib.suppress(WebhookRejected):
-        _VERIFIER.verify(headers, body, now=NOW)
+        VERIFIER.verify(headers, body, now=NOW)
     with contextlib.suppress(ValueError):
         parse_event(body)
 

@@ -14,7 +14,8 @@ from typing import Final
 
 import pytest
 
-from tests.fuzz.targets import TARGETS
+from bastion.vault.sealer import Binding
+from tests.fuzz.targets import TARGETS, VAULT
 
 CORPUS: Final = Path(__file__).parent / "corpus"
 ROOT: Final = Path(__file__).parents[2]
@@ -62,3 +63,12 @@ def test_a_short_fuzz_finds_no_crash(target: str, tmp_path: Path) -> None:
         f"{target}: crash inputs (base64) {crashes}; save them under tests/fuzz/corpus/{target}/\n{done.stderr[-3000:]}"
     )
     assert f"Done {RUNS} runs" in done.stderr
+
+
+@pytest.mark.parametrize(("name", "binding"), [("sealed-unbound", None), ("sealed-bound", Binding("server", "owner"))])
+def test_the_sealed_seeds_open_with_the_targets_vault(name: str, binding: Binding | None) -> None:
+    """The ciphertext target reaches the opening code only if its seeds are real seals: they must open."""
+    data = (CORPUS / "ciphertext" / name).read_bytes()
+    cut = len(data) // 2
+    assert cut * 2 == len(data)  # a wrapped data key and a sealed secret of the same length, as the target cuts
+    assert VAULT.open("ws", "identity", data[:cut], data[cut:], binding).token is not None

@@ -76,10 +76,9 @@ def to_jsonrpc(error: BaseException) -> MCPError:
 
 def upstream_failure(exc: OSError | UrlRefused | TimeoutError, mounted: Mounted, record: CallRecord) -> types.ErrorData:
     """Record an unreachable or too slow upstream on ``record``; the JSON-RPC error the caller gets for it."""
-    timed_out = isinstance(exc, TimeoutError)
-    record.outcome, record.reason, record.upstream_status = "error", "upstream_timeout", "timeout"
     logger.info("upstream error", extra={"server": mounted.alias, "error": type(exc).__name__})
-    if timed_out:
+    if isinstance(exc, TimeoutError):
+        record.outcome, record.reason, record.upstream_status = "error", "upstream_timeout", "timeout"
         return to_jsonrpc(exc).error
     reason = f": {exc.detail}" if isinstance(exc, UrlRefused) else ""
     return unavailable(mounted, record, f"is unavailable{reason}")

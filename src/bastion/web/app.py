@@ -36,6 +36,7 @@ from bastion.services.delivery import Sender, Worker
 from bastion.settings import Settings
 from bastion.web import ui
 from bastion.web.api.deps import CONTEXT_KEY, ApiContext
+from bastion.web.logs import request_id_var
 from bastion.web.mcp.endpoint import McpEndpoint
 from bastion.web.mcp.event_store import BoundedEventStore
 from bastion.web.mcp.fastpath import FastPath
@@ -128,7 +129,8 @@ REBIND_RETRY_S: Final = 60.0
 async def _not_found(request: Request, exc: Exception) -> Response:
     """A path no route matches: a problem under /api/ (as the API answers everything), plain text elsewhere."""
     if request.url.path.startswith("/api/"):
-        body = problem_document(404, "not_found", "Not Found", "no such path in the admin API")
+        detail = "no such path in the admin API"
+        body = problem_document(404, "not_found", "Not Found", detail, request_id=request_id_var.get() or None)
         return JSONResponse(body, status_code=404, media_type="application/problem+json")
     detail = exc.detail if isinstance(exc, HTTPException) else "Not Found"
     return PlainTextResponse(detail, status_code=404)
