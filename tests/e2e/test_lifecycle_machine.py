@@ -1,17 +1,21 @@
-"""The lifecycle of tokens, hosts and connections as a hypothesis state machine, on a real gateway.
+"""The lifecycle of tokens, hosts, connections, identities and rules as a hypothesis state machine, on a real gateway.
 
-Hypothesis mints and revokes tokens, disables and enables the agent's host and people's connections, and calls a
-tool with any token, in either protocol era, in any order. After each step the gateway must agree with a model of
-what should hold: a revoked token never authenticates, a disabled host or connection never reaches the upstream,
-an admitted call carries its person's own credential and writes exactly one audit event in their name.
+Hypothesis mints and revokes tokens, disables and enables the agent's host, people's connections and their
+identities, replaces their credentials, adds and removes policy rules denying them, and calls a tool with any
+token, in either protocol era, in any order. After each step the gateway must agree with a model of what should
+hold: a revoked token never authenticates, a disabled host or connection never reaches the upstream, a denied
+person or a disabled identity is refused by the pipeline, an admitted call carries its person's current credential
+(a replaced one holds at once), and every call past the door writes exactly one audit event in their name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import httpx2
@@ -24,15 +28,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from bastion import wiring
 from bastion.db import schema
 from bastion.db.store import Store
 from bastion.domain.actor import Actor
-from bastion.domain.identities import bearer_secret
+from bastion.domain.identities import IdentityStatus, bearer_secret
 from bastion.domain.models import AuthKind, Transport
+from bastion.domain.policy import Effect, SubjectKind
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
-from bastion.services import connections, gateways, hosts, identities, members, servers, tokens, workspace
+from bastion.pipeline.errors import IDENTITY_REQUIRED, POLICY_DENIED
+from bastion.services import connections, gateways, hosts, identities, members, rules, servers, tokens, workspace
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
 from bastion.vault.sealer import Vault
@@ -45,8 +52,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 PEOPLE: Final = 2
 MODES: Final = ("legacy", "2026-07-28")
 E = schema.audit_events
-# A revoked token is refused as unauthenticated; a disabled host or connection as forbidden.
-REFUSALS: Final = frozenset({"http 401", "http 403"})
+AUDIT_WAIT_S: Final = 30.0  # a bound on waiting for queued audit events, not a timing
 
 
 @dataclass
@@ -88,10 +94,13 @@ class Token:
 @dataclass
 class Person:
     email: str
-    credential: str
+    credential: str  # their identity's, as the upstream must see it
     connection_id: str
-    enabled: bool = True
-    admitted: int = 0  # calls that reached the upstream as them
+    identity_id: str
+    enabled: bool = True  # their connection
+    identity_enabled: bool = True
+    deny_rule: str | None = None  # a policy rule denying them the server, while there is one
+    audited: int = 0  # calls past the door (admitted, or refused by the pipeline): one tools/call event each
 
 
 @dataclass
@@ -110,14 +119,14 @@ async def _start(world: World, number: int) -> Example:
     for index in range(PEOPLE):
         email, credential = f"p{number}-{index}@example.com", f"Bearer own-credential-{number}-{index}"
         await members.create(world.store, world.operator, MemberSpec(email, f"Person {index}"))
-        await identities.create(
+        identity = await identities.create(
             world.store, world.vault, world.hasher, world.operator, server="crm", owner=email,
             secret=bearer_secret(credential),
         )  # fmt: skip
         connection, token, secret = await connections.create(
             world.store, world.hasher, world.operator, host=example.host, gateway="sales", member=email
         )
-        example.people.append(Person(email, credential, connection.id))
+        example.people.append(Person(email, credential, connection.id, identity.id))
         example.tokens.append(Token(token.id, secret, index))
     return example
 
@@ -126,6 +135,15 @@ async def _start(world: World, number: int) -> Example:
 class Answer:
     text: str | None = None  # what `crm__whoami` answered, when the call was admitted
     refused: str | None = None  # how the gateway refused it: "http 401", "http 403" or "jsonrpc <code>"
+
+
+def _jsonrpc_code(exc: BaseException) -> int | None:
+    """The JSON-RPC error code the call was answered with (the SDK's task groups wrap the error), if any."""
+    if isinstance(exc, MCPError):
+        return exc.error.code
+    if isinstance(exc, BaseExceptionGroup):
+        return next((c for e in exc.exceptions if (c := _jsonrpc_code(e)) is not None), None)
+    return None
 
 
 async def _call(world: World, secret: str, mode: str, nonce: str) -> Answer:
@@ -145,9 +163,12 @@ async def _call(world: World, secret: str, mode: str, nonce: str) -> Answer:
             Client(streamable_http_client(world.url, http_client=http), mode=mode, cache=None) as client,  # type: ignore[arg-type]
         ):
             result = await client.call_tool("crm__whoami", {"nonce": nonce})
-    except Exception:  # noqa: BLE001  what the gateway answered decides, below
+    except Exception as exc:  # noqa: BLE001  what the gateway answered decides, below
         refused = [status for status in statuses if status >= 400]
-        return Answer(refused=f"http {refused[0]}" if refused else f"no refusal on the wire: {statuses}")
+        if refused:
+            return Answer(refused=f"http {refused[0]}")
+        code = _jsonrpc_code(exc)
+        return Answer(refused=f"jsonrpc {code}" if code is not None else f"no refusal on the wire: {exc!r}")
     content: Any = result.content[0]
     return Answer(refused="tool error") if result.is_error else Answer(text=str(content.text))
 
@@ -195,6 +216,34 @@ def _machine(portal: BlockingPortal, world: World, seen: dict[str, int]) -> type
             who.enabled = not who.enabled
             portal.call(connections.set_enabled, world.store, world.operator, who.connection_id, who.enabled)
 
+        @rule(person=st.integers(0, PEOPLE - 1))
+        def replace_credential(self, person: int) -> None:
+            who = self.example.people[person]
+            who.credential = f"Bearer replaced-{next(nonces)}-{who.email}"
+            secret = bearer_secret(who.credential)
+            portal.call(partial(identities.update, secret=secret), *self._identity(who))
+
+        @rule(person=st.integers(0, PEOPLE - 1))
+        def toggle_identity(self, person: int) -> None:
+            who = self.example.people[person]
+            who.identity_enabled = not who.identity_enabled
+            status = IdentityStatus.ACTIVE if who.identity_enabled else IdentityStatus.DISABLED
+            portal.call(partial(identities.update, status=status), *self._identity(who))
+
+        @rule(person=st.integers(0, PEOPLE - 1))
+        def toggle_deny_rule(self, person: int) -> None:
+            who = self.example.people[person]
+            if who.deny_rule is None:
+                deny = partial(rules.create_policy, effect=Effect.DENY, subject_kind=SubjectKind.MEMBER)
+                made = portal.call(partial(deny, subject=who.email, server="crm"), world.store, world.operator)
+                who.deny_rule = made.rule.id
+            else:
+                portal.call(rules.delete_policy, world.store, world.operator, who.deny_rule)
+                who.deny_rule = None
+
+        def _identity(self, who: Person) -> tuple[Any, ...]:
+            return (world.store, world.vault, world.hasher, world.operator, who.identity_id)
+
         @rule(data=st.data(), mode=st.sampled_from(MODES))
         def call(self, data: st.DataObject, mode: str) -> None:
             token = data.draw(st.sampled_from(self.example.tokens))
@@ -202,17 +251,38 @@ def _machine(portal: BlockingPortal, world: World, seen: dict[str, int]) -> type
             nonce = f"nonce-{next(nonces)}"
             answer = portal.call(_call, world, token.secret, mode, nonce)
             reached = [c for c in world.recorder.tool_calls if c.arguments.get("nonce") == nonce]
-            admitted = not token.revoked and self.example.host_enabled and who.enabled
-            seen["admitted" if admitted else "refused"] += 1
-            if not admitted:
-                assert answer.refused in REFUSALS, f"a call that must be refused got {answer!r}"
+            # The door refuses first: a revoked token (401), then a disabled host or connection (403); past it, the
+            # pipeline refuses a denied person or a disabled identity with its JSON-RPC error.
+            refusals = {"http 401"} if token.revoked else set[str]()
+            if not refusals and not (self.example.host_enabled and who.enabled):
+                refusals = {"http 403"}
+            if not refusals:
+                who.audited += 1
+                if who.deny_rule is not None:
+                    refusals.add(f"jsonrpc {POLICY_DENIED}")
+                if not who.identity_enabled:
+                    refusals.add(f"jsonrpc {IDENTITY_REQUIRED}")
+            seen["refused" if refusals else "admitted"] += 1
+            if refusals:
+                assert answer.refused in refusals, f"a call that must be refused ({refusals}) got {answer!r}"
                 assert reached == [], "a refused call reached the upstream"
             else:
                 assert answer.text == who.credential, f"{who.email} got {answer!r}"
                 assert [c.authorization for c in reached] == [who.credential]
-                who.admitted += 1
-            # Exactly one audit event per admitted call, in the caller's name (written before it was forwarded).
-            assert portal.call(_audited, world, who.email) == who.admitted
+            # Never more than one audit event per call past the door, in the caller's name: an admitted call's is
+            # written before it is forwarded, a refused one's may follow (the teardown waits for it).
+            audited = portal.call(_audited, world, who.email)
+            assert audited <= who.audited
+            assert not (answer.text is not None and audited < who.audited), "an admitted call was not audited first"
+
+        def teardown(self) -> None:
+            # Exactly one event per call past the door, once the audit log has written what it queued.
+            deadline = time.monotonic() + AUDIT_WAIT_S
+            for who in self.example.people:
+                while (audited := portal.call(_audited, world, who.email)) < who.audited:
+                    assert time.monotonic() < deadline, f"{who.email}: {audited} events for {who.audited} calls"
+                    time.sleep(0.05)
+                assert audited == who.audited
 
     return Lifecycle
 
