@@ -63,6 +63,7 @@ HEAVY_MODULES: dict[str, int] = {
     "tests/e2e/test_changes_hold.py": 40,
     "tests/e2e/test_server_everything.py": 30,
     "tests/web/test_api_schema.py": 50,
+    "tests/e2e/test_lifecycle_machine.py": 40,
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from functools import partial
@@ -180,7 +181,7 @@ async def _audited(world: World, email: str) -> int:
         return int((await conn.execute(query)).scalar_one())
 
 
-def _machine(portal: BlockingPortal, world: World, seen: dict[str, int]) -> type[RuleBasedStateMachine]:
+def _machine(portal: BlockingPortal, world: World, seen: Counter[str]) -> type[RuleBasedStateMachine]:
     """The machine; ``seen`` counts the calls it made by outcome, so the run can show it was not vacuous."""
     numbers = itertools.count()
     nonces = itertools.count()
@@ -262,7 +263,7 @@ def _machine(portal: BlockingPortal, world: World, seen: dict[str, int]) -> type
                     refusals.add(f"jsonrpc {POLICY_DENIED}")
                 if not who.identity_enabled:
                     refusals.add(f"jsonrpc {IDENTITY_REQUIRED}")
-            seen["refused" if refusals else "admitted"] += 1
+            seen[answer.refused or "admitted"] += 1
             if refusals:
                 assert answer.refused in refusals, f"a call that must be refused ({refusals}) got {answer!r}"
                 assert reached == [], "a refused call reached the upstream"
@@ -289,15 +290,20 @@ def _machine(portal: BlockingPortal, world: World, seen: dict[str, int]) -> type
 
 def test_tokens_hosts_and_connections_hold_their_invariants_in_any_order(settings: Settings) -> None:
     with start_blocking_portal() as portal, portal.wrap_async_context_manager(_world(settings)) as world:
-        seen = {"admitted": 0, "refused": 0}
+        seen: Counter[str] = Counter()
         machine = _machine(portal, world, seen)
         run_state_machine_as_test(
             machine,
             settings=hypothesis_settings(
-                max_examples=10,
-                stateful_step_count=20,
+                max_examples=20,
+                stateful_step_count=40,
                 deadline=None,
+                # The same programs on every run and machine: one that happened to admit no call would prove little,
+                # and a random one could pass here and fail in CI.
+                derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
             ),
         )
-    assert seen["admitted"] > 0 and seen["refused"] > 0, seen
+    # Not vacuous: the programs (the same on every run) met every outcome the model knows.
+    kinds = {"admitted", "http 401", "http 403", f"jsonrpc {POLICY_DENIED}", f"jsonrpc {IDENTITY_REQUIRED}"}
+    assert set(seen) == kinds, seen
