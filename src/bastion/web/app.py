@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion import __version__, wiring
 from bastion.db.store import Store
-from bastion.errors import problem_document
 from bastion.events import pg as pg_events
 from bastion.events.notices import NoticeRelay
 from bastion.events.replicas import Replica
@@ -34,9 +33,8 @@ from bastion.pipeline.modern import ModernRelay
 from bastion.services import janitor, rotation
 from bastion.services.delivery import Sender, Worker
 from bastion.settings import Settings
-from bastion.web import ui
+from bastion.web import problems, ui
 from bastion.web.api.deps import CONTEXT_KEY, ApiContext
-from bastion.web.logs import request_id_var
 from bastion.web.mcp.endpoint import McpEndpoint
 from bastion.web.mcp.event_store import BoundedEventStore
 from bastion.web.mcp.fastpath import FastPath
@@ -84,7 +82,6 @@ def build_api() -> FastAPI:
 def _new_api() -> FastAPI:
     from fastapi import FastAPI
 
-    from bastion.web import problems
     from bastion.web.api import openapi
     from bastion.web.api.routes import router
     from bastion.web.api.routes_accounts import router as accounts_router
@@ -129,9 +126,7 @@ REBIND_RETRY_S: Final = 60.0
 async def _not_found(request: Request, exc: Exception) -> Response:
     """A path no route matches: a problem under /api/ (as the API answers everything), plain text elsewhere."""
     if request.url.path.startswith("/api/"):
-        detail = "no such path in the admin API"
-        body = problem_document(404, "not_found", "Not Found", detail, request_id=request_id_var.get() or None)
-        return JSONResponse(body, status_code=404, media_type="application/problem+json")
+        return problems.problem(404, "not_found", "Not Found", "no such path in the admin API")
     detail = exc.detail if isinstance(exc, HTTPException) else "Not Found"
     return PlainTextResponse(detail, status_code=404)
 

@@ -11,7 +11,6 @@ summary line per minute at most, never one line each.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -19,8 +18,8 @@ from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bastion.errors import problem_document
 from bastion.summaries import Tally
+from bastion.web.problems import problem_bytes
 
 logger = logging.getLogger("bastion.edge")
 
@@ -38,13 +37,8 @@ class Limits:
     max_connections: int
 
 
-def _problem(status: HTTPStatus, code: str, detail: str) -> bytes:
-    """The API's problem document (web/problems.py writes the same), without importing the web framework."""
-    return json.dumps(problem_document(status.value, code, status.phrase, detail)).encode()
-
-
 def _raw_answer(status: HTTPStatus, code: str, detail: str) -> bytes:
-    body = _problem(status, code, detail)
+    body = problem_bytes(status.value, code, status.phrase, detail)
     head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/problem+json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -53,7 +47,7 @@ def _raw_answer(status: HTTPStatus, code: str, detail: str) -> bytes:
 
 
 def _refusal_app(status: HTTPStatus, code: str, detail: str) -> Any:
-    body = _problem(status, code, detail)
+    body = problem_bytes(status.value, code, status.phrase, detail)
 
     async def app(_scope: Any, _receive: Any, send: Any) -> None:
         headers = [

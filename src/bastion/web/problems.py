@@ -1,18 +1,24 @@
-"""The one place errors become HTTP problem+json (RFC 9457) responses."""
+"""The one place errors become HTTP problem+json (RFC 9457) responses.
+
+FastAPI is imported only where the admin API's handlers need it, so the listener (web/edge.py) and the outer app
+can answer problems without loading the framework at start.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
 from bastion.errors import BastionError, problem_document
 from bastion.web.logs import request_id_var
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger("bastion.api")
 
@@ -50,6 +56,8 @@ async def _bastion_error(_request: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(_request: Request, exc: Exception) -> Response:
+    from fastapi.exceptions import RequestValidationError
+
     if not isinstance(exc, RequestValidationError):  # pragma: no cover - registered for this type only
         raise exc
     errors = [
@@ -74,6 +82,8 @@ async def _unexpected(_request: Request, exc: Exception) -> Response:
 
 
 def install(app: FastAPI) -> None:
+    from fastapi.exceptions import RequestValidationError
+
     app.add_exception_handler(BastionError, _bastion_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
