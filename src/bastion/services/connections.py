@@ -312,12 +312,7 @@ async def mint_token(
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, connection_id)
         _check_owner_or(actor, current.member_id, Capability.TOKENS_MANAGE)
-        token, secret = await tokens.mint(conn, hasher, actor.workspace_id, current.id, expires_at)
-        await outbox.connection_event(
-            conn, EventType.TOKEN_MINTED, current.id, token_id=token.id, secret=secret, hasher=hasher
-        )
-        action(conn, actor, "token.minted", f"token:{token.id}", {"connection": current.id})
-        return token, secret
+        return await tokens.mint_for_host(conn, hasher, actor, current.id, expires_at)
 
 
 async def delete(store: Store, actor: Actor, connection_id: str) -> None:

@@ -74,6 +74,23 @@ async def mint(
     return row_to_token(await crud.fetch_one(conn, T, T.c.id == token_id, what="token")), secret
 
 
+async def mint_for_host(
+    conn: AsyncConnection,
+    hasher: KeyHasher,
+    actor: Actor,
+    connection_id: str,
+    expires_at: datetime | None,
+    detail: JSONObject | None = None,
+) -> tuple[AccessToken, str]:
+    """Another token for a connection, handed to its host as token.minted and audited as ``actor``'s doing."""
+    token, secret = await mint(conn, hasher, actor.workspace_id, connection_id, expires_at)
+    await outbox.connection_event(
+        conn, EventType.TOKEN_MINTED, connection_id, token_id=token.id, secret=secret, hasher=hasher
+    )
+    action(conn, actor, "token.minted", f"token:{token.id}", {"connection": connection_id, **(detail or {})})
+    return token, secret
+
+
 async def list_page(
     store: Store,
     actor: Actor,
@@ -118,14 +135,16 @@ async def revoke(store: Store, actor: Actor, token_id: str) -> AccessToken:
             following = await crud.fetch_one(conn, T, T.c.id == successor, what="token")
             chain.append(following)
             successor = following.successor_id
-        for revoked in (r for r in chain if r.revoked_at is None):
+        for previous, revoked in zip([None, *chain], chain, strict=False):
+            if revoked.revoked_at is not None:
+                continue
             await conn.execute(T.update().where(T.c.id == revoked.id).values(revoked_at=datetime.now(UTC)))
             emit(conn, Changed(Subject.TOKEN, revoked.id))
             await outbox.forget_token(conn, revoked.id)
             await outbox.connection_event(conn, EventType.TOKEN_REVOKED, row.connection_id, token_id=revoked.id)
             detail: JSONObject = {"connection": row.connection_id}
-            if revoked is not row:
-                detail["succeeds"] = chain[chain.index(revoked) - 1].id
+            if previous is not None:
+                detail["succeeds"] = previous.id
             action(conn, actor, "token.revoked", f"token:{revoked.id}", detail)
         return row_to_token(await crud.fetch_one(conn, T, T.c.id == token_id, what="token"))
 
@@ -194,13 +213,10 @@ async def _announce(store: Store, hasher: KeyHasher, token_id: str, now: datetim
             lifetime = token.expires_at - token.created_at
             # Asked within the workspace's longest lifetime, which `mint` would refuse to exceed.
             ask = datetime.now(UTC) + min(lifetime, token_lifetime_of(conn) or lifetime)
-            successor, secret = await mint(conn, hasher, token.workspace_id, token.connection_id, ask)
-            await conn.execute(T.update().where(T.c.id == token.id).values(successor_id=successor.id))
-            await outbox.connection_event(
-                conn, EventType.TOKEN_MINTED, token.connection_id, token_id=successor.id, secret=secret, hasher=hasher
+            successor, _secret = await mint_for_host(
+                conn, hasher, actor, token.connection_id, ask, {"succeeds": token.id}
             )
-            detail: JSONObject = {"connection": token.connection_id, "succeeds": token.id}
-            action(conn, actor, "token.minted", f"token:{successor.id}", detail)
+            await conn.execute(T.update().where(T.c.id == token.id).values(successor_id=successor.id))
         await outbox.connection_event(
             conn,
             EventType.TOKEN_EXPIRING,
