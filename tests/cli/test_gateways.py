@@ -90,7 +90,7 @@ def test_a_gateway_can_be_created_and_updated_from_the_rest_api_json_body(with_s
 def test_gateway_errors_map_to_exit_codes(with_servers: Cli, tmp_path: Path) -> None:
     cli = with_servers
     cli("gateway", "show", "ghost", code=3)
-    result = cli("gateway", "create", "g", "--server", "nope", code=2)
+    result = cli("gateway", "create", "g", "--server", "nope", code=3)
     assert "no server named 'nope'" in result.stderr
     cli("gateway", "create", "g", "--server", "github")
     cli("gateway", "create", "g", code=4)

@@ -57,7 +57,7 @@ def test_duplicate_email_exits_4(cli: Cli) -> None:
 
 def test_invalid_member_input_exits_2(cli: Cli) -> None:
     cli("member", "create", "not-an-email", code=2)
-    assert "no role named" in cli("member", "create", "ada@example.com", "--role", "no-such-role", code=2).stderr
+    assert "no role named" in cli("member", "create", "ada@example.com", "--role", "no-such-role", code=3).stderr
     cli("member", "create", "ada@example.com")
     cli("member", "update", "ada@example.com", code=2)
     cli("member", "update", "ada@example.com", "--status", "sleeping", code=2)

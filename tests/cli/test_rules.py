@@ -36,7 +36,7 @@ def test_a_policy_rule_round_trips_through_add_list_and_remove(cli: Cli, gateway
 
 
 def test_a_policy_rule_for_a_server_the_gateway_lacks_is_refused_readably(cli: Cli, gateway: str) -> None:
-    result = cli("policy", "add", "--effect", "deny", "--gateway", "sales", "--server", "github", code=2)
+    result = cli("policy", "add", "--effect", "deny", "--gateway", "sales", "--server", "github", code=3)
     assert "no server with alias 'github'" in result.stderr and "(field: server)" in result.stderr
     cli("policy", "add", "--effect", "perhaps", code=2)
 
@@ -99,5 +99,5 @@ def test_a_rate_limit_round_trips_through_add_list_and_remove(cli: Cli, gateway:
 def test_a_bad_limit_text_is_refused_naming_the_option(cli: Cli) -> None:
     result = cli("rate-limit", "add", "--per", "member", "--limit", "lots", code=2)
     assert "is not a rate limit" in result.stderr and "(field: limit)" in result.stderr
-    cli("rate-limit", "add", "--per", "member", "--limit", "10/minute", "--gateway", "nowhere", code=2)
+    cli("rate-limit", "add", "--per", "member", "--limit", "10/minute", "--gateway", "nowhere", code=3)
     assert cli.json("rate-limit", "list") == []

@@ -120,5 +120,5 @@ def test_a_token_env_that_cannot_carry_the_token_exits_2_naming_the_reason(cli: 
     assert "GH_TOKEN is both token_env and a variable in env" in " ".join(clash.stderr.split())
     assert cli.json("server", "list") == []
     cli("server", "create", "gh", "--command", "npx", "--token-env", "GH_TOKEN")
-    cli("server", "update", "gh", "--env", "GH_TOKEN=x", code=2)
+    cli("server", "update", "gh", "--env", "GH_TOKEN=x", code=4)
     assert cli.json("server", "show", "gh")["env"] == {}

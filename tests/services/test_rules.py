@@ -68,11 +68,28 @@ async def test_policy_rules_are_created_read_listed_and_deleted_with_their_gatew
         await rules.delete_policy(store, operator, made.rule.id)
 
 
+async def test_a_rule_for_a_gateway_that_does_not_exist_is_not_found_naming_the_gateway(
+    store: Store, operator: Actor
+) -> None:
+    attempts = (
+        rules.create_policy(store, operator, effect=Effect.DENY, gateway="nowhere"),
+        rules.create_content_rule(
+            store, operator, name="keys", pattern="sk-[a-z]+", action=ContentAction.BLOCK, gateway="nowhere"
+        ),
+        rules.create_rate_limit(store, operator, per=LimitPer.MEMBER, limit="1/second", gateway="nowhere"),
+    )
+    for attempt in attempts:
+        with pytest.raises(NotFound, match="no gateway with id or slug 'nowhere'") as caught:
+            await attempt
+        assert caught.value.field == "gateway"
+    assert (await rules.list_policies(store, operator)).items == []
+
+
 async def test_a_policy_rule_naming_a_server_alias_the_gateway_lacks_is_refused_with_the_aliases_it_has(
     store: Store, operator: Actor
 ) -> None:
     await _gateway(store, operator)
-    with pytest.raises(ValidationFailed, match=r"no server with alias 'github' \(its aliases: gh\)") as caught:
+    with pytest.raises(NotFound, match=r"no server with alias 'github' \(its aliases: gh\)") as caught:
         await rules.create_policy(store, operator, effect=Effect.DENY, gateway="sales", server="github")
     assert caught.value.field == "server"
     # Without a gateway the alias means "that alias in every gateway", so it cannot be checked.
@@ -82,7 +99,6 @@ async def test_a_policy_rule_naming_a_server_alias_the_gateway_lacks_is_refused_
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"gateway": "nowhere"}, "gateway"),
         ({"subject_kind": SubjectKind.MEMBER}, "subject"),
         ({"subject": "ada@example.com"}, "subject"),
         ({"description": "d" * 501}, "description"),
@@ -130,7 +146,6 @@ async def test_content_rules_are_found_by_name_edited_switched_off_and_deleted(s
         ({"action": ContentAction.REPLACE}, "replacement"),
         ({"replacement": "x"}, "replacement"),
         ({"name": "Not A Slug"}, "name"),
-        ({"gateway": "nowhere"}, "gateway"),
     ],
 )
 async def test_an_invalid_content_rule_is_refused_naming_the_field(
@@ -195,7 +210,6 @@ async def test_rate_limits_take_a_limit_text_or_an_amount_and_window(store: Stor
         ({"amount": 0, "window_s": 60}, "amount"),
         ({"amount": 1, "window_s": 86_401}, "window_s"),
         ({"limit": "1/second", "name": ""}, "name"),
-        ({"limit": "1/second", "gateway": "nowhere"}, "gateway"),
     ],
 )
 async def test_an_invalid_rate_limit_is_refused_naming_the_field(

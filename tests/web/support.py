@@ -44,6 +44,13 @@ def assert_invalid(response: httpx2.Response, field: str) -> None:
     assert any(f == field or f.startswith(field + ".") for f in fields_of(response)), (field, response.text)
 
 
+def assert_unknown(response: httpx2.Response, field: str) -> None:
+    """A body naming something that does not exist: 404, naming the field."""
+    assert response.status_code == 404, response.text
+    assert problem_of(response)["code"] == "not_found"
+    assert field in fields_of(response), (field, response.text)
+
+
 def assert_problem(response: httpx2.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     problem = problem_of(response)

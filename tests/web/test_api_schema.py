@@ -2,7 +2,9 @@
 
 It generates requests from /api/v1/openapi.json (examples, edge cases, fuzzing and stateful sequences) as the
 owner, and holds every answer to the document: no server error, only documented status codes and content types,
-bodies and headers as their schemas say. A fixed seed makes the run the same on every machine.
+bodies and headers as their schemas say; every request the document calls valid is accepted (or meets a missing
+resource or a conflict) and every one it calls invalid is refused. A fixed seed makes the run the same on every
+machine.
 """
 
 from __future__ import annotations
@@ -19,17 +21,22 @@ import httpx2
 import pytest
 
 from bastion.settings import generate_secrets
-from tests.processes import HEAVY_TIMEOUT_S, clean_env, run_bastion, serving
+from tests.processes import HEAVY_TIMEOUT_S, clean_env, run_bastion, serving, uncovered_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 
 SCHEMATHESIS: Final = Path(sys.executable).parent / "schemathesis"
+REPO: Final = Path(__file__).resolve().parents[2]
+# What the document cannot say, and so what is not generated: see the module.
+HOOKS: Final = "tests.web.schemathesis_hooks"
 CHECKS: Final = (
     "not_a_server_error",
     "status_code_conformance",
     "content_type_conformance",
     "response_schema_conformance",
     "response_headers_conformance",
+    "positive_data_acceptance",
+    "negative_data_rejection",
 )
 # Operations that could take the run's own access away (its key revoked, its owner deleted, disabled or given a
 # lesser role) would turn every later answer into a 401 or 403, which the document allows: the run would pass
@@ -78,6 +85,7 @@ def test_every_answer_of_the_admin_api_is_the_one_its_openapi_document_describes
             timeout=HEAVY_TIMEOUT_S,
             check=False,
             cwd=tmp_path,
+            env=uncovered_env() | {"SCHEMATHESIS_HOOKS": HOOKS, "PYTHONPATH": str(REPO)},
         )
         me = httpx2.get(f"{bastion.base_url}/api/v1/me", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert me.status_code == 200, f"the run lost its own access, so its answers prove little: {me.text}"

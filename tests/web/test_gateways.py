@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from bastion.db import schema
 from bastion.db.store import Store
-from tests.web.support import API, assert_invalid, assert_pages_cover, assert_problem
+from tests.web.support import API, assert_invalid, assert_pages_cover, assert_problem, assert_unknown
 
 pytestmark = pytest.mark.anyio
 GATEWAYS = f"{API}/gateways"
@@ -94,7 +94,7 @@ async def test_a_gateway_naming_an_unknown_server_leaves_nothing_behind(
     client: httpx2.AsyncClient, with_servers: dict[str, str], store: Store
 ) -> None:
     body = {"slug": "eng", "servers": [{"server": "github"}, {"server": "ghost"}]}
-    assert_invalid(await client.post(GATEWAYS, json=body, headers=with_servers), "servers[1].server")
+    assert_unknown(await client.post(GATEWAYS, json=body, headers=with_servers), "servers[1].server")
     assert await _count(store, schema.gateways) == 0
     assert await _count(store, schema.gateway_servers) == 0
 
@@ -104,7 +104,7 @@ async def test_a_gateway_naming_an_unknown_server_leaves_nothing_behind(
         json={"name": "Renamed", "servers": [{"server": "jira"}, {"server": "ghost"}]},
         headers=with_servers,
     )
-    assert_invalid(broken, "servers[1].server")
+    assert_unknown(broken, "servers[1].server")
     after = (await client.get(f"{GATEWAYS}/eng", headers=with_servers)).json()
     assert [s["server"] for s in after["servers"]] == ["github"]
     assert after["name"] == "eng" and after["version"] == 1

@@ -13,7 +13,7 @@ from bastion.domain.specs import GatewayServerSpec, GatewaySpec, ServerSpec
 from bastion.services import gateways, servers
 from bastion.services.apikeys import KeyHasher
 from tests.conftest import member_with_key, problem_of
-from tests.web.support import API, assert_invalid, assert_pages_cover, assert_problem, caller_with
+from tests.web.support import API, assert_invalid, assert_pages_cover, assert_problem, assert_unknown, caller_with
 
 pytestmark = pytest.mark.anyio
 POLICIES = f"{API}/policies"
@@ -65,8 +65,6 @@ async def test_a_policy_rule_is_created_at_its_location_listed_and_deleted(
     ("body", "field"),
     [
         ({"effect": "maybe"}, "effect"),
-        ({"effect": "deny", "gateway": "sales", "server": "github"}, "server"),
-        ({"effect": "deny", "gateway": "nowhere"}, "gateway"),
         ({"effect": "deny", "subject_kind": "role"}, "subject"),
         ({"effect": "deny", "subject": "ada@example.com"}, "subject"),
         ({"effect": "deny", "priority": 1}, "priority"),
@@ -77,6 +75,23 @@ async def test_an_invalid_policy_rule_is_refused_naming_the_field(
 ) -> None:
     assert_invalid(await client.post(POLICIES, json=body, headers=owner_headers), field)
     assert (await client.get(POLICIES, headers=owner_headers)).json()["items"] == []
+
+
+async def test_a_rule_naming_a_gateway_or_a_server_alias_that_does_not_exist_is_not_found(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str], gateway_id: str
+) -> None:
+    del gateway_id  # gateway "sales", whose one server is "gh"
+    assert_unknown(
+        await client.post(POLICIES, json={"effect": "deny", "gateway": "nowhere"}, headers=owner_headers), "gateway"
+    )
+    policy = {"effect": "deny", "gateway": "sales", "server": "github"}
+    assert_unknown(await client.post(POLICIES, json=policy, headers=owner_headers), "server")
+    content = {"name": "cards", "pattern": r"\d{16}", "action": "mask", "gateway": "nowhere"}
+    assert_unknown(await client.post(CONTENT, json=content, headers=owner_headers), "gateway")
+    limit = {"per": "member", "limit": "10/minute", "gateway": "nowhere"}
+    assert_unknown(await client.post(LIMITS, json=limit, headers=owner_headers), "gateway")
+    for path in (POLICIES, CONTENT, LIMITS):
+        assert (await client.get(path, headers=owner_headers)).json()["items"] == []
 
 
 async def test_a_content_rule_is_read_by_name_patched_switched_off_and_deleted(
@@ -115,7 +130,6 @@ async def test_a_content_rule_is_read_by_name_patched_switched_off_and_deleted(
         ({"action": "explode"}, "action"),
         ({"target": "headers"}, "target"),
         ({"name": "Card Numbers"}, "name"),
-        ({"gateway": "nowhere"}, "gateway"),
     ],
 )
 async def test_an_invalid_content_rule_is_refused_as_problem_json_naming_the_field(
@@ -145,6 +159,15 @@ async def test_a_content_rule_edit_must_leave_a_valid_rule_and_names_stay_unique
     assert_invalid(await client.patch(f"{CONTENT}/keys", json={"pattern": None}, headers=owner_headers), "pattern")
     assert_invalid(await client.patch(f"{CONTENT}/keys", json={"name": "other"}, headers=owner_headers), "name")
     assert (await client.get(f"{CONTENT}/keys", headers=owner_headers)).json()["pattern"] == "sk-[a-z]+"
+    # A change that fits alone but not the stored action conflicts with it (409), naming the field.
+    given = await client.patch(f"{CONTENT}/keys", json={"replacement": "[key]"}, headers=owner_headers)
+    assert assert_problem(given, 409, "conflict")["field"] == "replacement"
+    to_replace = {"action": "replace", "replacement": "[key]"}
+    assert (await client.patch(f"{CONTENT}/keys", json=to_replace, headers=owner_headers)).status_code == 200
+    taken = await client.patch(f"{CONTENT}/keys", json={"replacement": None}, headers=owner_headers)
+    assert assert_problem(taken, 409, "conflict")["field"] == "replacement"
+    back = await client.patch(f"{CONTENT}/keys", json={"action": "block"}, headers=owner_headers)
+    assert (back.json()["action"], back.json()["replacement"]) == ("block", None)
 
 
 async def test_a_rate_limit_is_given_as_text_or_as_amount_and_window(

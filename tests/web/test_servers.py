@@ -91,6 +91,20 @@ async def test_an_edit_that_breaks_a_server_is_refused_and_leaves_it_as_it_was(
     assert after["url"] == HTTP_SERVER["url"] and after["version"] == 1
 
 
+async def test_an_edit_that_fits_alone_but_not_a_setting_it_leaves_is_a_conflict_naming_that_setting(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    await client.post(SERVERS, json={**HTTP_SERVER, "auth_kind": "oauth"}, headers=owner_headers)
+    to_stdio = {"transport": "stdio", "command": "github-mcp"}
+    refused = await client.patch(f"{SERVERS}/github", json=to_stdio, headers=owner_headers)
+    assert assert_problem(refused, 409, "conflict")["field"] == "auth_kind"
+    after = (await client.get(f"{SERVERS}/github", headers=owner_headers)).json()
+    assert (after["transport"], after["auth_kind"], after["version"]) == ("streamable_http", "oauth", 1)
+    moved = await client.patch(f"{SERVERS}/github", json={**to_stdio, "auth_kind": "bearer"}, headers=owner_headers)
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["url"], moved.json()["oauth"]) == (None, None)
+
+
 async def test_a_duplicate_server_name_is_a_conflict(client: httpx2.AsyncClient, owner_headers: dict[str, str]) -> None:
     await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
     assert_problem(await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers), 409, "conflict")
@@ -200,10 +214,14 @@ async def test_a_token_env_that_cannot_carry_the_token_is_refused_naming_token_e
         assert_invalid(await client.post(SERVERS, json=body, headers=owner_headers), "token_env")
     assert (await client.get(SERVERS, headers=owner_headers)).json()["items"] == []
     await client.post(SERVERS, json={**stdio, "token_env": "GITHUB_TOKEN"}, headers=owner_headers)
-    # Becoming an HTTP server, or putting the variable in env, while token_env names it: refused, nothing changed.
-    to_http = {"transport": "streamable_http", "url": HTTP_SERVER["url"], "command": None}
-    assert_invalid(await client.patch(f"{SERVERS}/gh", json=to_http, headers=owner_headers), "token_env")
+    # Putting the variable in env while token_env names it conflicts with the stored setting: refused, nothing changed.
     clash = {"env": {"GITHUB_TOKEN": "x"}}
-    assert_invalid(await client.patch(f"{SERVERS}/gh", json=clash, headers=owner_headers), "token_env")
+    conflict = assert_problem(await client.patch(f"{SERVERS}/gh", json=clash, headers=owner_headers), 409, "conflict")
+    assert conflict["field"] == "token_env"
     after = (await client.get(f"{SERVERS}/gh", headers=owner_headers)).json()
     assert (after["token_env"], after["env"], after["version"]) == ("GITHUB_TOKEN", {"GH_HOST": "github.com"}, 1)
+    # Becoming an HTTP server drops what only stdio has, token_env included: the token then goes in a header.
+    to_http = {"transport": "streamable_http", "url": HTTP_SERVER["url"]}
+    moved = await client.patch(f"{SERVERS}/gh", json=to_http, headers=owner_headers)
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["token_env"], moved.json()["command"], moved.json()["args"]) == (None, None, [])

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
+from typing import Final
+
+# An id as new_id writes it (and the API document states it, for page cursors).
+ID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+ID_RE: Final = re.compile(ID_PATTERN)
 
 
 def new_id() -> str:

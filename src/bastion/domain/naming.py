@@ -13,12 +13,31 @@ NAME_MAX_CHARS: Final = 200
 EMAIL_MAX_CHARS: Final = 254
 URL_MAX_CHARS: Final = 2048
 
-_SLUG_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# The patterns are also the API document's (web/api/schemas.py), so what it promises is what is accepted. They
+# spell white space out, as what str.strip() removes, because `\s` means other characters in a JSON Schema (ECMA).
+SPACES: Final = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# A character of a name that is neither a control character nor white space.
+_VISIBLE: Final = rf"[^\x00-\x1f{SPACES}]"
+SLUG_PATTERN: Final = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 # Server names become tool-name prefixes (`server__tool`), so they share the MCP tool-name alphabet minus `__`.
-_SERVER_NAME_RE: Final = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
-_EMAIL_RE: Final = re.compile(
-    r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+SERVER_NAME_PATTERN: Final = r"^(?!.*__)[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
+_LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL_PATTERN: Final = rf"^[A-Za-z0-9.!#$%&'*+/=?^_`{{|}}~-]{{1,64}}@{_LABEL}(?:\.{_LABEL})+$"
+# Printable, with something besides white space (a name is trimmed).
+DISPLAY_NAME_PATTERN: Final = rf"^[^\x00-\x1f]*{_VISIBLE}[^\x00-\x1f]*$"
+# Text that is trimmed and then must be printable and not empty.
+TRIMMED_TEXT_PATTERN: Final = rf"^[{SPACES}]*[^\x00-\x1f]*{_VISIBLE}[^\x00-\x1f]*[{SPACES}]*$"
+BLANK_PATTERN: Final = rf"^[{SPACES}]*$"
+# An https URL naming a host by name (labels starting with a letter, so never an address), an optional port and
+# a path of URL characters: the form every outbound policy accepts at registration.
+HTTPS_URL_PATTERN: Final = (
+    r"^https://[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    r"(?::[1-9][0-9]{0,3})?(?:/[A-Za-z0-9._~!$&'()*+,;=:@/?-]*)?$"
 )
+_SLUG_RE: Final = re.compile(SLUG_PATTERN)
+_SERVER_NAME_RE: Final = re.compile(SERVER_NAME_PATTERN)
+_EMAIL_RE: Final = re.compile(EMAIL_PATTERN)
+_DISPLAY_NAME_RE: Final = re.compile(DISPLAY_NAME_PATTERN)
 _ALLOWED_URL_SCHEMES: Final = frozenset({"http", "https"})
 
 
@@ -34,7 +53,7 @@ def slug(value: str, *, field: str = "slug") -> str:
 
 def server_name(value: str, *, field: str = "name") -> str:
     """A server name usable as a tool namespace: no double underscore, which separates namespace and tool."""
-    if not _SERVER_NAME_RE.fullmatch(value) or "__" in value:
+    if not _SERVER_NAME_RE.fullmatch(value):
         raise ValidationFailed(
             f"{field} must be 1-63 letters, digits, '.', '-' or '_' (no '__'), "
             "starting and ending with a letter or digit",
@@ -46,7 +65,7 @@ def server_name(value: str, *, field: str = "name") -> str:
 def display_name(value: str, *, field: str = "name") -> str:
     """A human label: trimmed, non-empty, bounded, no control characters."""
     cleaned = value.strip()
-    if not cleaned or len(cleaned) > NAME_MAX_CHARS or any(ord(ch) < 32 for ch in cleaned):
+    if len(cleaned) > NAME_MAX_CHARS or not _DISPLAY_NAME_RE.fullmatch(value):
         raise ValidationFailed(f"{field} must be 1-{NAME_MAX_CHARS} printable characters", field=field)
     return cleaned
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, Self, TypeVar
 
 from bastion.domain import naming
 from bastion.domain.capabilities import Capability
@@ -25,7 +25,7 @@ from bastion.domain.models import (
     ProvisionMode,
     Transport,
 )
-from bastion.errors import ValidationFailed
+from bastion.errors import Conflict, ValidationFailed
 
 DESCRIPTION_MAX_CHARS: Final = 1000
 MAX_TIMEOUT_S: Final = 3600.0
@@ -42,6 +42,13 @@ _RUNTIME_ENV: Final = frozenset({"PATH", "NODE_OPTIONS", "NODE_PATH", "PYTHONPAT
 _RUNTIME_ENV_PREFIXES: Final = ("LD_", "DYLD_")
 
 Spec = TypeVar("Spec")
+
+
+class Checked(Protocol):
+    def validated(self) -> Self: ...
+
+
+Valid = TypeVar("Valid", bound=Checked)
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -61,6 +68,19 @@ def apply_changes(spec: Spec, changes: Mapping[str, Any]) -> Spec:
         if key not in known:
             raise ValidationFailed(f"unknown field {key!r}", field=key)
     return replace(spec, **changes)  # type: ignore[type-var]
+
+
+def validated_change(spec: Valid, changes: Mapping[str, Any]) -> Valid:
+    """``spec`` with ``changes`` applied and validated. A change that is fine by itself but does not fit a setting
+    it leaves alone (a stdio transport for a server using OAuth) conflicts with the stored state: Conflict (409)
+    naming that setting, rather than ValidationFailed (422), which is about the request's own input."""
+    try:
+        return apply_changes(spec, changes).validated()
+    except ValidationFailed as exc:
+        touched = exc.field is None or re.split(r"[.\[]", exc.field, maxsplit=1)[0] in changes
+        if touched:
+            raise
+        raise Conflict(f"{exc.detail} (a setting this change leaves as it is)", field=exc.field) from None
 
 
 def description(value: str, *, field: str = "description") -> str:

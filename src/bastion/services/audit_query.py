@@ -6,16 +6,15 @@ the chain itself, and need the audit key rather than a capability (they run from
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import hmac
 import io
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -30,7 +29,7 @@ from bastion.db import schema
 from bastion.db.audit import EVENT_FIELDS, HEAD_ID, event_of
 from bastion.db.crud import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
 from bastion.db.store import Store
-from bastion.domain import audit
+from bastion.domain import audit, ids
 from bastion.domain.actor import Actor
 from bastion.domain.audit import AuditEvent, Break, Checkpoint, SealedEvent, TamperKind, Verdict
 from bastion.domain.capabilities import Capability
@@ -41,7 +40,6 @@ H = schema.audit_head
 C = schema.audit_checkpoints
 BATCH_ROWS: Final = 500  # rows per query when exporting or verifying: memory stays bounded on any length of log
 EXPORT_COLUMNS: Final = ("seq", "prev_hash", "hash", *EVENT_FIELDS)
-_CURSOR_SEPARATOR: Final = "|"
 # Spreadsheets run a cell that starts with one of these as a formula; logged tool names and previews are untrusted.
 _FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
 
@@ -149,22 +147,23 @@ async def _where(conn: AsyncConnection, workspace_id: str, flt: AuditFilter) -> 
     return where
 
 
+# A page's position: the last event's time (microseconds since the epoch) and id, so the newest-first order resumes
+# exactly after it. The pattern is also the API document's.
+AUDIT_CURSOR_PATTERN: Final = rf"^[0-9]{{1,16}}_{ids.ID_PATTERN[1:-1]}$"
+_AUDIT_CURSOR_RE: Final = re.compile(AUDIT_CURSOR_PATTERN)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _encode_cursor(occurred_at: datetime, event_id: str) -> str:
-    raw = f"{_utc(occurred_at).isoformat()}{_CURSOR_SEPARATOR}{event_id}"
-    return base64.urlsafe_b64encode(raw.encode("ascii")).decode("ascii").rstrip("=")
+    micros = (_utc(occurred_at) - _EPOCH) // timedelta(microseconds=1)
+    return f"{micros}_{event_id}"
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    invalid = ValidationFailed("cursor is not one this API returned", field="cursor")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-        moment, _, event_id = raw.partition(_CURSOR_SEPARATOR)
-        at = datetime.fromisoformat(moment)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise invalid from None
-    if len(event_id) != 36 or at.utcoffset() is None:
-        raise invalid
-    return at, event_id
+    if not _AUDIT_CURSOR_RE.fullmatch(cursor):
+        raise ValidationFailed("cursor is not one this API returned", field="cursor")
+    micros, _, event_id = cursor.partition("_")
+    return _EPOCH + timedelta(microseconds=int(micros)), event_id
 
 
 # --- listing ---------------------------------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ async def list_page(
         raise ValidationFailed(f"limit must be between 1 and {MAX_PAGE_SIZE}", field="limit")
     async with store.transaction() as conn:
         where = await _where(conn, actor.workspace_id, flt)
-        if cursor:
+        if cursor is not None:
             at, event_id = _decode_cursor(cursor)
             where.append(sa.or_(E.c.occurred_at < at, sa.and_(E.c.occurred_at == at, E.c.id < event_id)))
         query = sa.select(E).where(*where).order_by(E.c.occurred_at.desc(), E.c.id.desc()).limit(size + 1)

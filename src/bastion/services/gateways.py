@@ -17,7 +17,7 @@ from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Gateway
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, apply_changes
-from bastion.errors import NotFound, ValidationFailed
+from bastion.errors import NotFound
 from bastion.events.bus import Changed, Subject
 from bastion.services import servers as servers_service
 from bastion.services.actions import action
@@ -67,7 +67,7 @@ async def _write_servers(conn: AsyncConnection, workspace_id: str, gateway_id: s
         try:
             server = await servers_service.find(conn, workspace_id, entry.server)
         except NotFound:
-            raise ValidationFailed(
+            raise NotFound(
                 f"servers[{position}]: no server named {entry.server!r}", field=f"servers[{position}].server"
             ) from None
         await conn.execute(

@@ -12,12 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bastion.db import crud, rows, schema
 from bastion.db.crud import Page
 from bastion.db.store import Store, emit
+from bastion.domain import naming
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import OWNER_ROLE, Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Member, MemberStatus, Role
 from bastion.domain.specs import MemberSpec, apply_changes
-from bastion.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from bastion.errors import Conflict, Forbidden, NotFound
 from bastion.events.bus import Changed, Subject
 from bastion.oauth.revocation import Outcome, Revoker
 from bastion.services import outbox, roles
@@ -51,11 +52,13 @@ def check_can_manage(actor: Actor, role: Role) -> None:
 
 
 async def _role_named(conn: AsyncConnection, workspace_id: str, ref: str) -> Role:
-    """The role a request body names; one that does not exist is an invalid value, not a missing resource."""
+    """The role a request body names (by name or id): ValidationFailed for what cannot be one, NotFound (naming
+    the field) for one that does not exist."""
+    naming.slug(ref, field="role")
     try:
         return await roles.find(conn, workspace_id, ref)
     except NotFound:
-        raise ValidationFailed(f"no role named {ref!r}", field="role") from None
+        raise NotFound(f"no role named {ref!r}", field="role") from None
 
 
 async def _active_owners(conn: AsyncConnection, workspace_id: str) -> int:

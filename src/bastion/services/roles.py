@@ -17,7 +17,7 @@ from bastion.domain.capabilities import BUILTIN_ROLES, LOCKED_ROLES, Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Role
 from bastion.domain.specs import RoleSpec, apply_changes
-from bastion.errors import Forbidden, ValidationFailed
+from bastion.errors import Conflict, Forbidden, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services.actions import action
 
@@ -44,7 +44,7 @@ async def create(store: Store, actor: Actor, spec: RoleSpec) -> Role:
     spec = spec.validated()
     _check_grantable(actor, spec.capabilities)
     if spec.name in BUILTIN_ROLES:
-        raise ValidationFailed(f"{spec.name!r} is a built-in role name", field="name")
+        raise Conflict(f"{spec.name!r} is a built-in role name", field="name")
     now = datetime.now(UTC)
     role_id = new_id()
     async with store.transaction() as conn:
@@ -102,7 +102,7 @@ async def update(
         if current.builtin and spec.name != current.name:
             raise ValidationFailed("built-in roles keep their names", field="name")
         if not current.builtin and spec.name in BUILTIN_ROLES:
-            raise ValidationFailed(f"{spec.name!r} is a built-in role name", field="name")
+            raise Conflict(f"{spec.name!r} is a built-in role name", field="name")
         # Editing a role changes what its holders can do: the editor must hold both the old and the new set.
         _check_grantable(actor, spec.capabilities | current.capabilities)
         await crud.update_versioned(

@@ -24,8 +24,8 @@ from bastion.domain.ids import new_id
 from bastion.domain.models import Gateway
 from bastion.domain.policy import Effect, PolicyRule, SubjectKind, summary
 from bastion.domain.ratelimits import LimitPer, RateLimitRule, Strategy, describe, parse_limit
-from bastion.domain.specs import apply_changes
-from bastion.errors import NotFound, ValidationFailed
+from bastion.domain.specs import validated_change
+from bastion.errors import Conflict, NotFound, ValidationFailed
 from bastion.events.bus import Changed, Subject
 from bastion.services import gateways
 from bastion.services.actions import action as record_action
@@ -117,13 +117,13 @@ async def _stored(conn: AsyncConnection, found: Sequence[sa.Row[Any]], convert: 
 
 
 async def _gateway(conn: AsyncConnection, workspace_id: str, ref: str | None) -> Gateway | None:
-    """The gateway named by id or slug; an unknown one is an input error, not a missing resource."""
+    """The gateway named by id or slug; NotFound names the field for an unknown one."""
     if ref is None:
         return None
     try:
         return await gateways.find(conn, workspace_id, ref)
     except NotFound:
-        raise ValidationFailed(f"no gateway with id or slug {ref!r}", field="gateway") from None
+        raise NotFound(f"no gateway with id or slug {ref!r}", field="gateway") from None
 
 
 def _common(actor: Actor, gateway: Gateway | None) -> dict[str, Any]:
@@ -199,7 +199,7 @@ async def create_policy(
             aliases = sorted(s.alias for s in found.servers)
             if rule.server not in aliases:
                 offered = ", ".join(aliases) or "none"
-                raise ValidationFailed(
+                raise NotFound(
                     f"gateway {found.slug!r} has no server with alias {rule.server!r} (its aliases: {offered})",
                     field="server",
                 )
@@ -289,11 +289,25 @@ async def update_content_rule(store: Store, actor: Actor, ref: str, changes: Map
             raise ValidationFailed(f"a content rule's {key} cannot be changed", field=key)
     async with store.transaction() as conn:
         row = await _fetch(conn, C, actor.workspace_id, ref, "content rule")
+        current = content_of(row)
         wanted = dict(changes)
-        if wanted.get("action", ContentAction.REPLACE) != ContentAction.REPLACE:
-            # Only replace rules carry a replacement: moving off replace drops it rather than failing on it.
-            wanted.setdefault("replacement", None)
-        rule = apply_changes(content_of(row), wanted).validated()
+        if "action" not in wanted and "replacement" in wanted:
+            # Without an action, a replacement given to another rule, or taken from a replace rule, does not fit
+            # the stored action.
+            if wanted["replacement"] and current.action is not ContentAction.REPLACE:
+                raise Conflict(
+                    f"a {current.action} rule takes no replacement; set action to replace in the same edit",
+                    field="replacement",
+                )
+            if not wanted["replacement"] and current.action is ContentAction.REPLACE:
+                raise Conflict(
+                    "a replace rule needs its replacement; set another action in the same edit", field="replacement"
+                )
+        if "action" in wanted:
+            # The replacement goes with the action: moving off replace drops it rather than failing on it, and
+            # moving to replace needs one in the same change.
+            wanted.setdefault("replacement", current.replacement if wanted["action"] == ContentAction.REPLACE else None)
+        rule = validated_change(current, wanted)
         emit(conn, Changed(Subject.POLICY, actor.workspace_id))
         await conn.execute(C.update().where(C.c.id == row.id).values(**_content_values(rule)))
         verb = "updated"

@@ -16,8 +16,8 @@ from bastion.db.store import Store, emit, outbound_of
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.ids import new_id
-from bastion.domain.models import Server, Transport
-from bastion.domain.specs import ServerSpec, apply_changes
+from bastion.domain.models import AuthKind, Server, Transport
+from bastion.domain.specs import ServerSpec, validated_change
 from bastion.errors import Conflict
 from bastion.events.bus import Changed, Subject
 from bastion.net.outbound import OutboundPolicy, check_url_shape
@@ -125,13 +125,49 @@ async def list_page(
     return Page([rows.server(r) for r in found], next_cursor)
 
 
+def with_transport(current: Server, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``changes`` with what goes with them: leaving OAuth drops the OAuth settings, and moving to another
+    transport clears the old transport's settings unless they are given (a stdio server has no url, an HTTP or
+    SSE server no command, args or token_env)."""
+    out = dict(changes)
+    if "auth_kind" in changes and changes["auth_kind"] != AuthKind.OAUTH:
+        out.setdefault("oauth", None)  # OAuth settings go with OAuth
+    elif "auth_kind" not in changes and changes.get("oauth") is not None and current.auth_kind is not AuthKind.OAUTH:
+        raise Conflict("the server does not use OAuth; set auth_kind to oauth in the same edit", field="oauth")
+    transport = changes.get("transport")
+    if transport is None:
+        _fits_transport(current.transport, changes)
+        return out
+    if transport == current.transport:
+        return out
+    # What the new transport needs counts as part of the change: missing, it is the request's own error (422).
+    cleared: dict[str, Any] = (
+        {"url": None, "command": None}
+        if transport == Transport.STDIO
+        else {"url": None, "command": None, "args": (), "token_env": None}
+    )
+    return cleared | out
+
+
+def _fits_transport(transport: Transport, changes: Mapping[str, Any]) -> None:
+    """Settings of the other kind of server, given without changing the transport, conflict with the stored one."""
+    if transport is Transport.STDIO:
+        wrong = ["url"] if changes.get("url") is not None else []
+    else:
+        wrong = [key for key in ("command", "args", "token_env") if changes.get(key)]
+    if wrong:
+        raise Conflict(
+            f"a {transport.value} server has no {wrong[0]}; change its transport in the same edit", field=wrong[0]
+        )
+
+
 async def update(
     store: Store, actor: Actor, ref: str, changes: Mapping[str, Any], expected_version: int | None = None
 ) -> Server:
     actor.require(Capability.SERVERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
-        spec = _checked(apply_changes(spec_of(current), changes).validated(), outbound_of(conn))
+        spec = _checked(validated_change(spec_of(current), with_transport(current, changes)), outbound_of(conn))
         # An edit of what only describes the server leaves its open upstream sessions (and calls on them) alone.
         reached_alike = replace(spec, description=current.description) == spec_of(current)
         emit(conn, Changed(Subject.SERVER_INFO if reached_alike else Subject.SERVER, current.id))

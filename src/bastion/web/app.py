@@ -80,9 +80,9 @@ def build_api() -> FastAPI:
 
 
 def _new_api() -> FastAPI:
-    from fastapi import FastAPI
+    from fastapi import Depends, FastAPI
 
-    from bastion.web.api import openapi
+    from bastion.web.api import deps, openapi
     from bastion.web.api.routes import router
     from bastion.web.api.routes_accounts import router as accounts_router
     from bastion.web.api.routes_audit import router as audit_router
@@ -91,6 +91,7 @@ def _new_api() -> FastAPI:
     from bastion.web.api.routes_webhooks import router as webhooks_router
 
     api = FastAPI(
+        dependencies=[Depends(deps.plain_parameters)],
         generate_unique_id_function=_operation_id,
         title="Bastion admin API",
         version=__version__,

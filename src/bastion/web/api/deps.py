@@ -10,12 +10,13 @@ from fastapi import Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from bastion.db.store import Store
+from bastion.domain import ids
 from bastion.domain.actor import Actor
 from bastion.domain.capabilities import Capability
 from bastion.domain.webhooks import HostCaller
 from bastion.errors import Unauthenticated, Unavailable, ValidationFailed
 from bastion.oauth.revocation import Revoker
-from bastion.services import apikeys, host_keys
+from bastion.services import apikeys, audit_query, host_keys
 from bastion.services.apikeys import KeyHasher
 from bastion.services.audit import Audit
 from bastion.services.delivery import Sender
@@ -59,6 +60,14 @@ def context(request: Request) -> ApiContext:
     return ctx
 
 
+def plain_parameters(request: Request) -> None:
+    """Query and path parameters hold no NUL, which no database stores (bodies: schemas.Body); the document says
+    so too (openapi.document)."""
+    for name, value in (*request.query_params.multi_items(), *request.path_params.items()):
+        if "\x00" in str(value):
+            raise ValidationFailed(f"{name} must not contain NUL characters", field=name)
+
+
 def link_base(request: Request) -> str:
     """Where links this request hands out start: BASTION_PUBLIC_URL, else the address it was sent to."""
     return (context(request).public_url or str(request.base_url).removesuffix("/api/v1/")).rstrip("/")
@@ -94,7 +103,22 @@ CurrentActor = Annotated[Actor, Depends(authenticated)]
 CurrentHost = Annotated[HostCaller, Depends(authenticated_host)]
 
 
-Cursor = Annotated[str | None, Query(max_length=200, description="From the previous page's next_cursor")]
+Cursor = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="From the previous page's next_cursor",
+        json_schema_extra={"pattern": ids.ID_PATTERN},
+    ),
+]
+AuditCursor = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="From the previous page's next_cursor",
+        json_schema_extra={"pattern": audit_query.AUDIT_CURSOR_PATTERN},
+    ),
+]
 Limit = Annotated[int | None, Query(ge=1, le=200, description="Page size (default 50)")]
 
 

@@ -50,6 +50,16 @@ _CHANGES: Final = {"409": "Conflicts with what exists (a name taken, a resource 
 _VERSIONED: Final = {"412": "`If-Match` names a version that is no longer current"}
 
 
+NO_NUL: Final = r"^[^\x00]*$"
+
+
+def _no_nul(schema: dict[str, Any]) -> None:
+    """A text parameter holds no NUL (web/api/deps.plain_parameters refuses it)."""
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "string" and not {"pattern", "enum", "const"} & option.keys():
+            option["pattern"] = NO_NUL
+
+
 def document(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` (FastAPI's document, changed in place) with every operation's problem responses."""
     schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = _PROBLEM_SCHEMA
@@ -64,6 +74,8 @@ def document(schema: dict[str, Any]) -> dict[str, Any]:
                 statuses |= _CHANGES
             if method in ("put", "patch", "delete"):
                 statuses |= _VERSIONED
+            for parameter in operation.get("parameters", []):
+                _no_nul(parameter.get("schema", {}))
             responses: dict[str, Any] = operation.setdefault("responses", {})
             for status, description in statuses.items():
                 responses[status] = {"description": description, "content": {PROBLEM: {"schema": _REF}}}

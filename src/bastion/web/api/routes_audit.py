@@ -12,8 +12,8 @@ from fastapi.responses import StreamingResponse
 from bastion.domain.capabilities import Capability as C
 from bastion.services import audit_query
 from bastion.services.audit_query import AuditFilter, ExportFormat
-from bastion.web.api.deps import Ctx, CurrentActor, Cursor, Limit, needs
-from bastion.web.api.schemas import PageOut
+from bastion.web.api.deps import AuditCursor, Ctx, CurrentActor, Limit, needs
+from bastion.web.api.schemas import Moment, PageOut
 from bastion.web.api.schemas_audit import AuditEventOut
 
 router = APIRouter()
@@ -31,8 +31,8 @@ def audit_filter(
     outcome: Annotated[str | None, Query(max_length=16, description="ok, error, refused, denied, …")] = None,
     method: Annotated[str | None, Query(max_length=64, description="MCP method or admin action")] = None,
     kind: Annotated[str | None, Query(max_length=8, description="mcp or admin")] = None,
-    since: Annotated[datetime | None, Query(description="From this time on (inclusive; no zone = UTC)")] = None,
-    until: Annotated[datetime | None, Query(description="Before this time (exclusive; no zone = UTC)")] = None,
+    since: Annotated[Moment | None, Query(description="From this time on (inclusive; no zone = UTC)")] = None,
+    until: Annotated[Moment | None, Query(description="Before this time (exclusive; no zone = UTC)")] = None,
 ) -> AuditFilter:
     return AuditFilter(member, host, gateway, server, name, outcome, method, kind, since, until)
 
@@ -42,7 +42,7 @@ Filter = Annotated[AuditFilter, Depends(audit_filter)]
 
 @router.get("/audit/events", tags=["audit"], openapi_extra=_VIEW)
 async def list_audit_events(
-    ctx: Ctx, actor: CurrentActor, flt: Filter, cursor: Cursor = None, limit: Limit = None
+    ctx: Ctx, actor: CurrentActor, flt: Filter, cursor: AuditCursor = None, limit: Limit = None
 ) -> PageOut[AuditEventOut]:
     """The workspace's audit events, newest first; pending ones (no seq yet) included."""
     page = await audit_query.list_page(await ctx.settled(), actor, flt, cursor, limit)

@@ -5,36 +5,71 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Final
 
-from pydantic import Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr, StrictBool, StrictFloat
+from pydantic.config import JsonDict
 
 from bastion.domain.connections import AccessToken, ConnectionLink
-from bastion.domain.identities import Identity, IdentityKind, IdentityStatus
+from bastion.domain.identities import FORBIDDEN_HEADERS, Identity, IdentityKind, IdentityStatus
 from bastion.services.links import DEFAULT_LINK_LIFETIME, DEFAULT_MAX_USES, MAX_LINK_LIFETIME, MIN_LINK_LIFETIME
 from bastion.services.rotation import KeyUsage
-from bastion.web.api.schemas import Body, Out, Patch
+from bastion.web.api.schemas import WHOLE, Body, Email, Expiry, Out, Patch, choices
 
 Ref = Annotated[str, Field(min_length=1, max_length=254)]
 SecretValue = Annotated[SecretStr, Field(min_length=1, max_length=16384)]
 _HOUR: Final = timedelta(hours=1)
 
 
+# A pasted credential is a bearer token or a non-empty set of headers, never both (null stands for left out).
+_BY_TOKEN: Final[JsonDict] = {"required": ["token"], "properties": {"token": {"type": "string"}}}
+_BY_HEADERS: Final[JsonDict] = {
+    "required": ["headers"],
+    "properties": {"headers": {"type": "object", "minProperties": 1}},
+}
+# An update changes the credential only when it names one; then it is one, as when created.
+_NO_CREDENTIAL: Final[JsonDict] = {"properties": {"token": {"type": "null"}, "headers": {"type": "null"}}}
+# Printable, no white space (a leading "Bearer " is also accepted and dropped).
+TOKEN_PATTERN: Final = r"^[^\x00-\x20\x7f]+$"  # noqa: S105  a pattern, not a secret
+
+
+# Header names an identity may set: letters, digits, '-' and '_', not one the gateway sets itself.
+def _any_case(name: str) -> str:
+    return "".join(f"[{ch.upper()}{ch}]" if ch.isalpha() else ch for ch in name)
+
+
+HEADER_NAME_PATTERN: Final = (
+    "^(?!(?:" + "|".join(_any_case(h) for h in sorted(FORBIDDEN_HEADERS)) + ")$)[A-Za-z0-9_-]+$"
+)
+SecretToken = Annotated[SecretStr, Field(min_length=1, max_length=16384, json_schema_extra={"pattern": TOKEN_PATTERN})]
+HeaderName = Annotated[str, Field(min_length=1, max_length=128, json_schema_extra={"pattern": HEADER_NAME_PATTERN})]
+HeaderValue = Annotated[
+    SecretStr, Field(min_length=1, max_length=16384, json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f]+$"})
+]
+# Pydantic states a dict's key pattern as patternProperties; other keys are refused too.
+Headers = Annotated[
+    dict[HeaderName, HeaderValue], Field(max_length=16, json_schema_extra={"additionalProperties": False})
+]
+
+
 class IdentityCreate(Body):
+    model_config = ConfigDict(json_schema_extra=choices(_BY_TOKEN, _BY_HEADERS, exclusive=True))
+
     server: Ref = Field(description="Server name or id")
-    token: SecretValue | None = Field(default=None, description="A bearer token (sent as Authorization: Bearer)")
-    headers: Annotated[dict[Annotated[str, Field(max_length=128)], SecretValue], Field(max_length=16)] | None = None
+    token: SecretToken | None = Field(default=None, description="A bearer token (sent as Authorization: Bearer)")
+    headers: Headers | None = None
     member: Ref | None = Field(default=None, description="Owner (id or email); default yourself")
-    shared: bool = Field(default=False, description="A global identity for shared schemes")
+    shared: StrictBool = Field(default=False, description="A global identity for shared schemes")
     label: Annotated[str, Field(min_length=1, max_length=200)] | None = None
 
 
 class IdentityUpdate(Patch):
     # Null means "not this one" when the other form of credential is sent.
     nullable: ClassVar[frozenset[str]] = frozenset({"token", "headers"})
+    model_config = ConfigDict(json_schema_extra=choices(_NO_CREDENTIAL, _BY_TOKEN, _BY_HEADERS, exclusive=True))
 
     label: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     status: IdentityStatus | None = None
-    token: SecretValue | None = None
-    headers: Annotated[dict[Annotated[str, Field(max_length=128)], SecretValue], Field(max_length=16)] | None = None
+    token: SecretToken | None = None
+    headers: Headers | None = None
 
 
 class IdentityOut(Out):
@@ -104,7 +139,7 @@ class ConnectionCreate(Body):
     identities: Annotated[
         dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=64)]], Field(max_length=50)
     ] = Field(default_factory=dict, description="Per-user server alias → identity id")
-    token_expires_at: datetime | None = None
+    token_expires_at: Expiry | None = None
 
 
 class ConnectionIdentityUpdate(Body):
@@ -133,7 +168,7 @@ class ConnectionCreated(Out):
 
 
 class TokenCreate(Body):
-    expires_at: datetime | None = None
+    expires_at: Expiry | None = None
 
 
 class TokenCreated(Out):
@@ -145,16 +180,14 @@ class LinkCreate(Body):
     host: Ref
     gateway: Ref
     # The same bounds the service enforces, stated here so a refusal names the field the client sent.
-    expires_in_hours: Annotated[float, Field(ge=MIN_LINK_LIFETIME / _HOUR, le=MAX_LINK_LIFETIME / _HOUR)] = (
+    expires_in_hours: Annotated[StrictFloat, Field(ge=MIN_LINK_LIFETIME / _HOUR, le=MAX_LINK_LIFETIME / _HOUR)] = (
         DEFAULT_LINK_LIFETIME / _HOUR
     )
-    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+    max_uses: Annotated[int, Field(ge=1, le=1_000_000), WHOLE] | None = Field(
         default=DEFAULT_MAX_USES,
         description="How many people may enroll through the link; null (the default) for no limit",
     )
-    allowed_emails: Annotated[list[Annotated[str, Field(max_length=254)]], Field(max_length=1000)] = Field(
-        default_factory=list
-    )
+    allowed_emails: Annotated[list[Email], Field(max_length=1000)] = Field(default_factory=list)
     note: Annotated[str, Field(max_length=200)] = ""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, StrictBool, StrictFloat
 
 from bastion.domain.webhooks import (
     SUBSCRIBABLE,
@@ -18,9 +18,11 @@ from bastion.domain.webhooks import (
     Trigger,
 )
 from bastion.services.claims import Claimed
-from bastion.web.api.schemas import Body, Description, Name, Out, Patch, Url
+from bastion.web.api.schemas import Body, Description, Expiry, Name, Out, Patch, Url
 
-EventTypeName = Annotated[str, Field(min_length=1, max_length=32)]
+EventTypeName = Annotated[
+    str, Field(min_length=1, max_length=32, json_schema_extra={"enum": [t.value for t in SUBSCRIBABLE]})
+]
 EventTypes = Annotated[
     list[EventTypeName],
     Field(
@@ -39,7 +41,7 @@ class EndpointCreate(Body):
         default=TokenDelivery.CLAIM_CODE,
         description="claim_code (default): a one-time code the host redeems with its host key; token: the token",
     )
-    enabled: bool = True
+    enabled: StrictBool = True
 
 
 class EndpointUpdate(Patch):
@@ -47,7 +49,7 @@ class EndpointUpdate(Patch):
     description: Description | None = None
     event_types: EventTypes | None = None
     token_delivery: TokenDelivery | None = None
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
 
 
 class SecretOut(Out):
@@ -94,7 +96,9 @@ class EndpointWithSecret(Out):
 
 
 class SecretRotate(Body):
-    overlap_hours: float = Field(default=24, ge=0, le=168, description="How long the previous secret keeps signing too")
+    overlap_hours: StrictFloat = Field(
+        default=24, ge=0, le=168, description="How long the previous secret keeps signing too"
+    )
 
 
 class MessageOut(Out):
@@ -137,7 +141,7 @@ class DeliveryOut(Out):
 
 class HostKeyCreate(Body):
     name: Name
-    expires_at: datetime | None = None
+    expires_at: Expiry | None = None
 
 
 class HostKeyOut(Out):
