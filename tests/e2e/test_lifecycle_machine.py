@@ -1,11 +1,12 @@
 """The lifecycle of tokens, hosts, connections, identities and rules as a hypothesis state machine, on a real gateway.
 
 Hypothesis mints and revokes tokens, disables and enables the agent's host, people's connections and their
-identities, replaces their credentials, adds and removes policy rules denying them, and calls a tool with any
-token, in either protocol era, in any order. After each step the gateway must agree with a model of what should
-hold: a revoked token never authenticates, a disabled host or connection never reaches the upstream, a denied
-person or a disabled identity is refused by the pipeline, an admitted call carries its person's current credential
-(a replaced one holds at once), and every call past the door writes exactly one audit event in their name.
+identities, replaces their credentials, adds and removes policy rules denying them and a rate limit on the agent,
+and calls a tool with any token, in either protocol era, in any order. After each step the gateway must agree with
+a model of what should hold: a revoked token never authenticates, a disabled host or connection never reaches the
+upstream, a denied person, a call over the limit or a disabled identity is refused by the pipeline (in that
+order), an admitted call carries its person's current credential (a replaced one holds at once), and every call
+past the door writes exactly one audit event in their name.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from bastion.domain.actor import Actor
 from bastion.domain.identities import IdentityStatus, bearer_secret
 from bastion.domain.models import AuthKind, Transport
 from bastion.domain.policy import Effect, SubjectKind
+from bastion.domain.ratelimits import LimitPer
 from bastion.domain.specs import GatewayServerSpec, GatewaySpec, HostSpec, MemberSpec, ServerSpec
-from bastion.pipeline.errors import IDENTITY_REQUIRED, POLICY_DENIED
+from bastion.pipeline.errors import IDENTITY_REQUIRED, POLICY_DENIED, RATE_LIMITED
 from bastion.services import connections, gateways, hosts, identities, members, rules, servers, tokens, workspace
 from bastion.services.apikeys import KeyHasher
 from bastion.settings import Settings
@@ -51,6 +53,8 @@ from tests.processes import HEAVY_TIMEOUT_S
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 
 PEOPLE: Final = 2
+CHANGES: Final = ("toggle_host", "toggle_connection", "replace_credential", "toggle_identity", "toggle_deny_rule")
+LIMIT: Final = 1  # calls a rate limit on the agent's host lets through (in a day: the run never sees it reset)
 MODES: Final = ("legacy", "2026-07-28")
 E = schema.audit_events
 AUDIT_WAIT_S: Final = 30.0  # a bound on waiting for queued audit events, not a timing
@@ -105,13 +109,21 @@ class Person:
 
 
 @dataclass
+class Limit:
+    rule_id: str
+    used: int = 0  # calls it counted: past the door and the policy
+
+
+@dataclass
 class Example:
-    """One run of the machine: a host, people and tokens of its own, so runs never see each other's state."""
+    """One run of the machine: a host, people and tokens of its own, so runs never see each other's state (a rate
+    limit, which counts for every host, lives only during the run that made it)."""
 
     host: str
     people: list[Person] = field(default_factory=list[Person])
     tokens: list[Token] = field(default_factory=list[Token])
     host_enabled: bool = True
+    limit: Limit | None = None
 
 
 async def _start(world: World, number: int) -> Example:
@@ -206,34 +218,31 @@ def _machine(portal: BlockingPortal, world: World, seen: Counter[str]) -> type[R
             portal.call(tokens.revoke, world.store, world.operator, token.id)
             token.revoked = True
 
-        @rule()
-        def toggle_host(self) -> None:
+        # One rule for the changes to a person or the host, so that calls are as frequent as all of them together.
+        @rule(change=st.sampled_from(CHANGES), person=st.integers(0, PEOPLE - 1))
+        def change(self, change: str, person: int) -> None:
+            getattr(self, f"_{change}")(self.example.people[person])
+
+        def _toggle_host(self, who: Person) -> None:
+            del who  # the host is everyone's
             self.example.host_enabled = not self.example.host_enabled
             portal.call(hosts.set_enabled, world.store, world.operator, self.example.host, self.example.host_enabled)
 
-        @rule(person=st.integers(0, PEOPLE - 1))
-        def toggle_connection(self, person: int) -> None:
-            who = self.example.people[person]
+        def _toggle_connection(self, who: Person) -> None:
             who.enabled = not who.enabled
             portal.call(connections.set_enabled, world.store, world.operator, who.connection_id, who.enabled)
 
-        @rule(person=st.integers(0, PEOPLE - 1))
-        def replace_credential(self, person: int) -> None:
-            who = self.example.people[person]
+        def _replace_credential(self, who: Person) -> None:
             who.credential = f"Bearer replaced-{next(nonces)}-{who.email}"
             secret = bearer_secret(who.credential)
             portal.call(partial(identities.update, secret=secret), *self._identity(who))
 
-        @rule(person=st.integers(0, PEOPLE - 1))
-        def toggle_identity(self, person: int) -> None:
-            who = self.example.people[person]
+        def _toggle_identity(self, who: Person) -> None:
             who.identity_enabled = not who.identity_enabled
             status = IdentityStatus.ACTIVE if who.identity_enabled else IdentityStatus.DISABLED
             portal.call(partial(identities.update, status=status), *self._identity(who))
 
-        @rule(person=st.integers(0, PEOPLE - 1))
-        def toggle_deny_rule(self, person: int) -> None:
-            who = self.example.people[person]
+        def _toggle_deny_rule(self, who: Person) -> None:
             if who.deny_rule is None:
                 deny = partial(rules.create_policy, effect=Effect.DENY, subject_kind=SubjectKind.MEMBER)
                 made = portal.call(partial(deny, subject=who.email, server="crm"), world.store, world.operator)
@@ -242,12 +251,30 @@ def _machine(portal: BlockingPortal, world: World, seen: Counter[str]) -> type[R
                 portal.call(rules.delete_policy, world.store, world.operator, who.deny_rule)
                 who.deny_rule = None
 
+        @precondition(lambda self: self.example.limit is None)
+        @rule()
+        def add_rate_limit(self) -> None:
+            limit = partial(rules.create_rate_limit, per=LimitPer.HOST, amount=LIMIT, window_s=86_400)
+            made = portal.call(partial(limit, gateway="sales"), world.store, world.operator)
+            self.example.limit = Limit(made.rule.id)
+
+        # A limit stays until it has been used up, so the calls after it meet it.
+        @precondition(lambda self: self.example.limit is not None and self.example.limit.used >= LIMIT)
+        @rule()
+        def remove_rate_limit(self) -> None:
+            assert self.example.limit is not None
+            portal.call(rules.delete_rate_limit, world.store, world.operator, self.example.limit.rule_id)
+            self.example.limit = None
+
         def _identity(self, who: Person) -> tuple[Any, ...]:
             return (world.store, world.vault, world.hasher, world.operator, who.identity_id)
 
         @rule(data=st.data(), mode=st.sampled_from(MODES))
         def call(self, data: st.DataObject, mode: str) -> None:
-            token = data.draw(st.sampled_from(self.example.tokens))
+            # Mostly a live token (revoked ones pile up), so the calls meet every outcome past the door too.
+            live = [t for t in self.example.tokens if not t.revoked]
+            any_token = not live or data.draw(st.integers(0, 3)) == 0
+            token = data.draw(st.sampled_from(self.example.tokens if any_token else live))
             who = self.example.people[token.person]
             nonce = f"nonce-{next(nonces)}"
             answer = portal.call(_call, world, token.secret, mode, nonce)
@@ -259,10 +286,16 @@ def _machine(portal: BlockingPortal, world: World, seen: Counter[str]) -> type[R
                 refusals = {"http 403"}
             if not refusals:
                 who.audited += 1
+                limit = self.example.limit
                 if who.deny_rule is not None:
                     refusals.add(f"jsonrpc {POLICY_DENIED}")
-                if not who.identity_enabled:
-                    refusals.add(f"jsonrpc {IDENTITY_REQUIRED}")
+                elif limit is not None and limit.used >= LIMIT:
+                    refusals.add(f"jsonrpc {RATE_LIMITED}")
+                else:
+                    if limit is not None:
+                        limit.used += 1
+                    if not who.identity_enabled:
+                        refusals.add(f"jsonrpc {IDENTITY_REQUIRED}")
             seen[answer.refused or "admitted"] += 1
             if refusals:
                 assert answer.refused in refusals, f"a call that must be refused ({refusals}) got {answer!r}"
@@ -277,6 +310,8 @@ def _machine(portal: BlockingPortal, world: World, seen: Counter[str]) -> type[R
             assert not (answer.text is not None and audited < who.audited), "an admitted call was not audited first"
 
         def teardown(self) -> None:
+            if self.example.limit is not None:
+                portal.call(rules.delete_rate_limit, world.store, world.operator, self.example.limit.rule_id)
             # Exactly one event per call past the door, once the audit log has written what it queued.
             deadline = time.monotonic() + AUDIT_WAIT_S
             for who in self.example.people:
@@ -295,7 +330,7 @@ def test_tokens_hosts_and_connections_hold_their_invariants_in_any_order(setting
         run_state_machine_as_test(
             machine,
             settings=hypothesis_settings(
-                max_examples=20,
+                max_examples=25,
                 stateful_step_count=40,
                 deadline=None,
                 # The same programs on every run and machine: one that happened to admit no call would prove little,
@@ -305,5 +340,7 @@ def test_tokens_hosts_and_connections_hold_their_invariants_in_any_order(setting
             ),
         )
     # Not vacuous: the programs (the same on every run) met every outcome the model knows.
-    kinds = {"admitted", "http 401", "http 403", f"jsonrpc {POLICY_DENIED}", f"jsonrpc {IDENTITY_REQUIRED}"}
+    kinds = {"admitted", "http 401", "http 403"} | {
+        f"jsonrpc {c}" for c in (POLICY_DENIED, RATE_LIMITED, IDENTITY_REQUIRED)
+    }
     assert set(seen) == kinds, seen
