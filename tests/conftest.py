@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import coverage
 import httpx2
 import hypothesis
 import pytest
@@ -106,6 +107,22 @@ def _heaviest_first(items: list[pytest.Item], workers: int) -> list[pytest.Item]
         start += take
     ordered.extend(light[start:])
     return ordered
+
+
+@pytest.fixture
+def untraced() -> Iterator[None]:
+    """The test runs without coverage's tracer in this process. For the property suites that drive a gateway in
+    this process for minutes: they check invariants, not lines (the other tests cover those lines), and tracing
+    every call made them three times slower. Processes they start are measured as usual."""
+    measuring = coverage.Coverage.current()
+    if measuring is None:
+        yield
+        return
+    measuring.stop()
+    try:
+        yield
+    finally:
+        measuring.start()
 
 
 @pytest.fixture

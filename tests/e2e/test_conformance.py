@@ -104,6 +104,7 @@ class _InjectToken:
 @pytest.mark.anyio
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("kind", ["fixture", "sloppy"])
+@pytest.mark.usefixtures("untraced")
 async def test_bastion_in_front_of_the_fixture_scores_exactly_like_the_fixture(
     kind: str, request: pytest.FixtureRequest, settings: Any, store: Any, hasher: Any, operator: Any
 ) -> None:

@@ -323,6 +323,7 @@ def _machine(portal: BlockingPortal, world: World, seen: Counter[str]) -> type[R
     return Lifecycle
 
 
+@pytest.mark.usefixtures("untraced")
 def test_tokens_hosts_and_connections_hold_their_invariants_in_any_order(settings: Settings) -> None:
     with start_blocking_portal() as portal, portal.wrap_async_context_manager(_world(settings)) as world:
         seen: Counter[str] = Counter()

@@ -231,6 +231,7 @@ async def _exercise(settings: Settings, store: Store, token: str, mode: str) -> 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.id)
+@pytest.mark.usefixtures("untraced")
 async def test_server_everything_works_behind_bastion_over_every_transport_and_era(
     route: Route,
     mode: str,
