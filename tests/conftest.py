@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import coverage
 import httpx2
 import hypothesis
 import pytest
@@ -32,6 +31,7 @@ from bastion.services.apikeys import KeyHasher
 from bastion.services.audit import AuditKeys
 from bastion.settings import Settings, generate_secrets
 from bastion.web.app import create_app
+from tests.mcp_support import untraced as mcp_untraced
 
 # Tests never time: no deadline per example (on a loaded machine a slow example would be re-run and reported
 # as flaky, or as failing, for how long it took rather than what it did).
@@ -111,18 +111,11 @@ def _heaviest_first(items: list[pytest.Item], workers: int) -> list[pytest.Item]
 
 @pytest.fixture
 def untraced() -> Iterator[None]:
-    """The test runs without coverage's tracer in this process. For the property suites that drive a gateway in
-    this process for minutes: they check invariants, not lines (the other tests cover those lines), and tracing
-    every call made them three times slower. Processes they start are measured as usual."""
-    measuring = coverage.Coverage.current()
-    if measuring is None:
+    """The whole test runs without coverage's tracer in this process (tests.mcp_support.untraced). For the property
+    and peer suites that drive a gateway for minutes: they check invariants and answers, not lines, which the other
+    tests cover; tracing made them about three times slower. Processes they start are measured as usual."""
+    with mcp_untraced():
         yield
-        return
-    measuring.stop()
-    try:
-        yield
-    finally:
-        measuring.start()
 
 
 @pytest.fixture

@@ -173,7 +173,6 @@ agent_headers = st.lists(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(schedule=schedules, extra=agent_headers)
-@pytest.mark.usefixtures("untraced")
 async def test_concurrent_members_only_ever_reach_the_upstream_with_their_own_credential(
     world: World, schedule: list[int], extra: list[tuple[int, str]]
 ) -> None:

@@ -1,6 +1,6 @@
 """Schemathesis hooks for tests/web/test_api_schema.py (loaded through SCHEMATHESIS_HOOKS).
 
-Two kinds of generated request are left out, because what decides them is not in the request:
+These generated requests are left out, because what decides them is not in the request:
 - a positive case setting an expiry outside the next ten years: the document cannot say "in the future", which
   depends on the clock (the services' own tests refuse such expiries);
 - a positive case giving a content rule a pattern that Python cannot compile or that matches empty text: the

@@ -105,6 +105,16 @@ async def test_an_edit_that_fits_alone_but_not_a_setting_it_leaves_is_a_conflict
     assert (moved.json()["url"], moved.json()["oauth"]) == (None, None)
 
 
+async def test_a_server_moves_between_streamable_http_and_sse_keeping_its_url(
+    client: httpx2.AsyncClient, owner_headers: dict[str, str]
+) -> None:
+    await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
+    for transport in ("sse", "streamable_http"):
+        moved = await client.patch(f"{SERVERS}/github", json={"transport": transport}, headers=owner_headers)
+        assert moved.status_code == 200, moved.text
+        assert (moved.json()["transport"], moved.json()["url"]) == (transport, HTTP_SERVER["url"])
+
+
 async def test_a_duplicate_server_name_is_a_conflict(client: httpx2.AsyncClient, owner_headers: dict[str, str]) -> None:
     await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers)
     assert_problem(await client.post(SERVERS, json=HTTP_SERVER, headers=owner_headers), 409, "conflict")

@@ -22,7 +22,7 @@ SLUG_PATTERN: Final = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 # Server names become tool-name prefixes (`server__tool`), so they share the MCP tool-name alphabet minus `__`.
 SERVER_NAME_PATTERN: Final = r"^(?!.*__)[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
 _LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-EMAIL_PATTERN: Final = rf"^[A-Za-z0-9.!#$%&'*+/=?^_`{{|}}~-]{{1,64}}@{_LABEL}(?:\.{_LABEL})+$"
+EMAIL_PATTERN: Final = rf"^[^@\x00-\x1f\x7f{SPACES}]{{1,64}}@{_LABEL}(?:\.{_LABEL})+$"
 # Printable, with something besides white space (a name is trimmed).
 DISPLAY_NAME_PATTERN: Final = rf"^[^\x00-\x1f]*{_VISIBLE}[^\x00-\x1f]*$"
 # Text that is trimmed and then must be printable and not empty.
@@ -39,6 +39,11 @@ _SERVER_NAME_RE: Final = re.compile(SERVER_NAME_PATTERN)
 _EMAIL_RE: Final = re.compile(EMAIL_PATTERN)
 _DISPLAY_NAME_RE: Final = re.compile(DISPLAY_NAME_PATTERN)
 _ALLOWED_URL_SCHEMES: Final = frozenset({"http", "https"})
+
+
+def any_case(text: str) -> str:
+    """A regular expression for ``text`` in any letter case, as a JSON Schema pattern can say it (no flags)."""
+    return "".join(f"[{ch.upper()}{ch.lower()}]" if ch.isalpha() else re.escape(ch) for ch in text)
 
 
 def slug(value: str, *, field: str = "slug") -> str:

@@ -38,8 +38,8 @@ MAX_SCOPES: Final = 50
 ENV_NAME_MAX_CHARS: Final = 64
 _ENV_NAME_RE: Final = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{ENV_NAME_MAX_CHARS - 1}}}")
 # What a loader or runtime reads to decide what the command runs: a person's token never goes there.
-_RUNTIME_ENV: Final = frozenset({"PATH", "NODE_OPTIONS", "NODE_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"})
-_RUNTIME_ENV_PREFIXES: Final = ("LD_", "DYLD_")
+RUNTIME_ENV: Final = frozenset({"PATH", "NODE_OPTIONS", "NODE_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"})
+RUNTIME_ENV_PREFIXES: Final = ("LD_", "DYLD_")
 
 Spec = TypeVar("Spec")
 
@@ -175,7 +175,7 @@ class ServerSpec:
 
 def changes_how_commands_run(name: str) -> bool:
     """True for PATH, LD_PRELOAD, NODE_OPTIONS and the like: a variable that changes what a spawned command runs."""
-    return name.upper() in _RUNTIME_ENV or name.upper().startswith(_RUNTIME_ENV_PREFIXES)
+    return name.upper() in RUNTIME_ENV or name.upper().startswith(RUNTIME_ENV_PREFIXES)
 
 
 def token_env_problem(name: str) -> str | None:

@@ -17,7 +17,7 @@ from bastion.domain.capabilities import BUILTIN_ROLES, LOCKED_ROLES, Capability
 from bastion.domain.ids import new_id
 from bastion.domain.models import Role
 from bastion.domain.specs import RoleSpec, apply_changes
-from bastion.errors import Conflict, Forbidden, ValidationFailed
+from bastion.errors import Conflict, Forbidden
 from bastion.events.bus import Changed, Subject
 from bastion.services.actions import action
 
@@ -100,7 +100,7 @@ async def update(
             raise Forbidden(f"the {current.name!r} role is built in and cannot be edited")
         spec = apply_changes(RoleSpec(current.name, current.description, current.capabilities), changes).validated()
         if current.builtin and spec.name != current.name:
-            raise ValidationFailed("built-in roles keep their names", field="name")
+            raise Conflict("built-in roles keep their names", field="name")
         if not current.builtin and spec.name in BUILTIN_ROLES:
             raise Conflict(f"{spec.name!r} is a built-in role name", field="name")
         # Editing a role changes what its holders can do: the editor must hold both the old and the new set.

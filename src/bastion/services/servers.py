@@ -125,7 +125,7 @@ async def list_page(
     return Page([rows.server(r) for r in found], next_cursor)
 
 
-def with_transport(current: Server, changes: Mapping[str, Any]) -> dict[str, Any]:
+def _with_transport(current: Server, changes: Mapping[str, Any]) -> dict[str, Any]:
     """``changes`` with what goes with them: leaving OAuth drops the OAuth settings, and moving to another
     transport clears the old transport's settings unless they are given (a stdio server has no url, an HTTP or
     SSE server no command, args or token_env)."""
@@ -138,13 +138,14 @@ def with_transport(current: Server, changes: Mapping[str, Any]) -> dict[str, Any
     if transport is None:
         _fits_transport(current.transport, changes)
         return out
-    if transport == current.transport:
-        return out
-    # What the new transport needs counts as part of the change: missing, it is the request's own error (422).
+    if (transport == Transport.STDIO) == (current.transport is Transport.STDIO):
+        return out  # the same kind of server: streamable HTTP and SSE both keep their url
+    # Moving between stdio and HTTP: the old kind's settings go. A stdio server's command counts as part of the
+    # change (missing, it is the request's own error, 422); a url the edit does not give conflicts (409).
     cleared: dict[str, Any] = (
         {"url": None, "command": None}
         if transport == Transport.STDIO
-        else {"url": None, "command": None, "args": (), "token_env": None}
+        else {"command": None, "args": (), "token_env": None}
     )
     return cleared | out
 
@@ -167,7 +168,7 @@ async def update(
     actor.require(Capability.SERVERS_MANAGE)
     async with store.transaction() as conn:
         current = await find(conn, actor.workspace_id, ref)
-        spec = _checked(validated_change(spec_of(current), with_transport(current, changes)), outbound_of(conn))
+        spec = _checked(validated_change(spec_of(current), _with_transport(current, changes)), outbound_of(conn))
         # An edit of what only describes the server leaves its open upstream sessions (and calls on them) alone.
         reached_alike = replace(spec, description=current.description) == spec_of(current)
         emit(conn, Changed(Subject.SERVER_INFO if reached_alike else Subject.SERVER, current.id))

@@ -38,7 +38,7 @@ from bastion.domain.models import (
     Server,
     Transport,
 )
-from bastion.domain.specs import GatewayServerSpec, GatewaySpec
+from bastion.domain.specs import RUNTIME_ENV, RUNTIME_ENV_PREFIXES, GatewayServerSpec, GatewaySpec
 
 T = TypeVar("T")
 # The document states the rules the services apply (bastion.domain.naming), as patterns; the services check them
@@ -324,7 +324,7 @@ class OAuthSettingsIn(Body):
     registration: OAuthRegistration = OAuthRegistration.AUTO
     client_id: Annotated[str, Field(min_length=1, max_length=512)] | None = None
     scopes: Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=200, json_schema_extra={"pattern": "^[^ ]+$"})]],
+        list[Annotated[str, Field(min_length=1, max_length=200, json_schema_extra={"pattern": "^[^ \\x00]+$"})]],
         Field(max_length=50),
     ] = []
     authorization_server: Url | None = None
@@ -346,16 +346,18 @@ TOKEN_ENV_DESCRIPTION: Final = (
     "stdio only: the environment variable the command reads each person's token from, "  # noqa: S105  a description
     "e.g. GITHUB_PERSONAL_ACCESS_TOKEN. Null: BASTION_BEARER_TOKEN."
 )
+# An environment variable name that does not change how the command runs (specs.changes_how_commands_run).
+_RUNTIME: Final = "|".join(
+    [*(naming.any_case(p) for p in RUNTIME_ENV_PREFIXES), *(naming.any_case(n) + "$" for n in sorted(RUNTIME_ENV))]
+)
+TOKEN_ENV_PATTERN: Final = rf"^(?!(?:{_RUNTIME}))[A-Za-z_][A-Za-z0-9_]*$"
 TokenEnv = Annotated[
     str,
     Field(
         min_length=1,
         max_length=64,
         description=TOKEN_ENV_DESCRIPTION,
-        json_schema_extra={
-            "pattern": r"^(?!(?:LD_|DYLD_|PATH$|NODE_OPTIONS$|NODE_PATH$|PYTHON(?:PATH|HOME|STARTUP)$))"
-            r"[A-Za-z_][A-Za-z0-9_]*$"
-        },
+        json_schema_extra={"pattern": TOKEN_ENV_PATTERN},
     ),
 ]
 
@@ -426,7 +428,7 @@ _TRANSPORT_CHANGES: Final[list[JsonDict]] = [
         },
     },
     {
-        "required": ["transport", "url"],
+        "required": ["transport"],
         "properties": {
             "transport": {"enum": [Transport.STREAMABLE_HTTP.value, Transport.SSE.value]},
             "url": {"type": "string"},

@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Final
 from pydantic import ConfigDict, Field, SecretStr, StrictBool, StrictFloat
 from pydantic.config import JsonDict
 
+from bastion.domain import naming
 from bastion.domain.connections import AccessToken, ConnectionLink
 from bastion.domain.identities import FORBIDDEN_HEADERS, Identity, IdentityKind, IdentityStatus
 from bastion.services.links import DEFAULT_LINK_LIFETIME, DEFAULT_MAX_USES, MAX_LINK_LIFETIME, MIN_LINK_LIFETIME
@@ -32,12 +33,8 @@ TOKEN_PATTERN: Final = r"^[^\x00-\x20\x7f]+$"  # noqa: S105  a pattern, not a se
 
 
 # Header names an identity may set: letters, digits, '-' and '_', not one the gateway sets itself.
-def _any_case(name: str) -> str:
-    return "".join(f"[{ch.upper()}{ch}]" if ch.isalpha() else ch for ch in name)
-
-
 HEADER_NAME_PATTERN: Final = (
-    "^(?!(?:" + "|".join(_any_case(h) for h in sorted(FORBIDDEN_HEADERS)) + ")$)[A-Za-z0-9_-]+$"
+    "^(?!(?:" + "|".join(naming.any_case(h) for h in sorted(FORBIDDEN_HEADERS)) + ")$)[A-Za-z0-9_-]+$"
 )
 SecretToken = Annotated[SecretStr, Field(min_length=1, max_length=16384, json_schema_extra={"pattern": TOKEN_PATTERN})]
 HeaderName = Annotated[str, Field(min_length=1, max_length=128, json_schema_extra={"pattern": HEADER_NAME_PATTERN})]
