@@ -8,7 +8,7 @@ from typing import Any, Final
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 
-from bastion.errors import BastionError, NotFound, ValidationFailed
+from bastion.errors import BastionError, NotFound, Unavailable, ValidationFailed
 from bastion.net.outbound import UrlRefused
 from bastion.pipeline.frames import MAX_ANSWER_BYTES
 from bastion.services.audit import AuditUnavailable, CallRecord
@@ -43,8 +43,10 @@ def to_jsonrpc(error: BaseException) -> MCPError:
         if error.reconnect is not None:
             data["reconnect"] = error.reconnect  # where the member connects the identity again
         return MCPError(IDENTITY_NEEDS_REAUTH, error.detail, data)
-    if isinstance(error, AuditUnavailable):
-        # The HTTP equivalent is 503 with Retry-After; on the MCP wire the request gets its own error.
+    if isinstance(error, AuditUnavailable | Unavailable):
+        # Bastion cannot serve the call now: its audit log, or its database met mid-call (an outage that began
+        # after the door let the call in). The HTTP equivalent is 503 with Retry-After; on the MCP wire the request
+        # gets its own error, not a -32603.
         return MCPError(
             AUDIT_UNAVAILABLE, error.detail, {"code": error.code, "status": 503, "retryAfter": AUDIT_RETRY_AFTER_S}
         )
