@@ -43,10 +43,8 @@ def to_jsonrpc(error: BaseException) -> MCPError:
         if error.reconnect is not None:
             data["reconnect"] = error.reconnect  # where the member connects the identity again
         return MCPError(IDENTITY_NEEDS_REAUTH, error.detail, data)
-    if isinstance(error, AuditUnavailable | Unavailable):
-        # Bastion cannot serve the call now: its audit log, or its database met mid-call (an outage that began
-        # after the door let the call in). The HTTP equivalent is 503 with Retry-After; on the MCP wire the request
-        # gets its own error, not a -32603.
+    if isinstance(error, AuditUnavailable):
+        # The HTTP equivalent is 503 with Retry-After; on the MCP wire the request gets its own error.
         return MCPError(
             AUDIT_UNAVAILABLE, error.detail, {"code": error.code, "status": 503, "retryAfter": AUDIT_RETRY_AFTER_S}
         )
@@ -62,6 +60,12 @@ def to_jsonrpc(error: BaseException) -> MCPError:
         return MCPError(UPSTREAM_UNAVAILABLE, error.detail, data)
     if isinstance(error, UpstreamUnavailable):
         return MCPError(UPSTREAM_UNAVAILABLE, error.detail, {"code": error.code})
+    if isinstance(error, Unavailable):
+        # Bastion's own database met mid-call (an outage that began after the door let the call in): a retry
+        # later, as for the audit log, not a -32603.
+        return MCPError(
+            AUDIT_UNAVAILABLE, error.detail, {"code": error.code, "status": 503, "retryAfter": AUDIT_RETRY_AFTER_S}
+        )
     if isinstance(error, NotFound) and error.field == "uri":
         return MCPError(
             types.INVALID_PARAMS, "Resource not found", {"uri": error.detail.removeprefix("Resource not found: ")}

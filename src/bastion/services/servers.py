@@ -135,6 +135,8 @@ def _with_transport(current: Server, changes: Mapping[str, Any]) -> dict[str, An
     elif "auth_kind" not in changes and changes.get("oauth") is not None and current.auth_kind is not AuthKind.OAUTH:
         raise Conflict("the server does not use OAuth; set auth_kind to oauth in the same edit", field="oauth")
     transport = changes.get("transport")
+    if changes.get("token_env") and "env" not in changes and changes["token_env"] in current.env:
+        raise Conflict(f"{changes['token_env']} is a variable in the server's env; change env too", field="token_env")
     if transport is None:
         _fits_transport(current.transport, changes)
         return out
@@ -154,8 +156,16 @@ def _fits_transport(transport: Transport, changes: Mapping[str, Any]) -> None:
     """Settings of the other kind of server, given without changing the transport, conflict with the stored one."""
     if transport is Transport.STDIO:
         wrong = ["url"] if changes.get("url") is not None else []
+        if "command" in changes and changes["command"] is None:
+            raise Conflict("a stdio server needs its command; change its transport in the same edit", field="command")
+        if changes.get("auth_kind") == AuthKind.OAUTH:
+            raise Conflict("a stdio server takes bearer or no auth; change its transport too", field="auth_kind")
     else:
         wrong = [key for key in ("command", "args", "token_env") if changes.get(key)]
+        if "url" in changes and changes["url"] is None:
+            raise Conflict(
+                f"a {transport.value} server needs its url; change its transport in the same edit", field="url"
+            )
     if wrong:
         raise Conflict(
             f"a {transport.value} server has no {wrong[0]}; change its transport in the same edit", field=wrong[0]
