@@ -103,22 +103,14 @@ CurrentActor = Annotated[Actor, Depends(authenticated)]
 CurrentHost = Annotated[HostCaller, Depends(authenticated_host)]
 
 
-Cursor = Annotated[
-    str | None,
-    Query(
-        max_length=200,
-        description="From the previous page's next_cursor",
-        json_schema_extra={"pattern": ids.ID_PATTERN},
-    ),
-]
-AuditCursor = Annotated[
-    str | None,
-    Query(
-        max_length=200,
-        description="From the previous page's next_cursor",
-        json_schema_extra={"pattern": audit_query.AUDIT_CURSOR_PATTERN},
-    ),
-]
+def _cursor(pattern: str) -> Any:
+    return Query(
+        max_length=200, description="From the previous page's next_cursor", json_schema_extra={"pattern": pattern}
+    )
+
+
+Cursor = Annotated[str | None, _cursor(ids.ID_PATTERN)]
+AuditCursor = Annotated[str | None, _cursor(audit_query.AUDIT_CURSOR_PATTERN)]
 Limit = Annotated[int | None, Query(ge=1, le=200, description="Page size (default 50)")]
 
 

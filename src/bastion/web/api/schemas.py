@@ -39,6 +39,7 @@ from bastion.domain.models import (
     Transport,
 )
 from bastion.domain.specs import RUNTIME_ENV, RUNTIME_ENV_PREFIXES, GatewayServerSpec, GatewaySpec
+from bastion.web.api.openapi import NO_NUL
 
 T = TypeVar("T")
 # The document states the rules the services apply (bastion.domain.naming), as patterns; the services check them
@@ -135,9 +136,6 @@ def _names(value: JsonValue | None) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-_NO_NUL: Final = r"^[^\x00]*$"
-
-
 class Body(BaseModel):
     """A request body. Unknown fields are refused, and so is text holding NUL, which no database stores."""
 
@@ -167,10 +165,10 @@ def _no_nul(node: object) -> None:
         return
     schema = cast(dict[str, object], node)
     if schema.get("type") == "string" and not {"pattern", "enum", "const"} & schema.keys():
-        schema["pattern"] = _NO_NUL
+        schema["pattern"] = NO_NUL
     names = schema.get("propertyNames")
     if isinstance(names, dict) and "pattern" not in names:
-        cast(dict[str, object], names)["pattern"] = _NO_NUL
+        cast(dict[str, object], names)["pattern"] = NO_NUL
     for value in schema.values():
         _no_nul(value)
 
@@ -570,15 +568,7 @@ class GatewayServerIO(Body):
             },
         )
     )
-    server: Annotated[
-        str,
-        Field(
-            min_length=1,
-            max_length=63,
-            description="Server name or id",
-            json_schema_extra={"pattern": naming.SERVER_NAME_PATTERN},
-        ),
-    ]
+    server: ServerName = Field(description="Server name or id")
     alias: ServerName | None = Field(default=None, description="Tool namespace; defaults to the server name")
     identity_scheme: IdentityScheme = IdentityScheme.PER_USER
     shared_identity_id: Annotated[str, Field(max_length=36)] | None = None

@@ -16,7 +16,6 @@ from bastion.services.rotation import KeyUsage
 from bastion.web.api.schemas import WHOLE, Body, Email, Expiry, Out, Patch, choices
 
 Ref = Annotated[str, Field(min_length=1, max_length=254)]
-SecretValue = Annotated[SecretStr, Field(min_length=1, max_length=16384)]
 _HOUR: Final = timedelta(hours=1)
 
 

@@ -22,7 +22,7 @@ from bastion.domain.ratelimits import (
     format_limit,
 )
 from bastion.services.rules import Stored
-from bastion.web.api.schemas import WHOLE, Body, Out, Patch, Slug, choices
+from bastion.web.api.schemas import WHOLE, Body, Out, Patch, ServerName, Slug, choices
 
 GatewayRef = Annotated[
     str, Field(min_length=1, max_length=63, description="Gateway id or slug; leave out for every gateway")
@@ -36,20 +36,11 @@ Pattern = Annotated[
     ),
 ]
 Replacement = Annotated[str, Field(max_length=200, description="Literal text; only for action `replace`")]
-NamePattern = Annotated[str, Field(min_length=1, max_length=255)]
 PrintableNamePattern = Annotated[
     str, Field(min_length=1, max_length=255, json_schema_extra={"pattern": "^[^\\x00-\\x1f]+$"})
 ]
 SubjectRef = Annotated[str, Field(max_length=320, description="Member id or email, role name, or host id or name")]
-Alias = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=63,
-        description="A server's alias in the gateway",
-        json_schema_extra={"pattern": naming.SERVER_NAME_PATTERN},
-    ),
-]
+Alias = Annotated[ServerName, Field(description="A server's alias in the gateway")]
 # The limits whose amount and window are within bounds, in the forms parse_limit reads.
 LIMIT_PATTERN: Final = r"^[1-9][0-9]{0,5} ?/ ?(?:second|minute|hour|day|[1-9][0-9]{0,3}s|[1-9][0-9]{0,2}m|[1-9]h|1d)$"
 LimitText = Annotated[
